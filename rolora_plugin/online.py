@@ -1,0 +1,182 @@
+"""Online rotations: transforms applied to activations at run time (R4 before down_proj, R3 on q/k after RoPE).
+
+Placement of R4, and why. The Hadamard must act on the input of *both* the frozen base weight and the LoRA
+branch of ``down_proj``, and survive peft's ``merge_and_unload`` (DESIGN.md records the measurements with peft
+0.21: a pre-hook on the Linear ends on ``base_layer`` only once peft wraps it; a hook on the LoRA layer is lost
+at merge; a wrapper module forces users to target ``down_proj.<child>``). We therefore act *inside the MLP's
+own call*: a forward-pre-hook on the MLP module attaches a temporary, prepended pre-hook to whatever module is
+``mlp.down_proj`` at that moment (a plain ``nn.Linear``, peft's ``lora.Linear`` wrapper, or the merged Linear
+after ``merge_and_unload``), and a forward hook on the MLP removes it. ``down_proj`` stays a plain
+``nn.Linear`` with its usual name, so ``target_modules=["down_proj"]`` and ``"all-linear"`` just work, peft's
+merge is exact, and the trick is family-agnostic (no MLP forward is re-implemented). Being prepended, the
+rotation runs before any other pre-hook on ``down_proj`` (e.g. activation quantization).
+
+R3 is applied inside the attention function: the attention module gets an ordered table of ``(q, k, v) ->
+(q, k, v)`` transforms, run by a wrapper registered in transformers' ``AttentionInterface`` around the
+model's original implementation (sdpa, eager, ...). KV-cache fake quantization plugs into the same table.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .hadamard import OrthogonalTransform
+
+__all__ = [
+    "OnlineHadamard",
+    "install_down_proj_rotation",
+    "remove_online_rotations",
+    "add_attention_transform",
+    "remove_attention_transform",
+    "ROLORA_ATTN_PREFIX",
+]
+
+ROLORA_ATTN_PREFIX = "rolora+"
+
+
+class OnlineHadamard(nn.Module):
+    """Applies an :class:`OrthogonalTransform` (``x @ R``) to the last dim of its input. No parameters.
+
+    The dense factor and signs are kept as non-persistent buffers, so the module follows ``.to(device)`` and
+    never appears in a state dict. Differentiable; works on any device and float dtype.
+    """
+
+    def __init__(self, transform: OrthogonalTransform, name: str = ""):
+        super().__init__()
+        self.transform = transform
+        self.name = name
+        self.width = transform.n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.transform.apply(x)
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}, {self.transform.description}"
+
+
+# ---------------------------------------------------------------------------------------------- R4 (down_proj)
+
+_R4_ATTR = "rolora_r4"
+_HANDLES_ATTR = "_rolora_online_handles"
+
+
+class _PrependedInputTransform:
+    """Temporary forward-pre-hook: replaces the first positional input by ``online(input)``."""
+
+    def __init__(self, online: nn.Module):
+        self.online = online
+
+    def __call__(self, module, args):
+        return (self.online(args[0]),) + tuple(args[1:])
+
+
+def _mlp_pre_hook(mlp: nn.Module, args):
+    down = getattr(mlp, mlp._rolora_down_attr)
+    handle = down.register_forward_pre_hook(_PrependedInputTransform(getattr(mlp, _R4_ATTR)), prepend=True)
+    mlp.__dict__.setdefault("_rolora_active", []).append(handle)
+
+
+def _mlp_post_hook(mlp: nn.Module, args, output):
+    active = mlp.__dict__.get("_rolora_active")
+    if active:
+        active.pop().remove()
+
+
+def install_down_proj_rotation(mlp: nn.Module, down_attr: str, transform: OrthogonalTransform) -> OnlineHadamard:
+    """Make ``mlp`` apply ``transform`` to the input of ``mlp.<down_attr>`` on every call (see module doc)."""
+    if hasattr(mlp, _R4_ATTR):
+        raise RuntimeError(f"{type(mlp).__name__} already has an online down_proj rotation")
+    online = OnlineHadamard(transform, name="r4")
+    mlp.add_module(_R4_ATTR, online)
+    mlp._rolora_down_attr = down_attr
+    handles = [mlp.register_forward_pre_hook(_mlp_pre_hook), mlp.register_forward_hook(_mlp_post_hook, always_call=True)]
+    mlp.__dict__[_HANDLES_ATTR] = handles
+    return online
+
+
+# ---------------------------------------------------------------------------------------------- attention (R3, KV)
+
+_ATTN_TABLE = "_rolora_attn_transforms"
+
+
+def add_attention_transform(attn: nn.Module, name: str, fn: Callable, config=None) -> None:
+    """Run ``fn(q, k, v) -> (q, k, v)`` on the attention inputs after RoPE (and after the KV cache update).
+
+    Tensors are (batch, heads, seq, head_dim). Transforms run in insertion order. If ``fn`` is an
+    ``nn.Module`` it is registered as a child ``rolora_<name>`` so it follows device moves.
+    ``config`` is the model config whose ``_attn_implementation`` gets wrapped (default: ``attn.config``).
+    """
+    table = attn.__dict__.setdefault(_ATTN_TABLE, OrderedDict())
+    if name in table:
+        raise RuntimeError(f"attention transform {name!r} is already installed on {type(attn).__name__}")
+    if isinstance(fn, nn.Module):
+        attn.add_module(f"rolora_{name}", fn)
+    table[name] = fn
+    _wrap_attention_implementation(config if config is not None else attn.config, attn)
+
+
+def remove_attention_transform(attn: nn.Module, name: str) -> None:
+    table = attn.__dict__.get(_ATTN_TABLE, {})
+    if table.pop(name, None) is not None and hasattr(attn, f"rolora_{name}"):
+        delattr(attn, f"rolora_{name}")
+
+
+def _wrap_attention_implementation(config, attn: nn.Module) -> None:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    current = config._attn_implementation or "eager"
+    if current.startswith(ROLORA_ATTN_PREFIX):
+        return
+    wrapped = ROLORA_ATTN_PREFIX + current
+    if wrapped not in ALL_ATTENTION_FUNCTIONS:
+        ALL_ATTENTION_FUNCTIONS.register(wrapped, _make_wrapper(current))
+        if current in ALL_MASK_ATTENTION_FUNCTIONS:
+            ALL_MASK_ATTENTION_FUNCTIONS.register(wrapped, ALL_MASK_ATTENTION_FUNCTIONS[current])
+    config._attn_implementation = wrapped
+
+
+def _make_wrapper(base: str):
+    def rolora_attention(module, query, key, value, attention_mask, **kwargs):
+        for fn in module.__dict__.get(_ATTN_TABLE, {}).values():
+            query, key, value = fn(query, key, value)
+        return _base_attention(module, base)(module, query, key, value, attention_mask, **kwargs)
+
+    rolora_attention.__name__ = f"rolora_{base.replace('|', '_')}_attention"
+    return rolora_attention
+
+
+def _base_attention(module: nn.Module, base: str):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if base != "eager" and base in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[base]
+    # "eager" lives in each modeling file, not in the global table
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+class QKRotation(nn.Module):
+    """R3: ``q @ H``, ``k @ H`` per head (head_dim wide); ``(qH)(kH)ᵀ = qkᵀ`` so attention is unchanged."""
+
+    def __init__(self, transform: OrthogonalTransform):
+        super().__init__()
+        self.online = OnlineHadamard(transform, name="r3")
+
+    def forward(self, q, k, v):
+        return self.online(q), self.online(k), v
+
+
+def remove_online_rotations(model: nn.Module) -> None:
+    """Remove every online rotation from ``model`` (used before re-installing from a record)."""
+    for module in model.modules():
+        for h in module.__dict__.pop(_HANDLES_ATTR, []):
+            h.remove()
+        if hasattr(module, _R4_ATTR):
+            delattr(module, _R4_ATTR)
+        if "r3" in module.__dict__.get(_ATTN_TABLE, {}):
+            remove_attention_transform(module, "r3")

@@ -1,0 +1,398 @@
+"""``rotate_model_``: rotate a decoder LLM in place so its activations lose their outliers, function unchanged.
+
+Maths (row-vector convention, ``nn.Linear`` computes ``y = x Wᵀ + b``; R orthogonal):
+
+* norm folding: ``(x/rms(x) ⊙ g) Wᵀ = (x/rms(x)) (W diag(g))ᵀ`` → ``W ← W diag(g)``, ``g ← 1``.
+* R1 on the residual stream ``x' = x R1``: embeddings ``E ← E R1``; readers (q/k/v, gate/up, lm_head)
+  ``W ← W R1``; writers (o_proj, down_proj) ``W ← R1ᵀ W``, ``b ← b R1``. RMSNorm with unit weight commutes with
+  R1 because ``rms(x R1) = rms(x)``. Embeddings are *not* mean-centred (that breaks exactness for RMSNorm).
+* R2 per attention head on values: ``W_v ← (I ⊗ H)ᵀ W_v``, ``b_v ← b_v (I ⊗ H)``, ``W_o ← W_o (I ⊗ H)`` (the same
+  H for every head, so GQA sharing is respected).
+* R4 on down_proj's input: ``W_down ← W_down H`` and the activation is multiplied by H online (:mod:`.online`).
+* R3: queries and keys multiplied by H online after RoPE; ``(qH)(kH)ᵀ = qkᵀ``.
+
+LoRA layers already attached by peft are rotated consistently (``A ← A R`` on the input side, ``B ← Rᵀ B`` on the
+output side, ``A ← A diag(g)`` when folding), so rotation and LoRA commute.
+
+Paper: RoLoRA (Huang et al., EMNLP Findings 2024), built on QuaRot (Ashkboos et al., 2024).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .architectures import ArchitectureSpec, ModelDims, check_rms_norm, get_architecture, get_submodule
+from .config import RotationConfig
+from .hadamard import OrthogonalTransform, build_transform, derive_seed
+from .online import QKRotation, add_attention_transform, install_down_proj_rotation, remove_online_rotations
+
+__all__ = [
+    "rotate_model_",
+    "RotationRecord",
+    "RotationError",
+    "get_rotation_record",
+    "build_rotations",
+    "install_online_rotations",
+    "gather_params",
+    "RECORD_KEY",
+]
+
+logger = logging.getLogger(__name__)
+RECORD_KEY = "rolora"
+FORMAT_VERSION = 1
+_CHUNK_ELEMENTS = 1 << 22  # rows/cols processed at once in the compute dtype (32 MiB in float64)
+
+
+class RotationError(ValueError):
+    """The model cannot be rotated (already rotated, wrong dtype/device, mismatched record, ...)."""
+
+
+@dataclass
+class RotationRecord:
+    """What was applied to a model: enough to rebuild every rotation bit-for-bit and to verify it.
+
+    Stored as a plain dict under ``model.config.rolora`` (so it lands in ``config.json``) and written as
+    ``rolora_rotation.json`` next to checkpoints and adapters.
+    """
+
+    config: RotationConfig
+    family: str
+    dims: ModelDims
+    rotations: dict = field(default_factory=dict)  # name -> {width, description, exact, checksum}
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict:
+        return {
+            "format_version": self.format_version,
+            "family": self.family,
+            "config": self.config.to_dict(),
+            "dims": asdict(self.dims),
+            "rotations": self.rotations,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RotationRecord":
+        try:
+            if data["format_version"] != FORMAT_VERSION:
+                raise RotationError(f"rotation record format {data['format_version']} is not supported (expected {FORMAT_VERSION})")
+            return cls(
+                config=RotationConfig.from_dict(data["config"]),
+                family=data["family"],
+                dims=ModelDims(**data["dims"]),
+                rotations=dict(data["rotations"]),
+            )
+        except (KeyError, TypeError) as e:
+            raise RotationError(f"malformed rotation record ({e!r}); expected the dict written by rotate_model_") from None
+
+    def verify(self, transforms: dict[str, OrthogonalTransform] | None = None) -> dict[str, OrthogonalTransform]:
+        """Rebuild the rotations from the config and check their checksums; returns them."""
+        transforms = transforms or build_rotations(self.config, self.dims)
+        rebuilt = {name: t.checksum() for name, t in transforms.items()}
+        stored = {name: r["checksum"] for name, r in self.rotations.items()}
+        if rebuilt != stored:
+            raise RotationError(
+                f"rotation record does not match the rotations rebuilt from its config (stored {stored}, rebuilt "
+                f"{rebuilt}); the record was edited or written by an incompatible version"
+            )
+        return transforms
+
+
+def get_rotation_record(model_or_config) -> RotationRecord | None:
+    """The :class:`RotationRecord` of a rotated model (or its config), or None if it was never rotated."""
+    config = getattr(model_or_config, "config", model_or_config)
+    data = getattr(config, RECORD_KEY, None)
+    return RotationRecord.from_dict(data) if data else None
+
+
+def build_rotations(config: RotationConfig, dims: ModelDims) -> dict[str, OrthogonalTransform]:
+    """The orthogonal transforms a config asks for, keyed ``r1``..``r4``. Deterministic in ``config.seed``."""
+    fb = config.allow_fallback
+    seed = config.seed
+    out = {}
+    if config.r1:
+        out["r1"] = build_transform(dims.hidden, random_signs=True, seed=derive_seed(seed, "r1"), allow_fallback=fb)
+    if config.r2:
+        out["r2"] = build_transform(dims.head_dim, random_signs=True, seed=derive_seed(seed, "r2"), allow_fallback=fb)
+    if config.r3:
+        out["r3"] = build_transform(dims.head_dim, seed=derive_seed(seed, "r3"), allow_fallback=fb)
+    if config.r4:
+        out["r4"] = build_transform(dims.intermediate, seed=derive_seed(seed, "r4"), allow_fallback=fb)
+    return out
+
+
+@contextlib.contextmanager
+def gather_params(params: Iterable[nn.Parameter], modifier_rank: int | None = 0):
+    """Gather DeepSpeed ZeRO-3 partitioned parameters for editing; does nothing for ordinary parameters."""
+    zero = [p for p in params if hasattr(p, "ds_id")]
+    if not zero:
+        yield
+        return
+    import deepspeed  # only reached when parameters are ZeRO-3 partitioned
+
+    with deepspeed.zero.GatheredParameters(zero, modifier_rank=modifier_rank):
+        yield
+
+
+# ---------------------------------------------------------------------------------------------- weight edits
+
+
+def _lora_parts(module: nn.Module):
+    """(base linear, [lora_A linears], [lora_B linears]) for a peft LoRA layer, or (module, [], [])."""
+    base = getattr(module, "base_layer", None)
+    if base is None:
+        return module, [], []
+    if getattr(module, "lora_magnitude_vector", None) and len(module.lora_magnitude_vector):
+        raise RotationError(
+            f"{type(module).__name__} uses DoRA; its magnitude vector is not invariant under rotation. Rotate the model "
+            "first, then attach the DoRA adapter (rotate_model_ before get_peft_model)."
+        )
+    return base, list(module.lora_A.values()), list(module.lora_B.values())
+
+
+def _edit(weight: torch.Tensor, cdtype, *, scale=None, right: Callable | None = None, left: Callable | None = None):
+    """In place: ``W ← left_opᵀ · (W diag(scale)) · right_op`` computed in ``cdtype``, cast back to W's dtype.
+
+    ``right(x)`` and ``left(x)`` act along the last dim (``left`` on Wᵀ). Large weights are processed in chunks
+    of rows (then columns) so no full high-precision copy of a big matrix is made.
+    """
+    rows, cols = weight.shape
+    with torch.no_grad():
+        if rows * cols <= _CHUNK_ELEMENTS:  # one pass, one rounding
+            x = _apply_in(weight.to(cdtype), scale, right)
+            weight.copy_(left(x.T.contiguous()).T if left is not None else x)
+            return
+        if right is not None or scale is not None:
+            step = max(1, _CHUNK_ELEMENTS // cols)
+            for i in range(0, rows, step):
+                weight[i : i + step].copy_(_apply_in(weight[i : i + step].to(cdtype), scale, right))
+        if left is not None:
+            step = max(1, _CHUNK_ELEMENTS // rows)
+            for j in range(0, cols, step):
+                x = weight[:, j : j + step].to(cdtype).T.contiguous()
+                weight[:, j : j + step].copy_(left(x).T)
+
+
+def _apply_in(x, scale, right):
+    if scale is not None:
+        x = x * scale
+    return right(x) if right is not None else x
+
+
+def _rotate_linear(module: nn.Module, cdtype, *, scale=None, right=None, left=None) -> None:
+    """Apply input-side (scale, right) and output-side (left) edits to a Linear or a peft LoRA layer."""
+    base, lora_a, lora_b = _lora_parts(module)
+    _edit(base.weight, cdtype, scale=scale, right=right, left=left)
+    if left is not None and base.bias is not None:
+        with torch.no_grad():
+            base.bias.copy_(left(base.bias.to(cdtype)))
+    for a in lora_a:
+        if scale is not None or right is not None:
+            _edit(a.weight, cdtype, scale=scale, right=right)
+    for b in lora_b:
+        if left is not None:
+            _edit(b.weight, cdtype, left=left)
+
+
+def _headwise(t: OrthogonalTransform, head_dim: int, cdtype, inverse: bool = False) -> Callable:
+    def op(x):
+        y = x.reshape(*x.shape[:-1], -1, head_dim)
+        y = t.apply_transposed(y) if inverse else t.apply(y)
+        return y.reshape(x.shape)
+
+    return op
+
+
+def _on_slice(op: Callable, start: int, stop: int) -> Callable:
+    def sliced(x):
+        return torch.cat([x[..., :start], op(x[..., start:stop]), x[..., stop:]], dim=-1)
+
+    return sliced
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def _check_model(model: nn.Module, spec: ArchitectureSpec) -> None:
+    if get_rotation_record(model) is not None:
+        raise RotationError(
+            f"{type(model).__name__} is already rotated (model.config.{RECORD_KEY} is set); rotating twice would apply "
+            "the rotation twice. Load the original weights to rotate again with another config."
+        )
+    for name, p in model.named_parameters():
+        if p.device.type == "meta":
+            raise RotationError(
+                f"parameter {name} is on the meta device; load real weights first (e.g. from_pretrained without "
+                "device_map='meta' / init_empty_weights) before rotating"
+            )
+        if not p.is_floating_point() or p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            raise RotationError(
+                f"parameter {name} has dtype {p.dtype}: quantized or integer weights cannot be rotated exactly. Rotate "
+                "the full-precision model first, then quantize it (rolora_plugin.quantize_model_)."
+            )
+
+
+def _layers(model: nn.Module, spec: ArchitectureSpec) -> list[nn.Module]:
+    return list(get_submodule(model, spec.layers))
+
+
+def _untie(model: nn.Module, spec: ArchitectureSpec) -> None:
+    if spec.lm_head is None:
+        return
+    embed, head = get_submodule(model, spec.embed), get_submodule(model, spec.lm_head)
+    head_base = _lora_parts(head)[0]
+    if head_base.weight is not embed.weight and head_base.weight.data_ptr() != embed.weight.data_ptr():
+        return
+    head_base.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=embed.weight.requires_grad)
+    for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        cfg.tie_word_embeddings = False
+    logger.info("untied lm_head from the input embeddings (needed for an exact R1)")
+
+
+# ---------------------------------------------------------------------------------------------- the pass
+
+
+def rotate_model_(model: nn.Module, config: RotationConfig | None = None, *, progress: bool = True) -> RotationRecord:
+    """Rotate ``model`` in place (RoLoRA / QuaRot rotations); the full-precision function is unchanged.
+
+    Args:
+        model: a causal LM of a registered family (``model.config.model_type``), possibly already wrapped by peft.
+        config: which rotations; default ``RotationConfig()`` = R1 + R4.
+        progress: show a tqdm bar over layers.
+
+    Returns:
+        The :class:`RotationRecord`, also stored in ``model.config.rolora``.
+
+    Example::
+
+        >>> from rolora_plugin import rotate_model_, RotationConfig
+        >>> record = rotate_model_(model, RotationConfig(seed=0, r2=True))  # doctest: +SKIP
+    """
+    config = config or RotationConfig()
+    inner = _unwrap_peft(model)
+    spec = get_architecture(inner)
+    _check_model(inner, spec)
+    dims = ModelDims.from_config(inner.config)
+    transforms = build_rotations(config, dims)  # raises before any edit if a width is not allowed
+    layers = _layers(inner, spec)
+    _check_structure(inner, spec, layers)
+    cdtype = getattr(torch, config.compute_dtype)
+
+    if config.r1:
+        if not config.untie_embeddings and _is_tied(inner, spec):
+            raise RotationError("R1 on a model with tied embeddings needs RotationConfig(untie_embeddings=True)")
+        _untie(inner, spec)
+        embed = get_submodule(inner, spec.embed)
+        with gather_params([embed.weight]):
+            _edit(embed.weight, cdtype, right=transforms["r1"].apply)
+
+    for layer in tqdm(layers, desc="rotating layers", disable=not progress, leave=False):
+        with gather_params(list(layer.parameters())):
+            _rotate_layer(layer, spec, dims, transforms, cdtype)
+
+    if config.r1 and spec.lm_head is not None:
+        norm, head = get_submodule(inner, spec.final_norm), get_submodule(inner, spec.lm_head)
+        with gather_params([norm.weight] + list(head.parameters())):
+            scale = norm.weight.detach().to(cdtype)
+            _rotate_linear(head, cdtype, scale=scale, right=transforms["r1"].apply)
+            with torch.no_grad():
+                norm.weight.fill_(1.0)
+
+    record = RotationRecord(
+        config=config,
+        family=spec.name,
+        dims=dims,
+        rotations={
+            name: {"width": t.n, "description": t.description, "exact": t.exact, "checksum": t.checksum()}
+            for name, t in transforms.items()
+        },
+    )
+    install_online_rotations(inner, record, transforms)
+    setattr(inner.config, RECORD_KEY, record.to_dict())
+    from .plugins import get_plugin_manager
+
+    get_plugin_manager().hook.rolora_model_rotated(model=model, record=record)
+    logger.info("rotated %s (%s): %s", type(inner).__name__, spec.name, {k: v["description"] for k, v in record.rotations.items()})
+    return record
+
+
+def _rotate_layer(layer, spec: ArchitectureSpec, dims: ModelDims, transforms: dict, cdtype) -> None:
+    r1, r2, r4 = transforms.get("r1"), transforms.get("r2"), transforms.get("r4")
+    hd = dims.head_dim
+    right_r1 = r1.apply if r1 else None
+    for norm_path, readers in ((spec.input_norm, spec.attention_inputs()), (spec.post_attention_norm, spec.mlp_inputs())):
+        norm = get_submodule(layer, norm_path)
+        scale = norm.weight.detach().to(cdtype) if r1 else None
+        for path in readers:
+            left = None
+            if r2 and path in (spec.v_proj, spec.qkv_proj):
+                left = _headwise(r2, hd, cdtype)
+                if path == spec.qkv_proj:
+                    start = (dims.num_heads + dims.num_kv_heads) * hd
+                    left = _on_slice(left, start, start + dims.num_kv_heads * hd)
+            _rotate_linear(get_submodule(layer, path), cdtype, scale=scale, right=right_r1, left=left)
+        if r1:
+            with torch.no_grad():
+                norm.weight.fill_(1.0)
+    o_right = _headwise(r2, hd, cdtype) if r2 else None
+    o_left = r1.apply if r1 else None
+    if o_right or o_left:
+        _rotate_linear(get_submodule(layer, spec.o_proj), cdtype, right=o_right, left=o_left)
+    d_right = r4.apply if r4 else None
+    if d_right or o_left:
+        _rotate_linear(get_submodule(layer, spec.down_proj), cdtype, right=d_right, left=o_left)
+
+
+def install_online_rotations(model: nn.Module, record: RotationRecord, transforms: dict | None = None) -> None:
+    """(Re)install the online parts (R4 before down_proj, R3 on q/k) described by ``record`` on ``model``.
+
+    Used by :func:`rotate_model_` and when loading a rotated checkpoint; verifies the record's checksums first.
+    """
+    inner = _unwrap_peft(model)
+    transforms = record.verify(transforms)
+    spec = get_architecture(inner)
+    remove_online_rotations(inner)
+    for layer in _layers(inner, spec):
+        if "r4" in transforms:
+            mlp_path, down_attr = spec.down_proj.rsplit(".", 1)
+            install_down_proj_rotation(get_submodule(layer, mlp_path), down_attr, transforms["r4"])
+        if "r3" in transforms:
+            add_attention_transform(get_submodule(layer, spec.attention), "r3", QKRotation(transforms["r3"]), inner.config)
+
+
+def _unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft ``PeftModel`` (or the model itself)."""
+    base = getattr(model, "base_model", None)
+    if base is not None and base is not model and hasattr(base, "model") and hasattr(base, "peft_config"):
+        return base.model
+    return model
+
+
+def _is_tied(model, spec) -> bool:
+    if spec.lm_head is None:
+        return False
+    head = _lora_parts(get_submodule(model, spec.lm_head))[0]
+    return head.weight.data_ptr() == get_submodule(model, spec.embed).weight.data_ptr()
+
+
+def _check_structure(model, spec: ArchitectureSpec, layers) -> None:
+    """Validate every path and norm before the first edit, so a failure leaves the model untouched."""
+    get_submodule(model, spec.embed)
+    if spec.lm_head is not None:
+        get_submodule(model, spec.lm_head)
+    check_rms_norm(get_submodule(model, spec.final_norm), spec.final_norm)
+    if not layers:
+        raise RotationError(f"{spec.layers} holds no layers")
+    for i, layer in enumerate(layers):
+        for p in (spec.input_norm, spec.post_attention_norm):
+            check_rms_norm(get_submodule(layer, p), f"{spec.layers}.{i}.{p}")
+        for p in spec.attention_inputs() + spec.mlp_inputs() + (spec.o_proj, spec.down_proj):
+            mod = _lora_parts(get_submodule(layer, p))[0]
+            if not isinstance(mod, nn.Linear):
+                raise RotationError(f"{spec.layers}.{i}.{p} is a {type(mod).__name__}, expected nn.Linear")
