@@ -145,6 +145,11 @@ def gather_params(params: Iterable[nn.Parameter], modifier_rank: int | None = 0)
 
 def _lora_parts(module: nn.Module):
     """(base linear, [lora_A linears], [lora_B linears]) for a peft LoRA layer, or (module, [], [])."""
+    if "original_module" in module._modules:  # peft ModulesToSaveWrapper / TrainableTokensWrapper
+        raise RotationError(
+            f"{type(module).__name__}: peft modules_to_save / trainable_token_indices keep several copies of a module "
+            "the rotation must edit. Rotate the model first, then call get_peft_model (rotate_model_ on the bare model)."
+        )
     base = getattr(module, "base_layer", None)
     if base is None:
         return module, [], []
@@ -198,6 +203,17 @@ def _rotate_linear(module: nn.Module, cdtype, *, scale=None, right=None, left=No
     for b in lora_b:
         if left is not None:
             _edit(b.weight, cdtype, left=left)
+            if b.bias is not None:  # peft lora_bias=True
+                with torch.no_grad():
+                    b.bias.copy_(left(b.bias.to(cdtype)))
+
+
+def _rotate_embedding(embed: nn.Module, cdtype, right: Callable) -> None:
+    """``E ← E R``; for a peft LoRA embedding also ``B ← Rᵀ B`` (its delta ``A[ids] Bᵀ`` lands in the hidden dim)."""
+    base = _lora_parts(embed)[0]
+    _edit(base.weight, cdtype, right=right)
+    for b in getattr(embed, "lora_embedding_B", {}).values():
+        _edit(b, cdtype, left=right)
 
 
 def _headwise(t: OrthogonalTransform, head_dim: int, cdtype, inverse: bool = False) -> Callable:
@@ -247,9 +263,10 @@ def _untie(model: nn.Module, spec: ArchitectureSpec) -> None:
         return
     embed, head = get_submodule(model, spec.embed), get_submodule(model, spec.lm_head)
     head_base = _lora_parts(head)[0]
-    if head_base.weight is not embed.weight and head_base.weight.data_ptr() != embed.weight.data_ptr():
+    if not _shares_weight(head_base.weight, embed.weight):
         return
-    head_base.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=embed.weight.requires_grad)
+    with gather_params([embed.weight]):  # ZeRO-3: clone the full weight on every rank (DeepSpeed partitions it later)
+        head_base.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=embed.weight.requires_grad)
     for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
         cfg.tie_word_embeddings = False
     logger.info("untied lm_head from the input embeddings (needed for an exact R1)")
@@ -289,8 +306,8 @@ def rotate_model_(model: nn.Module, config: RotationConfig | None = None, *, pro
             raise RotationError("R1 on a model with tied embeddings needs RotationConfig(untie_embeddings=True)")
         _untie(inner, spec)
         embed = get_submodule(inner, spec.embed)
-        with gather_params([embed.weight]):
-            _edit(embed.weight, cdtype, right=transforms["r1"].apply)
+        with gather_params(list(embed.parameters())):
+            _rotate_embedding(embed, cdtype, transforms["r1"].apply)
 
     for layer in tqdm(layers, desc="rotating layers", disable=not progress, leave=False):
         with gather_params(list(layer.parameters())):
@@ -315,7 +332,10 @@ def rotate_model_(model: nn.Module, config: RotationConfig | None = None, *, pro
     )
     install_online_rotations(inner, record, transforms)
     setattr(inner.config, RECORD_KEY, record.to_dict())
+    from .integrations.deepspeed import check_rank_agreement
     from .plugins import get_plugin_manager
+
+    check_rank_agreement(record)  # collective when torch.distributed runs: every rank must rotate the same way
 
     get_plugin_manager().hook.rolora_model_rotated(model=model, record=record)
     logger.info("rotated %s (%s): %s", type(inner).__name__, spec.name, {k: v["description"] for k, v in record.rotations.items()})
@@ -378,14 +398,20 @@ def _is_tied(model, spec) -> bool:
     if spec.lm_head is None:
         return False
     head = _lora_parts(get_submodule(model, spec.lm_head))[0]
-    return head.weight.data_ptr() == get_submodule(model, spec.embed).weight.data_ptr()
+    return _shares_weight(head.weight, get_submodule(model, spec.embed).weight)
+
+
+def _shares_weight(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Tied weights: one Parameter, or one storage. ZeRO-3 partitioned params hold empty tensors whose data_ptr
+    may coincide, so storages are compared only when non-empty."""
+    return a is b or (a.numel() > 0 and a.data_ptr() == b.data_ptr())
 
 
 def _check_structure(model, spec: ArchitectureSpec, layers) -> None:
     """Validate every path and norm before the first edit, so a failure leaves the model untouched."""
-    get_submodule(model, spec.embed)
+    _lora_parts(get_submodule(model, spec.embed))
     if spec.lm_head is not None:
-        get_submodule(model, spec.lm_head)
+        _lora_parts(get_submodule(model, spec.lm_head))
     check_rms_norm(get_submodule(model, spec.final_norm), spec.final_norm)
     if not layers:
         raise RotationError(f"{spec.layers} holds no layers")

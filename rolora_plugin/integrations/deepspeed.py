@@ -1,0 +1,92 @@
+"""DeepSpeed / multi-process glue: check that every rank applied the same rotation.
+
+The rotation itself is DeepSpeed-aware in the core (:func:`rolora_plugin.rotation.gather_params` gathers ZeRO-3
+partitioned weights one layer at a time inside ``deepspeed.zero.GatheredParameters(..., modifier_rank=0)`` and is
+a no-op otherwise). Every rank must nevertheless run :func:`rolora_plugin.rotate_model_` with the same
+config: under ZeRO-2 (and plain DDP) parameters are ordinary tensors, so ``GatheredParameters`` does nothing and
+an edit made on rank 0 only would leave the ranks different after the engine's initial broadcast (DESIGN.md,
+"DeepSpeed 0.19.8", pitfall 2). The rotation is deterministic (seeded ``torch.Generator``, CPU maths), so
+rotating on every rank gives bit-identical results; :func:`check_rank_agreement` verifies that loudly.
+
+Nothing here imports ``deepspeed`` at module level; only ``torch.distributed`` is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+import torch
+from torch import nn
+
+__all__ = ["RankDisagreementError", "check_rank_agreement", "record_digest", "parameter_digests", "world_size"]
+
+logger = logging.getLogger(__name__)
+
+
+class RankDisagreementError(RuntimeError):
+    """Processes of one distributed job hold different rotations or different weights."""
+
+
+def world_size() -> int:
+    """Number of processes in the default group, or 1 when ``torch.distributed`` is not initialized."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def record_digest(record) -> str:
+    """sha256 (16 hex) of a :class:`~rolora_plugin.rotation.RotationRecord` (or its dict): seed, config, dims and
+    the checksums of every rotation matrix."""
+    data = record.to_dict() if hasattr(record, "to_dict") else record
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def parameter_digests(model: nn.Module) -> dict[str, str]:
+    """``{name: sha256 of the full parameter's bytes}``; ZeRO-3 partitions are gathered (read-only) one at a time.
+
+    Collective under ZeRO-3: every rank must call it.
+    """
+    from ..rotation import gather_params
+
+    out = {}
+    for name, p in model.named_parameters():
+        with gather_params([p], modifier_rank=None):
+            out[name] = hashlib.sha256(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()[:16]
+    return out
+
+
+def check_rank_agreement(record, model: nn.Module | None = None) -> None:
+    """Raise :class:`RankDisagreementError` unless every rank holds the same rotation (and, with ``model``, the
+    same weights, bit for bit). A no-op outside ``torch.distributed`` or with one process.
+
+    Collective: call it on every rank (as :func:`rolora_plugin.rotate_model_` does after rotating). Weights are
+    compared only when ``model`` is given: before the engine's initial broadcast, freshly initialised LoRA
+    matrices may legitimately differ between ranks, so compare weights after training or after that broadcast.
+    """
+    if world_size() == 1:
+        return
+    mine = {"record": record_digest(record) if record is not None else None}
+    if model is not None:
+        mine["params"] = parameter_digests(model)
+    everyone = [None] * world_size()
+    torch.distributed.all_gather_object(everyone, mine)
+    _raise_on_disagreement(everyone)
+    logger.info("rotation agrees on all %d ranks (record %s)", len(everyone), mine["record"])
+
+
+def _raise_on_disagreement(everyone: list[dict]) -> None:
+    ref = everyone[0]
+    for rank, other in enumerate(everyone[1:], start=1):
+        if other["record"] != ref["record"]:
+            raise RankDisagreementError(
+                f"rank {rank} applied a different rotation than rank 0 (record digest {other['record']} vs "
+                f"{ref['record']}). Give every rank the same RotationConfig (same seed) and rotate on every rank."
+            )
+        differing = sorted(k for k in ref.get("params", {}) if other["params"].get(k) != ref["params"][k])
+        if differing:
+            raise RankDisagreementError(
+                f"rank {rank} holds different weights than rank 0 in {len(differing)} parameter(s), e.g. "
+                f"{differing[:5]}. Rotate on every rank (under ZeRO-2/DDP an edit on rank 0 only is not broadcast) "
+                "and load the same checkpoint everywhere."
+            )
