@@ -1,0 +1,358 @@
+"""GPTQ (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers", 2022).
+
+For a Linear ``y = x Wᵀ`` with calibration inputs X (n tokens, in), GPTQ quantizes W one input column at a time
+and spreads each column's rounding error over the columns not yet quantized so as to minimise
+``‖X Wᵀ − X Ŵᵀ‖²``. With ``H = (2/n) XᵀX + λI`` (``λ = damp · mean(diag H)``) and ``U`` the upper Cholesky factor
+of ``H⁻¹`` (``H⁻¹ = UᵀU``), column ``j`` is quantized as ``q_j = Q(w_j)`` and the rest is updated by
+``W[:, j:] −= ((w_j − q_j) / U_jj) · U[j, j:]``; this equals the textbook OBS update
+``W[:, j+1:] −= (w_j − q_j) / [H_F⁻¹]_jj · [H_F⁻¹]_{j, j+1:}`` over the remaining columns F
+(:func:`gptq_quantize_weight_ref`, the float64 reference the tests compare against). Updates are applied lazily per
+block of ``block_size`` columns. Options:
+
+* ``act_order``: columns processed by decreasing ``diag H``. With groups we use **static groups**: the scales of
+  every group are computed from the (unpermuted) weight before any update, so groups stay contiguous in the
+  original column order (same storage layout as RTN groups). Without act-order, group scales are computed when
+  the sweep reaches the group's first column, from the already-updated weights (GPTQ's default); blocks are
+  aligned to whole groups so those weights are exact.
+* clip search: scales from :func:`rolora_plugin.quant.mse_clip_search` (per row, or per group when it starts).
+* dead inputs (``H_jj = 0``): ``H_jj ← 1`` and the column set to 0, as in the reference code.
+
+Pipeline (:func:`gptq_quantize_model_`): one forward of the model's **own** ``forward`` per calibration batch
+captures the hidden states entering the first decoder layer and the exact keyword arguments every layer receives
+(``position_embeddings``, the per-layer attention mask, ``position_ids``, ...), through
+``register_forward_pre_hook(..., with_kwargs=True)``; a hook on the last layer stops the forward before the
+LM head. Then layer by layer: forward-pre-hooks on each ``nn.Linear`` accumulate ``H`` from the Linear's actual
+input — *after* rolora's online R4 Hadamard, which the MLP prepends to ``down_proj``'s hooks — the linears are
+quantized (in call order with ``true_sequential``: q/k/v, then o, then gate/up, then down, re-running the layer in
+between), and the layer is re-run with quantized weights to produce the next layer's inputs. As in QuaRot, the
+Hessians use full-precision activations (activation quantizers are installed after the weights).
+
+Why our own code and not a library (checked with pip, Nov. 2025 registry): ``auto-gptq`` 0.7.1 (last release
+2024-03) predates transformers 5 and builds CUDA extensions; ``gptqmodel`` 7.7.0 is an sdist with C++/CUDA
+extensions and requires torch>=2.14.1 (we run 2.13); ``llmcompressor`` 0.14 pins ``transformers<=5.17`` and
+``compressed-tensors==0.19`` (we use 5.23 and 0.20) and pulls auto-round, accelerate, nvidia-ml-py. None would
+leave the environment intact on a CPU box, and we need control of where the Hessian is taken (after our online
+rotation). The algorithm is ~100 lines.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .quant import OFF_BITS, QuantConfig, QuantizationError, compute_scales, mse_clip_search, quantize_with_scales, rtn_quantize_linear_
+
+__all__ = [
+    "HessianAccumulator",
+    "gptq_quantize_weight",
+    "gptq_quantize_weight_ref",
+    "gptq_quantize_model_",
+    "capture_layer_inputs",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass early once the needed inputs are captured."""
+
+
+# ---------------------------------------------------------------------------------------------- maths
+
+
+class HessianAccumulator:
+    """Running ``H = (2/n) Σ_t x_t x_tᵀ`` over all n tokens seen; x: (..., in). Accumulated in ``dtype``."""
+
+    def __init__(self, in_features: int, device=None, dtype=torch.float32):
+        self.hessian = torch.zeros(in_features, in_features, device=device, dtype=dtype)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, self.hessian.shape[0]).to(self.hessian.dtype)
+        m = x.shape[0]
+        if m == 0:
+            return
+        self.hessian *= self.count / (self.count + m)
+        self.count += m
+        self.hessian += (2.0 / self.count) * (x.T @ x)
+
+
+def _prepare(w: torch.Tensor, hessian: torch.Tensor, damp: float):
+    """Working copies: W in the compute dtype, H in float64 with dead inputs fixed; returns (W, H, damping)."""
+    if hessian.shape != (w.shape[1], w.shape[1]):
+        raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match the weight's input width {w.shape[1]}")
+    W = w.detach().to(torch.float64 if w.dtype == torch.float64 else torch.float32).clone()
+    H = hessian.detach().to(device=w.device, dtype=torch.float64).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    return W, H, damp * torch.mean(torch.diag(H))
+
+
+def _scales(W: torch.Tensor, bits: int, sym: bool, clip_search: dict | None):
+    """Per-row (s, z), each (rows, 1), for the columns of W (rows, k), with optional clip search."""
+    ratio = mse_clip_search(W, bits, None, sym, **clip_search).reshape(-1, 1) if clip_search else 1.0
+    return compute_scales(W, bits, sym, ratio)
+
+
+def _static_scales(W: torch.Tensor, bits: int, group_size: int | None, sym: bool, clip_search):
+    """Scales of every group before any update: lists of (s, z) per group (one entry when per channel)."""
+    g = group_size or W.shape[1]
+    if W.shape[1] % g:
+        raise ValueError(f"group_size {group_size} does not divide the input width {W.shape[1]}")
+    return [_scales(W[:, i : i + g], bits, sym, clip_search) for i in range(0, W.shape[1], g)]
+
+
+def gptq_quantize_weight(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    *,
+    group_size: int | None = None,
+    sym: bool = True,
+    damp: float = 0.01,
+    act_order: bool = False,
+    block_size: int = 128,
+    clip_search: dict | None = None,
+) -> torch.Tensor:
+    """GPTQ-quantize a weight: w (out, in), hessian (in, in) → fake-quantized ``Ŵ`` (out, in), w's dtype/device.
+
+    ``clip_search``: None, or keyword arguments of :func:`rolora_plugin.quant.mse_clip_search` (grid, max_shrink,
+    norm). See the module docstring for the update rule and the group / act-order choices.
+    """
+    W, H, lam = _prepare(w, hessian, damp)
+    cols = W.shape[1]
+    static = _static_scales(W, bits, group_size, sym, clip_search) if (act_order or group_size is None) else None
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += lam * torch.eye(cols, dtype=H.dtype, device=H.device)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).to(W.dtype)
+    g = group_size or cols
+    block = g * max(1, block_size // g) if group_size else block_size  # groups never straddle blocks
+    Q = torch.zeros_like(W)
+    scale = zero = None
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1, Err1 = W[:, i1:i2].clone(), torch.zeros_like(W[:, i1:i2])
+        for i in range(i2 - i1):
+            col = i1 + i
+            if static is not None:
+                scale, zero = static[int(perm[col]) // g]
+            elif col % g == 0:
+                scale, zero = _scales(W1[:, i : i + g], bits, sym, clip_search)
+            q = quantize_with_scales(W1[:, i : i + 1], scale, zero, bits, sym)
+            Q[:, col : col + 1] = q
+            err = (W1[:, i : i + 1] - q) / U[col, col]
+            W1[:, i:] -= err @ U[col : col + 1, col:i2]
+            Err1[:, i : i + 1] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return Q[:, torch.argsort(perm)].to(w.dtype)
+
+
+def gptq_quantize_weight_ref(w, hessian, bits, *, group_size=None, sym=True, damp=0.01, act_order=False, clip_search=None):
+    """Float64 reference of :func:`gptq_quantize_weight`: unblocked OBS updates with an explicit inverse.
+
+    After quantizing column j of the remaining set F: ``W[:, F∖j] −= (w_j − q_j)/[H_F⁻¹]_jj · [H_F⁻¹]_{j,F∖j}`` and
+    ``H_{F∖j}⁻¹ = H_F⁻¹ − [H_F⁻¹]_{:,j} [H_F⁻¹]_{j,:} / [H_F⁻¹]_jj`` (Frantar et al. 2022, eq. 2-3). O(in³) memory-light.
+    """
+    W, H, lam = _prepare(w.to(torch.float64), hessian, damp)
+    cols = W.shape[1]
+    static = _static_scales(W, bits, group_size, sym, clip_search) if (act_order or group_size is None) else None
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
+    W, H = W[:, perm], H[perm][:, perm] + lam * torch.eye(cols, dtype=torch.float64, device=W.device)
+    Hinv, g = torch.linalg.inv(H), group_size or cols
+    Q = torch.zeros_like(W)
+    for j in range(cols):
+        if static is not None:
+            scale, zero = static[int(perm[j]) // g]
+        elif j % g == 0:
+            scale, zero = _scales(W[:, j : j + g], bits, sym, clip_search)
+        Q[:, j : j + 1] = quantize_with_scales(W[:, j : j + 1], scale, zero, bits, sym)
+        d = Hinv[0, 0]
+        W[:, j + 1 :] -= (W[:, j : j + 1] - Q[:, j : j + 1]) / d * Hinv[0:1, 1:]
+        Hinv = Hinv[1:, 1:] - Hinv[1:, 0:1] @ Hinv[0:1, 1:] / d
+    return Q[:, torch.argsort(perm)].to(w.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- model pipeline
+
+
+def _as_kwargs(batch, device) -> dict:
+    if isinstance(batch, torch.Tensor):
+        batch = {"input_ids": batch}
+    elif not isinstance(batch, Mapping):
+        raise QuantizationError(
+            f"calibration items must be input_ids tensors (batch, seq) or dicts for model(**batch), got {type(batch).__name__}"
+        )
+    out = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if isinstance(out.get("input_ids"), torch.Tensor) and out["input_ids"].dim() == 1:
+        out["input_ids"] = out["input_ids"].unsqueeze(0)
+    out.setdefault("use_cache", False)
+    return out
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _stop(*_args, **_kwargs):
+    raise _StopForward
+
+
+def capture_layer_inputs(model: nn.Module, layers, batches: list[dict]):
+    """Run ``model(**batch)`` and record, per batch, what enters the decoder layers.
+
+    Returns ``(hidden, calls)``: ``hidden[b]`` the hidden states entering ``layers[0]`` (batch, seq, d) and
+    ``calls[i][b] = (args, kwargs)`` the other arguments ``layers[i]`` received (kwargs kept whole:
+    ``position_embeddings``, attention mask, ``position_ids``, ``cache_position``...).
+    """
+    hidden, calls = [], [[] for _ in layers]
+
+    def recorder(i):
+        def hook(module, args, kwargs):
+            kwargs = dict(kwargs)
+            h = args[0] if args else kwargs.pop("hidden_states")
+            if i == 0:
+                hidden.append(h)
+            calls[i].append((tuple(args[1:]), kwargs))
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles.append(layers[-1].register_forward_hook(_stop))
+    try:
+        for batch in batches:
+            try:
+                model(**batch)
+            except _StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return hidden, calls
+
+
+def _run_layer(layer, hidden, calls):
+    return [_first(layer(h, *args, **kw)) for h, (args, kw) in zip(hidden, calls)]
+
+
+def _call_stages(layer, linears: dict, hidden, call) -> list[list[str]]:
+    """Linears of ``layer`` grouped by shared input, in call order: e.g. [[q,k,v], [o], [gate,up], [down]]."""
+    seen: list[tuple[str, torch.Tensor]] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.append((n, args[0]))) for n, m in linears.items()]
+    try:
+        layer(hidden, *call[0], **call[1])
+    finally:
+        for h in hooks:
+            h.remove()
+    stages: list[list[str]] = []
+    for k, (name, x) in enumerate(seen):
+        if any(name in s for s in stages):
+            continue
+        (stages[-1].append(name) if k and x is seen[k - 1][1] else stages.append([name]))
+    return stages
+
+
+def _hessians(layer, linears: dict, names: list[str], hidden, calls, masks) -> dict[str, HessianAccumulator]:
+    """Accumulate H for ``names`` over all batches; the forward stops right after the last of them is reached."""
+    accs = {n: HessianAccumulator(linears[n].in_features, linears[n].weight.device) for n in names}
+    state = {"mask": None}
+
+    def hook(mod, args, n):
+        x = args[0]
+        m = state["mask"]
+        accs[n].add(x[m] if m is not None and m.shape == x.shape[:2] else x)
+        if n == names[-1]:
+            raise _StopForward
+
+    handles = [linears[n].register_forward_pre_hook(lambda mod, args, n=n: hook(mod, args, n)) for n in names]
+    try:
+        for h, (args, kw), m in zip(hidden, calls, masks):
+            state["mask"] = m
+            try:
+                layer(h, *args, **kw)
+            except _StopForward:
+                pass
+    finally:
+        for hd in handles:
+            hd.remove()
+    return accs
+
+
+def _quantize_stage(linears: dict, accs: dict, config: QuantConfig) -> None:
+    for name, acc in accs.items():
+        lin = linears[name]
+        if acc.count == 0:
+            logger.warning("GPTQ: %s received no calibration tokens; falling back to RTN", name)
+            rtn_quantize_linear_(lin, config)
+            continue
+        q = gptq_quantize_weight(
+            lin.weight, acc.hessian, config.w_bits, group_size=config.w_group_size, sym=config.w_sym,
+            damp=config.gptq_damp, act_order=config.gptq_act_order, block_size=config.gptq_block_size,
+            clip_search=config.clip_search_kwargs(),
+        )  # fmt: skip
+        with torch.no_grad():
+            lin.weight.copy_(q)
+
+
+def _decoder_layers(model: nn.Module):
+    from .architectures import get_architecture, get_submodule
+
+    spec = get_architecture(model)
+    return spec.layers, list(get_submodule(model, spec.layers))
+
+
+def gptq_quantize_model_(model: nn.Module, config: QuantConfig, calibration, *, progress: bool = True) -> list[str]:
+    """GPTQ-quantize the weights of every ``nn.Linear`` of ``model`` not in ``config.skip``, layer by layer.
+
+    ``calibration``: iterable of ``input_ids`` tensors (batch, seq) or dicts for ``model(**batch)``; an
+    ``attention_mask`` (batch, seq) in a dict excludes padded tokens from the Hessians. Weights are edited in
+    place; returns the names of the quantized linears. Normally called through ``quantize_model_``.
+    """
+    from .quant import quantizable_linears
+
+    if config.w_bits >= OFF_BITS:
+        return []
+    targets, _ = quantizable_linears(model, config)
+    prefix, layers = _decoder_layers(model)
+    device = next(model.parameters()).device
+    batches = [_as_kwargs(b, device) for b in (calibration if calibration is not None else [])]
+    if not batches:
+        raise QuantizationError("method='gptq' needs calibration data: pass calibration=[input_ids tensors or dicts]")
+    masks = [b.get("attention_mask") if isinstance(b.get("attention_mask"), torch.Tensor) else None for b in batches]
+    masks = [m.bool() if m is not None and m.dim() == 2 else None for m in masks]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            hidden, calls = capture_layer_inputs(model, layers, batches)
+            done = _quantize_layers(layers, prefix, targets, hidden, calls, masks, config, progress)
+    finally:
+        model.train(was_training)
+    for name in set(targets) - done:  # linears outside the decoder layers that are not skipped
+        logger.info("GPTQ: %s is outside the decoder layers; quantized with RTN", name)
+        rtn_quantize_linear_(targets[name], config)
+    return list(targets)
+
+
+def _quantize_layers(layers, prefix, targets, hidden, calls, masks, config, progress) -> set[str]:
+    done: set[str] = set()
+    for i, layer in enumerate(tqdm(layers, desc="GPTQ layers", disable=not progress, leave=False)):
+        full = {f"{prefix}.{i}.{n}": n for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        linears = {n: layer.get_submodule(n) for f, n in full.items() if f in targets}
+        stages = _call_stages(layer, linears, hidden[0], calls[i][0])
+        if not config.gptq_true_sequential:
+            stages = [[n for s in stages for n in s]]
+        for stage in stages:
+            _quantize_stage(linears, _hessians(layer, linears, stage, hidden, calls[i], masks), config)
+        for n in set(linears) - {n for s in stages for n in s}:
+            logger.warning("GPTQ: %s.%d.%s was not called in the layer's forward; quantized with RTN", prefix, i, n)
+            rtn_quantize_linear_(linears[n], config)
+        done.update(f"{prefix}.{i}.{n}" for n in linears)
+        hidden = _run_layer(layer, hidden, calls[i])
+        logger.debug("GPTQ: layer %d done (%d linears in %d stages)", i, len(linears), len(stages))
+    return done
