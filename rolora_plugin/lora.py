@@ -1,0 +1,172 @@
+"""Rotation-aware LoRA (RoLoRA's "LoRA After Rotation"): LoRA adapters live on the rotated weights.
+
+Why ordinary peft configs already work. After :func:`rolora_plugin.rotate_model_` every linear of a decoder
+layer is still a plain ``nn.Linear`` with its usual name, and the online R4 Hadamard is applied by the MLP to
+the input of whatever module ``mlp.down_proj`` is at call time (see :mod:`rolora_plugin.online`). So when peft
+wraps ``down_proj`` in a ``lora.Linear``, the Hadamard precedes *both* the frozen base weight and the LoRA
+branch, and after ``merge_and_unload`` it precedes the merged Linear: with ``x`` the MLP activation and ``H`` the
+R4 factor, ``(xH)(W H)ᵀ + s (xH) Aᵀ Bᵀ = (xH)(W H + s B A)ᵀ``, exactly the merged layer. The merged weight
+``W H + s B A`` stays in the outlier-free basis (RoLoRA, Huang et al., EMNLP Findings 2024, Sec. 3.2).
+
+Either order works:
+
+* rotate, then attach LoRA (``get_rolora_peft_model``; required for DoRA, PiSSA, OLoRA, whose initialisation or
+  magnitude vector depend on the weights they see);
+* attach LoRA, then rotate (what :class:`rolora_plugin.callbacks.RoLoRACallback` does with a ``PeftModel``):
+  ``rotate_model_`` rotates the LoRA matrices with the base weights (``A ← A R`` on the input side,
+  ``B ← Rᵀ B`` on the output side), so the function of the model, adapters included, is unchanged.
+
+What this module adds is name mapping and checks: :func:`map_target_modules` resolves ``"all-linear"`` to the
+rotated linears of the model's family (never ``lm_head``, never the parameter-free online modules) and maps
+unfused names (``q_proj``, ``gate_proj``...) onto fused families (Phi-3 ``qkv_proj``, ``gate_up_proj``).
+
+Example::
+
+    >>> from rolora_plugin.lora import rolora_lora_config, get_rolora_peft_model  # doctest: +SKIP
+    >>> cfg = rolora_lora_config(model, r=16, lora_alpha=16, target_modules=["q_proj", "v_proj"])  # doctest: +SKIP
+    >>> peft_model = get_rolora_peft_model(model, cfg)  # rotates first if needed  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+from torch import nn
+
+from .architectures import get_architecture
+from .config import RotationConfig
+from .rotation import RotationError, _unwrap_peft, get_rotation_record, rotate_model_
+
+__all__ = [
+    "ALL_LINEAR",
+    "map_target_modules",
+    "rolora_lora_config",
+    "get_rolora_peft_model",
+    "lora_layer_names",
+    "check_online_rotations",
+]
+
+logger = logging.getLogger(__name__)
+ALL_LINEAR = "all-linear"
+
+
+def _fused_aliases(spec) -> dict[str, str]:
+    """Unfused leaf name -> fused leaf name, for families with fused projections (empty otherwise)."""
+    aliases = {}
+    if spec.qkv_proj:
+        fused = spec.qkv_proj.rsplit(".", 1)[-1]
+        aliases.update({"q_proj": fused, "k_proj": fused, "v_proj": fused})
+    if spec.gate_up_proj:
+        fused = spec.gate_up_proj.rsplit(".", 1)[-1]
+        aliases.update({"gate_proj": fused, "up_proj": fused})
+    return aliases
+
+
+def map_target_modules(model: nn.Module, targets: str | Iterable[str]) -> list[str] | str:
+    """Map user LoRA targets to leaf names of the rotated linears of ``model``'s family.
+
+    Args:
+        model: a causal LM of a registered family (bare or a peft ``PeftModel``), rotated or not.
+        targets: ``"all-linear"``, a list of leaf names (``["q_proj", "v_proj"]``, ``["down_proj"]``), or any other
+            string, which peft treats as a regular expression and which is returned unchanged.
+
+    Returns:
+        A sorted list of leaf names (``"all-linear"`` → every decoder-layer linear: attention inputs, o_proj, MLP
+        inputs, down_proj; never ``lm_head``), or the regex string.
+
+    Raises:
+        ValueError: a listed name is not a linear of this family (the message lists the valid names).
+    """
+    spec = get_architecture(_unwrap_peft(model))
+    valid = spec.linear_names()
+    if isinstance(targets, str):
+        return sorted(set(valid)) if targets == ALL_LINEAR else targets
+    aliases = _fused_aliases(spec)
+    mapped = set()
+    for name in targets:
+        leaf = aliases.get(name, name)
+        if leaf not in valid and name != spec.lm_head:
+            raise ValueError(
+                f"LoRA target {name!r} is not a linear of a {spec.name} decoder layer; valid names: {sorted(valid)}"
+                f" (or 'all-linear'). Fused families map q/k/v_proj and gate/up_proj onto their fused linear."
+            )
+        if leaf != name:
+            logger.info("LoRA target %r maps to the fused %r of %s (the adapter covers the whole fused linear)", name, leaf, spec.name)
+        mapped.add(leaf)
+    return sorted(mapped)
+
+
+def rolora_lora_config(model: nn.Module, *, r: int = 16, lora_alpha: int = 16, target_modules=("q_proj", "v_proj"), **kwargs):
+    """A peft ``LoraConfig`` (task ``CAUSAL_LM``) whose targets are mapped with :func:`map_target_modules`.
+
+    Defaults follow the RoLoRA paper (r=16, α=16, q/v). Extra ``kwargs`` go to ``LoraConfig`` unchanged.
+    Raises ValueError when a weight-dependent variant (``use_dora``, ``init_lora_weights="pissa"/"olora"/...``)
+    is requested for a model that is not rotated yet: those must be attached *after* the rotation.
+    """
+    from peft import LoraConfig
+
+    init = kwargs.get("init_lora_weights", True)
+    weight_dependent = kwargs.get("use_dora") or (isinstance(init, str) and init != "gaussian")
+    if weight_dependent and get_rotation_record(_unwrap_peft(model)) is None:
+        raise ValueError(
+            f"DoRA / init_lora_weights={init!r} depend on the weights they are attached to, so they must be attached "
+            "to the rotated model: call rotate_model_(model) first (or use get_rolora_peft_model, which does)."
+        )
+    kwargs.setdefault("task_type", "CAUSAL_LM")
+    return LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=map_target_modules(model, target_modules), **kwargs)
+
+
+def get_rolora_peft_model(model: nn.Module, lora_config, rotation: RotationConfig | None = None, **kwargs):
+    """Rotate ``model`` (unless it already carries a rotation record) and attach ``lora_config`` with peft.
+
+    LoRA After Rotation in one call; returns peft's ``PeftModel``. ``rotation`` defaults to ``RotationConfig()``
+    and is ignored (with a check that it matches) when the model is already rotated. ``kwargs`` go to
+    ``peft.get_peft_model``.
+    """
+    from peft import get_peft_model
+
+    record = get_rotation_record(model)
+    if record is None:
+        rotate_model_(model, rotation or RotationConfig())
+    elif rotation is not None and rotation != record.config:
+        raise RotationError(
+            f"model is already rotated with {record.config} but rotation={rotation} was requested; load the original "
+            "weights to rotate with another config, or pass rotation=None"
+        )
+    return get_peft_model(model, lora_config, **kwargs)
+
+
+def lora_layer_names(model: nn.Module) -> list[str]:
+    """Qualified names of the peft LoRA layers in ``model`` (modules with ``lora_A`` and a ``base_layer``)."""
+    return [name for name, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+
+
+def check_online_rotations(model: nn.Module) -> None:
+    """Raise :class:`RotationError` if ``model`` is rotated but its online rotations are not installed.
+
+    A rotated checkpoint loaded with plain ``from_pretrained`` has the rotated weights but no online R4/R3: its
+    function is then wrong until :func:`rolora_plugin.install_online_rotations` (or
+    :func:`rolora_plugin.export.load_rotated`) rebuilds them.
+    """
+    inner = _unwrap_peft(model)
+    record = get_rotation_record(inner)
+    if record is None:
+        raise RotationError(f"{type(inner).__name__} is not rotated (no model.config.rolora record)")
+    from .online import _ATTN_TABLE, _R4_ATTR
+
+    spec = get_architecture(inner)
+    layers = list(inner.get_submodule(spec.layers))
+    mlp_path = spec.down_proj.rsplit(".", 1)[0]
+    missing = []
+    if "r4" in record.rotations and not all(hasattr(layer.get_submodule(mlp_path), _R4_ATTR) for layer in layers):
+        missing.append("r4")
+    attn = [layer.get_submodule(spec.attention) for layer in layers]
+    if "r3" in record.rotations and not all("r3" in a.__dict__.get(_ATTN_TABLE, {}) for a in attn):
+        missing.append("r3")
+    if missing:
+        raise RotationError(
+            f"{type(inner).__name__} carries a rotation record but its online rotation(s) {missing} are not installed; "
+            "call rolora_plugin.install_online_rotations(model, get_rotation_record(model)) or load it with "
+            "rolora_plugin.export.load_rotated(path)"
+        )
