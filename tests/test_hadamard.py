@@ -131,3 +131,9 @@ def test_cuda_matches_cpu(cuda_device):
     t = build_transform(1536, random_signs=True, seed=0)
     x = torch.randn(8, 1536)
     assert rel_err(hadamard_transform(x.to(cuda_device), t).cpu(), hadamard_transform(x, t)) <= 1e-5
+
+
+@pytest.mark.parametrize("p", [2, 128, 256, 2**15])
+def test_blocked_stages_match_radix2_butterflies(p):
+    x = torch.randn(3, p, dtype=torch.float64)
+    assert rel_err(build_transform(p).apply(x), fwht(x) / math.sqrt(p)) <= 1e-12

