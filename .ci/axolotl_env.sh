@@ -22,6 +22,9 @@ command -v "$PY" >/dev/null || PY=python3
 SPEC="axolotl==0.19.0 torch==2.13.0"
 MARKER="$VENV/.rolora-complete"
 
+# pip without the local-index noise ("Location ... is ignored"); keeps pip's exit status.
+pip_quiet() { "$VENV/bin/python" -m pip --quiet "$@" 2> >(grep -v -e "is ignored" -e "^ " >&2); }
+
 mkdir -p "$CACHE"
 exec 9>"$CACHE/axolotl-venv.lock"
 flock 9   # concurrent CI runs on one machine share one build
@@ -30,14 +33,22 @@ if [[ ! -f "$MARKER" || "$(cat "$MARKER")" != "$SPEC" ]]; then
     echo "axolotl_env: building $VENV ($SPEC); this takes ~7 min" >&2
     rm -rf "$VENV"
     "$PY" -m venv "$VENV"
-    "$VENV/bin/python" -m pip install --quiet --upgrade pip
     # torch first: the CPU wheel (pip prefers the local +cpu build when one is
     # on find-links), then axolotl with torch pinned so nothing swaps it.
-    "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
-    "$VENV/bin/python" -m pip install --quiet "axolotl==0.19.0" "torch==2.13.0"
+    pip_quiet install "torch==2.13.0"
+    pip_quiet install "axolotl==0.19.0" "torch==2.13.0"
     "$VENV/bin/python" -c "import axolotl, transformers, peft; print('axolotl', axolotl.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" >&2
     echo "$SPEC" > "$MARKER"
 fi
-# Always re-install this checkout (the venv may have been built from another clone).
-"$VENV/bin/python" -m pip install --quiet --no-deps -e "$REPO"
+# Always re-install this checkout (the venv may have been built from another clone). Its own dependencies
+# are installed only where missing (pluggy); the pins Axolotl needs must survive, which is checked below.
+pip_quiet install -e "$REPO"
+"$VENV/bin/python" -c "import pytest" 2>/dev/null || pip_quiet install "pytest>=8"  # to run our tests there too
+"$VENV/bin/python" - <<'PY'
+import importlib.metadata as md
+want = {"axolotl": "0.19.0", "transformers": "5.16.1", "peft": "0.20.0"}
+got = {name: md.version(name) for name in want}
+assert got == want, f"axolotl venv has {got}, expected {want}: delete the venv and re-run .ci/axolotl_env.sh"
+import rolora_plugin, pluggy  # noqa: F401  (the package and its own dependencies import)
+PY
 echo "$VENV"

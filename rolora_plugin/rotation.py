@@ -332,10 +332,7 @@ def rotate_model_(model: nn.Module, config: RotationConfig | None = None, *, pro
     )
     install_online_rotations(inner, record, transforms)
     setattr(inner.config, RECORD_KEY, record.to_dict())
-    from .integrations.deepspeed import check_rank_agreement
     from .plugins import get_plugin_manager
-
-    check_rank_agreement(record)  # collective when torch.distributed runs: every rank must rotate the same way
 
     get_plugin_manager().hook.rolora_model_rotated(model=model, record=record)
     logger.info("rotated %s (%s): %s", type(inner).__name__, spec.name, {k: v["description"] for k, v in record.rotations.items()})
