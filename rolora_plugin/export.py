@@ -183,7 +183,7 @@ def _rotated_base(base: nn.Module, record: RotationRecord, base_name: str) -> nn
     return base
 
 
-def _load_adapter_dir(path: Path, record, base_model, dtype) -> tuple[nn.Module, RotationRecord]:
+def _load_adapter_dir(path: Path, record, base_model, dtype) -> tuple[nn.Module, RotationRecord, list]:
     from peft import PeftModel
 
     file_record = read_rotation_record(path)
@@ -197,27 +197,26 @@ def _load_adapter_dir(path: Path, record, base_model, dtype) -> tuple[nn.Module,
         )
     base_name = base_model if base_model is not None else json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
     base = _rotated_base(_load_base(base_name, dtype), record, str(base_name))
-    return PeftModel.from_pretrained(base, str(path)), record
+    return PeftModel.from_pretrained(base, str(path)), record, [path, base_name]
 
 
-def _load_source(src, record, base_model, dtype) -> tuple[nn.Module, RotationRecord, Path | None]:
-    """(model, verified record, source dir or None) for a module, an adapter dir or a checkpoint dir."""
+def _load_source(src, record, base_model, dtype) -> tuple[nn.Module, RotationRecord, list]:
+    """(model, verified record, source dirs) for a module, an adapter dir or a checkpoint dir."""
     if isinstance(src, nn.Module):
         found = get_rotation_record(_unwrap_peft(src))
         if found is None:
             raise RotationError(f"{type(src).__name__} is not rotated (no model.config.{RECORD_KEY}); nothing to verify the merge against")
         if record is not None:
             _require_same(found, record, "the model", "record=")
-        return src, found, None
+        return src, found, []
     path = Path(src)
     if (path / "adapter_config.json").is_file():
-        model, rec = _load_adapter_dir(path, record, base_model, dtype)
-        return model, rec, path
+        return _load_adapter_dir(path, record, base_model, dtype)
     if (path / "config.json").is_file():
         model = load_rotated(path, dtype)
         if record is not None:
             _require_same(get_rotation_record(model), record, str(path), "record=")
-        return model, get_rotation_record(model), path
+        return model, get_rotation_record(model), [path]
     raise RotationError(f"{path} is neither a peft adapter (adapter_config.json) nor a model checkpoint (config.json)")
 
 
@@ -242,7 +241,7 @@ def _merged(model: nn.Module, inplace: bool) -> nn.Module:
 def _find_tokenizer(tokenizer, *dirs):
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer
-    candidates = [Path(tokenizer)] if tokenizer is not None else [Path(d) for d in dirs if d is not None]
+    candidates = [Path(tokenizer)] if tokenizer is not None else [Path(d) for d in dirs if isinstance(d, (str, os.PathLike))]
     for d in candidates:
         if d.is_dir() and any((d / f).is_file() for f in _TOKENIZER_FILES):
             from transformers import AutoTokenizer
@@ -292,10 +291,10 @@ def merge_and_export(
         raise ValueError(f"transform_config must be 'file', 'config' or 'none', got {transform_config!r}")
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
-    model, found, src_dir = _load_source(model_or_dir, record, base_model, dtype)
+    model, found, src_dirs = _load_source(model_or_dir, record, base_model, dtype)
     found.verify()
-    merged = _merged(model, inplace or src_dir is not None)
-    tok = _find_tokenizer(tokenizer, src_dir, base_model if isinstance(base_model, (str, os.PathLike)) else None)
+    merged = _merged(model, inplace or bool(src_dirs))  # a model loaded here is ours to merge in place
+    tok = _find_tokenizer(tokenizer, *src_dirs)
     ct = transform_config_dict(found) if transform_config != "none" else None
     _write_export(merged, found, out_dir, tok, ct, transform_config)
     logger.info("exported merged rotated model to %s", out_dir)

@@ -182,3 +182,60 @@ def test_check_online_rotations_detects_missing_modules():
         check_online_rotations(model)
     install_online_rotations(model, get_rotation_record(model))
     check_online_rotations(model)
+
+
+# ---------------------------------------------------------------------------------------------- fake quant (QAT)
+
+
+def test_fake_quant_lora_backward_equals_ste_through_the_effective_weight():
+    """The LoRA-factor backward == autograd through Q_w(W + Σ s B A) with an identity STE (float64)."""
+    import torch.nn.functional as F
+
+    from rolora_plugin.lora import _FakeQuantLoRALinear
+    from rolora_plugin.quant import fake_quantize_weight
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 32, dtype=torch.float64, generator=g).requires_grad_()
+    w = torch.randn(24, 32, dtype=torch.float64, generator=g)
+    factors = [torch.randn(shape, dtype=torch.float64, generator=g).requires_grad_() for shape in ((4, 32), (24, 4), (2, 32), (24, 2))]
+    scalings = [0.5, 2.0]
+
+    def quantize(m):
+        return fake_quantize_weight(m, 4, 8)
+
+    y = _FakeQuantLoRALinear.apply(x, w, quantize, scalings, *factors)
+    a1, b1, a2, b2 = factors
+    ref = F.linear(x, quantize(w + 0.5 * b1 @ a1 + 2.0 * b2 @ a2))  # no clipping: quant.py's STE is the identity here
+    grad = torch.randn(y.shape, dtype=torch.float64, generator=g)
+    got = torch.autograd.grad(y, [x, *factors], grad)
+    want = torch.autograd.grad(ref, [x, *factors], grad)
+    assert rel_err(y, ref) <= 1e-12
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= 1e-12
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_fake_quantized_peft_model_equals_merged_then_quantize_model(family):
+    """W4A4 fake quant of a LoRA model (after the online R4) == merge + quant.py's quantize_model_ (RTN W4A4)."""
+    import copy
+
+    from rolora_plugin.callbacks import quant_config
+    from rolora_plugin.lora import enable_fake_quant_, fake_quant_active, fake_quantized
+    from rolora_plugin.quant import QuantConfig, quantize_model_
+
+    ids = random_ids()
+    model = tiny_model(family)
+    rotate_model_(model, ALL_ROTATIONS, progress=False)
+    peft_model = _lora(model, "all-linear")
+    fp = _logits(peft_model, ids)
+    with fake_quantized(peft_model, quant_config(4, 4)):
+        fq = _logits(peft_model, ids)
+    assert not fake_quant_active(peft_model) and rel_err(_logits(peft_model, ids), fp) == 0
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    quantize_model_(merged, QuantConfig(w_bits=4, a_bits=4), progress=False)
+    assert rel_err(fq, _logits(merged, ids)) <= FP32_MERGE_RTOL
+    assert rel_err(fq, fp) > 100 * FP32_MERGE_RTOL
+    handle = enable_fake_quant_(peft_model, quant_config(4, 4), targets="lora")
+    with pytest.raises(RuntimeError, match="already enabled"):
+        enable_fake_quant_(peft_model, quant_config(4, 4))
+    handle.remove()
