@@ -135,6 +135,15 @@ def load_tokenizer(model_dir: Path):
         return None
 
 
+@contextlib.contextmanager
+def _config_errors(what: str):
+    """Turn a config's ValueError (bad field values, unknown keys) into a one-line :class:`CLIError`."""
+    try:
+        yield
+    except ValueError as e:
+        raise CLIError(f"invalid {what} settings: {_first_line(e)}") from None
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0]
@@ -190,6 +199,11 @@ def save_rotated(model, tok, record, out: Path) -> None:
 def cmd_eval(args) -> int:
     src = check_model_dir(args.model_dir)
     load_model_config(src)
+    if args.w_bits < 16 or args.a_bits < 16:
+        with _config_errors("quantization"):
+            from .quant import QuantConfig
+
+            QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, method=args.method, w_group_size=args.w_group_size)
     model, tok = load_model(src, args.dtype)
     if tok is None:
         raise CLIError(f"{args.model_dir!r} has no tokenizer; evaluation needs one (save it next to the model)")
@@ -202,8 +216,8 @@ def cmd_eval(args) -> int:
 
 def evaluate_dir(model, tok, args) -> dict:
     """Quantize (if asked) and evaluate an in-memory model; the dict printed by ``rolora eval``."""
-    from .assets import calibration_chunks, text_chunks
-    from .eval import perplexity
+    from .assets import text_chunks
+    from .eval import PAPER_TASKS, evaluate_tasks, perplexity
 
     setting = f"W{args.w_bits}A{args.a_bits}" if (args.w_bits < 16 or args.a_bits < 16) else "FP"
     results = {"model": str(args.model_dir), "setting": setting, "method": args.method if setting != "FP" else None}
@@ -212,10 +226,8 @@ def evaluate_dir(model, tok, args) -> dict:
     if args.ppl_chunks > 0:
         chunks = text_chunks(tok, args.ppl_chunks, args.seq_len)
         results["perplexity"] = perplexity(model, chunks)
-    if args.limit > 0 and args.tasks:
-        from .eval import evaluate_tasks
-
-        results["tasks"] = evaluate_tasks(model, tok, tasks=tuple(args.tasks), limit=args.limit)
+    if args.limit > 0:
+        results["tasks"] = evaluate_tasks(model, tok, tasks=tuple(args.tasks or PAPER_TASKS), limit=args.limit)
     return results
 
 
@@ -223,10 +235,9 @@ def quantize_for_eval(model, tok, args) -> None:
     from .assets import calibration_chunks
     from .quant import QuantConfig, quantize_model_
 
-    cfg = QuantConfig(
-        w_bits=args.w_bits, a_bits=args.a_bits, method=args.method, w_clip_search=args.clip_search,
-        w_group_size=args.w_group_size,
-    )
+    with _config_errors("quantization"):
+        cfg = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, method=args.method, w_clip_search=args.clip_search,
+                          w_group_size=args.w_group_size)  # fmt: skip
     calib = calibration_chunks(tok, args.calib_chunks, args.seq_len) if args.method == "gptq" else None
     quantize_model_(model, cfg, calibration=calib)
 
@@ -235,8 +246,10 @@ def format_eval_table(results: dict) -> str:
     rows = [("model", results["model"]), ("setting", results["setting"] + (f" ({results['method']})" if results.get("method") else ""))]
     if "perplexity" in results:
         rows.append(("perplexity", f"{results['perplexity']:.3f}"))
-    for name, value in (results.get("tasks") or {}).items():
-        rows.append((name, f"{value:.4f}" if isinstance(value, float) else str(value)))
+    tasks = results.get("tasks")
+    if tasks:
+        rows += [(task, f"{score:.4f}") for task, score in tasks["scores"].items()]
+        rows.append((f"average ({len(tasks['scores'])} tasks, limit {tasks['limit']})", f"{tasks['average']:.4f}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -248,9 +261,14 @@ def cmd_export(args) -> int:
     if not src.is_dir() or not os.access(src, os.R_OK | os.X_OK):
         raise CLIError(f"{args.source!r} is not a readable directory (an adapter or a Trainer checkpoint folder)")
     out = check_new_output_dir(args.out_dir)
+    if not (src / "adapter_config.json").is_file() and not (src / "config.json").is_file():
+        raise CLIError(f"{args.source!r} holds neither a peft adapter (adapter_config.json) nor a model (config.json)")
+    if (src / "config.json").is_file() and not (src / "adapter_config.json").is_file():
+        load_model_config(src)
+    base = check_model_dir(args.base_model) if args.base_model else None
     from .export import merge_and_export
 
-    merge_and_export(str(src), str(out))
+    merge_and_export(str(src), str(out), base_model=str(base) if base else None)
     print(f"merged and exported {src} -> {out}")
     return 0
 
@@ -261,8 +279,15 @@ def cmd_train(args) -> int:
     path = Path(args.config)
     if not path.is_file():
         raise CLIError(f"config file {args.config!r} does not exist")
-    cfg = TrainConfig.from_file(path, overrides=_overrides(args))
+    with _config_errors("train config"):
+        cfg = TrainConfig.from_file(path, overrides=_overrides(args))
     check_new_output_dir(cfg.output_dir)
+    if cfg.model != "smollm2":
+        config = load_model_config(check_model_dir(cfg.model))
+        if cfg.rotate:
+            check_family(config)
+    if cfg.dataset not in ("sciq", "gsm8k") and not Path(cfg.dataset).is_file():
+        raise CLIError(f"dataset {cfg.dataset!r} is neither 'sciq', 'gsm8k' nor an existing .json/.jsonl file")
     result = run_training(cfg)
     print(f"trained {cfg.model} on {cfg.dataset} for {result['steps']} steps (final loss {result['final_loss']:.4f}); "
           f"merged model in {result['merged_dir']}")
@@ -284,10 +309,9 @@ def cmd_demo(args) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise CLIError(f"output dir {args.out!r} already exists and is not empty; pass --overwrite or another --out")
-    cfg = DemoConfig.for_size(
-        args.size, steps=args.steps, limit=args.limit, method=args.method, seed=args.seed, cache_dir=args.cache_dir,
-        ppl_chunks=args.ppl_chunks,
-    )
+    with _config_errors("demo"):
+        cfg = DemoConfig.for_size(args.size, train_steps=args.steps, limit=args.limit, method=args.method, seed=args.seed,
+                                  cache_dir=args.cache_dir, ppl_chunks=args.ppl_chunks, clip_search=args.clip_search or None)  # fmt: skip
     results = run_demo(out, cfg)
     print(format_results_table(results))
     print(f"\nreport: {out / 'results.json'} and {', '.join(sorted(results.get('plots', {}).values()))}")
@@ -329,6 +353,7 @@ def _add_demo(sub) -> None:
                    help="examples per task for the 7-task zero-shot average (default: from --size; 0 skips it)")
     d.add_argument("--ppl-chunks", type=int, default=None, help="perplexity chunks (default: from --size)")
     d.add_argument("--method", choices=("rtn", "gptq"), default="rtn", help="weight quantizer (default: rtn)")
+    d.add_argument("--clip-search", action="store_true", help="MSE search of the weight clipping ratio")
     d.add_argument("--seed", type=int, default=0, help="rotation and training seed")
     d.add_argument("--cache-dir", default=None, help="where the converted SmolLM2 checkpoint is cached")
     d.add_argument("--overwrite", action="store_true", help="write into --out even if it is not empty")
@@ -377,6 +402,9 @@ def _add_export(sub) -> None:
                        "OUT_DIR (safetensors, config, tokenizer, rolora_rotation.json).")
     x.add_argument("source", metavar="ADAPTER_OR_CHECKPOINT")
     x.add_argument("out_dir", metavar="OUT_DIR", help="must not exist")
+    x.add_argument("--base-model", default=None, metavar="DIR",
+                   help="base model of an adapter (default: adapter_config.json's base_model_name_or_path); a rotated "
+                   "export or the original model, which is then rotated from the adapter's record")
     x.set_defaults(func=cmd_export)
 
 

