@@ -1,0 +1,189 @@
+"""``RoLoRAPlugin``: RoLoRA in Axolotl from one YAML section. Imported by Axolotl only (it imports axolotl).
+
+Load it with ``plugins: [rolora.RoLoRAPlugin]``. Axolotl's loader splits the name at its last dot into module
+and class (``module_name, class_name = plugin_name.rsplit(".", 1)`` in ``axolotl.integrations.base.load_plugin``),
+so a bare ``rolora`` cannot load in any released Axolotl (there is nothing to split: ``ValueError: not enough
+values to unpack``); the tiny top-level ``rolora`` package exists so that ``rolora.RoLoRAPlugin`` works. Axolotl
+>= 0.21 also registers the ``axolotl.plugins`` entry point ``rolora = "rolora.plugin:RoLoRAPlugin"`` on its own;
+the plugin therefore stays inactive unless the config has a ``rolora:`` section.
+
+Hook order (DESIGN.md) and what each hook does here:
+
+* ``register(cfg)`` (raw config, before validation): with a ``rolora:`` section, sets Axolotl's fused LoRA
+  kernels (``lora_mlp_kernel``, ``lora_qkv_kernel``, ``lora_o_kernel``) to false, logging why: they compute the
+  MLP / attention without calling the module forwards, so RoLoRA's online Hadamard before ``down_proj`` (R4) and
+  on q/k (R3) would be skipped. Axolotl would otherwise switch them on when unset.
+* ``post_model_build(cfg, model)``: rotates the bare model (before LoRA; under ZeRO-3 the weights are gathered
+  one layer at a time) and checks that every rank applied the same rotation.
+* ``pre_lora_load`` / ``post_lora_load``: maps ``lora_target_modules`` onto the family's rotated linears (e.g.
+  ``q_proj`` → Phi-3's fused ``qkv_proj``), restores the user's value afterwards, and checks that the online
+  rotations survived peft's wrapping.
+* ``add_callbacks_pre_trainer``: adds :class:`~rolora_plugin.callbacks.RoLoRACallback` (monitor, QAT, and
+  ``rolora_rotation.json`` next to every checkpoint); the model is already rotated, so it does not rotate again.
+* ``post_train`` (called twice by Axolotl: after ``trainer.train()`` and after the final save) and
+  ``post_train_unload``: once the final model is saved in ``output_dir``, rank 0 exports the merged model with
+  its rotation record to ``<output_dir>/rolora-merged`` — exactly once (idempotent). The export reads the saved
+  adapter from disk (under ZeRO-3 the live weights are partitioned), re-rotates the base from the record and
+  verifies it before merging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+
+from axolotl.integrations.base import BasePlugin
+
+from ...export import merge_and_export, read_rotation_record, write_rotation_record
+from ...lora import check_online_rotations, lora_layer_names, map_target_modules
+from ...rotation import RotationError, get_rotation_record, rotate_model_
+from ..deepspeed import check_rank_agreement
+from .args import MERGED_SUBDIR, RoLoRAOptions
+
+__all__ = ["RoLoRAPlugin", "FUSED_LORA_KERNELS"]
+
+# under "axolotl.": Axolotl shows INFO only for its own logger tree (other loggers: WARNING and up)
+LOG = logging.getLogger("axolotl.integrations.rolora")
+FUSED_LORA_KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
+_SAVED_WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
+_UNSET = object()
+
+
+class RoLoRAPlugin(BasePlugin):
+    """Axolotl plugin for RoLoRA; configured by the ``rolora:`` section (see :mod:`.args`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.record = None
+        self._dtype = None
+        self._started = None
+        self._exported = False
+        self._user_targets = _UNSET
+
+    def get_input_args(self) -> str:
+        return "rolora_plugin.integrations.axolotl.args.RoLoRAArgs"
+
+    # -- config --------------------------------------------------------------------------------------------------
+    def register(self, cfg):
+        if "rolora" not in cfg:
+            LOG.info("RoLoRAPlugin loaded but the config has no `rolora:` section: RoLoRA stays off")
+            return
+        if cfg["rolora"] is None:  # an empty `rolora:` section means "on, with defaults"
+            cfg["rolora"] = {}
+        _disable_fused_lora_kernels(cfg)
+
+    def pre_model_load(self, cfg):
+        if _options(cfg) is None:
+            return
+        _disable_fused_lora_kernels(cfg)  # again after validation, in case something switched them back on
+        self._started = time.time()
+
+    # -- model ---------------------------------------------------------------------------------------------------
+    def post_model_build(self, cfg, model):
+        options = _options(cfg)
+        if options is None:
+            return
+        record = get_rotation_record(model)
+        if record is None:
+            record = rotate_model_(model, options.rotation)
+        elif record.config != options.rotation:
+            raise RotationError(
+                f"base_model is already rotated with {record.config}, but rolora.rotation asks for {options.rotation}; "
+                "set rolora.rotation to the model's rotation or start from the original weights"
+            )
+        check_rank_agreement(record)
+        self.record, self._dtype = record, model.dtype
+
+    def pre_lora_load(self, cfg, model):
+        targets = cfg.get("lora_target_modules")
+        if _options(cfg) is None or not isinstance(targets, (list, tuple)):
+            return
+        mapped = map_target_modules(model, list(targets))
+        if sorted(mapped) != sorted(targets):
+            LOG.info("rolora: lora_target_modules %s mapped to %s for this model family", list(targets), mapped)
+            self._user_targets, cfg["lora_target_modules"] = targets, mapped
+
+    def post_lora_load(self, cfg, model):
+        if _options(cfg) is None:
+            return
+        if self._user_targets is not _UNSET:  # undo the mapping: the config is the user's again
+            cfg["lora_target_modules"], self._user_targets = self._user_targets, _UNSET
+        check_online_rotations(model)
+        LOG.info("rolora: LoRA on %d rotated linears; online rotations in place", len(lora_layer_names(model)))
+
+    def add_callbacks_pre_trainer(self, cfg, model):
+        options = _options(cfg)
+        if options is None:
+            return []
+        from ...callbacks import RoLoRACallback
+
+        return [RoLoRACallback(options.to_rolora_config())]
+
+    # -- after training ------------------------------------------------------------------------------------------
+    def post_train(self, cfg, model):
+        self._export_once(cfg)
+
+    def post_train_unload(self, cfg):
+        self._export_once(cfg)
+
+    def _export_once(self, cfg) -> None:
+        """Export when the final model has been saved in this run; a no-op before that and after the first export."""
+        options = _options(cfg)
+        if options is None or self._exported or int(os.environ.get("RANK", "0")) != 0:
+            return
+        out = Path(cfg.output_dir)
+        if not _saved_since(out, self._started):
+            LOG.debug("rolora: %s holds no model saved by this run yet; exporting later", out)
+            return
+        if options.export.save_rotation_record and read_rotation_record(out) is None and self.record is not None:
+            write_rotation_record(out, self.record)
+        if options.export.merge:
+            target = options.export.merged_output_dir or str(out / MERGED_SUBDIR)
+            with _without_zero3_init():
+                merge_and_export(str(out), target, base_model=cfg.base_model, overwrite=options.export.overwrite, dtype=self._dtype)
+            LOG.info("rolora: merged model with its rotation record exported to %s", target)
+        self._exported = True
+
+
+def _options(cfg) -> RoLoRAOptions | None:
+    section = cfg.get("rolora") if cfg is not None else None
+    if section is None:
+        return None
+    return section if isinstance(section, RoLoRAOptions) else RoLoRAOptions.model_validate(dict(section))
+
+
+def _disable_fused_lora_kernels(cfg) -> None:
+    switched = [k for k in FUSED_LORA_KERNELS if cfg.get(k)]
+    if switched:
+        LOG.warning("rolora: overriding %s: true -> false (incompatible with RoLoRA, see below)", ", ".join(switched))
+    for key in FUSED_LORA_KERNELS:
+        cfg[key] = False
+    LOG.info(
+        "rolora: %s set to false: Axolotl's fused LoRA kernels compute the MLP and attention without calling the "
+        "module forwards, which would skip RoLoRA's online Hadamard rotations (R4 before down_proj, R3 on q/k)",
+        ", ".join(FUSED_LORA_KERNELS),
+    )
+
+
+def _saved_since(directory: Path, started: float | None) -> bool:
+    stamps = [(directory / f).stat().st_mtime for f in _SAVED_WEIGHTS if (directory / f).is_file()]
+    return bool(stamps) and (started is None or max(stamps) >= started)
+
+
+@contextlib.contextmanager
+def _without_zero3_init():
+    """Load the export's base model unpartitioned on rank 0: hide transformers' ZeRO-3 config, then restore it."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    active = ref() if ref is not None else None
+    if active is not None:
+        hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if active is not None:
+            hf_deepspeed.set_hf_deepspeed_config(active)

@@ -1,0 +1,282 @@
+"""Axolotl integration.
+
+* Default run (no Axolotl needed): the ``rolora:`` pydantic args, and the plugin's hook logic driven in-process
+  in Axolotl's hook order with a stand-in ``axolotl.integrations.base.BasePlugin``.
+* ``@pytest.mark.axolotl`` (run by ``.ci/run`` as ``pytest -m axolotl``): ``axolotl train
+  examples/axolotl/rolora.yml`` with axolotl 0.19.0 (transformers 5.16.1, peft 0.20.0) in its own venv, built or
+  reused by ``.ci/axolotl_env.sh``; offline, CPU, a tiny local Llama and a local JSON dataset. A venv that cannot
+  be built fails the test (no skip).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import rel_err
+from tiny_models import random_ids, tiny_model
+
+from rolora_plugin import RotationConfig, get_rotation_record
+
+REPO = Path(__file__).resolve().parents[1]
+FLOAT32_MERGE_RTOL = 1e-5  # merged export vs rotated base + unmerged adapter, float32 weights
+
+
+class Cfg(dict):
+    """Axolotl's ``DictDefault`` in miniature: attribute access, None for missing keys."""
+
+    def __getattr__(self, key):
+        return self.get(key)
+
+
+# ---------------------------------------------------------------------------------------------- args
+
+@pytest.fixture
+def pydantic():
+    return pytest.importorskip("pydantic")  # a dependency of Axolotl, not of rolora-plugin
+
+
+def test_args_build_the_callback_config(pydantic):
+    from rolora_plugin.integrations.axolotl.args import RoLoRAArgs
+
+    assert RoLoRAArgs().rolora is None
+    options = RoLoRAArgs(rolora={"rotation": {"seed": 3, "r2": True}, "qat": {"enabled": True, "start_step": 5}}).rolora
+    cfg = options.to_rolora_config()
+    assert cfg.rotation == RotationConfig(seed=3, r2=True)
+    assert cfg.qat.enabled and cfg.qat.start_step == 5 and cfg.monitor.every_n_steps == 50
+    assert cfg.export.merged_output_dir is None and options.export.merge  # the plugin exports from disk itself
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"rotation": {"seed": -1}}, "RotationConfig.seed must be a non-negative int"),
+        ({"rotation": {"sed": 1}}, "unknown field(s) ['sed']; valid fields are"),
+        ({"rotation": {"r1": False, "r4": False}}, "enable at least one"),
+        ({"monitor": {"every_n_steps": -2}}, "MonitorConfig.every_n_steps must be an int >= 0"),
+        ({"qat": {"a_clip_ratio": 2.0}}, "QATConfig.a_clip_ratio must be in (0, 1]"),
+        ({"export": {"merge": "maybe"}}, "rolora.export.merge"),
+        ({"monitr": {}}, "rolora.monitr"),
+    ],
+)
+def test_args_errors_say_what_to_fix(pydantic, section, message):
+    from rolora_plugin.integrations.axolotl.args import RoLoRAArgs
+
+    with pytest.raises(pydantic.ValidationError) as e:
+        RoLoRAArgs(rolora=section)
+    assert message in str(e.value)
+
+
+def test_args_refuse_quantized_base(pydantic):
+    from rolora_plugin.integrations.axolotl.args import RoLoRAArgs
+
+    with pytest.raises(pydantic.ValidationError, match="load_in_4bit loads quantized weights"):
+        RoLoRAArgs.model_validate({"rolora": {}, "load_in_4bit": True})
+    RoLoRAArgs.model_validate({"load_in_4bit": True})  # without rolora: not our business
+
+
+# ---------------------------------------------------------------------------------------------- plugin hooks
+
+
+@pytest.fixture
+def plugin(monkeypatch, pydantic):
+    """A fresh RoLoRAPlugin built on a stand-in ``BasePlugin`` (Axolotl itself is not installed here)."""
+    base = types.ModuleType("axolotl.integrations.base")
+    base.BasePlugin = type("BasePlugin", (), {})
+    for name in ("axolotl", "axolotl.integrations"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "axolotl.integrations.base", base)
+    monkeypatch.delitem(sys.modules, "rolora_plugin.integrations.axolotl.plugin", raising=False)
+    from rolora_plugin.integrations.axolotl import plugin as module
+
+    yield module.RoLoRAPlugin(), module
+    sys.modules.pop("rolora_plugin.integrations.axolotl.plugin", None)
+
+
+def test_plugin_does_nothing_without_a_rolora_section(plugin):
+    p, _ = plugin
+    cfg = Cfg(adapter="lora", lora_target_modules=["q_proj"])
+    p.register(cfg)
+    p.pre_model_load(cfg)
+    model = tiny_model("llama")
+    p.post_model_build(cfg, model)
+    p.pre_lora_load(cfg, model)
+    assert get_rotation_record(model) is None and "lora_mlp_kernel" not in cfg and cfg.lora_target_modules == ["q_proj"]
+    assert p.add_callbacks_pre_trainer(cfg, model) == []
+    p.post_train(cfg, model)  # no output_dir needed: inactive
+
+
+def test_plugin_turns_fused_lora_kernels_off_with_a_reason(plugin, caplog):
+    p, module = plugin
+    cfg = Cfg(rolora=None, lora_mlp_kernel=True)  # an empty `rolora:` section means "on, with defaults"
+    with caplog.at_level(logging.INFO, logger="axolotl.integrations.rolora"):
+        p.register(cfg)
+    assert cfg["rolora"] == {} and all(cfg[k] is False for k in module.FUSED_LORA_KERNELS)
+    assert "overriding lora_mlp_kernel: true -> false" in caplog.text
+    assert "would skip RoLoRA's online Hadamard rotations" in caplog.text
+
+
+def test_plugin_hook_sequence_rotates_maps_targets_and_exports_once(plugin, tmp_path, monkeypatch):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rolora_plugin.callbacks import RoLoRACallback
+    from rolora_plugin.export import load_rotated, read_rotation_record
+
+    p, module = plugin
+    exports = []
+    monkeypatch.setattr(module, "merge_and_export", lambda *a, **kw: exports.append(a) or _real_export(*a, **kw))
+    tiny_model("phi3", tie=False).save_pretrained(tmp_path / "base")  # fused qkv_proj / gate_up_proj family
+    out = tmp_path / "out"
+    user_targets = ["q_proj", "v_proj", "down_proj"]
+    cfg = Cfg(rolora={"rotation": {"seed": 5, "r2": True}}, base_model=str(tmp_path / "base"), output_dir=str(out),
+              lora_target_modules=list(user_targets))  # fmt: skip
+    p.register(cfg)
+    p.pre_model_load(cfg)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    p.post_model_build(cfg, model)
+    assert get_rotation_record(model).config == RotationConfig(seed=5, r2=True)
+
+    p.pre_lora_load(cfg, model)
+    assert cfg.lora_target_modules == ["down_proj", "qkv_proj"]  # what Axolotl hands to peft
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=cfg.lora_target_modules))
+    p.post_lora_load(cfg, peft_model)
+    assert cfg.lora_target_modules == user_targets  # the user's config again
+    (callback,) = p.add_callbacks_pre_trainer(cfg, peft_model)
+    assert isinstance(callback, RoLoRACallback) and callback.config.rotation == RotationConfig(seed=5, r2=True)
+
+    _train_a_little(peft_model)
+    p.post_train(cfg, peft_model)  # Axolotl's first call: before the final save, nothing to export yet
+    assert exports == []
+    peft_model.save_pretrained(out)  # Axolotl's save_trained_model
+    p.post_train(cfg, peft_model)  # second call: export
+    p.post_train_unload(cfg)  # and no second export
+    assert len(exports) == 1 and read_rotation_record(out) == get_rotation_record(model)
+    ids = random_ids()
+    with torch.no_grad():
+        merged = load_rotated(out / "rolora-merged")(ids).logits
+        reference = PeftModel.from_pretrained(_rotated_base(tmp_path / "base"), out)(ids).logits
+    assert rel_err(merged, reference) < FLOAT32_MERGE_RTOL
+
+
+def _real_export(*args, **kwargs):
+    from rolora_plugin.export import merge_and_export
+
+    return merge_and_export(*args, **kwargs)
+
+
+def _rotated_base(path):
+    from transformers import AutoModelForCausalLM
+
+    from rolora_plugin import rotate_model_
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    rotate_model_(model, RotationConfig(seed=5, r2=True), progress=False)
+    return model
+
+
+def _train_a_little(model) -> None:
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for seed in range(3):
+        ids = random_ids(seed=seed)
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def axolotl_venv() -> Path:
+    """The Axolotl venv from .ci/axolotl_env.sh (built on first use: ~6 min); fails loudly if it cannot be built."""
+    proc = subprocess.run(["bash", str(REPO / ".ci" / "axolotl_env.sh")], capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, f".ci/axolotl_env.sh failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}"
+    venv = Path(proc.stdout.strip().splitlines()[-1])
+    assert (venv / "bin" / "axolotl").is_file(), f"{venv} has no bin/axolotl"
+    return venv
+
+
+@pytest.fixture(scope="module")
+def axolotl_run(axolotl_venv, tmp_path_factory):
+    """``axolotl train examples/axolotl/rolora.yml --launcher python`` in a temp dir with the tiny assets."""
+    work = tmp_path_factory.mktemp("axolotl")
+    env = {**os.environ, "PATH": f"{axolotl_venv / 'bin'}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(REPO),
+           "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "2"}  # fmt: skip
+    assets = subprocess.run(["python", str(REPO / "examples" / "axolotl" / "make_tiny_assets.py"), "."], cwd=work, env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert assets.returncode == 0, assets.stderr[-4000:]
+    cmd = ["axolotl", "train", str(REPO / "examples" / "axolotl" / "rolora.yml"), "--launcher", "python"]
+    proc = subprocess.run(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1200)
+    (work / "axolotl.log").write_text(proc.stdout)
+    assert proc.returncode == 0, f"axolotl train failed (exit {proc.returncode}); log tail:\n{proc.stdout[-8000:]}"
+    return work, proc.stdout
+
+
+@pytest.mark.axolotl
+def test_axolotl_venv_runs_the_core_with_its_pins(axolotl_venv):
+    """rolora_plugin on transformers 5.16.1 / peft 0.20.0: rotate, attach LoRA, merge, all exact."""
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); import torch, transformers, peft\n"
+        "from tiny_models import tiny_model, random_ids\n"
+        "from rolora_plugin import rotate_model_, RotationConfig\n"
+        "from rolora_plugin.lora import get_rolora_peft_model, rolora_lora_config\n"
+        "m = tiny_model('llama', dtype=torch.float64); ids = random_ids(); ref = m(ids).logits\n"
+        "pm = get_rolora_peft_model(m, rolora_lora_config(m, r=4, target_modules=['q_proj', 'down_proj']), RotationConfig(r2=True, r3=True))\n"
+        "err = ((pm(ids).logits - ref).abs().max() / ref.abs().max()).item()\n"
+        "print(transformers.__version__, peft.__version__, err); assert err < 1e-6, err  # stock RMSNorm: float32 floor\n"
+    )
+    proc = subprocess.run([str(axolotl_venv / "bin" / "python"), "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.startswith("5.16.1 0.20.0 ")
+
+
+@pytest.mark.axolotl
+def test_axolotl_train_rotates_trains_and_exports(axolotl_run):
+    from safetensors.torch import load_file
+
+    from rolora_plugin.export import load_rotated, read_rotation_record
+
+    work, log = axolotl_run
+    out = work / "outputs" / "rolora-tiny"
+    record = read_rotation_record(out)
+    assert record is not None and record.config == RotationConfig(seed=7, r2=True)  # as in rolora.yml
+    record.verify()
+    assert read_rotation_record(out / "rolora-merged") == record
+    assert "lora_mlp_kernel, lora_qkv_kernel, lora_o_kernel set to false" in log
+    assert '"lora_mlp_kernel": false' in log and '"lora_qkv_kernel": false' in log and '"lora_o_kernel": false' in log
+    assert "rolora/eval_loss_w4a4" in log  # the monitor ran inside Axolotl's trainer
+    assert log.count("merged model with its rotation record exported") == 1  # post_train runs twice
+
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    lora_b = {k: v for k, v in adapter.items() if "lora_B" in k}
+    assert len(lora_b) == 6 and all(v.abs().max() > 0 for v in lora_b.values())  # q/v/down x 2 layers, trained
+
+    ids = torch.randint(4, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    merged_model = load_rotated(out / "rolora-merged", dtype=torch.float32)
+    norms = [m.weight for n, m in merged_model.named_modules() if n.endswith("norm")]
+    assert len(norms) == 5 and all(torch.all(w == 1) for w in norms)  # folded into the linears
+    with torch.no_grad():
+        merged = merged_model(ids).logits
+        reference = _rotated_with_adapter(work / "tiny-llama", record.config, out)(ids).logits
+        untrained = _rotated_with_adapter(work / "tiny-llama", record.config, None)(ids).logits
+    assert rel_err(merged, reference) < FLOAT32_MERGE_RTOL
+    assert rel_err(merged, untrained) > 100 * FLOAT32_MERGE_RTOL
+
+
+def _rotated_with_adapter(base: Path, rotation: RotationConfig, adapter: Path | None):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rolora_plugin import rotate_model_
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
+    rotate_model_(model, rotation, progress=False)
+    return PeftModel.from_pretrained(model, str(adapter)).eval() if adapter is not None else model
