@@ -1,33 +1,68 @@
 """rolora-plugin: RoLoRA (rotated outlier-free LoRA) for HF Trainer + peft, Axolotl and DeepSpeed.
 
-Public API::
+Public API (one import point)::
 
-    from rolora_plugin import rotate_model_, RotationConfig
+    from rolora_plugin import (
+        rotate_model_, RotationConfig,                 # rotation engine (R1/R2/R3/R4, every width)
+        quantize_model_, QuantConfig,                  # W4A4 ... W8A8, KV4; RTN, clip search, GPTQ
+        RoLoRACallback, RoLoRAConfig,                  # HF Trainer callback (rotation, monitor, QAT, export)
+        merge_and_export, load_rotated,                # merge in the rotated basis, standard safetensors
+    )
+
+``import rolora_plugin`` imports torch and pluggy only; transformers/peft are imported when first needed
+(``RoLoRACallback`` is resolved lazily because it subclasses ``transformers.TrainerCallback``).
 """
 
 from .architectures import ArchitectureSpec, UnsupportedArchitectureError, get_architecture, list_architectures
 from .config import RotationConfig
+from .export import load_rotated, merge_and_export
 from .hadamard import NoHadamardError, OrthogonalTransform, build_transform, hadamard_transform, hadamard_transform_ref
 from .hookspecs import hookimpl
+from .lora import get_rolora_peft_model, map_target_modules, rolora_lora_config
+from .quant import QuantConfig, QuantizationError, fake_quantize_activation, fake_quantize_weight, quantize_model_
 from .rotation import RotationError, RotationRecord, get_rotation_record, install_online_rotations, rotate_model_
+from .training_config import ExportConfig, MonitorConfig, QATConfig, RoLoRAConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ArchitectureSpec",
+    "ExportConfig",
+    "MonitorConfig",
     "NoHadamardError",
     "OrthogonalTransform",
+    "QATConfig",
+    "QuantConfig",
+    "QuantizationError",
+    "RoLoRACallback",
+    "RoLoRAConfig",
     "RotationConfig",
     "RotationError",
     "RotationRecord",
     "UnsupportedArchitectureError",
     "build_transform",
+    "fake_quantize_activation",
+    "fake_quantize_weight",
     "get_architecture",
+    "get_rolora_peft_model",
     "get_rotation_record",
     "hadamard_transform",
     "hadamard_transform_ref",
     "hookimpl",
     "install_online_rotations",
     "list_architectures",
+    "load_rotated",
+    "map_target_modules",
+    "merge_and_export",
+    "quantize_model_",
+    "rolora_lora_config",
     "rotate_model_",
 ]
+
+
+def __getattr__(name: str):
+    if name == "RoLoRACallback":
+        from .callbacks import RoLoRACallback
+
+        return RoLoRACallback
+    raise AttributeError(f"module 'rolora_plugin' has no attribute {name!r}")
