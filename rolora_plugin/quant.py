@@ -281,14 +281,21 @@ def mse_clip_search(
     wc = wg.to(_compute_dtype(wg))
     best_err = torch.full(wg.shape[:2], float("inf"), dtype=wc.dtype, device=w.device)
     best = torch.ones_like(best_err)
+    qmin, qmax = quant_range(bits, sym)
     for i in range(max(1, int(max_shrink * grid))):
         ratio = 1.0 - i / grid
         scale, zero = compute_scales(wc, bits, sym, ratio)
-        err = (quantize_with_scales(wc, scale, zero, bits, sym) - wc).abs().pow(norm).sum(-1)
+        err = _qdq_error_(wc, scale, zero, qmin, qmax, norm)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, torch.full_like(best, ratio), best)
     return best
+
+
+def _qdq_error_(x, scale, zero, qmin, qmax, norm: float) -> torch.Tensor:
+    """``Σ_last |Q(x) - x|^p`` with the ops of :func:`quantize_with_scales`, computed in place on one temporary."""
+    e = torch.div(x, scale).round_().add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale).sub_(x).abs_()
+    return (e.mul_(e) if norm == 2 else e.pow_(norm)).sum(-1)
 
 
 class _STEQuant(torch.autograd.Function):
