@@ -44,7 +44,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .quant import OFF_BITS, QuantConfig, QuantizationError, compute_scales, mse_clip_search, quantize_with_scales, rtn_quantize_linear_
+from .quant import (
+    OFF_BITS,
+    QuantConfig,
+    QuantizationError,
+    compute_scales,
+    mse_clip_search,
+    quantize_with_scales,
+    replace_weight_,
+    rtn_quantize_linear_,
+)
 
 __all__ = [
     "HessianAccumulator",
@@ -283,20 +292,19 @@ def _hessians(layer, linears: dict, names: list[str], hidden, calls, masks) -> d
     return accs
 
 
-def _quantize_stage(linears: dict, accs: dict, config: QuantConfig) -> None:
+def _quantize_stage(linears: dict, accs: dict, config: QuantConfig, errors: dict, prefix: str) -> None:
     for name, acc in accs.items():
         lin = linears[name]
         if acc.count == 0:
-            logger.warning("GPTQ: %s received no calibration tokens; falling back to RTN", name)
-            rtn_quantize_linear_(lin, config)
+            logger.warning("GPTQ: %s%s received no calibration tokens; falling back to RTN", prefix, name)
+            errors[prefix + name] = rtn_quantize_linear_(lin, config)
             continue
         q = gptq_quantize_weight(
             lin.weight, acc.hessian, config.w_bits, group_size=config.w_group_size, sym=config.w_sym,
             damp=config.gptq_damp, act_order=config.gptq_act_order, block_size=config.gptq_block_size,
             clip_search=config.clip_search_kwargs(),
         )  # fmt: skip
-        with torch.no_grad():
-            lin.weight.copy_(q)
+        errors[prefix + name] = replace_weight_(lin, q)
 
 
 def _decoder_layers(model: nn.Module):
@@ -306,17 +314,17 @@ def _decoder_layers(model: nn.Module):
     return spec.layers, list(get_submodule(model, spec.layers))
 
 
-def gptq_quantize_model_(model: nn.Module, config: QuantConfig, calibration, *, progress: bool = True) -> list[str]:
+def gptq_quantize_model_(model: nn.Module, config: QuantConfig, calibration, *, progress: bool = True) -> dict[str, float]:
     """GPTQ-quantize the weights of every ``nn.Linear`` of ``model`` not in ``config.skip``, layer by layer.
 
     ``calibration``: iterable of ``input_ids`` tensors (batch, seq) or dicts for ``model(**batch)``; an
     ``attention_mask`` (batch, seq) in a dict excludes padded tokens from the Hessians. Weights are edited in
-    place; returns the names of the quantized linears. Normally called through ``quantize_model_``.
+    place; returns ``{name: ‖W − Ŵ‖_F / ‖W‖_F}``. Normally called through ``quantize_model_``.
     """
     from .quant import quantizable_linears
 
     if config.w_bits >= OFF_BITS:
-        return []
+        return {}
     targets, _ = quantizable_linears(model, config)
     prefix, layers = _decoder_layers(model)
     device = next(model.parameters()).device
@@ -330,29 +338,28 @@ def gptq_quantize_model_(model: nn.Module, config: QuantConfig, calibration, *, 
     try:
         with torch.no_grad():
             hidden, calls = capture_layer_inputs(model, layers, batches)
-            done = _quantize_layers(layers, prefix, targets, hidden, calls, masks, config, progress)
+            errors = _quantize_layers(layers, prefix, targets, hidden, calls, masks, config, progress)
     finally:
         model.train(was_training)
-    for name in set(targets) - done:  # linears outside the decoder layers that are not skipped
+    for name in set(targets) - set(errors):  # linears outside the decoder layers that are not skipped
         logger.info("GPTQ: %s is outside the decoder layers; quantized with RTN", name)
-        rtn_quantize_linear_(targets[name], config)
-    return list(targets)
+        errors[name] = rtn_quantize_linear_(targets[name], config)
+    return {name: errors[name] for name in targets}
 
 
-def _quantize_layers(layers, prefix, targets, hidden, calls, masks, config, progress) -> set[str]:
-    done: set[str] = set()
+def _quantize_layers(layers, prefix, targets, hidden, calls, masks, config, progress) -> dict[str, float]:
+    errors: dict[str, float] = {}
     for i, layer in enumerate(tqdm(layers, desc="GPTQ layers", disable=not progress, leave=False)):
-        full = {f"{prefix}.{i}.{n}": n for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-        linears = {n: layer.get_submodule(n) for f, n in full.items() if f in targets}
+        where = f"{prefix}.{i}."
+        linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear) and where + n in targets}
         stages = _call_stages(layer, linears, hidden[0], calls[i][0])
         if not config.gptq_true_sequential:
             stages = [[n for s in stages for n in s]]
         for stage in stages:
-            _quantize_stage(linears, _hessians(layer, linears, stage, hidden, calls[i], masks), config)
+            _quantize_stage(linears, _hessians(layer, linears, stage, hidden, calls[i], masks), config, errors, where)
         for n in set(linears) - {n for s in stages for n in s}:
-            logger.warning("GPTQ: %s.%d.%s was not called in the layer's forward; quantized with RTN", prefix, i, n)
-            rtn_quantize_linear_(linears[n], config)
-        done.update(f"{prefix}.{i}.{n}" for n in linears)
+            logger.warning("GPTQ: %s%s was not called in the layer's forward; quantized with RTN", where, n)
+            errors[where + n] = rtn_quantize_linear_(linears[n], config)
         hidden = _run_layer(layer, hidden, calls[i])
         logger.debug("GPTQ: layer %d done (%d linears in %d stages)", i, len(linears), len(stages))
-    return done
+    return errors

@@ -55,6 +55,7 @@ __all__ = [
     "fake_quantize_weight",
     "fake_quantize_activation",
     "rtn_quantize_linear_",
+    "replace_weight_",
     "quantizable_linears",
     "is_skipped",
     "ActivationQuantizer",
@@ -496,29 +497,32 @@ def quantize_model_(model: nn.Module, config: QuantConfig | None = None, calibra
 
 
 def _quantize_weights(model, config: QuantConfig, linears: dict, calibration, progress: bool) -> dict:
-    originals = {name: lin.weight.detach().clone() for name, lin in linears.items()}
+    """Quantize the weights in place; returns ``{name: ‖W − Q(W)‖_F / ‖W‖_F}`` (no full copy of the model kept)."""
     if config.method == "gptq":
         from .gptq import gptq_quantize_model_
 
-        gptq_quantize_model_(model, config, calibration, progress=progress)
-    else:
-        for lin in linears.values():
-            rtn_quantize_linear_(lin, config)
-    return {name: _rel_err(linears[name].weight, w) for name, w in originals.items()}
+        return gptq_quantize_model_(model, config, calibration, progress=progress)
+    return {name: rtn_quantize_linear_(lin, config) for name, lin in linears.items()}
 
 
-def rtn_quantize_linear_(lin: nn.Linear, config: QuantConfig) -> None:
-    """Round-to-nearest weight quantization of one Linear in place (with the config's clip search)."""
-    w = lin.weight
+def rtn_quantize_linear_(lin: nn.Linear, config: QuantConfig) -> float:
+    """Round-to-nearest weight quantization of one Linear in place (with the config's clip search).
+
+    Returns the relative error ``‖W − Q(W)‖_F / ‖W‖_F``.
+    """
+    w = lin.weight.detach()
     search = config.clip_search_kwargs()
     ratio = mse_clip_search(w, config.w_bits, config.w_group_size, config.w_sym, **search) if search else 1.0
+    return replace_weight_(lin, quantize_weight(w, config.w_bits, config.w_group_size, config.w_sym, ratio))
+
+
+def replace_weight_(lin: nn.Linear, q: torch.Tensor) -> float:
+    """``lin.weight ← q`` in place; returns ``‖W − q‖_F / ‖W‖_F`` (computed in float64)."""
+    w64 = lin.weight.detach().to(torch.float64)
+    err = ((q.detach().to(torch.float64) - w64).norm() / w64.norm().clamp_min(1e-300)).item()
     with torch.no_grad():
-        w.copy_(quantize_weight(w.detach(), config.w_bits, config.w_group_size, config.w_sym, ratio))
-
-
-def _rel_err(q: torch.Tensor, w: torch.Tensor) -> float:
-    w64 = w.to(torch.float64)
-    return ((q.detach().to(torch.float64) - w64).norm() / w64.norm().clamp_min(1e-300)).item()
+        lin.weight.copy_(q)
+    return err
 
 
 def install_activation_quantizers(model: nn.Module, record: QuantizationRecord) -> None:
