@@ -27,12 +27,12 @@ quantized (in call order with ``true_sequential``: q/k/v, then o, then gate/up, 
 between), and the layer is re-run with quantized weights to produce the next layer's inputs. As in QuaRot, the
 Hessians use full-precision activations (activation quantizers are installed after the weights).
 
-Why our own code and not a library (checked with pip, Nov. 2025 registry): ``auto-gptq`` 0.7.1 (last release
-2024-03) predates transformers 5 and builds CUDA extensions; ``gptqmodel`` 7.7.0 is an sdist with C++/CUDA
-extensions and requires torch>=2.14.1 (we run 2.13); ``llmcompressor`` 0.14 pins ``transformers<=5.17`` and
-``compressed-tensors==0.19`` (we use 5.23 and 0.20) and pulls auto-round, accelerate, nvidia-ml-py. None would
+Why our own code and not a library (metadata of the current PyPI releases, read with pip): ``auto-gptq`` 0.7.1
+(last release 2024-03) predates transformers 5 and builds CUDA extensions; ``gptqmodel`` 7.7.0 is an sdist with
+C++/CUDA extensions and requires torch>=2.14.1 (we run 2.13); ``llmcompressor`` 0.14 pins ``transformers<=5.17``
+and ``compressed-tensors==0.19`` (we use 5.23 and 0.20) and pulls auto-round, accelerate, nvidia-ml-py. None would
 leave the environment intact on a CPU box, and we need control of where the Hessian is taken (after our online
-rotation). The algorithm is ~100 lines.
+rotation). The algorithm itself is ~100 lines.
 """
 
 from __future__ import annotations
