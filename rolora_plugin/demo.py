@@ -56,18 +56,18 @@ class DemoConfig(ConfigMixin):
     """Sizes of every stage of :func:`run_demo`. Use :meth:`for_size` for the presets."""
 
     size: str = "small"
-    ppl_chunks: int = 8
+    ppl_chunks: int = 4
     seq_len: int = 256
-    stats_chunks: int = 2
+    stats_chunks: int = 1
     quant_bits: list = field(default_factory=lambda: [6, 4])
     method: str = "rtn"
     clip_search: bool = False
     calib_chunks: int = 16
     rotation: dict = field(default_factory=lambda: {"r1": True, "r2": True, "r4": True})
-    train_steps: int = 40
-    train_examples: int = 400
-    eval_examples: int = 48
-    train_seq_len: int = 192
+    train_steps: int = 30
+    train_examples: int = 300
+    eval_examples: int = 32
+    train_seq_len: int = 128
     batch_size: int = 4
     learning_rate: float = 3e-4
     lora_r: int = 16
@@ -105,8 +105,8 @@ class DemoConfig(ConfigMixin):
 
 
 _PRESETS = {
-    "tiny": dict(ppl_chunks=4, seq_len=128, stats_chunks=1, train_steps=8, train_examples=64, eval_examples=16,
-                 train_seq_len=128, batch_size=2, learning_rate=5e-4, calib_chunks=4),
+    "tiny": dict(ppl_chunks=2, seq_len=128, stats_chunks=1, quant_bits=[4], train_steps=4, train_examples=32,
+                 eval_examples=8, train_seq_len=96, batch_size=2, learning_rate=5e-4, calib_chunks=4),
     "small": {},
     "full": dict(ppl_chunks=32, seq_len=512, stats_chunks=4, train_steps=300, train_examples=900, eval_examples=100,
                  train_seq_len=256, batch_size=8, learning_rate=2e-4, limit=50, calib_chunks=64),
@@ -519,7 +519,9 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None) -> di
                  "finetune": "SciQ validation instruction pairs (question -> answer + support), chat template"},  # fmt: skip
         "config": cfg.to_dict(), "rotation": record.to_dict(), "exactness": exact,
         "kurtosis": {"summary": _stats_summary(before, after), "before": _json_stats(before), "after": _json_stats(after)},
-        "quantization": [{"setting": "FP", "rotation": "none", "perplexity": ppl_fp}] + quant, "finetune": tuned,
+        "quantization": [{"setting": "FP", "rotation": "none", "perplexity": ppl_fp},
+                         {"setting": "FP", "rotation": "rotated", "perplexity": exact["ppl_rotated"]}] + quant,
+        "finetune": tuned,
         "environment": _environment(),
     }  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -653,7 +655,7 @@ def _quant_lines(rows: list[dict], cfg: dict) -> list[str]:
     head = f"{'Perplexity (' + cfg['method'].upper() + ')':<24}" + "".join(f"{s:>12}" for s in settings)
     lines = [head]
     for rot in ("none", "rotated"):
-        cells = [table.get((s, rot), table.get((s, "none"))) for s in settings]
+        cells = [table[(s, rot)] for s in settings]
         lines.append(f"  {'no rotation' if rot == 'none' else 'rotated':<22}" + "".join(f"{c:>12.2f}" for c in cells))
     return lines
 

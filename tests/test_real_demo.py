@@ -1,0 +1,75 @@
+"""``rolora demo --size tiny`` end to end on the real SmolLM2-135M-Instruct and real data (marked ``real``).
+
+Asserts only robust facts (never the ambitious goals): the rotation is exact to float32 precision, it cuts
+activation kurtosis and W4A4 perplexity, both fine-tunes train, and RoLoRA's merged model quantizes far better.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.real
+
+FP32_REL = 1e-5  # relative logit error of an exact rotation in float32 (stock RMSNorm computes in float32)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "report"
+    exe = shutil.which("rolora")
+    cmd = ([exe] if exe else [sys.executable, "-m", "rolora_plugin.cli"]) + ["demo", "--size", "tiny", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "results.json").read_text()), proc.stdout, out
+
+
+def test_rotation_is_exact(demo):
+    ex = demo[0]["exactness"]
+    assert ex["relative"] < FP32_REL
+    assert ex["argmax_agreement"] >= 0.98  # float32 near-ties may flip a token or two
+    assert ex["ppl_rotated"] == pytest.approx(ex["ppl_fp"], rel=1e-3)
+
+
+def test_rotation_reduces_kurtosis(demo):
+    summary = demo[0]["kurtosis"]["summary"]
+    assert set(summary) == {"q_proj", "o_proj", "gate_proj", "down_proj"}
+    for kind, row in summary.items():
+        assert row["after"]["kurtosis_mean"] < row["before"]["kurtosis_mean"], kind
+    for kind in ("q_proj", "gate_proj", "down_proj"):  # inputs R1 / R4 act on: outliers spread out
+        assert summary[kind]["after"]["kurtosis_mean"] < summary[kind]["before"]["kurtosis_mean"] / 5, kind
+    per_layer = demo[0]["kurtosis"]["after"]
+    assert len(per_layer) == 30 * 7
+
+
+def test_rotation_cuts_w4a4_perplexity(demo):
+    rows = {(r["setting"], r["rotation"]): r["perplexity"] for r in demo[0]["quantization"]}
+    assert rows[("W4A4", "rotated")] < rows[("W4A4", "none")] / 5
+    assert rows[("W4A4", "rotated")] > rows[("FP", "rotated")]
+
+
+def test_lora_and_rolora_train_and_rolora_quantizes_better(demo):
+    results = demo[0]
+    tuned, steps = results["finetune"], results["config"]["train_steps"]
+    for name in ("lora", "rolora"):
+        curve = tuned[name]["loss_curve"]
+        assert [s for s, _ in curve] == list(range(1, steps + 1))
+        assert all(math.isfinite(v) and v > 0 for _, v in curve)
+    assert tuned["rolora"]["w4a4"]["response_ppl"] < tuned["lora"]["w4a4"]["response_ppl"]
+    assert tuned["rolora"]["w4a4"]["text_ppl"] < tuned["lora"]["w4a4"]["text_ppl"]
+
+
+def test_report_folder_and_table(demo):
+    results, stdout, out = demo
+    assert set(results["plots"]) == {"kurtosis", "activation_magnitude", "training_loss"}
+    for path in results["plots"].values():
+        assert (out / path.rsplit("/", 1)[-1]).read_bytes()[:8] == PNG_MAGIC
+    for needle in ("exactness", "Perplexity (RTN)", "W4A4", "RoLoRA", "wall time"):
+        assert needle in stdout
+    assert results["timings_s"]["total"] > 0
