@@ -576,7 +576,7 @@ def _save(fig, path: Path) -> Path:
 def _plot_kurtosis(path: Path, before: dict, after: dict) -> Path:
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(_KINDS), figsize=(4 * len(_KINDS), 3.4), sharey=True)
+    fig, axes = plt.subplots(1, len(_KINDS), figsize=(4 * len(_KINDS), 3.6), sharey=True, layout="constrained")
     for ax, kind in zip(axes, _KINDS):
         for tag, stats, style in (("before", before, "--"), ("after rotation", after, "-")):
             pts = sorted((layer_index(n), s["kurtosis"]) for n, s in stats.items() if n.endswith(kind) and layer_index(n) is not None)
@@ -596,7 +596,7 @@ def _plot_magnitudes(path: Path, before: dict, after: dict) -> Path:
     import matplotlib.pyplot as plt
 
     picks = [max((n for n in before if n.endswith(k)), key=lambda n: before[n]["kurtosis"]) for k in ("q_proj", "down_proj")]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8), layout="constrained")
     for ax, name in zip(axes, picks):
         for tag, stats, alpha in (("before", before, 0.8), ("after rotation", after, 0.8)):
             ch = stats[name]["channel_max_abs"] / stats[name]["rms"]
@@ -613,10 +613,13 @@ def _plot_magnitudes(path: Path, before: dict, after: dict) -> Path:
 def _plot_losses(path: Path, tuned: dict) -> Path:
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for name, label in (("lora", "LoRA"), ("rolora", "RoLoRA")):
-        curve = tuned[name]["loss_curve"]
-        ax.plot([s for s, _ in curve], [v for _, v in curve], label=label)
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), layout="constrained")
+    for name, label, color in (("lora", "LoRA", "tab:blue"), ("rolora", "RoLoRA", "tab:orange")):
+        steps, losses = zip(*tuned[name]["loss_curve"])
+        ax.plot(steps, losses, color=color, lw=0.8, alpha=0.45)
+        w = max(1, len(losses) // 8)  # moving average over ~1/8 of the run
+        smooth = [sum(losses[max(0, i - w + 1) : i + 1]) / len(losses[max(0, i - w + 1) : i + 1]) for i in range(len(losses))]
+        ax.plot(steps, smooth, color=color, lw=2, label=label + (f" ({w}-step moving average)" if w > 1 else ""))
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (response tokens)")
     ax.set_title("Fine-tuning on SciQ: LoRA vs RoLoRA")
