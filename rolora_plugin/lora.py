@@ -20,6 +20,9 @@ What this module adds is name mapping and checks: :func:`map_target_modules` res
 rotated linears of the model's family (never ``lm_head``, never the parameter-free online modules) and maps
 unfused names (``q_proj``, ``gate_proj``...) onto fused families (Phi-3 ``qkv_proj``, ``gate_up_proj``).
 
+It also holds the fake-quantized forward used for quantization-aware training and W4A4 monitoring
+(:func:`enable_fake_quant_`, :func:`fake_quantized`; design notes at that section).
+
 Example::
 
     >>> from rolora_plugin.lora import rolora_lora_config, get_rolora_peft_model  # doctest: +SKIP
