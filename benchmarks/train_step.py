@@ -93,7 +93,7 @@ def main(argv=None) -> None:
             if i >= args.warmup:
                 times[v].append(t)
     med = {v: statistics.median(ts) for v, ts in times.items()}
-    lines = [f"| variant | median step (s) | vs lora |", "|---|---|---|"]
+    lines = ["| variant | median step (s) | vs lora |", "|---|---|---|"]
     lines += [f"| {v} | {med[v]:.4f} | {100 * (med[v] / med['lora'] - 1):+.1f}% |" for v in variants]
     shape = f"hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, B={args.batch}, T={args.seq}, {dtype}, {device}"
     body = f"Shapes: {shape}; LoRA r=16 on q/v; {args.steps} interleaved timed steps per variant.\n\n" + "\n".join(lines)

@@ -3,7 +3,8 @@
 Runs ``examples/hf_trainer_rolora.py`` as a user would and asserts only robust facts: both runs train (the
 held-out response loss goes down) and RoLoRA's W4A4 perplexity is lower than LoRA's. The ambitious goal (FP
 within 1% perplexity, clearly better W4A4 task average) is tracked in benchmarks/RESULTS.md, not asserted.
-A few minutes on 2 CPU cores.
+Cost: ~6.6 min of CPU time (user) at these settings; wall time depends on load (18.6 min measured on a 2-core
+machine at load average ~8).
 """
 
 import json
@@ -26,9 +27,9 @@ def results(tmp_path_factory):
     smollm2_gguf()  # clear AssetError with the pip command if the model package is missing
     out = tmp_path_factory.mktemp("finetune")
     cmd = [
-        sys.executable, str(EXAMPLE), "--method", "both", "--targets", "qv", "--steps", "8", "--batch-size", "2",
-        "--max-len", "64", "--lr", "1e-3", "--n-heldout", "8", "--ppl-chunks", "2", "--ppl-seq-len", "128",
-        "--task-limit", "0", "--monitor-every", "4", "--out", str(out),
+        sys.executable, str(EXAMPLE), "--method", "both", "--targets", "qv", "--steps", "6", "--batch-size", "2",
+        "--max-len", "64", "--lr", "1e-3", "--n-heldout", "8", "--ppl-chunks", "1", "--ppl-seq-len", "128",
+        "--task-limit", "0", "--monitor-every", "3", "--out", str(out),
     ]  # fmt: skip
     subprocess.run(cmd, check=True)
     return json.loads((out / "results.json").read_text())["runs"]
@@ -47,5 +48,5 @@ def test_rolora_w4a4_perplexity_below_lora(results):
 
 def test_rolora_monitor_logged_through_the_trainer(results):
     monitor = results["rolora/qv"]["monitor"]
-    assert [m["step"] for m in monitor] == [4, 8]
+    assert [m["step"] for m in monitor] == [3, 6]
     assert {"rolora/eval_loss_fp", "rolora/eval_loss_w4a4", "rolora/kurtosis/down_proj_in/max"} <= set(monitor[-1])
