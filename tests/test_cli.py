@@ -44,6 +44,7 @@ def char_tokenizer():
 
 def save_tiny(path: Path, family: str = "llama", **kw) -> Path:
     model = tiny_model(family, **kw)
+    model.config.max_position_embeddings = 2048  # room for lm-eval's character-level contexts (default RoPE: no effect)
     model.save_pretrained(path)
     char_tokenizer().save_pretrained(path)
     return path
@@ -84,6 +85,7 @@ def run_bad(capsys, argv: list[str], watch: Path) -> str:
     before = listing(watch)
     rc = main(argv)
     err = capsys.readouterr().err.strip().splitlines()  # progress bars may precede the message
+    err = [line.rsplit("\x1b[A", 1)[-1].strip() for line in err]  # tqdm's cursor-up after clearing a bar
     assert rc == EXIT_BAD_INPUT
     errors = [line for line in err if "error" in line.lower()]
     assert len(errors) == 1 and errors[0] == err[-1], err
@@ -165,6 +167,7 @@ def test_interrupted_write_leaves_nothing(tiny_dir, work, monkeypatch):
     from transformers import PreTrainedModel
 
     def broken_save(self, path, *args, **kwargs):
+        Path(path).mkdir(parents=True, exist_ok=True)
         Path(path, "model.safetensors").write_bytes(b"partial")
         raise OSError("disk full")
 
@@ -203,6 +206,13 @@ def test_eval_fp_rotated_and_quantized(tiny_dir, rotated_dir, work, capsys):
     assert abs(rot["perplexity"] - fp["perplexity"]) < 1e-4 * fp["perplexity"]  # online rotations rebuilt on load
     assert w4["perplexity"] != pytest.approx(fp["perplexity"], rel=1e-3)
     assert "perplexity" in capsys.readouterr().out
+
+
+def test_eval_zero_shot_tasks_offline(rotated_dir, work):
+    res = eval_json([str(rotated_dir), "--tasks", "piqa", "arc_easy", "--limit", "3"], work / "tasks.json")
+    scores = res["tasks"]["scores"]
+    assert set(scores) == {"piqa", "arc_easy"} and all(0.0 <= v <= 1.0 for v in scores.values())
+    assert res["tasks"]["average"] == pytest.approx(sum(scores.values()) / 2)
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -332,6 +342,10 @@ def test_rotate_refuses_existing_output_dir(tiny_dir, work, capsys):
     assert listing(existing) == ["keep.txt"]
 
 
+def test_rotate_refuses_all_rotations_off(tiny_dir, work, capsys):
+    assert "every rotation is off" in run_bad(capsys, ["rotate", str(tiny_dir), str(work / "never"), "--no-r1", "--no-r4"], work)
+
+
 def test_rotate_refuses_rotated_model(rotated_dir, work, capsys):
     assert "already rotated" in run_bad(capsys, ["rotate", str(rotated_dir), str(work / "twice")], work)
 
@@ -347,8 +361,9 @@ def test_rotate_refuses_unreadable_dir(tiny_dir, work, capsys):
         locked.chmod(0o755)
 
 
-def test_eval_refuses_bad_bits(tiny_dir, work, capsys):
+def test_eval_refuses_bad_bits_and_unknown_tasks(tiny_dir, work, capsys):
     assert "w_bits" in run_bad(capsys, ["eval", str(tiny_dir), "--w-bits", "1"], work)
+    assert "unknown task(s) ['mmlu']" in run_bad(capsys, ["eval", str(tiny_dir), "--tasks", "piqa", "mmlu", "--limit", "2"], work)
 
 
 @pytest.mark.parametrize(
@@ -449,3 +464,21 @@ def test_rotation_lowers_kurtosis_of_a_tiny_model_with_outliers():
     q = "model.layers.0.self_attn.q_proj"
     assert set(before) == set(after) and layer_index(q) == 0
     assert after[q]["kurtosis"] < before[q]["kurtosis"] / 3
+
+
+def test_summaries_and_plots_from_activation_stats(tmp_path):
+    from rolora_plugin import RotationConfig, rotate_model_
+    from rolora_plugin.kurtosis import plot_channel_magnitudes, plot_kurtosis_per_layer, summarize_by_kind
+
+    model = tiny_model("llama", layers=3)
+    ids = random_ids(batch=2, seq=24)
+    before = activation_stats(model, [ids], progress=False)
+    rotate_model_(model, RotationConfig(seed=0), progress=False)
+    after = activation_stats(model, [ids], progress=False)
+    summary = summarize_by_kind(before, after)
+    assert set(summary) == {"q_proj", "o_proj", "gate_proj", "down_proj"}
+    downs = [s["kurtosis"] for n, s in after.items() if n.endswith("down_proj")]
+    assert len(downs) == 3 and summary["down_proj"]["after"]["kurtosis_mean"] == pytest.approx(sum(downs) / 3)
+    for plot, name in ((plot_kurtosis_per_layer, "k.png"), (plot_channel_magnitudes, "m.png")):
+        assert plot(tmp_path / name, before, after).read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.png", "m.png"]  # no temp files left
