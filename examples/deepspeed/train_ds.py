@@ -20,7 +20,7 @@ What happens:
    loads it already partitioned (``deepspeed.zero.Init``).
 2. peft attaches LoRA; ``RoLoRACallback`` rotates in ``on_init_end`` (before the optimizer and the DeepSpeed engine
    exist). Weights are edited one layer at a time inside ``GatheredParameters(..., modifier_rank=0)``; every rank
-   runs the same seeded rotation and ``rotate_model_`` all-gathers the rotation record's digest and fails loudly
+   runs the same seeded rotation, and this script calls ``check_rank_agreement`` (all-gather of the record's digest) which fails loudly
    if the ranks disagree.
 3. After training, every rank checks that all weights agree bit for bit; ``trainer.save_model`` writes the
    (consolidated) adapter; rank 0 writes ``rolora_rotation.json`` beside it and exports the merged model to
