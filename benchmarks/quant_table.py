@@ -229,7 +229,7 @@ def weight_error(model, cfg: QuantConfig) -> float:
     """Mean relative RTN error ‖W − Q(W)‖/‖W‖ over the linears that read a norm (q/k/v/gate/up)."""
     from rolora_plugin.quant import quantize_weight
 
-    errs = [float((quantize_weight(m.weight, cfg.w_bits, cfg.w_group_size, cfg.w_sym) - m.weight).norm() / m.weight.norm())
+    errs = [float((quantize_weight(m.weight.detach(), cfg.w_bits, cfg.w_group_size, cfg.w_sym) - m.weight.detach()).norm() / m.weight.detach().norm())
             for n, m in _decoder_linears(model) if n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")]
     return sum(errs) / len(errs)
 
