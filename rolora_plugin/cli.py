@@ -394,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and quantize it to W4A4 with far smaller losses.",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings only, no transformers progress bars")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_demo(sub)
     _add_rotate(sub)
@@ -491,7 +491,9 @@ def _setup_logging(args) -> None:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if args.quiet:
-        os.environ["TQDM_DISABLE"] = "1"
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     for noisy in ("transformers", "datasets", "lm_eval", "urllib3", "filelock", "matplotlib"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
