@@ -24,12 +24,7 @@ GPTQ_ELEMENT_RTOL = {torch.float64: 1e-9}
 GPTQ_OUTPUT_ERR_RTOL = {torch.float32: 0.05, torch.bfloat16: 0.05}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 def correlated_inputs(n: int, d: int, seed: int, dtype=torch.float64) -> torch.Tensor:

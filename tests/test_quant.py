@@ -36,13 +36,7 @@ QUANT_TOL = {torch.float64: 0.0, torch.float32: 1e-6, torch.bfloat16: 2.0**-8}
 TIE_BAND = {torch.float64: 0.0, torch.float32: 1e-4, torch.bfloat16: 1e-4}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CI box has 2 shared cores: tiny matmuls are fastest (and polite) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 # ---------------------------------------------------------------------------------------------- float64 references
