@@ -136,8 +136,9 @@ def train_one(method: str, targets: str, args, train_rows, heldout_batches) -> t
     return peft_model.merge_and_unload().eval(), log
 
 
-def evaluate(model, tok, chunks, args) -> dict:
-    """Perplexity (and the 7-task average if ``--task-limit``) of ``model``, in FP and after W4A4 RTN."""
+def evaluate(model, tok, chunks, heldout_batches, args) -> dict:
+    """Held-out response loss, BoolQ-passage perplexity (and the 7-task average if ``--task-limit``) of ``model``,
+    in FP and after W4A4 RTN."""
     from rolora_plugin.eval import evaluate_tasks, perplexity
     from rolora_plugin.quant import QuantConfig, quantize_model_
 
@@ -145,7 +146,7 @@ def evaluate(model, tok, chunks, args) -> dict:
     for setting in ("fp", f"w{args.w_bits}a{args.a_bits}"):
         if setting != "fp":
             quantize_model_(model, QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits), progress=False)
-        res = {"ppl": perplexity(model, chunks, progress=False)}
+        res = {"ppl": perplexity(model, chunks, progress=False), "heldout_loss": heldout_loss(model, heldout_batches)}
         if args.task_limit:
             tasks = evaluate_tasks(model, tok, limit=args.task_limit)
             res.update(avg=tasks["average"], scores=tasks["scores"])
@@ -174,7 +175,7 @@ def run(args) -> dict:
     for targets in target_sets:
         for method in methods:
             model, log = train_one(method, targets, args, train_rows, heldout_batches)
-            log["eval"] = evaluate(model, tok, chunks, args)
+            log["eval"] = evaluate(model, tok, chunks, heldout_batches, args)
             results["runs"][f"{method}/{targets}"] = log
             del model
     return results
@@ -186,12 +187,13 @@ def _machine() -> dict:
 
 
 def print_table(results: dict) -> None:
-    print(f"{'run':<22}{'train s':>9}{'held-out loss':>18}{'FP ppl':>10}{'W4A4 ppl':>12}{'FP avg':>8}{'W4A4 avg':>10}")
+    print("| run | train s | held-out loss FP (before → after) | held-out loss W4A4 | FP ppl | W4A4 ppl | FP avg | W4A4 avg |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in results["runs"].items():
         fp, q = r["eval"]["fp"], next(v for k, v in r["eval"].items() if k != "fp")
-        loss = f"{r['heldout_loss_before']:.3f}→{r['heldout_loss_after']:.3f}"
+        loss = f"{r['heldout_loss_before']:.3f} → {r['heldout_loss_after']:.3f}"
         avg = lambda d: f"{100 * d['avg']:.1f}" if "avg" in d else "-"  # noqa: E731
-        print(f"{name:<22}{r['train_seconds']:>9.0f}{loss:>18}{fp['ppl']:>10.2f}{q['ppl']:>12.2f}{avg(fp):>8}{avg(q):>10}")
+        print(f"| {name} | {r['train_seconds']:.0f} | {loss} | {q['heldout_loss']:.3f} | {fp['ppl']:.2f} | {q['ppl']:.2f} | {avg(fp)} | {avg(q)} |")
 
 
 def main(argv=None) -> None:

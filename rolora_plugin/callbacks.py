@@ -235,14 +235,32 @@ class RoLoRACallbackMixin:
         if self.config.export.save_rotation_record:
             install_save_hook(model)
         self.record = record
+        self._check_exportable(model)
         return record
+
+    def _check_exportable(self, model: nn.Module) -> None:
+        from .export import _check_out_dir
+        from .integrations.deepspeed import is_zero3_partitioned
+
+        if self.config.export.merged_output_dir:  # fail now, not after training
+            _check_out_dir(Path(self.config.export.merged_output_dir), self.config.export.overwrite)
+        if self.config.export.merged_output_dir and is_zero3_partitioned(model) and not hasattr(model, "peft_config"):
+            raise ValueError(
+                "RoLoRAConfig.export.merged_output_dir under ZeRO-3 needs a peft model: the callback gathers only the "
+                "adapter and merges it into a freshly loaded, re-rotated base. For a full fine-tune, save with "
+                "trainer.save_model(DIR) and run rolora_plugin.merge_and_export(DIR, OUT) after training."
+            )
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         self.prepare_model(model)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from .integrations.deepspeed import check_rank_agreement, world_size
+
         if self.record is None:  # attached after Trainer.__init__
             self.prepare_model(model)
+        if world_size() > 1:  # collective: every rank runs the callback
+            check_rank_agreement(self.record)
         if state.global_step > 0:
             self._check_resumed(Path(args.output_dir) / f"checkpoint-{state.global_step}")
         if self.config.monitor.enabled and self.eval_batches is None and self._monitor_batches is None:
@@ -329,8 +347,59 @@ class RoLoRACallbackMixin:
         if self._capture is not None:
             self._capture.remove()
         out = self.config.export.merged_output_dir
-        if out and state.is_world_process_zero:
-            merge_and_export(model, out, overwrite=self.config.export.overwrite)
+        if out:
+            self.export_merged(model, out, is_main=state.is_world_process_zero, tokenizer=kwargs.get("processing_class"))
+
+    def export_merged(self, model: nn.Module, out_dir, *, is_main: bool = True, tokenizer=None) -> None:
+        """:func:`~rolora_plugin.export.merge_and_export` the trained model to ``out_dir`` (main process writes).
+
+        Collective under DeepSpeed ZeRO-3, where each rank holds only a slice of every weight: all ranks gather
+        the adapter (small), the main process writes it to a staging directory and merges it into the base model
+        named in its ``adapter_config.json``, loaded unpartitioned and re-rotated from the record (whose
+        checksums are verified). Otherwise the main process merges a copy of the live model.
+        """
+        from .integrations.deepspeed import is_zero3_partitioned
+
+        overwrite = self.config.export.overwrite
+        if not is_zero3_partitioned(model):
+            if is_main:
+                merge_and_export(model, out_dir, tokenizer=tokenizer, overwrite=overwrite)
+            return
+        adapter = _gather_trainable(model, keep=is_main)
+        if is_main:
+            _export_adapter_state(model, adapter, self.record, Path(out_dir), tokenizer, overwrite)
+
+
+def _gather_trainable(model: nn.Module, keep: bool) -> dict[str, torch.Tensor]:
+    """``{name: full CPU tensor}`` of the trainable (adapter) parameters; collective for ZeRO-3 partitions."""
+    from .rotation import gather_params
+
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            with gather_params([p], modifier_rank=None):
+                if keep:
+                    out[name] = p.detach().cpu().clone()
+    return out
+
+
+def _export_adapter_state(model, adapter: dict, record, out_dir: Path, tokenizer, overwrite: bool) -> None:
+    """Write ``adapter`` as a peft adapter directory (+ record) next to ``out_dir``, merge-export it, clean up."""
+    import shutil
+    import uuid
+
+    from .integrations.deepspeed import zero3_init_disabled
+
+    staging = out_dir.parent / f".{out_dir.name}.adapter-{uuid.uuid4().hex[:8]}"
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    dtype = next(model.parameters()).dtype  # the base weights' dtype (ZeRO-3 params keep theirs)
+    try:
+        type(model).save_pretrained(model, str(staging), state_dict=adapter)
+        write_rotation_record(staging, record)
+        with zero3_init_disabled():  # load the base unpartitioned, on this process only
+            merge_and_export(str(staging), out_dir, tokenizer=tokenizer, overwrite=overwrite, dtype=dtype)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def __getattr__(name: str):

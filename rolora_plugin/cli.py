@@ -15,9 +15,7 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 __all__ = ["main", "build_parser", "CLIError", "format_demo_table"]
@@ -63,17 +61,14 @@ def check_new_output_dir(path: str) -> Path:
 
 @contextlib.contextmanager
 def atomic_output_dir(path: Path):
-    """Yield a temporary directory next to ``path``; rename it to ``path`` on success, delete it on failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    """:func:`rolora_plugin.export.atomic_output_dir`, reporting an existing target as a :class:`CLIError`."""
+    from .export import atomic_output_dir as staged
+
     try:
-        yield tmp
-        if path.exists():
-            raise CLIError(f"output dir {str(path)!r} appeared while writing; the result was discarded")
-        os.rename(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        with staged(path) as tmp:
+            yield tmp
+    except FileExistsError as e:
+        raise CLIError(str(e)) from None
 
 
 def load_model_config(model_dir: Path):

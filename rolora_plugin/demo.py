@@ -330,23 +330,20 @@ def load_base_model(model: str, cache_dir: str | None = None, dtype=torch.float3
 
 def run_training(cfg: TrainConfig) -> dict:
     """``rolora train``: fine-tune per ``cfg``, write ``output_dir`` atomically; returns a summary dict."""
+    from .export import atomic_output_dir
+
     out = Path(cfg.output_dir)
     if out.exists():
         raise FileExistsError(f"output_dir {str(out)!r} already exists; choose a new one")
     model, tok = load_base_model(cfg.model, cfg.cache_dir)
     train = _tokenize_pairs(tok, load_pairs(cfg.dataset, cfg.n_examples, cfg.seed), cfg.seq_len)
     lora = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "target_modules": cfg.lora_targets, "lora_dropout": cfg.lora_dropout}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_output_dir(out) as tmp:
         trainer = finetune(model, tok, train, rolora=cfg.rotate, steps=cfg.max_steps, lr=cfg.learning_rate,
                            batch_size=cfg.batch_size, seed=cfg.seed, lora=lora, grad_accum=cfg.grad_accum,
                            rotation=cfg.rotation_config() if cfg.rotate else None, qat=cfg.qat,
                            warmup_steps=cfg.warmup_steps, logging_steps=cfg.logging_steps, output_dir=str(tmp / "trainer"))  # fmt: skip
         summary = _save_training(trainer, tok, cfg, tmp)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {**summary, "merged_dir": str(out / "merged") if cfg.save_merged else None, "output_dir": str(out)}
 
 
@@ -539,10 +536,9 @@ def _environment() -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2)
-    os.replace(tmp, path)
+    from .export import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- plots

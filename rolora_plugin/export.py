@@ -45,6 +45,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -52,6 +53,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -80,10 +82,16 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 # ---------------------------------------------------------------------------------------------- record files
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same directory and ``os.replace``.
+
+    Readers see the old file or the complete new one, never a partial write. The file gets the permissions an
+    ordinary ``open(path, "w")`` would give (0666 minus the umask), not ``mkstemp``'s private 0600.
+    """
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -94,11 +102,40 @@ def _atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+@contextlib.contextmanager
+def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh staging directory next to ``path``; rename it to ``path`` on success, delete it on failure.
+
+    ``path`` must not exist (:class:`FileExistsError` otherwise, also if it appears while the block runs). The
+    staging directory is made with ``mkdir`` (the umask applies), not ``tempfile.mkdtemp``'s private 0700.
+    """
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"output dir {str(path)!r} already exists; choose a new path or remove it first")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            raise FileExistsError(f"output dir {str(path)!r} appeared while writing; the result was discarded")
+        os.rename(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_rotation_record(directory: str | os.PathLike, record: RotationRecord) -> Path:
     """Write ``record`` as ``<directory>/rolora_rotation.json`` atomically; returns the path."""
     path = Path(directory) / RECORD_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(path, json.dumps(record.to_dict(), indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(record.to_dict(), indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -310,7 +347,7 @@ def _write_export(model: nn.Module, record: RotationRecord, out_dir: Path, token
             tokenizer.save_pretrained(str(tmp))
         write_rotation_record(tmp, record)
         if ct is not None and ct_mode == "file":
-            _atomic_write_text(tmp / TRANSFORM_CONFIG_FILE, json.dumps(ct, indent=2, sort_keys=True) + "\n")
+            atomic_write_text(tmp / TRANSFORM_CONFIG_FILE, json.dumps(ct, indent=2, sort_keys=True) + "\n")
         elif ct is not None:
             _embed_transform_config(tmp / "config.json", ct)
         _publish(tmp, out_dir)
@@ -395,7 +432,7 @@ def _embed_transform_config(config_path: Path, ct: dict) -> None:
         "sparsity_config": {},
         "transform_config": ct,
     }
-    _atomic_write_text(config_path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(config_path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _require_compressed_tensors():

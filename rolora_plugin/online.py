@@ -104,10 +104,12 @@ def install_down_proj_rotation(mlp: nn.Module, down_attr: str, transform: Orthog
 _ATTN_TABLE = "_rolora_attn_transforms"
 
 
-def add_attention_transform(attn: nn.Module, name: str, fn: Callable, config=None) -> None:
+def add_attention_transform(attn: nn.Module, name: str, fn: Callable, config=None, *, first: bool = False) -> None:
     """Run ``fn(q, k, v) -> (q, k, v)`` on the attention inputs after RoPE (and after the KV cache update).
 
-    Tensors are (batch, heads, seq, head_dim). Transforms run in insertion order. If ``fn`` is an
+    Tensors are (batch, heads, seq, head_dim). Transforms run in insertion order; ``first=True`` puts ``fn``
+    before those already installed (R3 uses it: it must precede a KV quantizer however often it is
+    re-installed). If ``fn`` is an
     ``nn.Module`` it is registered as a child ``rolora_<name>`` so it follows device moves.
     ``config`` is the model config whose ``_attn_implementation`` gets wrapped (default: ``attn.config``).
     """
@@ -117,6 +119,8 @@ def add_attention_transform(attn: nn.Module, name: str, fn: Callable, config=Non
     if isinstance(fn, nn.Module):
         attn.add_module(f"rolora_{name}", fn)
     table[name] = fn
+    if first:
+        table.move_to_end(name, last=False)
     _wrap_attention_implementation(config if config is not None else attn.config, attn)
 
 

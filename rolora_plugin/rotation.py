@@ -295,6 +295,7 @@ def rotate_model_(model: nn.Module, config: RotationConfig | None = None, *, pro
     inner = _unwrap_peft(model)
     spec = get_architecture(inner)
     _check_model(inner, spec)
+    _refuse_quantized(inner)
     dims = ModelDims.from_config(inner.config)
     transforms = build_rotations(config, dims)  # raises before any edit if a width is not allowed
     layers = _layers(inner, spec)
@@ -380,7 +381,18 @@ def install_online_rotations(model: nn.Module, record: RotationRecord, transform
             mlp_path, down_attr = spec.down_proj.rsplit(".", 1)
             install_down_proj_rotation(get_submodule(layer, mlp_path), down_attr, transforms["r4"])
         if "r3" in transforms:
-            add_attention_transform(get_submodule(layer, spec.attention), "r3", QKRotation(transforms["r3"]), inner.config)
+            add_attention_transform(get_submodule(layer, spec.attention), "r3", QKRotation(transforms["r3"]), inner.config, first=True)
+
+
+def _refuse_quantized(model: nn.Module) -> None:
+    quant = getattr(model.config, "rolora_quant", None)
+    if quant:
+        cfg = quant.get("config", {}) if isinstance(quant, dict) else {}
+        what = f"W{cfg.get('w_bits', '?')}A{cfg.get('a_bits', '?')}"
+        raise RotationError(
+            f"the model is already {what}-quantized (model.config.rolora_quant); rotating quantized weights would "
+            "mix the rotation into the quantization error. Rotate the full-precision model, then quantize."
+        )
 
 
 def _unwrap_peft(model: nn.Module) -> nn.Module:

@@ -280,3 +280,33 @@ def test_callback_is_picklable_and_lazy():
 
     cb = pickle.loads(pickle.dumps(_callback(qat=QATConfig(enabled=True))))
     assert isinstance(cb, RoLoRACallback) and cb.config.qat.enabled
+
+
+def test_nonempty_merged_output_dir_is_refused_before_training(tmp_path):
+    target = tmp_path / "merged"
+    target.mkdir()
+    (target / "keep.txt").write_text("user data")
+    export = ExportConfig(merged_output_dir=str(target))
+    with pytest.raises(FileExistsError, match="not empty"):
+        _trainer(_peft(tiny_model("llama")), tmp_path / "run", [_callback(export=export)], max_steps=2)
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+
+
+def test_adapter_state_export_path_matches_the_live_model(tmp_path):
+    """The ZeRO-3 export path (gathered adapter -> staging dir -> merge into the re-rotated base), on one process."""
+    from transformers import AutoModelForCausalLM
+
+    from rolora_plugin.callbacks import _export_adapter_state, _gather_trainable
+    from rolora_plugin.export import load_rotated
+
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    peft_model = _peft(AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32))
+    cb = _callback(rotation=RotationConfig(r2=True))
+    _trainer(peft_model, tmp_path / "run", [cb], max_steps=2).train()
+    adapter = _gather_trainable(peft_model, keep=True)
+    assert adapter and all("lora_" in k for k in adapter)
+    _export_adapter_state(peft_model, adapter, cb.record, tmp_path / "merged", None, overwrite=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "merged", "run"]  # staging dir removed
+    ids = random_ids()
+    with torch.no_grad():
+        assert rel_err(load_rotated(tmp_path / "merged")(ids).logits, peft_model(ids).logits) <= FP32_FUNCTION_RTOL

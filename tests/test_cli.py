@@ -482,3 +482,16 @@ def test_summaries_and_plots_from_activation_stats(tmp_path):
     for plot, name in ((plot_kurtosis_per_layer, "k.png"), (plot_channel_magnitudes, "m.png")):
         assert plot(tmp_path / name, before, after).read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k.png", "m.png"]  # no temp files left
+
+
+def test_outputs_get_ordinary_permissions(tmp_path, tiny_dir):
+    """Published dirs and records honour the umask (not mkstemp/mkdtemp's private 0600/0700)."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        assert main(["-q", "rotate", str(tiny_dir), str(tmp_path / "rot")]) == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "rot").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "rot" / "rolora_rotation.json").stat().st_mode & 0o777 == 0o644

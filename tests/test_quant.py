@@ -364,6 +364,32 @@ def test_kv_quantization_runs_after_rope_and_r3():
     assert get_quantization_record(model).kv_layers == 2
 
 
+def test_reinstalling_online_rotations_keeps_r3_before_the_kv_quantizer():
+    from rolora_plugin import get_rotation_record
+    from rolora_plugin.rotation import install_online_rotations
+
+    model = tiny_model("llama", dtype=torch.float64)
+    rotate_model_(model, RotationConfig(r3=True), progress=False)
+    quantize_model_(model, QuantConfig(w_bits=16, a_bits=16, kv_bits=4), progress=False)
+    ids = random_ids()
+    with torch.no_grad():
+        out = model(ids).logits
+        install_online_rotations(model, get_rotation_record(model))  # e.g. what load_rotated does
+        assert list(vars(model.model.layers[0].self_attn)["_rolora_attn_transforms"]) == ["r3", "kv_quant"]
+        assert torch.equal(model(ids).logits, out)
+
+
+def test_rotating_a_quantized_model_is_refused():
+    from rolora_plugin import RotationError
+
+    model = tiny_model("llama")
+    quantize_model_(model, QuantConfig(w_bits=4, a_bits=8), progress=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(RotationError, match="already W4A8-quantized"):
+        rotate_model_(model, RotationConfig(), progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 def test_reinstalling_quantizers_from_the_record_reproduces_outputs():
     model = tiny_model("qwen2")
     quantize_model_(model, QuantConfig(w_bits=4, a_bits=4, kv_bits=8), progress=False)

@@ -50,3 +50,8 @@ def test_rolora_monitor_logged_through_the_trainer(results):
     monitor = results["rolora/qv"]["monitor"]
     assert [m["step"] for m in monitor] == [3, 6]
     assert {"rolora/eval_loss_fp", "rolora/eval_loss_w4a4", "rolora/kurtosis/down_proj_in/max"} <= set(monitor[-1])
+
+
+def test_rolora_w4a4_heldout_loss_below_lora(results):
+    lora, rolora = (results[f"{m}/qv"]["eval"]["w4a4"]["heldout_loss"] for m in ("lora", "rolora"))
+    assert rolora < lora, (rolora, lora)

@@ -20,11 +20,13 @@ What happens:
    loads it already partitioned (``deepspeed.zero.Init``).
 2. peft attaches LoRA; ``RoLoRACallback`` rotates in ``on_init_end`` (before the optimizer and the DeepSpeed engine
    exist). Weights are edited one layer at a time inside ``GatheredParameters(..., modifier_rank=0)``; every rank
-   runs the same seeded rotation, and this script calls ``check_rank_agreement`` (all-gather of the record's digest) which fails loudly
-   if the ranks disagree.
-3. After training, every rank checks that all weights agree bit for bit; ``trainer.save_model`` writes the
-   (consolidated) adapter; rank 0 writes ``rolora_rotation.json`` beside it and exports the merged model to
-   ``OUT_DIR/merged`` with :func:`rolora_plugin.export.merge_and_export`.
+   runs the same seeded rotation, and the callback calls ``check_rank_agreement`` in ``on_train_begin``
+   (all-gather of the record's digest), which fails loudly if the ranks disagree.
+3. At the end of training the callback exports the merged model to ``OUT_DIR/merged``
+   (``ExportConfig.merged_output_dir``). Under ZeRO-3 every rank gathers the adapter, rank 0 merges it into the
+   base model reloaded unpartitioned and re-rotated from the record (checksums verified); otherwise rank 0
+   merges a copy of the live model. Then every rank checks that all weights agree bit for bit and
+   ``trainer.save_model`` writes the (consolidated) adapter with ``rolora_rotation.json`` beside it.
 
 Outputs: ``OUT_DIR/adapter`` (peft adapter + ``rolora_rotation.json``), ``OUT_DIR/merged`` (plain
 safetensors model + record), ``OUT_DIR/summary.json``.
@@ -146,14 +148,19 @@ def build_trainer(a: argparse.Namespace, args):
 
     from rolora_plugin import RotationConfig
     from rolora_plugin.callbacks import RoLoRACallback
-    from rolora_plugin.training_config import MonitorConfig, RoLoRAConfig
+    from rolora_plugin.training_config import ExportConfig, MonitorConfig, RoLoRAConfig
 
     torch.manual_seed(a.seed)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)  # partitioned here under ZeRO-3
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
     model = get_peft_model(model, lora)
-    rolora = RoLoRAConfig(rotation=RotationConfig(seed=a.rotation_seed, r2=True), monitor=MonitorConfig(every_n_steps=0))
-    callback = RoLoRACallback(rolora)  # rotates in on_init_end; every save_pretrained also writes rolora_rotation.json
+    rolora = RoLoRAConfig(
+        rotation=RotationConfig(seed=a.rotation_seed, r2=True),
+        monitor=MonitorConfig(every_n_steps=0),
+        export=ExportConfig(merged_output_dir=str(Path(a.out) / "merged")),  # merged + exported in on_train_end
+    )
+    # rotates in on_init_end; every save_pretrained also writes rolora_rotation.json
+    callback = RoLoRACallback(rolora)
     data = TokenDataset(a.global_batch, model.config.vocab_size, a.seed)
     return Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator, callbacks=[callback])
 
@@ -176,26 +183,7 @@ def finish(trainer, a: argparse.Namespace) -> dict:
     }  # fmt: skip
 
 
-def export_merged(a: argparse.Namespace, summary: dict) -> None:
-    """Rank 0, after training: merge adapter + rotated base into plain safetensors.
-
-    Exported from the saved adapter directory, not from the live model: under ZeRO-3 the live weights are
-    partitioned across ranks. The base model named in ``adapter_config.json`` is loaded again and rotated from
-    the record (bit-identical by seed, verified against the record's checksums) before merging.
-    """
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    from rolora_plugin.export import merge_and_export
-
-    unset_hf_deepspeed_config()  # else from_pretrained would partition the base model again (zero.Init)
-    merge_and_export(str(Path(a.out) / "adapter"), str(Path(a.out) / "merged"))
-    (Path(a.out) / "summary.json").write_text(json.dumps(summary, indent=2))
-
-
 def main(argv=None) -> None:
-    from rolora_plugin import get_rotation_record
-    from rolora_plugin.integrations.deepspeed import check_rank_agreement
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s [rank %(process)d] %(message)s")
     a = parse_args(argv)
     set_cpu_defaults()
@@ -207,12 +195,11 @@ def main(argv=None) -> None:
         torch.distributed.barrier()  # the tiny model is written before anyone loads it
     args = training_args(a, world, accelerator_config)  # before the model: enables zero.Init under ZeRO-3
     trainer = build_trainer(a, args)  # RoLoRACallback rotates here, on every rank
-    check_rank_agreement(get_rotation_record(trainer.model.get_base_model()))  # same rotation everywhere, or fail
-    trainer.train()
+    trainer.train()  # the callback checks the ranks agree first and exports the merge last
     summary = finish(trainer, a)
     del trainer
     if int(os.environ.get("RANK", "0")) == 0:
-        export_merged(a, summary)
+        (Path(a.out) / "summary.json").write_text(json.dumps(summary, indent=2))
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

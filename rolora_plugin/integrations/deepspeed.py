@@ -13,6 +13,7 @@ Nothing here imports ``deepspeed`` at module level; only ``torch.distributed`` i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -20,7 +21,15 @@ import logging
 import torch
 from torch import nn
 
-__all__ = ["RankDisagreementError", "check_rank_agreement", "record_digest", "parameter_digests", "world_size"]
+__all__ = [
+    "RankDisagreementError",
+    "check_rank_agreement",
+    "is_zero3_partitioned",
+    "parameter_digests",
+    "record_digest",
+    "world_size",
+    "zero3_init_disabled",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -90,3 +99,29 @@ def _raise_on_disagreement(everyone: list[dict]) -> None:
                 f"{differing[:5]}. Rotate on every rank (under ZeRO-2/DDP an edit on rank 0 only is not broadcast) "
                 "and load the same checkpoint everywhere."
             )
+
+
+def is_zero3_partitioned(model: nn.Module) -> bool:
+    """True when ``model``'s parameters are DeepSpeed ZeRO-3 partitions (each rank holds a slice)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+@contextlib.contextmanager
+def zero3_init_disabled():
+    """Load models unpartitioned inside the block (e.g. rank 0 loading a base model to export a merge).
+
+    Under a ZeRO-3 launch transformers keeps a global DeepSpeed config that makes ``from_pretrained`` build the
+    model inside ``deepspeed.zero.Init`` (partitioned across ranks). This hides that config for the block and
+    restores it afterwards. A no-op when transformers has no such config.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    active = ref() if ref is not None else None
+    if active is not None:
+        hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if active is not None:
+            hf_deepspeed.set_hf_deepspeed_config(active)

@@ -29,7 +29,6 @@ Hook order (DESIGN.md) and what each hook does here:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -40,7 +39,7 @@ from axolotl.integrations.base import BasePlugin
 from ...export import merge_and_export, read_rotation_record, write_rotation_record
 from ...lora import check_online_rotations, lora_layer_names, map_target_modules
 from ...rotation import RotationError, get_rotation_record, rotate_model_
-from ..deepspeed import check_rank_agreement
+from ..deepspeed import check_rank_agreement, zero3_init_disabled
 from .args import MERGED_SUBDIR, RoLoRAOptions
 
 __all__ = ["RoLoRAPlugin", "FUSED_LORA_KERNELS"]
@@ -142,7 +141,7 @@ class RoLoRAPlugin(BasePlugin):
             write_rotation_record(out, self.record)
         if options.export.merge:
             target = options.export.merged_output_dir or str(out / MERGED_SUBDIR)
-            with _without_zero3_init():
+            with zero3_init_disabled():
                 merge_and_export(str(out), target, base_model=cfg.base_model, overwrite=options.export.overwrite, dtype=self._dtype)
             LOG.info("rolora: merged model with its rotation record exported to %s", target)
         self._exported = True
@@ -171,19 +170,3 @@ def _disable_fused_lora_kernels(cfg) -> None:
 def _saved_since(directory: Path, started: float | None) -> bool:
     stamps = [(directory / f).stat().st_mtime for f in _SAVED_WEIGHTS if (directory / f).is_file()]
     return bool(stamps) and (started is None or max(stamps) >= started)
-
-
-@contextlib.contextmanager
-def _without_zero3_init():
-    """Load the export's base model unpartitioned on rank 0: hide transformers' ZeRO-3 config, then restore it."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    ref = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
-    active = ref() if ref is not None else None
-    if active is not None:
-        hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        if active is not None:
-            hf_deepspeed.set_hf_deepspeed_config(active)
