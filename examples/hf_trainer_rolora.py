@@ -22,6 +22,7 @@ import logging
 import os
 import platform
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -37,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--max-len", type=int, default=96, help="truncate prompt+response to this many tokens")
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--rolora-lr", type=float, default=None, help="learning rate of the RoLoRA runs (default: --lr)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=int, default=16)
     p.add_argument("--source", choices=["sciq", "gsm8k"], default="sciq")
@@ -54,36 +56,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------- data
-
-
-def tokenize_pairs(tok, pairs: list[dict], max_len: int) -> list[dict]:
-    """Chat-formatted ``input_ids`` with ``labels`` = -100 on the prompt (loss on the response only)."""
-    from rolora_plugin.assets import format_chat
-
-    rows = []
-    for pair in pairs:
-        ex = format_chat(tok, pair["prompt"], pair["response"])
-        ids = tok(ex.text, add_special_tokens=False)["input_ids"][:max_len]
-        labels = [-100] * min(ex.n_prompt_tokens, len(ids)) + ids[ex.n_prompt_tokens :]
-        if any(lab != -100 for lab in labels):
-            rows.append({"input_ids": ids, "labels": labels})
-    return rows
-
-
-class PadCollator:
-    """Right-pads ``input_ids`` (pad id) and ``labels`` (-100), adds ``attention_mask``."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, rows: list[dict]) -> dict:
-        n = max(len(r["input_ids"]) for r in rows)
-        pad = lambda xs, v: xs + [v] * (n - len(xs))  # noqa: E731
-        return {
-            "input_ids": torch.tensor([pad(r["input_ids"], self.pad_id) for r in rows]),
-            "labels": torch.tensor([pad(r["labels"], -100) for r in rows]),
-            "attention_mask": torch.tensor([pad([1] * len(r["input_ids"]), 0) for r in rows]),
-        }
 
 
 def heldout_loss(model, batches: list[dict]) -> float:
@@ -104,7 +76,7 @@ def train_one(method: str, targets: str, args, train_rows, heldout_batches) -> t
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
-    from rolora_plugin.assets import load_smollm2
+    from rolora_plugin.assets import load_smollm2, pad_collate
     from rolora_plugin.callbacks import RoLoRACallback
     from rolora_plugin.export import load_rotated, merge_and_export
     from rolora_plugin.training_config import MonitorConfig, RoLoRAConfig
@@ -119,11 +91,11 @@ def train_one(method: str, targets: str, args, train_rows, heldout_batches) -> t
     run_dir = args.out / f"{method}-{targets}"
     targs = TrainingArguments(
         output_dir=str(run_dir), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=min(10, args.steps // 10),
+        learning_rate=args.rolora_lr if method == "rolora" and args.rolora_lr else args.lr, lr_scheduler_type="cosine", warmup_steps=min(10, args.steps // 10),
         logging_steps=max(1, args.steps // 10), save_strategy="no", report_to=[], use_cpu=True,
         disable_tqdm=True, seed=args.seed, data_seed=args.seed,
     )  # fmt: skip
-    trainer = Trainer(model=peft_model, args=targs, train_dataset=train_rows, data_collator=PadCollator(tok.pad_token_id), callbacks=callbacks)
+    trainer = Trainer(model=peft_model, args=targs, train_dataset=train_rows, data_collator=partial(pad_collate, pad_id=tok.pad_token_id), callbacks=callbacks)
     before = heldout_loss(peft_model, heldout_batches)
     t0 = time.time()
     trainer.train()
@@ -159,15 +131,14 @@ def evaluate(model, tok, chunks, heldout_batches, args) -> dict:
 
 
 def run(args) -> dict:
-    from rolora_plugin.assets import instruction_pairs, load_smollm2, text_chunks
+    from rolora_plugin.assets import instruction_pairs, load_smollm2, pad_collate, text_chunks, tokenize_pairs
 
     torch.set_num_threads(args.threads)
     _, tok = load_smollm2(torch.float32)
     pairs = instruction_pairs(args.source, seed=args.seed)
     heldout = tokenize_pairs(tok, pairs[: args.n_heldout], args.max_len)
     train_rows = tokenize_pairs(tok, pairs[args.n_heldout :], args.max_len)
-    collate = PadCollator(tok.pad_token_id)
-    heldout_batches = [collate(heldout[i : i + 4]) for i in range(0, len(heldout), 4)]
+    heldout_batches = [pad_collate(heldout[i : i + 4], tok.pad_token_id) for i in range(0, len(heldout), 4)]
     chunks = text_chunks(tok, args.ppl_chunks, args.ppl_seq_len)
     methods = ["lora", "rolora"] if args.method == "both" else [args.method]
     target_sets = ["qv", "all-linear"] if args.targets == "both" else [args.targets]

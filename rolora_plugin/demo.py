@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .assets import pad_collate, tokenize_pairs
 from .config import ConfigMixin, RotationConfig
 from .kurtosis import activation_stats, plot_channel_magnitudes, plot_kurtosis_per_layer, save_figure, summarize_by_kind
 
@@ -183,34 +184,6 @@ class TrainConfig(ConfigMixin):
 # ---------------------------------------------------------------------------------------------- data
 
 
-def _tokenize_pairs(tok, pairs: list[dict], seq_len: int) -> list[dict]:
-    """Chat-formatted examples, truncated to ``seq_len``; labels are -100 on the prompt (response-only loss)."""
-    from .assets import format_chat
-
-    out = []
-    for pair in pairs:
-        ex = format_chat(tok, pair["prompt"], pair["response"])
-        ids = tok(ex.text, add_special_tokens=False)["input_ids"][:seq_len]
-        labels = [-100] * min(ex.n_prompt_tokens, len(ids)) + ids[ex.n_prompt_tokens :]
-        if any(label != -100 for label in labels):
-            out.append({"input_ids": ids, "labels": labels})
-    if not out:
-        raise ValueError(f"no example has a response within seq_len={seq_len} tokens; raise seq_len")
-    return out
-
-
-def _collate(features: list[dict], pad_id: int) -> dict:
-    """Right-pad ``input_ids`` with ``pad_id`` and ``labels`` with -100; add the attention mask."""
-    width = max(len(f["input_ids"]) for f in features)
-    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(features), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(features), width), dtype=torch.long)
-    for i, f in enumerate(features):
-        n = len(f["input_ids"])
-        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(f["input_ids"]), torch.tensor(f["labels"]), 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
 def _pad_id(tok) -> int:
     return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
@@ -238,7 +211,7 @@ def response_perplexity(model, tok, examples: list[dict], batch_size: int = 8) -
     model.eval()
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):
-            batch = _collate(examples[i : i + batch_size], _pad_id(tok))
+            batch = pad_collate(examples[i : i + batch_size], _pad_id(tok))
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
             labels = batch["labels"][:, 1:]
             total += F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum").item()
@@ -274,7 +247,7 @@ def finetune(model, tok, train: list[dict], *, rolora: bool, steps: int, lr: flo
         weight_decay=0.0, lr_scheduler_type="constant_with_warmup", dataloader_num_workers=0,
     )  # fmt: skip
     trainer = Trainer(model=peft_model, args=args, train_dataset=train, callbacks=callbacks,
-                      data_collator=lambda feats: _collate(feats, _pad_id(tok)))  # fmt: skip
+                      data_collator=lambda feats: pad_collate(feats, _pad_id(tok)))  # fmt: skip
     _quiet_progress(trainer, "RoLoRA fine-tune" if rolora else "LoRA fine-tune")
     trainer.train()
     return trainer
@@ -336,7 +309,7 @@ def run_training(cfg: TrainConfig) -> dict:
     if out.exists():
         raise FileExistsError(f"output_dir {str(out)!r} already exists; choose a new one")
     model, tok = load_base_model(cfg.model, cfg.cache_dir)
-    train = _tokenize_pairs(tok, load_pairs(cfg.dataset, cfg.n_examples, cfg.seed), cfg.seq_len)
+    train = tokenize_pairs(tok, load_pairs(cfg.dataset, cfg.n_examples, cfg.seed), cfg.seq_len)
     lora = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "target_modules": cfg.lora_targets, "lora_dropout": cfg.lora_dropout}
     with atomic_output_dir(out) as tmp:
         trainer = finetune(model, tok, train, rolora=cfg.rotate, steps=cfg.max_steps, lr=cfg.learning_rate,
@@ -429,8 +402,8 @@ def _finetune_pair(base, tok, cfg: DemoConfig, chunks, calib) -> dict:
     from .assets import instruction_pairs
 
     pairs = instruction_pairs("sciq", cfg.train_examples + cfg.eval_examples, cfg.seed)
-    train = _tokenize_pairs(tok, pairs[: cfg.train_examples], cfg.train_seq_len)
-    held_out = _tokenize_pairs(tok, pairs[cfg.train_examples :], cfg.train_seq_len)
+    train = tokenize_pairs(tok, pairs[: cfg.train_examples], cfg.train_seq_len)
+    held_out = tokenize_pairs(tok, pairs[cfg.train_examples :], cfg.train_seq_len)
     lora = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "target_modules": cfg.lora_targets}
     out = {"train_examples": len(train), "eval_examples": len(held_out)}
     for name, rolora in (("lora", False), ("rolora", True)):

@@ -409,3 +409,23 @@ def test_evaluate_tasks_runs_offline_on_the_seven_tasks(smollm2, monkeypatch):
     assert res["metrics"]["boolq"] == "acc" and res["metrics"]["winogrande"] == "acc"
     assert res["metrics"]["arc_challenge"] == "acc_norm" and res["metrics"]["hellaswag"] == "acc_norm"
     assert set(res["stderr"]) == set(PAPER_TASKS) and res["limit"] == 10
+
+
+def test_tokenize_pairs_masks_the_prompt_and_pad_collate_pads():
+    from rolora_plugin.assets import format_chat, pad_collate, tokenize_pairs
+
+    tok = _char_tokenizer_hf()
+    pairs = [{"prompt": "what is ice", "response": "frozen water"}, {"prompt": "a b", "response": "c"}]
+    rows = tokenize_pairs(tok, pairs, max_len=200)
+    for pair, row in zip(pairs, rows):
+        n_prompt = format_chat(tok, pair["prompt"], pair["response"]).n_prompt_tokens
+        assert row["labels"][:n_prompt] == [-100] * n_prompt and row["labels"][n_prompt:] == row["input_ids"][n_prompt:]
+    batch = pad_collate(rows, pad_id=0)
+    width = max(len(r["input_ids"]) for r in rows)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, width)
+    short = min(range(2), key=lambda i: len(rows[i]["input_ids"]))
+    n = len(rows[short]["input_ids"])
+    assert batch["attention_mask"][short].tolist() == [1] * n + [0] * (width - n)
+    assert (batch["labels"][short, n:] == -100).all() and (batch["input_ids"][short, n:] == 0).all()
+    with pytest.raises(ValueError, match="raise the maximum sequence length"):
+        tokenize_pairs(tok, pairs, max_len=3)  # every response is cut off
