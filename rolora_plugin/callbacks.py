@@ -242,9 +242,11 @@ class RoLoRACallbackMixin:
         from .export import _check_out_dir
         from .integrations.deepspeed import is_zero3_partitioned
 
-        if self.config.export.merged_output_dir:  # fail now, not after training
-            _check_out_dir(Path(self.config.export.merged_output_dir), self.config.export.overwrite)
-        if self.config.export.merged_output_dir and is_zero3_partitioned(model) and not hasattr(model, "peft_config"):
+        out = self.config.export.merged_output_dir
+        if not out:
+            return
+        _check_out_dir(Path(out), self.config.export.overwrite)  # fail now, not after training
+        if is_zero3_partitioned(model) and not hasattr(model, "peft_config"):
             raise ValueError(
                 "RoLoRAConfig.export.merged_output_dir under ZeRO-3 needs a peft model: the callback gathers only the "
                 "adapter and merges it into a freshly loaded, re-rotated base. For a full fine-tune, save with "

@@ -103,23 +103,24 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh staging directory next to ``path``; rename it to ``path`` on success, delete it on failure.
+def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh staging directory next to ``path``; move it to ``path`` on success, delete it on failure.
 
-    ``path`` must not exist (:class:`FileExistsError` otherwise, also if it appears while the block runs). The
+    Without ``overwrite``, ``path`` must not exist (:class:`FileExistsError` otherwise, also if it appears while
+    the block runs); with it, an existing ``path`` is replaced only once the new content is complete. The
     staging directory is made with ``mkdir`` (the umask applies), not ``tempfile.mkdtemp``'s private 0700.
     """
     path = Path(path)
-    if path.exists():
+    if path.exists() and not overwrite:
         raise FileExistsError(f"output dir {str(path)!r} already exists; choose a new path or remove it first")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
-        if path.exists():
+        if path.exists() and not overwrite:
             raise FileExistsError(f"output dir {str(path)!r} appeared while writing; the result was discarded")
-        os.rename(tmp, path)
+        _publish(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -339,9 +340,7 @@ def merge_and_export(
 
 
 def _write_export(model: nn.Module, record: RotationRecord, out_dir: Path, tokenizer, ct: dict | None, ct_mode: str) -> None:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_output_dir(out_dir, overwrite=True) as tmp:  # _check_out_dir has vetted out_dir
         model.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
@@ -350,10 +349,6 @@ def _write_export(model: nn.Module, record: RotationRecord, out_dir: Path, token
             atomic_write_text(tmp / TRANSFORM_CONFIG_FILE, json.dumps(ct, indent=2, sort_keys=True) + "\n")
         elif ct is not None:
             _embed_transform_config(tmp / "config.json", ct)
-        _publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:
