@@ -32,6 +32,7 @@ from .architectures import ArchitectureSpec, ModelDims, check_rms_norm, get_arch
 from .config import RotationConfig
 from .hadamard import OrthogonalTransform, build_transform, derive_seed
 from .online import QKRotation, add_attention_transform, install_down_proj_rotation, remove_online_rotations
+from .quant import QUANT_RECORD_KEY
 
 __all__ = [
     "rotate_model_",
@@ -241,6 +242,14 @@ def _check_model(model: nn.Module, spec: ArchitectureSpec) -> None:
             f"{type(model).__name__} is already rotated (model.config.{RECORD_KEY} is set); rotating twice would apply "
             "the rotation twice. Load the original weights to rotate again with another config."
         )
+    quant = getattr(model.config, QUANT_RECORD_KEY, None)
+    if quant:
+        cfg = quant.get("config", {}) if isinstance(quant, dict) else {}
+        raise RotationError(
+            f"the model is already W{cfg.get('w_bits', '?')}A{cfg.get('a_bits', '?')}-quantized (model.config.{QUANT_RECORD_KEY}); "
+            "rotating quantized weights would mix the rotation into the quantization error. Rotate the "
+            "full-precision model, then quantize."
+        )
     for name, p in model.named_parameters():
         if p.device.type == "meta":
             raise RotationError(
@@ -295,7 +304,6 @@ def rotate_model_(model: nn.Module, config: RotationConfig | None = None, *, pro
     inner = _unwrap_peft(model)
     spec = get_architecture(inner)
     _check_model(inner, spec)
-    _refuse_quantized(inner)
     dims = ModelDims.from_config(inner.config)
     transforms = build_rotations(config, dims)  # raises before any edit if a width is not allowed
     layers = _layers(inner, spec)
@@ -382,17 +390,6 @@ def install_online_rotations(model: nn.Module, record: RotationRecord, transform
             install_down_proj_rotation(get_submodule(layer, mlp_path), down_attr, transforms["r4"])
         if "r3" in transforms:
             add_attention_transform(get_submodule(layer, spec.attention), "r3", QKRotation(transforms["r3"]), inner.config, first=True)
-
-
-def _refuse_quantized(model: nn.Module) -> None:
-    quant = getattr(model.config, "rolora_quant", None)
-    if quant:
-        cfg = quant.get("config", {}) if isinstance(quant, dict) else {}
-        what = f"W{cfg.get('w_bits', '?')}A{cfg.get('a_bits', '?')}"
-        raise RotationError(
-            f"the model is already {what}-quantized (model.config.rolora_quant); rotating quantized weights would "
-            "mix the rotation into the quantization error. Rotate the full-precision model, then quantize."
-        )
 
 
 def _unwrap_peft(model: nn.Module) -> nn.Module:
