@@ -99,10 +99,10 @@ def main(argv=None) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    vocab = 49152 if args.model == "smollm2" else args.vocab
-    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
     variants = ["lora", "rolora", "rolora+qat"]
     runs = {v: build(v, args, device, dtype) for v in variants}
+    vocab = runs["lora"][0].config.vocab_size
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
     times = {v: [] for v in variants}
     for i in range(args.warmup + args.steps):
         for v in variants:
