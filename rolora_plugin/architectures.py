@@ -13,13 +13,11 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from .errors import UnsupportedArchitectureError
 from .hookspecs import hookimpl
+from .plugins import add_reset_callback, get_plugin_manager
 
 __all__ = ["ArchitectureSpec", "ModelDims", "UnsupportedArchitectureError", "get_architecture", "list_architectures"]
-
-
-class UnsupportedArchitectureError(ValueError):
-    """The model's family has no registered :class:`ArchitectureSpec`."""
 
 
 @dataclass(frozen=True)
@@ -68,10 +66,67 @@ class ArchitectureSpec:
     def mlp_inputs(self) -> tuple[str, ...]:
         return (self.gate_up_proj,) if self.gate_up_proj else (self.gate_proj, self.up_proj)
 
+    def linear_paths(self) -> tuple[str, ...]:
+        """Paths (relative to one decoder layer) of every linear a rotation edits and W4A4 quantizes, in call order."""
+        return self.attention_inputs() + (self.o_proj,) + self.mlp_inputs() + (self.down_proj,)
+
     def linear_names(self) -> tuple[str, ...]:
         """Leaf names of every rotated linear in a layer (what peft ``target_modules`` matches)."""
-        paths = self.attention_inputs() + (self.o_proj,) + self.mlp_inputs() + (self.down_proj,)
+        return tuple(p.rsplit(".", 1)[-1] for p in self.linear_paths())
+
+    def input_kinds(self) -> tuple[str, ...]:
+        """One leaf name per distinct linear input of a layer (linears that read the same tensor share it):
+        the first attention reader, ``o_proj``, the first MLP reader and ``down_proj``."""
+        paths = (self.attention_inputs()[0], self.o_proj, self.mlp_inputs()[0], self.down_proj)
         return tuple(p.rsplit(".", 1)[-1] for p in paths)
+
+    @property
+    def down_proj_parent(self) -> tuple[str, str]:
+        """``(path of the module that calls down_proj, attribute name of down_proj)``, e.g. ``("mlp", "down_proj")``."""
+        parent, attr = self.down_proj.rsplit(".", 1)
+        return parent, attr
+
+    def decoder_layers(self, model: nn.Module) -> list[nn.Module]:
+        """The decoder layers of ``model`` (a bare transformers model of this family), in order."""
+        return list(get_submodule(model, self.layers))
+
+    def layer_linears(self, model: nn.Module) -> dict[str, nn.Module]:
+        """``{qualified name: module}`` of every per-layer linear (a Linear or a peft LoRA layer wrapping one)."""
+        out = {}
+        for i, layer in enumerate(self.decoder_layers(model)):
+            for path in self.linear_paths():
+                out[f"{self.layers}.{i}.{path}"] = get_submodule(layer, path)
+        return out
+
+    def fused_aliases(self) -> dict[str, str]:
+        """Unfused leaf name → fused leaf name for families with fused projections (empty otherwise)."""
+        aliases = {}
+        if self.qkv_proj:
+            fused = self.qkv_proj.rsplit(".", 1)[-1]
+            aliases.update({"q_proj": fused, "k_proj": fused, "v_proj": fused})
+        if self.gate_up_proj:
+            fused = self.gate_up_proj.rsplit(".", 1)[-1]
+            aliases.update({"gate_proj": fused, "up_proj": fused})
+        return aliases
+
+    def resolve_targets(self, names, *, what: str = "target", extra: tuple[str, ...] = ()) -> list[str]:
+        """Map target leaf names onto this family's layer linears (``q_proj`` → ``qkv_proj`` for fused families).
+
+        Returns the sorted distinct leaf names; ``extra`` names (e.g. ``lm_head``) are accepted as they are.
+        Raises ValueError naming the valid choices for a name that is not a layer linear.
+        """
+        valid = self.linear_names()
+        aliases = self.fused_aliases()
+        mapped = set()
+        for name in names:
+            leaf = aliases.get(name, name)
+            if leaf not in valid and name not in extra:
+                raise ValueError(
+                    f"{what} {name!r} is not a linear of a {self.name} decoder layer; valid names: {sorted(valid)}"
+                    f" (or 'all-linear'). Fused families map q/k/v_proj and gate/up_proj onto their fused linear."
+                )
+            mapped.add(leaf)
+        return sorted(mapped)
 
 
 @dataclass(frozen=True)
@@ -117,8 +172,6 @@ def rolora_register_architectures():
 
 @lru_cache(maxsize=1)
 def _registry() -> dict[str, ArchitectureSpec]:
-    from .plugins import get_plugin_manager
-
     table: dict[str, ArchitectureSpec] = {}
     # pluggy calls the most recently registered plugin first; reverse so later plugins override built-ins
     for specs in reversed(get_plugin_manager().hook.rolora_register_architectures()):
@@ -132,6 +185,9 @@ def _registry() -> dict[str, ArchitectureSpec]:
 
 def clear_architecture_cache() -> None:
     _registry.cache_clear()
+
+
+add_reset_callback(clear_architecture_cache)  # specs come from hooks: re-read them when plugins are reloaded
 
 
 def list_architectures() -> dict[str, ArchitectureSpec]:

@@ -52,8 +52,10 @@ from torch import nn
 
 from .config import RotationConfig
 from .export import merge_and_export, read_rotation_record, write_rotation_record
-from .lora import enable_fake_quant_, fake_quantized, missing_online_rotations
-from .rotation import RotationError, _unwrap_peft, get_rotation_record, install_online_rotations, rotate_model_
+from .lora import enable_fake_quant_, fake_quantized
+from .rotation import missing_online_rotations
+from ._peft import unwrap_peft as _unwrap_peft
+from .rotation import RotationError, get_rotation_record, install_online_rotations, rotate_model_
 from .training_config import RoLoRAConfig
 
 __all__ = ["RoLoRACallback", "RoLoRACallbackMixin", "add_rolora_callback", "install_save_hook", "remove_save_hook", "quant_config"]
@@ -374,7 +376,7 @@ class RoLoRACallbackMixin:
 
 def _gather_trainable(model: nn.Module, keep: bool) -> dict[str, torch.Tensor]:
     """``{name: full CPU tensor}`` of the trainable (adapter) parameters; collective for ZeRO-3 partitions."""
-    from .rotation import gather_params
+    from .distributed import gather_params
 
     out = {}
     for name, p in model.named_parameters():

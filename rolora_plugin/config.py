@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 
-__all__ = ["RotationConfig", "ConfigMixin"]
+__all__ = ["RotationConfig", "ConfigMixin", "RECORD_KEY", "QUANT_RECORD_KEY"]
+
+RECORD_KEY = "rolora"  # model.config.<RECORD_KEY>: the rotation record (rolora_plugin.rotation)
+QUANT_RECORD_KEY = "rolora_quant"  # model.config.<QUANT_RECORD_KEY>: the quantization record (rolora_plugin.quant)
 
 
 class ConfigMixin:

@@ -45,22 +45,19 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
 import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ._peft import unwrap_peft
 from .architectures import get_architecture
-from .rotation import RECORD_KEY, RotationError, RotationRecord, _unwrap_peft, get_rotation_record, install_online_rotations, rotate_model_
+from .publish import OutputExistsError, atomic_output_dir, atomic_write_text, check_writable_parent
+from .rotation import RECORD_KEY, RotationError, RotationRecord, get_rotation_record, install_online_rotations, rotate_model_
 
 __all__ = [
     "RECORD_FILE",
@@ -80,56 +77,6 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 # ---------------------------------------------------------------------------------------------- record files
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same directory and ``os.replace``.
-
-    Readers see the old file or the complete new one, never a partial write. The file gets the permissions an
-    ordinary ``open(path, "w")`` would give (0666 minus the umask), not ``mkstemp``'s private 0600.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh staging directory next to ``path``; move it to ``path`` on success, delete it on failure.
-
-    Without ``overwrite``, ``path`` must not exist (:class:`FileExistsError` otherwise, also if it appears while
-    the block runs); with it, an existing ``path`` is replaced only once the new content is complete. The
-    staging directory is made with ``mkdir`` (the umask applies), not ``tempfile.mkdtemp``'s private 0700.
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"output dir {str(path)!r} already exists; choose a new path or remove it first")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"output dir {str(path)!r} appeared while writing; the result was discarded")
-        _publish(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_rotation_record(directory: str | os.PathLike, record: RotationRecord) -> Path:
@@ -241,7 +188,7 @@ def _load_adapter_dir(path: Path, record, base_model, dtype) -> tuple[nn.Module,
 def _load_source(src, record, base_model, dtype) -> tuple[nn.Module, RotationRecord, list]:
     """(model, verified record, source dirs) for a module, an adapter dir or a checkpoint dir."""
     if isinstance(src, nn.Module):
-        found = get_rotation_record(_unwrap_peft(src))
+        found = get_rotation_record(unwrap_peft(src))
         if found is None:
             raise RotationError(f"{type(src).__name__} is not rotated (no model.config.{RECORD_KEY}); nothing to verify the merge against")
         if record is not None:
@@ -262,14 +209,20 @@ def _load_source(src, record, base_model, dtype) -> tuple[nn.Module, RotationRec
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Fail before any work if ``out_dir`` cannot be published (exists and not ``overwrite``; parent unwritable)."""
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; choose another out_dir or pass overwrite=True")
+        raise OutputExistsError(f"{out_dir} exists and is not empty; choose another out_dir or pass overwrite=True")
+    check_writable_parent(out_dir)
+
+
+def _fake_quant_active(model: nn.Module) -> bool:
+    from .quant import fake_quant_active
+
+    return fake_quant_active(model)
 
 
 def _merged(model: nn.Module, inplace: bool) -> nn.Module:
-    from .lora import fake_quant_active
-
-    if fake_quant_active(model):
+    if _fake_quant_active(model):
         raise RotationError("the model still has fake-quant (QAT) forwards installed; remove them before exporting")
     if not hasattr(model, "merge_and_unload"):
         return model
@@ -298,7 +251,6 @@ def merge_and_export(
     overwrite: bool = False,
     inplace: bool = False,
     transform_config: str = "file",
-    safe_serialization: bool = True,
     dtype: torch.dtype | None = None,
 ) -> Path:
     """Verify the rotation record, merge LoRA in the rotated basis and write a standard checkpoint atomically.
@@ -317,14 +269,11 @@ def merge_and_export(
         inplace: merge a live ``PeftModel`` in place (peft's ``merge_and_unload``) instead of on a deep copy.
         transform_config: ``"file"`` (``transform_config.json``), ``"config"`` (inside ``config.json``'s
             ``quantization_config``; loading then needs compressed-tensors) or ``"none"``. See the module doc.
-        safe_serialization: must be True (transformers 5 writes safetensors only); kept for API familiarity.
         dtype: dtype to load directory sources in.
 
     Returns:
         ``Path(out_dir)``.
     """
-    if not safe_serialization:
-        raise ValueError("safe_serialization=False is not supported: transformers 5 writes safetensors only")
     if transform_config not in ("file", "config", "none"):
         raise ValueError(f"transform_config must be 'file', 'config' or 'none', got {transform_config!r}")
     out_dir = Path(out_dir)
@@ -334,13 +283,19 @@ def merge_and_export(
     merged = _merged(model, inplace or bool(src_dirs))  # a model loaded here is ours to merge in place
     tok = _find_tokenizer(tokenizer, *src_dirs)
     ct = transform_config_dict(found) if transform_config != "none" else None
-    _write_export(merged, found, out_dir, tok, ct, transform_config)
-    logger.info("exported merged rotated model to %s", out_dir)
+    _write_export(merged, found, out_dir, tok, ct, transform_config, overwrite)
+    what = "merged rotated model" if _has_adapter(model) else "rotated model"
+    logger.info("exported %s to %s", what, out_dir)
     return out_dir
 
 
-def _write_export(model: nn.Module, record: RotationRecord, out_dir: Path, tokenizer, ct: dict | None, ct_mode: str) -> None:
-    with atomic_output_dir(out_dir, overwrite=True) as tmp:  # _check_out_dir has vetted out_dir
+def _has_adapter(model: nn.Module) -> bool:
+    return hasattr(model, "merge_and_unload")
+
+
+def _write_export(model, record: RotationRecord, out_dir: Path, tokenizer, ct: dict | None, ct_mode: str, overwrite: bool) -> None:
+    # create-exclusive unless overwrite: a folder that appears at out_dir while we stage is never replaced
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
@@ -349,17 +304,6 @@ def _write_export(model: nn.Module, record: RotationRecord, out_dir: Path, token
             atomic_write_text(tmp / TRANSFORM_CONFIG_FILE, json.dumps(ct, indent=2, sort_keys=True) + "\n")
         elif ct is not None:
             _embed_transform_config(tmp / "config.json", ct)
-
-
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Move the finished ``tmp`` to ``out_dir``; an existing ``out_dir`` is set aside first, removed last."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------- compressed-tensors

@@ -27,6 +27,8 @@ from functools import lru_cache
 
 import torch
 
+from .plugins import add_reset_callback, get_plugin_manager
+
 __all__ = [
     "OrthogonalTransform",
     "NoHadamardError",
@@ -165,8 +167,6 @@ def paley(n: int) -> torch.Tensor:
 
 
 def _plugin_matrix(n: int) -> torch.Tensor | None:
-    from .plugins import get_plugin_manager
-
     m = get_plugin_manager().hook.rolora_hadamard_matrix(n=n)
     if m is None:
         return None
@@ -439,3 +439,8 @@ def hadamard_transform_ref(x: torch.Tensor, transform: OrthogonalTransform | Non
     """Dense reference of :func:`hadamard_transform`: ``x @ R`` with R materialised (float64 matmul)."""
     t = transform if transform is not None else _default_transform(x.shape[-1])
     return (x.to(torch.float64) @ t.matrix(torch.float64, x.device)).to(x.dtype)
+
+
+# constructions depend on what the rolora_hadamard_matrix hooks return: forget them when plugins are reloaded
+add_reset_callback(_construct.cache_clear)
+add_reset_callback(_default_transform.cache_clear)

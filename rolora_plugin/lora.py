@@ -43,7 +43,9 @@ from torch import nn
 
 from .architectures import get_architecture
 from .config import RotationConfig
-from .rotation import RotationError, _unwrap_peft, get_rotation_record, rotate_model_
+from ._peft import active_adapters as _active_adapters
+from ._peft import lora_layer_names, unwrap_peft
+from .rotation import check_online_rotations, ensure_rotated, get_rotation_record, missing_online_rotations
 
 __all__ = [
     "ALL_LINEAR",
@@ -63,18 +65,6 @@ logger = logging.getLogger(__name__)
 ALL_LINEAR = "all-linear"
 
 
-def _fused_aliases(spec) -> dict[str, str]:
-    """Unfused leaf name -> fused leaf name, for families with fused projections (empty otherwise)."""
-    aliases = {}
-    if spec.qkv_proj:
-        fused = spec.qkv_proj.rsplit(".", 1)[-1]
-        aliases.update({"q_proj": fused, "k_proj": fused, "v_proj": fused})
-    if spec.gate_up_proj:
-        fused = spec.gate_up_proj.rsplit(".", 1)[-1]
-        aliases.update({"gate_proj": fused, "up_proj": fused})
-    return aliases
-
-
 def map_target_modules(model: nn.Module, targets: str | Iterable[str]) -> list[str] | str:
     """Map user LoRA targets to leaf names of the rotated linears of ``model``'s family.
 
@@ -90,23 +80,15 @@ def map_target_modules(model: nn.Module, targets: str | Iterable[str]) -> list[s
     Raises:
         ValueError: a listed name is not a linear of this family (the message lists the valid names).
     """
-    spec = get_architecture(_unwrap_peft(model))
-    valid = spec.linear_names()
+    spec = get_architecture(unwrap_peft(model))
     if isinstance(targets, str):
-        return sorted(set(valid)) if targets == ALL_LINEAR else targets
-    aliases = _fused_aliases(spec)
-    mapped = set()
-    for name in targets:
-        leaf = aliases.get(name, name)
-        if leaf not in valid and name != spec.lm_head:
-            raise ValueError(
-                f"LoRA target {name!r} is not a linear of a {spec.name} decoder layer; valid names: {sorted(valid)}"
-                f" (or 'all-linear'). Fused families map q/k/v_proj and gate/up_proj onto their fused linear."
-            )
-        if leaf != name:
+        return sorted(set(spec.linear_names())) if targets == ALL_LINEAR else targets
+    targets = list(targets)
+    for name, leaf in spec.fused_aliases().items():
+        if name in targets:
             logger.info("LoRA target %r maps to the fused %r of %s (the adapter covers the whole fused linear)", name, leaf, spec.name)
-        mapped.add(leaf)
-    return sorted(mapped)
+    extra = (spec.lm_head,) if spec.lm_head else ()
+    return spec.resolve_targets(targets, what="LoRA target", extra=extra)
 
 
 def rolora_lora_config(model: nn.Module, *, r: int = 16, lora_alpha: int = 16, target_modules=("q_proj", "v_proj"), **kwargs):
@@ -120,7 +102,7 @@ def rolora_lora_config(model: nn.Module, *, r: int = 16, lora_alpha: int = 16, t
 
     init = kwargs.get("init_lora_weights", True)
     weight_dependent = kwargs.get("use_dora") or (isinstance(init, str) and init != "gaussian")
-    if weight_dependent and get_rotation_record(_unwrap_peft(model)) is None:
+    if weight_dependent and get_rotation_record(unwrap_peft(model)) is None:
         raise ValueError(
             f"DoRA / init_lora_weights={init!r} depend on the weights they are attached to, so they must be attached "
             "to the rotated model: call rotate_model_(model) first (or use get_rolora_peft_model, which does)."
@@ -138,56 +120,8 @@ def get_rolora_peft_model(model: nn.Module, lora_config, rotation: RotationConfi
     """
     from peft import get_peft_model
 
-    record = get_rotation_record(model)
-    if record is None:
-        rotate_model_(model, rotation or RotationConfig())
-    elif rotation is not None and rotation != record.config:
-        raise RotationError(
-            f"model is already rotated with {record.config} but rotation={rotation} was requested; load the original "
-            "weights to rotate with another config, or pass rotation=None"
-        )
+    ensure_rotated(model, rotation)
     return get_peft_model(model, lora_config, **kwargs)
-
-
-def lora_layer_names(model: nn.Module) -> list[str]:
-    """Qualified names of the peft LoRA layers in ``model`` (modules with ``lora_A`` and a ``base_layer``)."""
-    return [name for name, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
-
-
-def missing_online_rotations(model: nn.Module) -> list[str]:
-    """Names (``"r4"``, ``"r3"``) of the online rotations ``model``'s record asks for that are not installed."""
-    from .online import _ATTN_TABLE, _R4_ATTR
-
-    inner = _unwrap_peft(model)
-    record = get_rotation_record(inner)
-    if record is None:
-        raise RotationError(f"{type(inner).__name__} is not rotated (no model.config.rolora record)")
-    spec = get_architecture(inner)
-    layers = list(inner.get_submodule(spec.layers))
-    mlp_path = spec.down_proj.rsplit(".", 1)[0]
-    missing = []
-    if "r4" in record.rotations and not all(hasattr(layer.get_submodule(mlp_path), _R4_ATTR) for layer in layers):
-        missing.append("r4")
-    attn = [layer.get_submodule(spec.attention) for layer in layers]
-    if "r3" in record.rotations and not all("r3" in a.__dict__.get(_ATTN_TABLE, {}) for a in attn):
-        missing.append("r3")
-    return missing
-
-
-def check_online_rotations(model: nn.Module) -> None:
-    """Raise :class:`RotationError` if ``model`` is not rotated or its online rotations are not installed.
-
-    A rotated checkpoint loaded with plain ``from_pretrained`` has the rotated weights but no online R4/R3: its
-    function is then wrong until :func:`rolora_plugin.install_online_rotations` (or
-    :func:`rolora_plugin.export.load_rotated`) rebuilds them.
-    """
-    missing = missing_online_rotations(model)
-    if missing:
-        raise RotationError(
-            f"{type(_unwrap_peft(model)).__name__} carries a rotation record but its online rotation(s) {missing} are "
-            "not installed; call rolora_plugin.install_online_rotations(model, get_rotation_record(model)) or load it "
-            "with rolora_plugin.export.load_rotated(path)"
-        )
 
 
 # ---------------------------------------------------------------------------------------------- fake-quant (QAT)
@@ -242,13 +176,6 @@ class _FakeQuantLoRALinear(torch.autograd.Function):
         return (grad_x, None, None, None, *grads)
 
 
-def _active_adapters(module: nn.Module) -> list[tuple[nn.Module, nn.Module, float]]:
-    """``[(lora_A, lora_B, scaling)]`` that contribute to ``module``'s forward now (empty for a plain Linear)."""
-    if not hasattr(module, "lora_A") or getattr(module, "merged", False) or getattr(module, "disable_adapters", False):
-        return []
-    return [(module.lora_A[n], module.lora_B[n], module.scaling[n]) for n in module.active_adapters if n in module.lora_A]
-
-
 class _FakeQuantState:
     """Per-module QAT state: the :class:`~rolora_plugin.quant.QuantConfig` in force (None = bypass) and a cache."""
 
@@ -298,7 +225,7 @@ def _fake_quant_forward(self, x, *args, **kwargs):
 
 def _fake_quant_targets(model: nn.Module, targets) -> dict[str, nn.Module]:
     """``{name: module}``: decoder-layer linears (``"all-linear"``), LoRA layers only (``"lora"``) or listed leaves."""
-    inner = _unwrap_peft(model)
+    inner = unwrap_peft(model)
     spec = get_architecture(inner)
     paths = spec.attention_inputs() + (spec.o_proj,) + spec.mlp_inputs() + (spec.down_proj,)
     leaves = None if targets in (ALL_LINEAR, "lora") else set(map_target_modules(inner, targets))

@@ -124,6 +124,16 @@ def add_attention_transform(attn: nn.Module, name: str, fn: Callable, config=Non
     _wrap_attention_implementation(config if config is not None else attn.config, attn)
 
 
+def attention_transforms(attn: nn.Module) -> tuple[str, ...]:
+    """Names of the attention transforms installed on ``attn``, in the order they run."""
+    return tuple(attn.__dict__.get(_ATTN_TABLE, {}))
+
+
+def has_down_proj_rotation(mlp: nn.Module) -> bool:
+    """True if ``mlp`` applies an online rotation (R4) to its ``down_proj`` input."""
+    return hasattr(mlp, _R4_ATTR)
+
+
 def remove_attention_transform(attn: nn.Module, name: str) -> None:
     table = attn.__dict__.get(_ATTN_TABLE, {})
     if table.pop(name, None) is not None and hasattr(attn, f"rolora_{name}"):

@@ -9,7 +9,7 @@ import pluggy
 
 from . import hookspecs
 
-__all__ = ["get_plugin_manager", "reset_plugin_manager", "ENTRY_POINT_GROUP"]
+__all__ = ["get_plugin_manager", "reset_plugin_manager", "add_reset_callback", "ENTRY_POINT_GROUP"]
 
 logger = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "rolora"
@@ -17,6 +17,15 @@ DEFAULT_PLUGINS = ("rolora_plugin.architectures",)
 
 _lock = threading.Lock()
 _pm: pluggy.PluginManager | None = None
+_reset_callbacks: list = []
+
+
+def add_reset_callback(fn) -> None:
+    """Register ``fn()`` to run on :func:`reset_plugin_manager`: modules that cache what hooks returned (the
+    architecture table, constructed Hadamard matrices) register their cache's ``cache_clear`` here, so the
+    plugin manager never reaches into other modules' private state."""
+    if fn not in _reset_callbacks:
+        _reset_callbacks.append(fn)
 
 
 def _build() -> pluggy.PluginManager:
@@ -46,8 +55,5 @@ def reset_plugin_manager() -> None:
     global _pm
     with _lock:
         _pm = None
-    from .architectures import clear_architecture_cache
-    from .hadamard import _construct
-
-    clear_architecture_cache()
-    _construct.cache_clear()
+    for fn in list(_reset_callbacks):
+        fn()

@@ -561,3 +561,9 @@ def remove_activation_quantizers(model: nn.Module) -> None:
             entry[1].remove()
         if "kv_quant" in module.__dict__.get("_rolora_attn_transforms", {}):
             remove_attention_transform(module, "kv_quant")
+
+
+def fake_quant_active(model: nn.Module) -> bool:  # transitional: the QAT machinery moves to quant/qat.py
+    from .lora import fake_quant_active as _active
+
+    return _active(model)

@@ -19,20 +19,30 @@ Paper: RoLoRA (Huang et al., EMNLP Findings 2024), built on QuaRot (Ashkboos et 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._peft import lora_parts as _lora_parts
+from ._peft import unwrap_peft
 from .architectures import ArchitectureSpec, ModelDims, check_rms_norm, get_architecture, get_submodule
-from .config import RotationConfig
+from .config import QUANT_RECORD_KEY, RECORD_KEY, RotationConfig
+from .distributed import gather_params
+from .errors import RotationError
 from .hadamard import OrthogonalTransform, build_transform, derive_seed
-from .online import QKRotation, add_attention_transform, install_down_proj_rotation, remove_online_rotations
-from .quant import QUANT_RECORD_KEY
+from .online import (
+    QKRotation,
+    add_attention_transform,
+    attention_transforms,
+    has_down_proj_rotation,
+    install_down_proj_rotation,
+    remove_online_rotations,
+)
+from .plugins import get_plugin_manager
 
 __all__ = [
     "rotate_model_",
@@ -41,18 +51,16 @@ __all__ = [
     "get_rotation_record",
     "build_rotations",
     "install_online_rotations",
+    "missing_online_rotations",
+    "check_online_rotations",
+    "ensure_rotated",
     "gather_params",
     "RECORD_KEY",
 ]
 
 logger = logging.getLogger(__name__)
-RECORD_KEY = "rolora"
 FORMAT_VERSION = 1
 _CHUNK_ELEMENTS = 1 << 22  # rows/cols processed at once in the compute dtype (32 MiB in float64)
-
-
-class RotationError(ValueError):
-    """The model cannot be rotated (already rotated, wrong dtype/device, mismatched record, ...)."""
 
 
 @dataclass
@@ -128,38 +136,7 @@ def build_rotations(config: RotationConfig, dims: ModelDims) -> dict[str, Orthog
     return out
 
 
-@contextlib.contextmanager
-def gather_params(params: Iterable[nn.Parameter], modifier_rank: int | None = 0):
-    """Gather DeepSpeed ZeRO-3 partitioned parameters for editing; does nothing for ordinary parameters."""
-    zero = [p for p in params if hasattr(p, "ds_id")]
-    if not zero:
-        yield
-        return
-    import deepspeed  # only reached when parameters are ZeRO-3 partitioned
-
-    with deepspeed.zero.GatheredParameters(zero, modifier_rank=modifier_rank):
-        yield
-
-
 # ---------------------------------------------------------------------------------------------- weight edits
-
-
-def _lora_parts(module: nn.Module):
-    """(base linear, [lora_A linears], [lora_B linears]) for a peft LoRA layer, or (module, [], [])."""
-    if "original_module" in module._modules:  # peft ModulesToSaveWrapper / TrainableTokensWrapper
-        raise RotationError(
-            f"{type(module).__name__}: peft modules_to_save / trainable_token_indices keep several copies of a module "
-            "the rotation must edit. Rotate the model first, then call get_peft_model (rotate_model_ on the bare model)."
-        )
-    base = getattr(module, "base_layer", None)
-    if base is None:
-        return module, [], []
-    if getattr(module, "lora_magnitude_vector", None) and len(module.lora_magnitude_vector):
-        raise RotationError(
-            f"{type(module).__name__} uses DoRA; its magnitude vector is not invariant under rotation. Rotate the model "
-            "first, then attach the DoRA adapter (rotate_model_ before get_peft_model)."
-        )
-    return base, list(module.lora_A.values()), list(module.lora_B.values())
 
 
 def _edit(weight: torch.Tensor, cdtype, *, scale=None, right: Callable | None = None, left: Callable | None = None):
@@ -263,10 +240,6 @@ def _check_model(model: nn.Module, spec: ArchitectureSpec) -> None:
             )
 
 
-def _layers(model: nn.Module, spec: ArchitectureSpec) -> list[nn.Module]:
-    return list(get_submodule(model, spec.layers))
-
-
 def _untie(model: nn.Module, spec: ArchitectureSpec) -> None:
     if spec.lm_head is None:
         return
@@ -301,12 +274,12 @@ def rotate_model_(model: nn.Module, config: RotationConfig | None = None, *, pro
         >>> record = rotate_model_(model, RotationConfig(seed=0, r2=True))  # doctest: +SKIP
     """
     config = config or RotationConfig()
-    inner = _unwrap_peft(model)
+    inner = unwrap_peft(model)
     spec = get_architecture(inner)
     _check_model(inner, spec)
     dims = ModelDims.from_config(inner.config)
     transforms = build_rotations(config, dims)  # raises before any edit if a width is not allowed
-    layers = _layers(inner, spec)
+    layers = spec.decoder_layers(inner)
     _check_structure(inner, spec, layers)
     cdtype = getattr(torch, config.compute_dtype)
 
@@ -341,8 +314,6 @@ def rotate_model_(model: nn.Module, config: RotationConfig | None = None, *, pro
     )
     install_online_rotations(inner, record, transforms)
     setattr(inner.config, RECORD_KEY, record.to_dict())
-    from .plugins import get_plugin_manager
-
     get_plugin_manager().hook.rolora_model_rotated(model=model, record=record)
     logger.info("rotated %s (%s): %s", type(inner).__name__, spec.name, {k: v["description"] for k, v in record.rotations.items()})
     return record
@@ -380,24 +351,76 @@ def install_online_rotations(model: nn.Module, record: RotationRecord, transform
 
     Used by :func:`rotate_model_` and when loading a rotated checkpoint; verifies the record's checksums first.
     """
-    inner = _unwrap_peft(model)
+    inner = unwrap_peft(model)
     transforms = record.verify(transforms)
     spec = get_architecture(inner)
     remove_online_rotations(inner)
-    for layer in _layers(inner, spec):
+    for layer in spec.decoder_layers(inner):
         if "r4" in transforms:
-            mlp_path, down_attr = spec.down_proj.rsplit(".", 1)
+            mlp_path, down_attr = spec.down_proj_parent
             install_down_proj_rotation(get_submodule(layer, mlp_path), down_attr, transforms["r4"])
         if "r3" in transforms:
             add_attention_transform(get_submodule(layer, spec.attention), "r3", QKRotation(transforms["r3"]), inner.config, first=True)
 
 
-def _unwrap_peft(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft ``PeftModel`` (or the model itself)."""
-    base = getattr(model, "base_model", None)
-    if base is not None and base is not model and hasattr(base, "model") and hasattr(base, "peft_config"):
-        return base.model
-    return model
+def missing_online_rotations(model: nn.Module) -> list[str]:
+    """Names (``"r4"``, ``"r3"``) of the online rotations ``model``'s record asks for that are not installed."""
+    inner = unwrap_peft(model)
+    record = get_rotation_record(inner)
+    if record is None:
+        raise RotationError(f"{type(inner).__name__} is not rotated (no model.config.{RECORD_KEY} record)")
+    spec = get_architecture(inner)
+    layers = spec.decoder_layers(inner)
+    mlp_path = spec.down_proj_parent[0]
+    missing = []
+    if "r4" in record.rotations and not all(has_down_proj_rotation(layer.get_submodule(mlp_path)) for layer in layers):
+        missing.append("r4")
+    if "r3" in record.rotations and not all("r3" in attention_transforms(layer.get_submodule(spec.attention)) for layer in layers):
+        missing.append("r3")
+    return missing
+
+
+def check_online_rotations(model: nn.Module) -> None:
+    """Raise :class:`RotationError` if ``model`` is not rotated or its online rotations are not installed.
+
+    A rotated checkpoint loaded with plain ``from_pretrained`` has the rotated weights but no online R4/R3: its
+    function is then wrong until :func:`install_online_rotations` (or :func:`rolora_plugin.load_rotated`)
+    rebuilds them.
+    """
+    missing = missing_online_rotations(model)
+    if missing:
+        raise RotationError(
+            f"{type(unwrap_peft(model)).__name__} carries a rotation record but its online rotation(s) {missing} are "
+            "not installed; call rolora_plugin.install_online_rotations(model, get_rotation_record(model)) or load it "
+            "with rolora_plugin.export.load_rotated(path)"
+        )
+
+
+def ensure_rotated(model: nn.Module, config: RotationConfig | None = None, *, progress: bool = True) -> RotationRecord:
+    """Rotate ``model`` unless it is rotated already; the one "rotate or check" step every host path uses.
+
+    * not rotated: :func:`rotate_model_` with ``config`` (default ``RotationConfig()``);
+    * rotated and ``config`` given: the record must carry this very config, else :class:`RotationError`;
+    * rotated, online rotations missing (a checkpoint loaded with plain ``from_pretrained``): re-installed from
+      the record (whose checksums are verified).
+
+    Returns the model's :class:`RotationRecord`. Never rotates twice.
+    """
+    inner = unwrap_peft(model)
+    record = get_rotation_record(inner)
+    if record is None:
+        return rotate_model_(model, config or RotationConfig(), progress=progress)
+    if config is not None and record.config != config:
+        raise RotationError(
+            f"the model is already rotated with {record.config}, but {config} was asked for; load the original "
+            "weights to rotate with another config, or ask for no particular rotation (None) to accept the existing one"
+        )
+    if missing_online_rotations(inner):
+        logger.info("model is rotated but its online rotations are missing: re-installing them from the record")
+        install_online_rotations(inner, record)
+    else:
+        logger.info("model already rotated (%s); not rotating again", record.config)
+    return record
 
 
 def _is_tied(model, spec) -> bool:

@@ -56,7 +56,7 @@ def parameter_digests(model: nn.Module) -> dict[str, str]:
 
     Collective under ZeRO-3: every rank must call it.
     """
-    from ..rotation import gather_params
+    from ..distributed import gather_params
 
     out = {}
     for name, p in model.named_parameters():

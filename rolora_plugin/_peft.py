@@ -1,0 +1,81 @@
+"""The one place that knows peft's internals (attribute names of ``PeftModel`` and LoRA layers).
+
+peft is never imported here: these helpers duck-type what peft builds, so they work on bare models too and keep
+``import rolora_plugin`` free of host frameworks. Verified against peft 0.20 / 0.21 (``PeftModel.base_model`` is
+a ``LoraModel`` whose ``.model`` is the transformers model; a LoRA layer keeps the wrapped module as
+``base_layer`` and its factors in the ``ModuleDict``s ``lora_A`` / ``lora_B``, scalings in ``scaling``).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .errors import RotationError
+
+__all__ = [
+    "active_adapters",
+    "is_lora_layer",
+    "is_peft_model",
+    "lora_layer_names",
+    "lora_parts",
+    "unwrap_peft",
+    "uses_dora",
+]
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """True for a peft ``PeftModel`` (it carries ``peft_config``)."""
+    return hasattr(model, "peft_config")
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft ``PeftModel`` (or the model itself)."""
+    base = getattr(model, "base_model", None)
+    if base is not None and base is not model and hasattr(base, "model") and hasattr(base, "peft_config"):
+        return base.model
+    return model
+
+
+def is_lora_layer(module: nn.Module) -> bool:
+    """True for a peft LoRA layer (it wraps ``base_layer`` and holds ``lora_A``)."""
+    return hasattr(module, "lora_A") and hasattr(module, "base_layer")
+
+
+def lora_layer_names(model: nn.Module) -> list[str]:
+    """Qualified names of the peft LoRA layers in ``model``."""
+    return [name for name, m in model.named_modules() if is_lora_layer(m)]
+
+
+def uses_dora(module: nn.Module) -> bool:
+    """True if a LoRA layer has a DoRA magnitude vector (its effective weight is not ``W + sBA``)."""
+    mags = getattr(module, "lora_magnitude_vector", None)
+    return bool(mags) and len(mags) > 0
+
+
+def lora_parts(module: nn.Module):
+    """``(base module, [lora_A linears], [lora_B linears])`` of a peft LoRA layer, or ``(module, [], [])``.
+
+    Raises :class:`RotationError` for wrappers a rotation cannot edit consistently (``modules_to_save`` copies,
+    DoRA magnitude vectors).
+    """
+    if "original_module" in module._modules:  # peft ModulesToSaveWrapper / TrainableTokensWrapper
+        raise RotationError(
+            f"{type(module).__name__}: peft modules_to_save / trainable_token_indices keep several copies of a module "
+            "the rotation must edit. Rotate the model first, then call get_peft_model (rotate_model_ on the bare model)."
+        )
+    base = getattr(module, "base_layer", None)
+    if base is None:
+        return module, [], []
+    if uses_dora(module):
+        raise RotationError(
+            f"{type(module).__name__} uses DoRA; its magnitude vector is not invariant under rotation. Rotate the model "
+            "first, then attach the DoRA adapter (rotate_model_ before get_peft_model)."
+        )
+    return base, list(module.lora_A.values()), list(module.lora_B.values())
+
+
+def active_adapters(module: nn.Module) -> list[tuple[nn.Module, nn.Module, float]]:
+    """``[(lora_A, lora_B, scaling)]`` that contribute to ``module``'s forward now (empty for a plain Linear)."""
+    if not hasattr(module, "lora_A") or getattr(module, "merged", False) or getattr(module, "disable_adapters", False):
+        return []
+    return [(module.lora_A[n], module.lora_B[n], module.scaling[n]) for n in module.active_adapters if n in module.lora_A]
