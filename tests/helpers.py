@@ -1,0 +1,84 @@
+"""Shared test helpers: tiny random models of every built-in family (built in the tests, no downloads), peft LoRA
+with a non-zero B, logits and relative errors. Import as ``from tests.helpers import ...``."""
+
+from __future__ import annotations
+
+import torch
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+
+# One tolerance table per dtype: relative error allowed for an orthogonal transform vs its float64 reference.
+TRANSFORM_RTOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+
+
+def tiny_config(family: str, *, hidden=64, intermediate=96, heads=4, kv_heads=1, layers=2, vocab=101, tie=True):
+    import transformers as tf
+
+    common = dict(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        num_hidden_layers=layers,
+        vocab_size=vocab,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    cls = {
+        "llama": tf.LlamaConfig,
+        "mistral": tf.MistralConfig,
+        "qwen2": tf.Qwen2Config,
+        "qwen3": tf.Qwen3Config,
+        "phi3": tf.Phi3Config,
+    }[family]
+    if family == "qwen3":
+        common["head_dim"] = hidden // heads
+    cfg = cls(**common)
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def tiny_model(family: str = "llama", *, dtype=torch.float32, seed=0, perturb_norms=True, **kw):
+    """A tiny causal LM with random weights, non-trivial norm weights and (where the family has them) biases."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **kw)).to(dtype).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and perturb_norms:
+                p.copy_(1.0 + 0.5 * torch.rand(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+    return model
+
+
+def random_ids(vocab=101, batch=2, seq=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, seq), generator=g)
+
+
+def logits(model, ids) -> torch.Tensor:
+    """``model(input_ids=ids).logits`` without gradients."""
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max|a - b| / max|b|`` in float64."""
+    a, b = a.detach().to(torch.float64), b.detach().to(torch.float64)
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+def lora(model, targets="all-linear", *, r=4, alpha=8, nonzero=True, **kw):
+    """``peft.get_peft_model`` with a LoRA config; ``nonzero`` draws B ≠ 0 (``init_lora_weights=False``) so the
+    LoRA branch really contributes."""
+    from peft import LoraConfig, get_peft_model
+
+    if nonzero:
+        kw.setdefault("init_lora_weights", False)
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, **kw))
