@@ -3,6 +3,8 @@ with a non-zero B, logits and relative errors. Import as ``from tests.helpers im
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
@@ -82,3 +84,25 @@ def lora(model, targets="all-linear", *, r=4, alpha=8, nonzero=True, **kw):
     if nonzero:
         kw.setdefault("init_lora_weights", False)
     return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, **kw))
+
+
+# float64 models with float64 norms: the rotation is exact to rounding (stock HF RMSNorm computes in float32)
+F64_NORM_RTOL = 1e-12
+
+
+@contextlib.contextmanager
+def float64_norms(model):
+    """Make every RMSNorm of the model compute in its input dtype (float64) instead of float32."""
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    classes = {type(m) for m in model.modules() if type(m).__name__.endswith("RMSNorm")}
+    saved = {c: c.forward for c in classes}
+    for c in classes:
+        c.forward = forward
+    try:
+        yield
+    finally:
+        for c, f in saved.items():
+            c.forward = f

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import rel_err
-from test_rotation import F64_NORM_RTOL, float64_norms
+from tests.helpers import F64_NORM_RTOL, float64_norms
 from tiny_models import FAMILIES, random_ids, tiny_model
 
 from rolora_plugin import RotationConfig, RotationError, get_rotation_record, install_online_rotations, rotate_model_

@@ -8,8 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import rel_err
-from tiny_models import random_ids, tiny_model
+from tests.helpers import logits, lora, random_ids, rel_err, tiny_model
 
 from rolora_plugin import RotationConfig, RotationError, get_rotation_record, rotate_model_
 from rolora_plugin.export import (
@@ -26,15 +25,8 @@ FP32_RTOL = 1e-5  # merged vs unmerged LoRA in float32 (issue 4 acceptance)
 ALL_ROTATIONS = RotationConfig(r2=True, r3=True)
 
 
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
-
-
 def _lora(model, targets="all-linear"):
-    from peft import LoraConfig, get_peft_model
-
-    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    return lora(model, targets)
 
 
 def _rotated_peft(family="llama", targets="all-linear", rotation=ALL_ROTATIONS, **kw):
@@ -51,23 +43,23 @@ def _listing(path):
 
 
 @pytest.mark.parametrize("family, targets", [("llama", ["q_proj", "v_proj"]), ("llama", "all-linear"), ("phi3", "all-linear")])
-def test_export_live_peft_model_load_rotated_same_logits(tmp_path, family, targets):
+def test_export_live_peft_model_load_rotated_samelogits(tmp_path, family, targets):
     ids = random_ids()
     peft_model = _rotated_peft(family, targets)
-    ref = _logits(peft_model, ids)
+    ref = logits(peft_model, ids)
     out = merge_and_export(peft_model, tmp_path / "export")
     assert {"config.json", "model.safetensors", RECORD_FILE} <= set(_listing(out))
-    assert rel_err(_logits(peft_model, ids), ref) == 0  # the live PeftModel is not merged in place
+    assert rel_err(logits(peft_model, ids), ref) == 0  # the live PeftModel is not merged in place
     loaded = load_rotated(out)
-    assert rel_err(_logits(loaded, ids), ref) <= FP32_RTOL
+    assert rel_err(logits(loaded, ids), ref) <= FP32_RTOL
     assert read_rotation_record(out) == get_rotation_record(loaded) == get_rotation_record(peft_model.base_model.model)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
 
 
-def test_second_process_loading_the_export_gets_the_same_logits(tmp_path):
+def test_second_process_loading_the_export_gets_the_samelogits(tmp_path):
     ids = random_ids()
     peft_model = _rotated_peft()
-    ref = _logits(peft_model, ids)
+    ref = logits(peft_model, ids)
     out = merge_and_export(peft_model, tmp_path / "export")
     torch.save(ids, tmp_path / "ids.pt")
     code = textwrap.dedent(
@@ -91,7 +83,7 @@ def test_plain_from_pretrained_without_online_modules_differs(tmp_path):
     peft_model = _rotated_peft()
     out = merge_and_export(peft_model, tmp_path / "export")
     plain = AutoModelForCausalLM.from_pretrained(out)
-    assert rel_err(_logits(plain, ids), _logits(peft_model, ids)) > 1e-3
+    assert rel_err(logits(plain, ids), logits(peft_model, ids)) > 1e-3
 
 
 def _save_unrotated_base(path, **kw):
@@ -117,7 +109,7 @@ def test_adapter_dir_on_unrotated_base_is_rotated_from_the_record(tmp_path):
     peft_model = _adapter_from(base, tmp_path / "adapter")
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
     out = merge_and_export(tmp_path / "adapter", tmp_path / "export")
-    assert rel_err(_logits(load_rotated(out), ids), _logits(peft_model, ids)) <= FP32_RTOL
+    assert rel_err(logits(load_rotated(out), ids), logits(peft_model, ids)) <= FP32_RTOL
 
 
 def test_adapter_dir_on_rotated_base_export(tmp_path):
@@ -131,7 +123,7 @@ def test_adapter_dir_on_rotated_base_export(tmp_path):
     with pytest.raises(RotationError, match=RECORD_FILE):
         merge_and_export(tmp_path / "adapter", tmp_path / "export")
     out = merge_and_export(tmp_path / "adapter", tmp_path / "export", record=get_rotation_record(model))
-    assert rel_err(_logits(load_rotated(out), ids), _logits(peft_model, ids)) <= FP32_RTOL
+    assert rel_err(logits(load_rotated(out), ids), logits(peft_model, ids)) <= FP32_RTOL
 
 
 # ---------------------------------------------------------------------------------------------- refusals
@@ -199,7 +191,7 @@ def test_non_empty_out_dir_needs_overwrite(tmp_path):
     assert _listing(out) == ["keep.txt"]
     merge_and_export(peft_model, out, overwrite=True)
     assert "keep.txt" not in _listing(out)
-    assert rel_err(_logits(load_rotated(out), ids), _logits(peft_model, ids)) <= FP32_RTOL
+    assert rel_err(logits(load_rotated(out), ids), logits(peft_model, ids)) <= FP32_RTOL
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
 
 
@@ -228,7 +220,7 @@ def test_compressed_tensors_transform_config_reproduces_the_model(tmp_path, wher
     pytest.importorskip("compressed_tensors")
     ids = random_ids()
     peft_model = _pow2_peft()
-    ref = _logits(peft_model, ids)
+    ref = logits(peft_model, ids)
     out = merge_and_export(peft_model, tmp_path / "export", transform_config=where)
     if where == "file":
         groups = json.loads((out / TRANSFORM_CONFIG_FILE).read_text())["config_groups"]
@@ -236,8 +228,8 @@ def test_compressed_tensors_transform_config_reproduces_the_model(tmp_path, wher
         groups = json.loads((out / "config.json").read_text())["quantization_config"]["transform_config"]["config_groups"]
     assert set(groups) == {"rolora_r4", "rolora_r3"}
     ct_model = load_with_compressed_tensors(out)  # no rolora code in its forward
-    assert rel_err(_logits(ct_model, ids), ref) <= FP32_RTOL
-    assert rel_err(_logits(load_rotated(out), ids), ref) <= FP32_RTOL
+    assert rel_err(logits(ct_model, ids), ref) <= FP32_RTOL
+    assert rel_err(logits(load_rotated(out), ids), ref) <= FP32_RTOL
 
 
 def test_no_transform_config_for_widths_compressed_tensors_cannot_express(tmp_path, caplog):

@@ -10,8 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import rel_err
-from tiny_models import random_ids, tiny_model
+from tests.helpers import random_ids, rel_err, tiny_model
 
 from rolora_plugin import RotationConfig, UnsupportedArchitectureError, build_transform, hookimpl, hookspecs, rotate_model_
 from rolora_plugin.plugins import ENTRY_POINT_GROUP, get_plugin_manager, reset_plugin_manager

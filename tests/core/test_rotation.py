@@ -1,11 +1,9 @@
-import contextlib
 import itertools
 import json
 
 import pytest
 import torch
-from conftest import rel_err
-from tiny_models import FAMILIES, random_ids, tiny_model
+from tests.helpers import F64_NORM_RTOL, FAMILIES, float64_norms, logits, random_ids, rel_err, tiny_model
 
 from rolora_plugin import (
     NoHadamardError,
@@ -20,30 +18,6 @@ from rolora_plugin.online import add_attention_transform
 
 COMBOS = [c for c in itertools.product([False, True], repeat=4) if any(c)]  # (r1, r2, r3, r4)
 STOCK_NORM_RTOL = 1e-6  # stock RMSNorm computes in float32 even for float64 inputs: floor ~1e-7
-F64_NORM_RTOL = 1e-12
-
-
-@contextlib.contextmanager
-def float64_norms(model):
-    """Make every RMSNorm of the model compute in its input dtype (float64) instead of float32."""
-
-    def forward(self, x):
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
-
-    classes = {type(m) for m in model.modules() if type(m).__name__.endswith("RMSNorm")}
-    saved = {c: c.forward for c in classes}
-    for c in classes:
-        c.forward = forward
-    try:
-        yield
-    finally:
-        for c, f in saved.items():
-            c.forward = f
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def _cfg(combo, seed=0):
@@ -57,19 +31,19 @@ def test_rotation_exact_float64(family, combo):
     ids = random_ids()
     model = tiny_model(family, dtype=torch.float64, tie=(family != "qwen2"))
     with float64_norms(model):
-        ref = _logits(model, ids)
+        ref = logits(model, ids)
         rotate_model_(model, _cfg(combo), progress=False)
-        assert rel_err(_logits(model, ids), ref) <= F64_NORM_RTOL
-    assert rel_err(_logits(model, ids), ref) <= STOCK_NORM_RTOL
+        assert rel_err(logits(model, ids), ref) <= F64_NORM_RTOL
+    assert rel_err(logits(model, ids), ref) <= STOCK_NORM_RTOL
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_rotation_fp32_all_rotations(family):
     ids = random_ids()
     model = tiny_model(family, dtype=torch.float32)
-    ref = _logits(model, ids)
+    ref = logits(model, ids)
     rotate_model_(model, RotationConfig(r2=True, r3=True), progress=False)
-    assert rel_err(_logits(model, ids), ref) <= 1e-5
+    assert rel_err(logits(model, ids), ref) <= 1e-5
 
 
 def test_rotation_changes_weights_and_unties():
@@ -95,10 +69,10 @@ def test_online_r3_path_is_live():
     model = tiny_model("llama", dtype=torch.float64)
     ids = random_ids()
     rotate_model_(model, RotationConfig(r3=True), progress=False)
-    ref = _logits(model, ids)
+    ref = logits(model, ids)
     attn = model.model.layers[0].self_attn
     add_attention_transform(attn, "probe", lambda q, k, v: (q, 2 * k, v))
-    assert rel_err(_logits(model, ids), ref) > 1e-3
+    assert rel_err(logits(model, ids), ref) > 1e-3
 
 
 def test_same_seed_bit_identical_different_seed_differs():
@@ -182,9 +156,9 @@ def test_fallback_width_still_exact():
     ids = random_ids()
     model = tiny_model("llama", dtype=torch.float64, intermediate=172)
     with float64_norms(model):
-        ref = _logits(model, ids)
+        ref = logits(model, ids)
         record = rotate_model_(model, progress=False)
-        assert rel_err(_logits(model, ids), ref) <= F64_NORM_RTOL
+        assert rel_err(logits(model, ids), ref) <= F64_NORM_RTOL
     assert record.rotations["r4"]["exact"] is False
 
 
@@ -198,7 +172,7 @@ def test_integer_weights_refused():
 
 def test_meta_device_refused():
     from transformers import AutoModelForCausalLM
-    from tiny_models import tiny_config
+    from tests.helpers import tiny_config
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(tiny_config("llama"))
@@ -217,9 +191,9 @@ def test_peft_lora_after_rotation_merges_exactly(targets):
     down = peft_model.base_model.model.model.layers[0].mlp.down_proj
     if targets == "all-linear":
         assert hasattr(down, "lora_A"), "down_proj must be a LoRA target under all-linear"
-    lora_out = _logits(peft_model, ids)
+    lora_out = logits(peft_model, ids)
     merged = peft_model.merge_and_unload()
-    assert rel_err(_logits(merged, ids), lora_out) <= 1e-5
+    assert rel_err(logits(merged, ids), lora_out) <= 1e-5
 
 
 def test_online_r4_acts_on_lora_branch_of_down_proj():
@@ -245,11 +219,11 @@ def test_rotating_peft_model_keeps_function():
     model = tiny_model("qwen2", dtype=torch.float64, tie=False)
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     with float64_norms(model):
-        ref = _logits(peft_model, ids)
+        ref = logits(peft_model, ids)
         rotate_model_(peft_model, RotationConfig(r2=True, r3=True), progress=False)
-        assert rel_err(_logits(peft_model, ids), ref) <= F64_NORM_RTOL
+        assert rel_err(logits(peft_model, ids), ref) <= F64_NORM_RTOL
         merged = peft_model.merge_and_unload()
-        assert rel_err(_logits(merged, ids), ref) <= F64_NORM_RTOL
+        assert rel_err(logits(merged, ids), ref) <= F64_NORM_RTOL
 
 
 def test_dora_before_rotation_refused():
@@ -275,15 +249,15 @@ def test_memory_is_not_a_full_float64_copy(monkeypatch):
     monkeypatch.setattr(rot, "_apply_in", spy)
     ids = random_ids()
     model = tiny_model("llama", dtype=torch.float64)
-    ref = _logits(model, ids)
+    ref = logits(model, ids)
     rotate_model_(model, progress=False)
-    assert max(seen) <= 64 * 8 and rel_err(_logits(model, ids), ref) <= STOCK_NORM_RTOL
+    assert max(seen) <= 64 * 8 and rel_err(logits(model, ids), ref) <= STOCK_NORM_RTOL
 
 
 def test_cuda_rotation_stays_on_device(cuda_device):
     model = tiny_model("llama").to(cuda_device)
     ids = random_ids().to(cuda_device)
-    ref = _logits(model, ids)
+    ref = logits(model, ids)
     rotate_model_(model, RotationConfig(r2=True, r3=True), progress=False)
     assert all(p.device.type == "cuda" for p in model.parameters())
-    assert rel_err(_logits(model, ids), ref) <= 1e-4
+    assert rel_err(logits(model, ids), ref) <= 1e-4
