@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import random_ids, tiny_model
+from tests.helpers import random_ids, tiny_model
 
 from rolora_plugin import RotationConfig, rotate_model_
-from rolora_plugin.gptq import (
+from rolora_plugin.quant.gptq import (
     HessianAccumulator,
     _hessians,
     capture_layer_inputs,
@@ -178,7 +178,7 @@ def test_padded_tokens_are_excluded_from_the_hessian():
 def test_each_hessian_comes_from_inputs_of_the_already_quantized_prefix(monkeypatch, rotate):
     """true-sequential GPTQ: the Hessian of every linear equals the one its input gives in the final quantized model
     (earlier layers and earlier linears of the same layer already quantized)."""
-    import rolora_plugin.gptq as gptq
+    import rolora_plugin.quant.gptq as gptq
 
     model = tiny_model("llama", layers=3)
     if rotate:

@@ -44,16 +44,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .quant import (
-    OFF_BITS,
-    QuantConfig,
-    QuantizationError,
-    compute_scales,
-    mse_clip_search,
-    quantize_with_scales,
-    replace_weight_,
-    rtn_quantize_linear_,
-)
+from ..architectures import get_architecture
+from ..errors import QuantizationError
+from .config import QuantConfig
+from .primitives import OFF_BITS, compute_scales, mse_clip_search, quantize_with_scales
+from .rtn import replace_weight_, rtn_quantize_linear_
+from .targets import quantizable_linears
 
 __all__ = [
     "HessianAccumulator",
@@ -308,10 +304,8 @@ def _quantize_stage(linears: dict, accs: dict, config: QuantConfig, errors: dict
 
 
 def _decoder_layers(model: nn.Module):
-    from .architectures import get_architecture, get_submodule
-
     spec = get_architecture(model)
-    return spec.layers, list(get_submodule(model, spec.layers))
+    return spec.layers, spec.decoder_layers(model)
 
 
 def gptq_quantize_model_(model: nn.Module, config: QuantConfig, calibration, *, progress: bool = True) -> dict[str, float]:
@@ -321,8 +315,6 @@ def gptq_quantize_model_(model: nn.Module, config: QuantConfig, calibration, *, 
     ``attention_mask`` (batch, seq) in a dict excludes padded tokens from the Hessians. Weights are edited in
     place; returns ``{name: ‖W − Ŵ‖_F / ‖W‖_F}``. Normally called through ``quantize_model_``.
     """
-    from .quant import quantizable_linears
-
     if config.w_bits >= OFF_BITS:
         return {}
     targets, _ = quantizable_linears(model, config)

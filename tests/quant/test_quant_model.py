@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import FAMILIES, random_ids, tiny_model
+from tests.helpers import FAMILIES, random_ids, tiny_model
 
 from rolora_plugin import RotationConfig, rotate_model_
 from rolora_plugin.online import add_attention_transform

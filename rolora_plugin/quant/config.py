@@ -1,0 +1,94 @@
+"""``QuantConfig``: what :func:`rolora_plugin.quant.quantize_model_` does, validated, dict / JSON round trip.
+
+The same config describes a fake-quant forward (QAT, the W4A4 monitor): :class:`rolora_plugin.QATConfig` and
+:class:`rolora_plugin.MonitorConfig` *hold* one (``QATConfig(quant=QuantConfig(...))``) instead of copying its fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import ConfigMixin
+from .primitives import OFF_BITS, _check_bits, _check_ratio, _is_int
+
+__all__ = ["QuantConfig", "WEIGHT_METHODS"]
+
+WEIGHT_METHODS = ("rtn", "gptq")  # weight quantizers; rolora_plugin.quant.model dispatches on them
+
+
+@dataclass
+class QuantConfig(ConfigMixin):
+    """What :func:`quantize_model_` does. 16 bits means "off" for that tensor kind.
+
+    Args:
+        w_bits / a_bits / kv_bits: weight, activation (linear inputs) and KV-cache bits, each in 2..16.
+        w_group_size: quantize weights per group of this many input columns (None: per output channel).
+        w_sym / a_sym / kv_sym: symmetric (zero point 0) or asymmetric grids.
+        a_clip_ratio / kv_clip_ratio: fixed clip ratio in (0, 1] for the dynamic per-token scales.
+        w_clip_search: pick a clip ratio per row/group minimising ``Σ|W - Q(W)|^p`` (:func:`~rolora_plugin.quant.mse_clip_search`).
+        w_clip_grid / w_clip_max_shrink / w_clip_norm: candidates ``1 - i/grid`` for ``i < max_shrink·grid``; p.
+        method: "rtn" (round to nearest) or "gptq" (needs calibration data; :mod:`rolora_plugin.quant.gptq`).
+        gptq_damp: damping ``λ = damp · mean(diag H)`` added to the Hessian diagonal.
+        gptq_act_order: quantize columns by decreasing ``diag H`` (with groups: static groups, see :mod:`rolora_plugin.quant.gptq`).
+        gptq_block_size: columns per lazy-batch block.
+        gptq_true_sequential: within a layer, quantize linears in call order, re-running the layer in between
+            so later linears see the outputs of already-quantized ones (GPTQ's ``true-sequential``).
+        skip: linears left in high precision, matched by full name, by a dotted suffix or by leaf name.
+    """
+
+    w_bits: int = 4
+    a_bits: int = 4
+    kv_bits: int = OFF_BITS
+    w_group_size: int | None = None
+    w_sym: bool = True
+    a_sym: bool = True
+    kv_sym: bool = False
+    a_clip_ratio: float = 1.0
+    kv_clip_ratio: float = 1.0
+    w_clip_search: bool = False
+    w_clip_grid: int = 100
+    w_clip_max_shrink: float = 0.8
+    w_clip_norm: float = 2.4
+    method: str = "rtn"
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = False
+    gptq_block_size: int = 128
+    gptq_true_sequential: bool = True
+    skip: tuple = ("lm_head",)
+
+    def __post_init__(self):
+        for name in ("w_bits", "a_bits", "kv_bits"):
+            _check_bits(getattr(self, name), f"QuantConfig.{name}")
+        if self.w_group_size is not None and (not _is_int(self.w_group_size) or self.w_group_size < 1):
+            raise ValueError(f"QuantConfig.w_group_size must be a positive int or None (per channel), got {self.w_group_size!r}")
+        for name in ("w_sym", "a_sym", "kv_sym", "w_clip_search", "gptq_act_order", "gptq_true_sequential"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"QuantConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("a_clip_ratio", "kv_clip_ratio"):
+            _check_ratio(getattr(self, name), f"QuantConfig.{name}")
+        self._check_search_and_gptq()
+        if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
+            raise ValueError(f"QuantConfig.skip must be a list of module names, e.g. ['lm_head'], got {self.skip!r}")
+        self.skip = tuple(self.skip)
+        if min(self.w_bits, self.a_bits, self.kv_bits) >= OFF_BITS:
+            raise ValueError("QuantConfig: w_bits, a_bits and kv_bits are all 16 (off); set at least one below 16")
+
+    def _check_search_and_gptq(self):
+        if self.method not in WEIGHT_METHODS:
+            raise ValueError(f"QuantConfig.method must be 'rtn' or 'gptq', got {self.method!r}")
+        if not _is_int(self.w_clip_grid) or self.w_clip_grid < 1:
+            raise ValueError(f"QuantConfig.w_clip_grid must be a positive int, got {self.w_clip_grid!r}")
+        if not 0.0 <= self.w_clip_max_shrink < 1.0:
+            raise ValueError(f"QuantConfig.w_clip_max_shrink must be in [0, 1), got {self.w_clip_max_shrink!r}")
+        if not self.w_clip_norm > 0:
+            raise ValueError(f"QuantConfig.w_clip_norm (the p of the error norm) must be > 0, got {self.w_clip_norm!r}")
+        if not self.gptq_damp > 0:
+            raise ValueError(f"QuantConfig.gptq_damp must be > 0 (e.g. 0.01), got {self.gptq_damp!r}")
+        if not _is_int(self.gptq_block_size) or self.gptq_block_size < 1:
+            raise ValueError(f"QuantConfig.gptq_block_size must be a positive int, got {self.gptq_block_size!r}")
+
+    def clip_search_kwargs(self) -> dict | None:
+        """Keyword arguments for :func:`~rolora_plugin.quant.mse_clip_search`, or None when the search is off."""
+        if not self.w_clip_search:
+            return None
+        return dict(grid=self.w_clip_grid, max_shrink=self.w_clip_max_shrink, norm=self.w_clip_norm)

@@ -1,0 +1,254 @@
+"""Model-level quantization: :func:`quantize_model_`, its record, and the activation / KV-cache quantizers.
+
+:func:`quantize_model_` edits weights in place (fake-quantized floats, same dtype) with the weight method the
+config names (a handler per method in :data:`WEIGHT_HANDLERS`: ``"rtn"`` → :mod:`.rtn`, ``"gptq"`` → :mod:`.gptq`),
+and adds a forward-pre-hook on every quantized ``nn.Linear`` that fake-quantizes its input per token. That hook
+is registered normally (not prepended), so it runs *after* rolora's online R4 Hadamard, which the MLP prepends to
+``down_proj``'s hooks on every call (see :mod:`rolora_plugin.online`): the quantizer sees the rotated activation,
+as the hardware would. KV-cache quantization fake-quantizes keys and values per head and token inside the
+attention function (after RoPE and after R3) through :func:`rolora_plugin.online.add_attention_transform`.
+
+What was done is stored as a :class:`QuantizationRecord` dict under ``model.config.rolora_quant``
+(:data:`rolora_plugin.config.QUANT_RECORD_KEY`); :func:`install_activation_quantizers` re-installs the runtime
+quantizers of a loaded checkpoint from it.
+
+Papers: RoLoRA (Huang et al., 2024), QuaRot (Ashkboos et al., 2024), GPTQ (Frantar et al., 2022).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from torch import nn
+
+from .._peft import is_lora_layer
+from ..architectures import get_architecture, get_submodule
+from ..config import QUANT_RECORD_KEY
+from ..errors import QuantizationError
+from ..online import add_attention_transform, attention_transforms, remove_attention_transform
+from .config import QuantConfig
+from .gptq import gptq_quantize_model_
+from .primitives import OFF_BITS, quantize_activation
+from .rtn import rtn_quantize_linear_
+from .targets import quantizable_linears
+
+__all__ = [
+    "QuantizationRecord",
+    "quantize_model_",
+    "get_quantization_record",
+    "install_activation_quantizers",
+    "remove_activation_quantizers",
+    "ActivationQuantizer",
+    "KVQuantizer",
+    "WEIGHT_HANDLERS",
+    "FORMAT_VERSION",
+]
+
+logger = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+_ACT_ATTR = "_rolora_act_quant"
+_KV_NAME = "kv_quant"
+
+
+# ---------------------------------------------------------------------------------------------- runtime quantizers
+
+
+class ActivationQuantizer:
+    """Forward-pre-hook that fake-quantizes a Linear's first input per token (STE, so it also trains)."""
+
+    def __init__(self, bits: int, sym: bool = True, clip_ratio: float = 1.0):
+        self.bits, self.sym, self.clip_ratio = bits, sym, clip_ratio
+
+    def __call__(self, module, args):
+        return (quantize_activation(args[0], self.bits, self.sym, self.clip_ratio, ste=True),) + tuple(args[1:])
+
+    def __repr__(self) -> str:
+        return f"ActivationQuantizer(bits={self.bits}, sym={self.sym}, clip_ratio={self.clip_ratio})"
+
+
+class KVQuantizer(nn.Module):
+    """Attention transform ``(q, k, v) → (q, Q(k), Q(v))``: per head and token (over head_dim). No parameters."""
+
+    def __init__(self, bits: int, sym: bool = False, clip_ratio: float = 1.0):
+        super().__init__()
+        self.bits, self.sym, self.clip_ratio = bits, sym, clip_ratio
+
+    def forward(self, q, k, v):
+        return q, self._quantize(k), self._quantize(v)
+
+    def _quantize(self, t):
+        return quantize_activation(t, self.bits, self.sym, self.clip_ratio, ste=True)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, sym={self.sym}, clip_ratio={self.clip_ratio}"
+
+
+# ---------------------------------------------------------------------------------------------- record
+
+
+@dataclass
+class QuantizationRecord:
+    """What :func:`quantize_model_` did; stored as a dict under ``model.config.rolora_quant``.
+
+    ``weight_error`` maps each quantized linear to ``‖W - Q(W)‖_F / ‖W‖_F``.
+    """
+
+    config: QuantConfig
+    quantized: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    kv_layers: int = 0
+    weight_error: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["config"] = self.config.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QuantizationRecord":
+        data = dict(data)
+        if data.get("format_version") != FORMAT_VERSION:
+            raise QuantizationError(f"quantization record format {data.get('format_version')} is not supported")
+        data["config"] = QuantConfig.from_dict(data["config"])
+        return cls(**data)
+
+    def mean_weight_error(self) -> float:
+        return sum(self.weight_error.values()) / max(1, len(self.weight_error))
+
+
+def get_quantization_record(model_or_config) -> QuantizationRecord | None:
+    """The :class:`QuantizationRecord` of a quantized model (or its config), or None."""
+    config = getattr(model_or_config, "config", model_or_config)
+    data = getattr(config, QUANT_RECORD_KEY, None)
+    return QuantizationRecord.from_dict(data) if data else None
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def _check_model(model: nn.Module, config: QuantConfig, linears: dict) -> None:
+    if get_quantization_record(model) is not None or any(_ACT_ATTR in m.__dict__ for m in linears.values()):
+        raise QuantizationError(
+            f"{type(model).__name__} is already quantized (model.config.{QUANT_RECORD_KEY} is set); quantizing twice "
+            "would compound the rounding. Reload the full-precision model to quantize with another config."
+        )
+    for name, mod in model.named_modules():
+        if is_lora_layer(mod):
+            raise QuantizationError(
+                f"{name} is a peft LoRA layer; quantize_model_ is post-training: merge the adapters first "
+                "(model = model.merge_and_unload()), then quantize"
+            )
+    if not linears:
+        raise QuantizationError(f"{type(model).__name__} has no nn.Linear left to quantize (skip={list(config.skip)})")
+    embeds = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
+    for name, lin in linears.items():
+        _check_linear(name, lin, config, embeds)
+
+
+def _check_linear(name: str, lin: nn.Linear, config: QuantConfig, embed_ptrs: set) -> None:
+    cols = lin.in_features
+    if config.w_bits < OFF_BITS and config.w_group_size is not None and cols % config.w_group_size:
+        divisors = [d for d in (32, 64, 128, 256) if cols % d == 0]
+        raise QuantizationError(
+            f"w_group_size={config.w_group_size} does not divide the input width {cols} of layer {name!r}; choose a "
+            f"divisor of {cols} (e.g. {divisors or [cols]}) or per-channel scales (w_group_size=None), or add "
+            f"{name.rsplit('.', 1)[-1]!r} to skip"
+        )
+    if config.w_bits < OFF_BITS and lin.weight.data_ptr() in embed_ptrs:
+        raise QuantizationError(
+            f"{name} shares its weight with the input embeddings (tied); quantizing it would quantize the embeddings "
+            "too. Keep it in QuantConfig.skip, or untie the embeddings first"
+        )
+    if not lin.weight.is_floating_point():
+        raise QuantizationError(f"{name} has a {lin.weight.dtype} weight; quantize_model_ needs a floating-point model")
+
+
+# ---------------------------------------------------------------------------------------------- weight methods
+
+
+def _rtn_weights(model: nn.Module, config: QuantConfig, linears: dict, calibration, progress: bool) -> dict:
+    return {name: rtn_quantize_linear_(lin, config) for name, lin in linears.items()}
+
+
+def _gptq_weights(model: nn.Module, config: QuantConfig, linears: dict, calibration, progress: bool) -> dict:
+    if calibration is None:
+        raise QuantizationError("method='gptq' needs calibration data: pass calibration=[input_ids tensors or dicts]")
+    return gptq_quantize_model_(model, config, calibration, progress=progress)
+
+
+# method → handler(model, config, {name: Linear}, calibration, progress) → {name: ‖W − Ŵ‖_F / ‖W‖_F}; edits in place
+WEIGHT_HANDLERS: dict[str, Callable[..., dict]] = {"rtn": _rtn_weights, "gptq": _gptq_weights}  # keys: WEIGHT_METHODS
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+
+def quantize_model_(model: nn.Module, config: QuantConfig | None = None, calibration=None, *, progress: bool = True) -> QuantizationRecord:
+    """Quantize ``model`` in place: weights (RTN or GPTQ), per-token activations of linear inputs, KV cache.
+
+    Args:
+        model: a causal LM (rotated or not). Every ``nn.Linear`` not in ``config.skip`` is quantized; embeddings
+            and skipped linears (``lm_head`` by default) stay in high precision.
+        config: :class:`QuantConfig` (default W4A4 RTN per channel).
+        calibration: for GPTQ, an iterable of ``input_ids`` tensors (batch, seq) or of dicts accepted by
+            ``model(**batch)``. Ignored by RTN.
+        progress: tqdm bars.
+
+    Returns:
+        The :class:`QuantizationRecord`, also stored in ``model.config.rolora_quant``.
+
+    Example::
+
+        >>> record = quantize_model_(model, QuantConfig(w_bits=4, a_bits=8))  # doctest: +SKIP
+    """
+    config = config or QuantConfig()
+    linears, skipped = quantizable_linears(model, config)
+    _check_model(model, config, linears)
+    record = QuantizationRecord(config=config, quantized=list(linears), skipped=skipped)
+    if config.w_bits < OFF_BITS:
+        record.weight_error = WEIGHT_HANDLERS[config.method](model, config, linears, calibration, progress)
+    install_activation_quantizers(model, record)
+    setattr(model.config, QUANT_RECORD_KEY, record.to_dict())
+    logger.info(
+        "quantized %d linears of %s (W%dA%d KV%d, %s); mean relative weight error %.4f; kept %s in high precision",
+        len(linears), type(model).__name__, config.w_bits, config.a_bits, config.kv_bits, config.method,
+        record.mean_weight_error(), skipped,
+    )  # fmt: skip
+    return record
+
+
+def install_activation_quantizers(model: nn.Module, record: QuantizationRecord) -> None:
+    """(Re)install the activation and KV-cache quantizers that ``record`` describes (weights are not touched).
+
+    Used by :func:`quantize_model_` and after loading a quantized checkpoint, whose weights are already fake-quantized.
+    """
+    cfg = record.config
+    remove_activation_quantizers(model)
+    if cfg.a_bits < OFF_BITS:
+        for name in record.quantized:
+            lin = model.get_submodule(name)
+            hook = ActivationQuantizer(cfg.a_bits, cfg.a_sym, cfg.a_clip_ratio)
+            lin.__dict__[_ACT_ATTR] = (hook, lin.register_forward_pre_hook(hook))
+    record.kv_layers = _install_kv_quantizers(model, cfg) if cfg.kv_bits < OFF_BITS else 0
+
+
+def _install_kv_quantizers(model: nn.Module, cfg: QuantConfig) -> int:
+    spec = get_architecture(model)
+    layers = spec.decoder_layers(model)
+    for layer in layers:
+        quantizer = KVQuantizer(cfg.kv_bits, cfg.kv_sym, cfg.kv_clip_ratio)
+        add_attention_transform(get_submodule(layer, spec.attention), _KV_NAME, quantizer, model.config)
+    return len(layers)
+
+
+def remove_activation_quantizers(model: nn.Module) -> None:
+    """Remove every activation / KV quantizer installed by rolora (weights stay as they are)."""
+    for module in model.modules():
+        entry = module.__dict__.pop(_ACT_ATTR, None)
+        if entry is not None:
+            entry[1].remove()
+        if _KV_NAME in attention_transforms(module):
+            remove_attention_transform(module, _KV_NAME)

@@ -1,0 +1,63 @@
+"""Fake-quant training (QAT): the LoRA-factor STE backward and the fake-quantized forward of a LoRA model."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rolora_plugin import RotationConfig, rotate_model_
+from rolora_plugin.quant import QuantConfig, enable_fake_quant_, fake_quant_active, fake_quantize_weight, fake_quantized, quantize_model_
+from rolora_plugin.quant.qat import _FakeQuantLoRALinear
+from tests.helpers import logits, lora, random_ids, rel_err, tiny_model
+
+FP32_MERGE_RTOL = 1e-5  # issue 4 acceptance: LoRA forward vs merged forward in float32
+ALL_ROTATIONS = RotationConfig(r2=True, r3=True)
+
+
+def quant_config(w_bits: int, a_bits: int) -> QuantConfig:
+    """The fake-quant setting QAT uses by default: RTN, per channel, symmetric, nothing skipped."""
+    return QuantConfig(w_bits=w_bits, a_bits=a_bits, skip=())
+
+
+def test_fake_quant_lora_backward_equals_ste_through_the_effective_weight():
+    """The LoRA-factor backward == autograd through Q_w(W + Σ s B A) with an identity STE (float64)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 32, dtype=torch.float64, generator=g).requires_grad_()
+    w = torch.randn(24, 32, dtype=torch.float64, generator=g)
+    factors = [torch.randn(shape, dtype=torch.float64, generator=g).requires_grad_() for shape in ((4, 32), (24, 4), (2, 32), (24, 2))]
+    scalings = [0.5, 2.0]
+
+    def quantize(m):
+        return fake_quantize_weight(m, 4, 8)
+
+    y = _FakeQuantLoRALinear.apply(x, w, quantize, scalings, *factors)
+    a1, b1, a2, b2 = factors
+    ref = F.linear(x, quantize(w + 0.5 * b1 @ a1 + 2.0 * b2 @ a2))  # no clipping: quant.py's STE is the identity here
+    grad = torch.randn(y.shape, dtype=torch.float64, generator=g)
+    got = torch.autograd.grad(y, [x, *factors], grad)
+    want = torch.autograd.grad(ref, [x, *factors], grad)
+    assert rel_err(y, ref) <= 1e-12
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= 1e-12
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_fake_quantized_peft_model_equals_merged_then_quantize_model(family):
+    """W4A4 fake quant of a LoRA model (after the online R4) == merge + quant.py's quantize_model_ (RTN W4A4)."""
+    ids = random_ids()
+    model = tiny_model(family)
+    rotate_model_(model, ALL_ROTATIONS, progress=False)
+    peft_model = lora(model, "all-linear")
+    fp = logits(peft_model, ids)
+    with fake_quantized(peft_model, quant_config(4, 4)):
+        fq = logits(peft_model, ids)
+    assert not fake_quant_active(peft_model) and rel_err(logits(peft_model, ids), fp) == 0
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    quantize_model_(merged, QuantConfig(w_bits=4, a_bits=4), progress=False)
+    assert rel_err(fq, logits(merged, ids)) <= FP32_MERGE_RTOL
+    assert rel_err(fq, fp) > 100 * FP32_MERGE_RTOL
+    handle = enable_fake_quant_(peft_model, quant_config(4, 4), targets="lora")
+    with pytest.raises(RuntimeError, match="already enabled"):
+        enable_fake_quant_(peft_model, quant_config(4, 4))
+    handle.remove()
