@@ -20,8 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from hf_trainer_rolora import heldout_loss  # noqa: E402
 
 from rolora_plugin import RotationConfig, rotate_model_  # noqa: E402
-from rolora_plugin.assets import instruction_pairs, load_smollm2, pad_collate, text_chunks, tokenize_pairs  # noqa: E402
-from rolora_plugin.eval import evaluate_tasks, perplexity  # noqa: E402
+from rolora_plugin.app.assets import instruction_pairs, load_smollm2, pad_collate, text_chunks, tokenize_pairs  # noqa: E402
+from rolora_plugin.app.evaluate import evaluate_tasks  # noqa: E402
+from rolora_plugin.metrics import perplexity  # noqa: E402
 from rolora_plugin.quant import QuantConfig, quantize_model_  # noqa: E402
 
 

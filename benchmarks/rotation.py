@@ -92,7 +92,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-append", action="store_true", help="print only, do not append to RESULTS.md")
     args = p.parse_args(argv)
-    from rolora_plugin.assets import smollm2_dir
+    from rolora_plugin.app.assets import smollm2_dir
     from transformers import AutoModelForCausalLM
 
     path = smollm2_dir()

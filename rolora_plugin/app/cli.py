@@ -18,9 +18,11 @@ import os
 import sys
 from pathlib import Path
 
+from ..publish import atomic_write_text
+
 __all__ = ["main", "build_parser", "CLIError", "format_demo_table"]
 
-logger = logging.getLogger("rolora_plugin.cli")
+logger = logging.getLogger(__name__)
 EXIT_BAD_INPUT = 2
 
 
@@ -59,18 +61,6 @@ def check_new_output_dir(path: str) -> Path:
     return p
 
 
-@contextlib.contextmanager
-def atomic_output_dir(path: Path):
-    """:func:`rolora_plugin.export.atomic_output_dir`, reporting an existing target as a :class:`CLIError`."""
-    from .export import atomic_output_dir as staged
-
-    try:
-        with staged(path) as tmp:
-            yield tmp
-    except FileExistsError as e:
-        raise CLIError(str(e)) from None
-
-
 def load_model_config(model_dir: Path):
     """The transformers config of ``model_dir``; unknown model types and non-causal-LM checkpoints are refused."""
     from transformers import AutoConfig
@@ -90,7 +80,7 @@ def load_model_config(model_dir: Path):
 
 def check_family(config) -> None:
     """Refuse model types no rotation spec is registered for (one line, listing the supported ones)."""
-    from .architectures import list_architectures
+    from .. import list_architectures
 
     if config.model_type not in list_architectures():
         known = ", ".join(sorted(list_architectures()))
@@ -98,7 +88,7 @@ def check_family(config) -> None:
 
 
 def is_rotated_dir(model_dir: Path, config) -> bool:
-    from .rotation import RECORD_KEY
+    from ..config import RECORD_KEY
 
     return (model_dir / "rolora_rotation.json").is_file() or bool(getattr(config, RECORD_KEY, None))
 
@@ -110,7 +100,7 @@ def load_model(model_dir: Path, dtype: str = "float32"):
 
     config = load_model_config(model_dir)
     if is_rotated_dir(model_dir, config):
-        from .export import load_rotated
+        from .. import load_rotated
 
         model = load_rotated(str(model_dir), dtype=getattr(torch, dtype))
     else:
@@ -147,8 +137,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def cmd_rotate(args) -> int:
-    from .config import RotationConfig
-    from .rotation import rotate_model_
+    from .. import RotationConfig, rotate_model_
 
     src = check_model_dir(args.model_dir)
     out = check_new_output_dir(args.out_dir)
@@ -183,8 +172,7 @@ def _report_exactness(src: Path, rotated, dtype: str) -> None:
 def save_rotated(model, tok, record, out: Path) -> None:
     """Safetensors + config + tokenizer + ``rolora_rotation.json`` (+ ``transform_config.json``), written atomically
     by :func:`rolora_plugin.export.merge_and_export` after it re-verifies the record."""
-    from .export import merge_and_export
-    from .rotation import get_rotation_record
+    from .. import get_rotation_record, merge_and_export
 
     if get_rotation_record(model) != record:
         raise RuntimeError("the model's rotation record differs from the one rotate_model_ returned")
@@ -196,7 +184,7 @@ def cmd_eval(args) -> int:
     load_model_config(src)
     if args.w_bits < 16 or args.a_bits < 16:
         with _config_errors("quantization"):
-            from .quant import QuantConfig
+            from .. import QuantConfig
 
             QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, method=args.method, w_group_size=args.w_group_size)
     _check_tasks(args.tasks)
@@ -205,13 +193,13 @@ def cmd_eval(args) -> int:
         raise CLIError(f"{args.model_dir!r} has no tokenizer; evaluation needs one (save it next to the model)")
     results = evaluate_dir(model, tok, args)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
     print(format_eval_table(results))
     return 0
 
 
 def _check_tasks(tasks) -> None:
-    from .eval import PAPER_TASKS
+    from .evaluate import PAPER_TASKS
 
     unknown = sorted(set(tasks or ()) - set(PAPER_TASKS))
     if unknown:
@@ -220,8 +208,9 @@ def _check_tasks(tasks) -> None:
 
 def evaluate_dir(model, tok, args) -> dict:
     """Quantize (if asked) and evaluate an in-memory model; the dict printed by ``rolora eval``."""
+    from ..metrics import perplexity
     from .assets import text_chunks
-    from .eval import PAPER_TASKS, evaluate_tasks, perplexity
+    from .evaluate import PAPER_TASKS, evaluate_tasks
 
     setting = f"W{args.w_bits}A{args.a_bits}" if (args.w_bits < 16 or args.a_bits < 16) else "FP"
     results = {"model": str(args.model_dir), "setting": setting, "method": args.method if setting != "FP" else None}
@@ -236,8 +225,8 @@ def evaluate_dir(model, tok, args) -> dict:
 
 
 def quantize_for_eval(model, tok, args) -> None:
+    from .. import QuantConfig, quantize_model_
     from .assets import calibration_chunks
-    from .quant import QuantConfig, quantize_model_
 
     with _config_errors("quantization"):
         cfg = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, method=args.method, w_clip_search=args.clip_search,
@@ -270,7 +259,7 @@ def cmd_export(args) -> int:
     if (src / "config.json").is_file() and not (src / "adapter_config.json").is_file():
         load_model_config(src)
     base = check_model_dir(args.base_model) if args.base_model else None
-    from .export import merge_and_export
+    from .. import merge_and_export
 
     merge_and_export(str(src), str(out), base_model=str(base) if base else None)
     print(f"merged and exported {src} -> {out}")
@@ -278,7 +267,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .demo import TrainConfig, run_training
+    from .train import BUILTIN_DATASETS, TrainConfig, run_training
 
     path = Path(args.config)
     if not path.is_file():
@@ -292,7 +281,7 @@ def cmd_train(args) -> int:
             check_family(config)
         if not any((Path(cfg.model) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
             raise CLIError(f"model dir {cfg.model!r} has no tokenizer; training needs one saved next to the model")
-    if cfg.dataset not in ("sciq", "gsm8k") and not Path(cfg.dataset).is_file():
+    if cfg.dataset not in BUILTIN_DATASETS and not Path(cfg.dataset).is_file():
         raise CLIError(f"dataset {cfg.dataset!r} is neither 'sciq', 'gsm8k' nor an existing .json/.jsonl file")
     result = run_training(cfg)
     print(f"trained {cfg.model} on {cfg.dataset} for {result['steps']} steps (final loss {result['final_loss']:.4f}); "
@@ -494,8 +483,7 @@ def _setup_logging(args) -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from .architectures import UnsupportedArchitectureError
-    from .rotation import RotationError
+    from .. import RotationError, UnsupportedArchitectureError
 
     return (CLIError, UnsupportedArchitectureError, RotationError)
 

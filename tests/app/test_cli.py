@@ -1,7 +1,7 @@
 """The ``rolora`` command on tiny saved models: --help everywhere, rotate/eval/export/train, and bad input.
 
 Bad input must end with exit status 2, one line on stderr, and nothing written next to the output path.
-Also the activation statistics helper the demo uses (:mod:`rolora_plugin.kurtosis`).
+Also the activation statistics helper the demo uses (:mod:`rolora_plugin.kurtosis`) and its plots (:mod:`rolora_plugin.app.plots`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rolora_plugin.cli import EXIT_BAD_INPUT, atomic_output_dir, build_parser, main
+from rolora_plugin.app.cli import EXIT_BAD_INPUT, build_parser, main
 from rolora_plugin.kurtosis import activation_stats, kurtosis_from_power_sums, kurtosis_ref, layer_index
-from tiny_models import random_ids, tiny_model
+from rolora_plugin.publish import atomic_output_dir
+from tests.helpers import logits, random_ids, rel_err, tiny_model
 
 SUBCOMMANDS = ("demo", "rotate", "eval", "export", "train")
 FP32_REL = 1e-5  # relative logit tolerance of an exact rotation in float32 (stock RMSNorm computes in float32)
@@ -67,15 +68,6 @@ def rotated_dir(work, tiny_dir) -> Path:
     return out
 
 
-def logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits.double()
-
-
-def rel(a, b) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
 def listing(path: Path) -> list[str]:
     return sorted(p.name for p in path.iterdir())
 
@@ -118,7 +110,7 @@ def test_parser_lists_every_subcommand(capsys):
 
 def test_console_script_help():
     exe = shutil.which("rolora")
-    cmd = [exe] if exe else [sys.executable, "-m", "rolora_plugin.cli"]
+    cmd = [exe] if exe else [sys.executable, "-m", "rolora_plugin.app.cli"]
     proc = subprocess.run(cmd + ["rotate", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "MODEL_DIR" in proc.stdout and "--r2" in proc.stdout
@@ -144,9 +136,9 @@ def test_rotate_keeps_function_and_writes_record(tiny_dir, rotated_dir):
     ids = random_ids()
     ref = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
     rotated = load_rotated(rotated_dir)
-    assert rel(logits(rotated, ids), logits(ref, ids)) < FP32_REL
+    assert rel_err(logits(rotated, ids), logits(ref, ids)) < FP32_REL
     plain = AutoModelForCausalLM.from_pretrained(rotated_dir).eval()  # no online R4: a different function
-    assert rel(logits(plain, ids), logits(ref, ids)) > 1e-3
+    assert rel_err(logits(plain, ids), logits(ref, ids)) > 1e-3
 
 
 def test_rotate_flags_select_rotations(tiny_dir, work):
@@ -245,7 +237,7 @@ def test_export_merges_adapter(adapter_dir, rotated_dir, work):
     path, expected = adapter_dir
     out = work / "merged"
     assert main(["-q", "export", str(path), str(out), "--base-model", str(rotated_dir)]) == 0
-    assert rel(logits(load_rotated(out), random_ids()), expected) < FP32_REL
+    assert rel_err(logits(load_rotated(out), random_ids()), expected) < FP32_REL
 
 
 def test_export_refuses_mismatched_record(adapter_dir, tiny_dir, work, capsys):
@@ -283,9 +275,9 @@ def test_train_from_yaml(tiny_dir, work, capsys):
 
 
 def test_example_train_config_is_valid():
-    from rolora_plugin.demo import TrainConfig
+    from rolora_plugin.app.train import TrainConfig
 
-    cfg = TrainConfig.from_file(Path(__file__).parents[1] / "examples" / "train_config.yaml")
+    cfg = TrainConfig.from_file(Path(__file__).parents[2] / "examples" / "train_config.yaml")
     assert cfg.rotate and cfg.dataset in ("sciq", "gsm8k")
 
 
@@ -468,7 +460,8 @@ def test_rotation_lowers_kurtosis_of_a_tiny_model_with_outliers():
 
 def test_summaries_and_plots_from_activation_stats(tmp_path):
     from rolora_plugin import RotationConfig, rotate_model_
-    from rolora_plugin.kurtosis import plot_channel_magnitudes, plot_kurtosis_per_layer, summarize_by_kind
+    from rolora_plugin.app.plots import plot_channel_magnitudes, plot_kurtosis_per_layer
+    from rolora_plugin.kurtosis import summarize_by_kind
 
     model = tiny_model("llama", layers=3)
     ids = random_ids(batch=2, seq=24)

@@ -24,7 +24,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "report"
     exe = shutil.which("rolora")
-    cmd = ([exe] if exe else [sys.executable, "-m", "rolora_plugin.cli"]) + ["demo", "--size", "tiny", "--out", str(out)]
+    cmd = ([exe] if exe else [sys.executable, "-m", "rolora_plugin.app.cli"]) + ["demo", "--size", "tiny", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "results.json").read_text()), proc.stdout, out

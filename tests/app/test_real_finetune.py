@@ -16,13 +16,13 @@ import pytest
 
 pytestmark = pytest.mark.real
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hf_trainer_rolora.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hf_trainer_rolora.py"
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     pytest.importorskip("peft")
-    from rolora_plugin.assets import smollm2_gguf
+    from rolora_plugin.app.assets import smollm2_gguf
 
     smollm2_gguf()  # clear AssetError with the pip command if the model package is missing
     out = tmp_path_factory.mktemp("finetune")
