@@ -1,14 +1,21 @@
-"""DeepSpeed / multi-process glue: check that every rank applied the same rotation.
+"""DeepSpeed / multi-process glue: every rank applied the same rotation; merged export under ZeRO-3.
 
-The rotation itself is DeepSpeed-aware in the core (:func:`rolora_plugin.rotation.gather_params` gathers ZeRO-3
-partitioned weights one layer at a time inside ``deepspeed.zero.GatheredParameters(..., modifier_rank=0)`` and is
-a no-op otherwise). Every rank must nevertheless run :func:`rolora_plugin.rotate_model_` with the same
-config: under ZeRO-2 (and plain DDP) parameters are ordinary tensors, so ``GatheredParameters`` does nothing and
-an edit made on rank 0 only would leave the ranks different after the engine's initial broadcast (DESIGN.md,
-"DeepSpeed 0.19.8", pitfall 2). The rotation is deterministic (seeded ``torch.Generator``, CPU maths), so
-rotating on every rank gives bit-identical results; :func:`check_rank_agreement` verifies that loudly.
+The rotation itself is DeepSpeed-aware in the core: :func:`rolora_plugin.distributed.gather_params` gathers
+ZeRO-3 partitioned weights one layer at a time inside ``deepspeed.zero.GatheredParameters(..., modifier_rank=0)``
+and is a no-op otherwise (:func:`~rolora_plugin.distributed.is_zero3_partitioned` and
+:func:`~rolora_plugin.distributed.world_size` are re-exported here). Every rank must nevertheless run
+:func:`rolora_plugin.rotate_model_` with the same config: under ZeRO-2 (and plain DDP) parameters are ordinary
+tensors, so ``GatheredParameters`` does nothing and an edit made on rank 0 only would leave the ranks different
+after the engine's initial broadcast (DeepSpeed 0.19.8). The rotation is deterministic (seeded
+``torch.Generator``, CPU maths), so rotating on every rank gives bit-identical results;
+:func:`check_rank_agreement` verifies that loudly.
 
-Nothing here imports ``deepspeed`` at module level; only ``torch.distributed`` is used.
+Merged export under ZeRO-3 (:func:`export_merged_zero3`): each rank holds a slice of every weight, so all ranks
+gather the (small) trainable adapter, and the main process merges it into the base model reloaded unpartitioned
+(:func:`zero3_init_disabled`) and re-rotated from the record.
+
+Nothing here imports ``deepspeed`` at module level (only ``torch.distributed``); ``transformers`` is imported
+inside :func:`zero3_init_disabled` only.
 """
 
 from __future__ import annotations
@@ -17,13 +24,22 @@ import contextlib
 import hashlib
 import json
 import logging
+import tempfile
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..distributed import gather_params, is_zero3_partitioned, world_size
+from ..export import merge_and_export, write_rotation_record
+from ..publish import check_writable_parent
+
 __all__ = [
     "RankDisagreementError",
     "check_rank_agreement",
+    "export_adapter_state",
+    "export_merged_zero3",
+    "gather_trainable",
     "is_zero3_partitioned",
     "parameter_digests",
     "record_digest",
@@ -38,12 +54,6 @@ class RankDisagreementError(RuntimeError):
     """Processes of one distributed job hold different rotations or different weights."""
 
 
-def world_size() -> int:
-    """Number of processes in the default group, or 1 when ``torch.distributed`` is not initialized."""
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def record_digest(record) -> str:
     """sha256 (16 hex) of a :class:`~rolora_plugin.rotation.RotationRecord` (or its dict): seed, config, dims and
     the checksums of every rotation matrix."""
@@ -56,8 +66,6 @@ def parameter_digests(model: nn.Module) -> dict[str, str]:
 
     Collective under ZeRO-3: every rank must call it.
     """
-    from ..distributed import gather_params
-
     out = {}
     for name, p in model.named_parameters():
         with gather_params([p], modifier_rank=None):
@@ -101,11 +109,6 @@ def _raise_on_disagreement(everyone: list[dict]) -> None:
             )
 
 
-def is_zero3_partitioned(model: nn.Module) -> bool:
-    """True when ``model``'s parameters are DeepSpeed ZeRO-3 partitions (each rank holds a slice)."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
-
-
 @contextlib.contextmanager
 def zero3_init_disabled():
     """Load models unpartitioned inside the block (e.g. rank 0 loading a base model to export a merge).
@@ -125,3 +128,47 @@ def zero3_init_disabled():
     finally:
         if active is not None:
             hf_deepspeed.set_hf_deepspeed_config(active)
+
+
+# ---------------------------------------------------------------------------------------------- ZeRO-3 export
+
+
+def gather_trainable(model: nn.Module, keep: bool) -> dict[str, torch.Tensor]:
+    """``{name: full CPU tensor}`` of the trainable (adapter) parameters (``{}`` where ``keep`` is False).
+
+    Collective for ZeRO-3 partitions (every rank must call it; each parameter is gathered read-only, one at a
+    time); plain tensors are copied.
+    """
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            with gather_params([p], modifier_rank=None):
+                if keep:
+                    out[name] = p.detach().cpu().clone()
+    return out
+
+
+def export_adapter_state(model: nn.Module, adapter: dict, record, out_dir: Path, tokenizer=None, overwrite: bool = False) -> None:
+    """Merge-export ``adapter`` (from :func:`gather_trainable` of the peft ``model``) to ``out_dir``.
+
+    The adapter is written as a peft adapter folder with its rotation ``record`` to a scratch folder next to
+    ``out_dir`` (deleted afterwards), then :func:`~rolora_plugin.export.merge_and_export` loads the base model
+    named in its ``adapter_config.json`` unpartitioned, re-rotates it from the record (checksums verified),
+    merges and publishes ``out_dir`` atomically. Runs on one process (the main one).
+    """
+    out_dir = Path(out_dir)
+    check_writable_parent(out_dir)
+    dtype = next(model.parameters()).dtype  # the base weights' dtype (ZeRO-3 params keep theirs)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.adapter-") as staging:
+        type(model).save_pretrained(model, staging, state_dict=adapter)  # the class's: no record hook
+        write_rotation_record(staging, record)
+        with zero3_init_disabled():  # load the base unpartitioned, on this process only
+            merge_and_export(staging, out_dir, tokenizer=tokenizer, overwrite=overwrite, dtype=dtype)
+
+
+def export_merged_zero3(model: nn.Module, record, out_dir, *, is_main: bool, tokenizer=None, overwrite: bool = False) -> None:
+    """Collective merged export of a ZeRO-3 partitioned peft ``model``: every rank gathers the adapter, the main
+    process (``is_main``) exports it with :func:`export_adapter_state`."""
+    adapter = gather_trainable(model, keep=is_main)
+    if is_main:
+        export_adapter_state(model, adapter, record, Path(out_dir), tokenizer, overwrite)

@@ -7,18 +7,19 @@ values to unpack``); the tiny top-level ``rolora`` package exists so that ``rolo
 >= 0.21 also registers the ``axolotl.plugins`` entry point ``rolora = "rolora.plugin:RoLoRAPlugin"`` on its own;
 the plugin therefore stays inactive unless the config has a ``rolora:`` section.
 
-Hook order (DESIGN.md) and what each hook does here:
+Hook order (Axolotl 0.19) and what each hook does here:
 
 * ``register(cfg)`` (raw config, before validation): with a ``rolora:`` section, sets Axolotl's fused LoRA
   kernels (``lora_mlp_kernel``, ``lora_qkv_kernel``, ``lora_o_kernel``) to false, logging why: they compute the
   MLP / attention without calling the module forwards, so RoLoRA's online Hadamard before ``down_proj`` (R4) and
   on q/k (R3) would be skipped. Axolotl would otherwise switch them on when unset.
-* ``post_model_build(cfg, model)``: rotates the bare model (before LoRA; under ZeRO-3 the weights are gathered
-  one layer at a time) and checks that every rank applied the same rotation.
+* ``post_model_build(cfg, model)``: :func:`~rolora_plugin.rotation.ensure_rotated` on the bare model (before
+  LoRA; under ZeRO-3 the weights are gathered one layer at a time): rotates it unless it is rotated already
+  (then ``rolora.rotation`` must match its record), and checks that every rank applied the same rotation.
 * ``pre_lora_load`` / ``post_lora_load``: maps ``lora_target_modules`` onto the family's rotated linears (e.g.
   ``q_proj`` → Phi-3's fused ``qkv_proj``), restores the user's value afterwards, and checks that the online
   rotations survived peft's wrapping.
-* ``add_callbacks_pre_trainer``: adds :class:`~rolora_plugin.callbacks.RoLoRACallback` (monitor, QAT, and
+* ``add_callbacks_pre_trainer``: adds :class:`~rolora_plugin.integrations.hf_trainer.RoLoRACallback` (monitor, QAT, and
   ``rolora_rotation.json`` next to every checkpoint); the model is already rotated, so it does not rotate again.
 * ``post_train`` (called twice by Axolotl: after ``trainer.train()`` and after the final save) and
   ``post_train_unload``: once the final model is saved in ``output_dir``, rank 0 exports the merged model with
@@ -36,9 +37,11 @@ from pathlib import Path
 
 from axolotl.integrations.base import BasePlugin
 
+from ..._peft import lora_layer_names
+from ...errors import RotationError
 from ...export import merge_and_export, read_rotation_record, write_rotation_record
-from ...lora import check_online_rotations, lora_layer_names, map_target_modules
-from ...rotation import RotationError, get_rotation_record, rotate_model_
+from ...lora import map_target_modules
+from ...rotation import check_online_rotations, ensure_rotated, get_rotation_record
 from ..deepspeed import check_rank_agreement, zero3_init_disabled
 from .args import MERGED_SUBDIR, RoLoRAOptions
 
@@ -85,14 +88,13 @@ class RoLoRAPlugin(BasePlugin):
         options = _options(cfg)
         if options is None:
             return
-        record = get_rotation_record(model)
-        if record is None:
-            record = rotate_model_(model, options.rotation)
-        elif record.config != options.rotation:
-            raise RotationError(
-                f"base_model is already rotated with {record.config}, but rolora.rotation asks for {options.rotation}; "
-                "set rolora.rotation to the model's rotation or start from the original weights"
-            )
+        rotated = get_rotation_record(model) is not None
+        try:
+            record = ensure_rotated(model, options.rotation)
+        except RotationError as e:
+            if not rotated:
+                raise
+            raise RotationError(f"base_model: {e} (in the Axolotl config: set rolora.rotation to that rotation)") from None
         check_rank_agreement(record)
         self.record, self._dtype = record, model.dtype
 
@@ -117,7 +119,7 @@ class RoLoRAPlugin(BasePlugin):
         options = _options(cfg)
         if options is None:
             return []
-        from ...callbacks import RoLoRACallback
+        from ..hf_trainer import RoLoRACallback  # imports transformers: only once Axolotl builds the trainer
 
         return [RoLoRACallback(options.to_rolora_config())]
 

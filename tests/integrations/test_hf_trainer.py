@@ -6,12 +6,11 @@ import sys
 
 import pytest
 import torch
-from conftest import rel_err
-from tiny_models import random_ids, tiny_model
+from tests.helpers import random_ids, rel_err, tiny_model
 
 from rolora_plugin import RotationConfig, RotationError, get_rotation_record, rotate_model_
 from rolora_plugin.export import RECORD_FILE, read_rotation_record
-from rolora_plugin.lora import enable_fake_quant_, fake_quant_active
+from rolora_plugin.quant import enable_fake_quant_, fake_quant_active
 from rolora_plugin.training_config import ExportConfig, MonitorConfig, QATConfig, RoLoRAConfig
 
 FP32_FUNCTION_RTOL = 1e-5
@@ -183,9 +182,9 @@ def test_qat_changes_the_forward_trains_and_is_undone(tmp_path):
 
 
 def qat_quant_config(qat):
-    from rolora_plugin.callbacks import quant_config
+    from rolora_plugin.monitor import _section_quant  # TRANSITIONAL-QUANT: qat.quant
 
-    return quant_config(qat.w_bits, qat.a_bits, qat.w_group_size)
+    return _section_quant(qat)
 
 
 # ---------------------------------------------------------------------------------------------- monitor
@@ -296,16 +295,16 @@ def test_adapter_state_export_path_matches_the_live_model(tmp_path):
     """The ZeRO-3 export path (gathered adapter -> staging dir -> merge into the re-rotated base), on one process."""
     from transformers import AutoModelForCausalLM
 
-    from rolora_plugin.callbacks import _export_adapter_state, _gather_trainable
+    from rolora_plugin.integrations.deepspeed import export_adapter_state, gather_trainable
     from rolora_plugin.export import load_rotated
 
     tiny_model("llama").save_pretrained(tmp_path / "base")
     peft_model = _peft(AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32))
     cb = _callback(rotation=RotationConfig(r2=True))
     _trainer(peft_model, tmp_path / "run", [cb], max_steps=2).train()
-    adapter = _gather_trainable(peft_model, keep=True)
+    adapter = gather_trainable(peft_model, keep=True)
     assert adapter and all("lora_" in k for k in adapter)
-    _export_adapter_state(peft_model, adapter, cb.record, tmp_path / "merged", None, overwrite=False)
+    export_adapter_state(peft_model, adapter, cb.record, tmp_path / "merged", None, overwrite=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "merged", "run"]  # staging dir removed
     ids = random_ids()
     with torch.no_grad():

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import rel_err
+from tests.helpers import rel_err
 
 pytestmark = pytest.mark.distributed
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "examples" / "deepspeed" / "train_ds.py"
 # fp32 training, 4 AdamW steps at lr 1e-2: reductions in a different order give ~3e-6 relative (measured 2.7e-6)
 MERGED_RTOL = 2e-5
@@ -117,8 +117,8 @@ def test_zero2_two_processes_match_single_process(reference):
 
 DISAGREE_SCRIPT = """
 import sys, torch
-sys.path.insert(0, {tests!r})
-from tiny_models import tiny_model
+sys.path.insert(0, {repo!r})
+from tests.helpers import tiny_model
 from rolora_plugin import RotationConfig, rotate_model_
 from rolora_plugin.integrations.deepspeed import RankDisagreementError, check_rank_agreement
 
@@ -147,7 +147,7 @@ print(f"rank {{rank}} agreed", flush=True)
 @pytest.mark.parametrize(("mode", "message"), [("seed", "different rotation"), ("rank0", "different rotation"), ("weights", "different weights")])
 def test_rank_disagreement_fails_loudly(tmp_path, mode, message):
     script = tmp_path / "disagree.py"
-    script.write_text(textwrap.dedent(DISAGREE_SCRIPT.format(tests=str(Path(__file__).parent))))
+    script.write_text(textwrap.dedent(DISAGREE_SCRIPT.format(repo=str(REPO))))
     proc = _run([str(script), mode], 2, tmp_path / "log.txt", timeout=180)
     log = (tmp_path / "log.txt").read_text()
     assert proc.returncode != 0, log

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import rel_err
-from tiny_models import random_ids, tiny_model
+from tests.helpers import random_ids, rel_err, tiny_model
 
 from rolora_plugin import RotationConfig, get_rotation_record
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FLOAT32_MERGE_RTOL = 1e-5  # merged export vs rotated base + unmerged adapter, float32 weights
 
 
@@ -126,7 +125,7 @@ def test_plugin_hook_sequence_rotates_maps_targets_and_exports_once(plugin, tmp_
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from rolora_plugin.callbacks import RoLoRACallback
+    from rolora_plugin.integrations.hf_trainer import RoLoRACallback
     from rolora_plugin.export import load_rotated, read_rotation_record
 
     p, module = plugin
@@ -224,8 +223,8 @@ def axolotl_run(axolotl_venv, tmp_path_factory):
 def test_axolotl_venv_runs_the_core_with_its_pins(axolotl_venv):
     """rolora_plugin on transformers 5.16.1 / peft 0.20.0: rotate, attach LoRA, merge, all exact."""
     code = (
-        "import sys; sys.path.insert(0, 'tests'); import torch, transformers, peft\n"
-        "from tiny_models import tiny_model, random_ids\n"
+        "import sys; sys.path.insert(0, '.'); import torch, transformers, peft\n"
+        "from tests.helpers import tiny_model, random_ids\n"
         "from rolora_plugin import rotate_model_, RotationConfig\n"
         "from rolora_plugin.lora import get_rolora_peft_model, rolora_lora_config\n"
         "m = tiny_model('llama', dtype=torch.float64); ids = random_ids(); ref = m(ids).logits\n"
