@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import append_results  # noqa: E402
 
 from rolora_plugin import RotationConfig, rotate_model_  # noqa: E402
-from rolora_plugin.assets import calibration_chunks, load_smollm2, text_chunks  # noqa: E402
-from rolora_plugin.eval import perplexity  # noqa: E402
+from rolora_plugin.app.assets import calibration_chunks, load_smollm2, text_chunks  # noqa: E402
+from rolora_plugin.metrics import perplexity  # noqa: E402
 from rolora_plugin.quant import (  # noqa: E402
     QUANT_RECORD_KEY,
     QuantConfig,

@@ -1,35 +1,41 @@
-"""Configuration of :class:`rolora_plugin.callbacks.RoLoRACallback`: rotation, monitor, QAT and export options.
+"""Configuration of :class:`rolora_plugin.RoLoRACallback`: rotation, monitor, QAT and export options.
 
 Every config is a dataclass validated in ``__post_init__`` that round-trips through dict / JSON
 (``RoLoRAConfig.from_dict(cfg.to_dict()) == cfg``).
+
+The monitor's fake-quant evaluation and QAT *hold* a :class:`~rolora_plugin.quant.QuantConfig` (``quant=``, torchao
+style) instead of copying its fields. Their flat keys (``w_bits``, ``a_bits``, ``w_group_size``; for QAT also
+``w_sym``, ``a_sym``, ``a_clip_ratio``) stay accepted as aliases, as keyword arguments and as dict / YAML keys
+(``qat: {w_bits: 4, a_bits: 8}``): they fill the held config, whose other fields keep the fake-quant defaults
+(RTN, per channel, symmetric, no clip search, nothing skipped). The same names read back as properties
+(``qat.w_bits == qat.quant.w_bits``). ``to_dict`` writes the nested form.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import InitVar, dataclass, field, fields
 
 from .config import ConfigMixin, RotationConfig
+from .quant.config import QuantConfig
+from .quant.primitives import OFF_BITS
 
-__all__ = ["RoLoRAConfig", "MonitorConfig", "QATConfig", "ExportConfig"]
+__all__ = ["RoLoRAConfig", "MonitorConfig", "QATConfig", "ExportConfig", "fake_quant_config"]
 
 _TARGETS = ("all-linear", "lora")
+_QAT_ALIASES = ("w_bits", "a_bits", "w_group_size", "w_sym", "a_sym", "a_clip_ratio")
+_MONITOR_ALIASES = ("w_bits", "a_bits", "w_group_size")
 
 
-def _check_bits(owner: str, **bits) -> None:
-    for name, b in bits.items():
-        if not isinstance(b, int) or isinstance(b, bool) or not 2 <= b <= 16:
-            raise ValueError(f"{owner}.{name} must be an int in 2..16 (16 = off), got {b!r}")
+def fake_quant_config(**fields_) -> QuantConfig:
+    """The :class:`QuantConfig` of a fake-quant forward: W4A4 RTN per channel, symmetric, nothing skipped,
+    with ``fields_`` (QuantConfig field names) overriding those defaults."""
+    return QuantConfig(**{"w_bits": 4, "a_bits": 4, "skip": (), **fields_})
 
 
 def _check_int(owner: str, name: str, value, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{owner}.{name} must be an int >= {minimum}, got {value!r}")
-
-
-def _check_group(owner: str, group_size) -> None:
-    if group_size is not None:
-        _check_int(owner, "w_group_size", group_size, 1)
 
 
 def _check_targets(owner: str, targets):
@@ -40,6 +46,54 @@ def _check_targets(owner: str, targets):
     if not targets or not all(isinstance(t, str) for t in targets):
         raise ValueError(f"{owner}.targets must be 'all-linear', 'lora' or a non-empty list of leaf names, got {targets!r}")
     return list(targets)
+
+
+def _held_quant(owner: str, quant, aliases: dict) -> QuantConfig:
+    """The section's QuantConfig: ``quant`` (a QuantConfig or its dict) or one built from the flat aliases."""
+    given = {k: v for k, v in aliases.items() if v is not None}
+    try:
+        if isinstance(quant, dict):
+            quant = QuantConfig.from_dict(quant)
+        elif quant is None:
+            quant = fake_quant_config(**given)
+    except ValueError as e:
+        raise ValueError(f"{owner}.quant: {e}") from None
+    if not isinstance(quant, QuantConfig):
+        raise ValueError(f"{owner}.quant must be a QuantConfig or a dict of its fields, got {type(quant).__name__}")
+    conflicts = sorted(k for k, v in given.items() if getattr(quant, k) != v)  # equal values: e.g. dataclasses.replace
+    if conflicts:
+        raise ValueError(f"{owner}: give either quant=QuantConfig(...) or the flat keys {conflicts}, not both")
+    _check_fake_quant(owner, quant)
+    return quant
+
+
+def _check_fake_quant(owner: str, quant: QuantConfig) -> None:
+    """Refuse settings the fake-quant forward would silently ignore (it rounds weights to nearest, max-scaled)."""
+    ignored = [
+        msg for bad, msg in (
+            (quant.method != "rtn", f"method={quant.method!r} (fake quant rounds to nearest)"),
+            (quant.w_clip_search, "w_clip_search=True (weights are scaled by their max)"),
+            (quant.kv_bits < OFF_BITS, f"kv_bits={quant.kv_bits} (the KV cache is not fake-quantized)"),
+        ) if bad
+    ]  # fmt: skip
+    if ignored:
+        raise ValueError(f"{owner}.quant: the fake-quant forward does not support {'; '.join(ignored)}; use quantize_model_ for those")
+
+
+def _from_dict(cls, data: dict, aliases: tuple[str, ...]):
+    """``cls(**data)`` accepting the dataclass fields and the flat aliases; lists both on an unknown key."""
+    known = {f.name for f in fields(cls)} | set(aliases)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; valid fields are {sorted(known)}")
+    return cls(**data)
+
+
+def _alias_properties(cls, names: tuple[str, ...]):
+    """Read-only ``cls.<name>`` → ``self.quant.<name>`` (set after the dataclass is built: the names are InitVars)."""
+    for name in names:
+        setattr(cls, name, property(lambda self, n=name: getattr(self.quant, n), doc=f"``quant.{name}`` (read-only alias)"))
+    return cls
 
 
 @dataclass
@@ -53,29 +107,32 @@ class MonitorConfig(ConfigMixin):
         layers: decoder-layer indices additionally reported one by one (``rolora/kurtosis/layer<i>/<kind>_in``).
         fake_quant_eval: log the eval loss in full precision and fake-quantized (``rolora/eval_loss_fp``,
             ``rolora/eval_loss_w<w>a<a>``), the merged-model equivalent of post-training RTN quantization.
-        w_bits / a_bits / w_group_size: the fake-quant setting of that evaluation (default W4A4 per channel).
+        quant: the fake-quant setting of that evaluation (default :func:`fake_quant_config`: W4A4 per channel).
         num_batches: how many eval batches each measurement uses.
+        w_bits / a_bits / w_group_size: flat aliases filling ``quant`` (not together with ``quant``).
     """
 
     every_n_steps: int = 50
     activation_stats: bool = True
     layers: list = field(default_factory=list)
     fake_quant_eval: bool = True
-    w_bits: int = 4
-    a_bits: int = 4
-    w_group_size: int | None = None
+    quant: QuantConfig | None = None
     num_batches: int = 2
+    w_bits: InitVar[int | None] = None
+    a_bits: InitVar[int | None] = None
+    w_group_size: InitVar[int | None] = None
 
-    def __post_init__(self):
+    def __post_init__(self, w_bits, a_bits, w_group_size):
         _check_int("MonitorConfig", "every_n_steps", self.every_n_steps, 0)
         _check_int("MonitorConfig", "num_batches", self.num_batches, 1)
-        _check_bits("MonitorConfig", w_bits=self.w_bits, a_bits=self.a_bits)
-        _check_group("MonitorConfig", self.w_group_size)
         for i in self.layers:
             _check_int("MonitorConfig", "layers[]", i, 0)
-        if self.fake_quant_eval and self.w_bits == 16 and self.a_bits == 16:
-            raise ValueError("MonitorConfig: fake_quant_eval with w_bits = a_bits = 16 measures nothing; lower the bits")
+        self.quant = _held_quant("MonitorConfig", self.quant, dict(w_bits=w_bits, a_bits=a_bits, w_group_size=w_group_size))
         self.layers = list(self.layers)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MonitorConfig":
+        return _from_dict(cls, data, _MONITOR_ALIASES)
 
     @property
     def enabled(self) -> bool:
@@ -89,34 +146,44 @@ class QATConfig(ConfigMixin):
     Args:
         enabled: switch QAT on.
         start_step: global step from which the forward is fake-quantized (0 = from the start).
-        w_bits / a_bits: bits of the effective weights ``W + sBA`` and of the per-token activations.
-        w_group_size: weight quantization group size (None = per output channel).
-        w_sym / a_sym: symmetric grids. a_clip_ratio: clip ratio of the activation scales (weights: no clip).
+        quant: the fake-quant setting (default :func:`fake_quant_config`: W4A4 RTN per channel, symmetric). Used:
+            ``w_bits`` / ``w_group_size`` / ``w_sym`` of the effective weights ``W + sBA`` (scaled by their max, no
+            clip), ``a_bits`` / ``a_sym`` / ``a_clip_ratio`` of the per-token activations.
         targets: ``"all-linear"`` (every decoder-layer linear, as a W4A4 deployment), ``"lora"`` or leaf names.
+        w_bits / a_bits / w_group_size / w_sym / a_sym / a_clip_ratio: flat aliases filling ``quant``.
+
+    Example::
+
+        >>> QATConfig(enabled=True, quant=QuantConfig(w_bits=4, a_bits=8, skip=())) == QATConfig(enabled=True, a_bits=8)
+        True
     """
 
     enabled: bool = False
     start_step: int = 0
-    w_bits: int = 4
-    a_bits: int = 4
-    w_group_size: int | None = None
-    w_sym: bool = True
-    a_sym: bool = True
-    a_clip_ratio: float = 1.0
+    quant: QuantConfig | None = None
     targets: str | list = "all-linear"
+    w_bits: InitVar[int | None] = None
+    a_bits: InitVar[int | None] = None
+    w_group_size: InitVar[int | None] = None
+    w_sym: InitVar[bool | None] = None
+    a_sym: InitVar[bool | None] = None
+    a_clip_ratio: InitVar[float | None] = None
 
-    def __post_init__(self):
-        for name in ("enabled", "w_sym", "a_sym"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"QATConfig.{name} must be True or False, got {getattr(self, name)!r}")
+    def __post_init__(self, w_bits, a_bits, w_group_size, w_sym, a_sym, a_clip_ratio):
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"QATConfig.enabled must be True or False, got {self.enabled!r}")
         _check_int("QATConfig", "start_step", self.start_step, 0)
-        _check_bits("QATConfig", w_bits=self.w_bits, a_bits=self.a_bits)
-        _check_group("QATConfig", self.w_group_size)
-        if not 0.0 < self.a_clip_ratio <= 1.0:
-            raise ValueError(f"QATConfig.a_clip_ratio must be in (0, 1], got {self.a_clip_ratio!r}")
-        if self.enabled and self.w_bits == 16 and self.a_bits == 16:
-            raise ValueError("QATConfig: enabled with w_bits = a_bits = 16 does nothing; set lower bits or enabled=False")
+        aliases = dict(w_bits=w_bits, a_bits=a_bits, w_group_size=w_group_size, w_sym=w_sym, a_sym=a_sym, a_clip_ratio=a_clip_ratio)
+        self.quant = _held_quant("QATConfig", self.quant, aliases)
         self.targets = _check_targets("QATConfig", self.targets)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QATConfig":
+        return _from_dict(cls, data, _QAT_ALIASES)
+
+
+_alias_properties(MonitorConfig, _MONITOR_ALIASES)
+_alias_properties(QATConfig, _QAT_ALIASES)
 
 
 @dataclass
@@ -145,7 +212,7 @@ _SECTIONS = {"monitor": MonitorConfig, "qat": QATConfig, "export": ExportConfig}
 
 @dataclass
 class RoLoRAConfig:
-    """Everything :class:`rolora_plugin.callbacks.RoLoRACallback` does.
+    """Everything :class:`rolora_plugin.RoLoRACallback` does.
 
     Args:
         rotation: the rotation applied in ``on_init_end`` when the model is not rotated yet. None (default):

@@ -61,3 +61,23 @@ def test_fake_quantized_peft_model_equals_merged_then_quantize_model(family):
     with pytest.raises(RuntimeError, match="already enabled"):
         enable_fake_quant_(peft_model, quant_config(4, 4))
     handle.remove()
+
+
+def test_library_code_never_calls_the_deprecated_fake_quantize_aliases():
+    """QAT forward + backward, the fake-quant context and quantize_model_ (activations and KV) emit no alias warning."""
+    import warnings
+
+    model = tiny_model("llama", tie=False)
+    rotate_model_(model, ALL_ROTATIONS, progress=False)
+    peft_model = lora(model, "all-linear")
+    ids = random_ids()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r"fake_quantize_\w+\(\.\.\.\) is deprecated", category=DeprecationWarning)
+        handle = enable_fake_quant_(peft_model, quant_config(4, 4))
+        peft_model(ids).logits.sum().backward()
+        handle.remove()
+        with fake_quantized(peft_model, quant_config(4, 8)):
+            logits(peft_model, ids)
+        merged = copy.deepcopy(peft_model).merge_and_unload()
+        quantize_model_(merged, QuantConfig(w_bits=4, a_bits=4, kv_bits=4), progress=False)
+        logits(merged, ids)

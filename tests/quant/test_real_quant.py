@@ -22,8 +22,8 @@ N_CHUNKS, SEQ_LEN = 4, 256
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from rolora_plugin.assets import load_smollm2, text_chunks
-    from rolora_plugin.eval import perplexity
+    from rolora_plugin.app.assets import load_smollm2, text_chunks
+    from rolora_plugin.metrics import perplexity
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)  # big enough matmuls, but the CI box's 2 cores are shared
