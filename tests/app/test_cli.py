@@ -488,3 +488,17 @@ def test_outputs_get_ordinary_permissions(tmp_path, tiny_dir):
         os.umask(old)
     assert (tmp_path / "rot").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "rot" / "rolora_rotation.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_default_outputs_are_git_ignored():
+    """``rolora demo`` / ``rolora train`` run from a clone write their default folders inside it: git ignores them."""
+    from rolora_plugin.app.train import TrainConfig
+
+    repo = Path(__file__).resolve().parents[2]
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("needs a git checkout")
+    default_out = next(a for a in build_parser()._actions if a.dest == "command").choices["demo"].get_default("out")
+    example = TrainConfig.from_file(repo / "examples" / "train_config.yaml").output_dir
+    for folder in (default_out, TrainConfig().output_dir, example):
+        proc = subprocess.run(["git", "check-ignore", "-q", f"{folder}/results.json"], cwd=repo)
+        assert proc.returncode == 0, f"{folder}/ is not in .gitignore"
