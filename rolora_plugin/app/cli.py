@@ -2,8 +2,9 @@
 
 Every subcommand has ``--help``. Bad input (a missing or unreadable model dir, a model that is not a causal LM,
 an unsupported family, an output dir that already exists, a malformed config) ends with a one-line message on
-stderr and exit status 2, before anything is written. Outputs are written to a temporary sibling directory and
-renamed into place, so an interrupted run never leaves a half-written result behind.
+stderr and exit status 2, before anything is written. Every output goes through :mod:`rolora_plugin.publish`: it is
+staged in a marked hidden sibling folder and renamed into place create-exclusively, so an interrupted run never
+leaves a half-written result behind and never replaces a folder that appeared meanwhile.
 
 This is the only module of the package that prints.
 """
