@@ -56,7 +56,9 @@ from torch import nn
 
 from ._peft import unwrap_peft
 from .architectures import get_architecture
+from .config import QUANT_RECORD_KEY
 from .publish import OutputExistsError, atomic_output_dir, atomic_write_text, check_writable_parent
+from .fingerprint import weights_fingerprint
 from .rotation import RECORD_KEY, RotationError, RotationRecord, get_rotation_record, install_online_rotations, rotate_model_
 
 __all__ = [
@@ -133,6 +135,12 @@ def load_rotated(path: str | os.PathLike, dtype: torch.dtype | None = None, devi
             f"{path} holds no rotation record (config.json has no {RECORD_KEY!r} entry): it is not a rotated "
             "checkpoint. Load it with AutoModelForCausalLM.from_pretrained, or rotate it with rotate_model_."
         )
+    if getattr(model.config, QUANT_RECORD_KEY, None):
+        raise RotationError(
+            f"{path} holds fake-quantized weights exported as full precision (config.json has {QUANT_RECORD_KEY!r}) but "
+            "no activation quantizers: loading it would silently give a different model. Re-export the quantized "
+            "model with format='compressed-tensors', or export the full-precision model."
+        )
     file_record = read_rotation_record(path)
     if file_record is not None:
         _require_same(file_record, record, f"{path}/{RECORD_FILE}", f"{path}/config.json")
@@ -159,6 +167,7 @@ def _rotated_base(base: nn.Module, record: RotationRecord, base_name: str) -> nn
     """``base`` in the rotated basis of ``record``: checked if already rotated, rotated from the record if not."""
     base_record = get_rotation_record(base)
     if base_record is None:
+        _check_base_fingerprint(base, record, base_name)
         logger.info("base model %s is not rotated: rotating it with the adapter's record (seed %d)", base_name, record.config.seed)
         rotate_model_(base, record.config)
         _require_same(get_rotation_record(base), record, f"base model {base_name} rotated from the record", "the adapter record")
@@ -166,6 +175,20 @@ def _rotated_base(base: nn.Module, record: RotationRecord, base_name: str) -> nn
         _require_same(base_record, record, f"base model {base_name}", "the adapter record")
         install_online_rotations(base, base_record)
     return base
+
+
+def _check_base_fingerprint(base: nn.Module, record: RotationRecord, base_name: str) -> None:
+    """Refuse an unrotated base whose weights are not the ones the adapter's record was made from."""
+    if record.base_fingerprint is None:
+        logger.warning("the adapter's rotation record has no base_fingerprint (older rolora-plugin): cannot check that %s is its base", base_name)
+        return
+    found = weights_fingerprint(base)
+    if found != record.base_fingerprint:
+        raise RotationError(
+            f"base model {base_name} is not the model this adapter was trained on (weights fingerprint {found}, the "
+            f"record says {record.base_fingerprint}); merging would give a wrong model. Pass the original base with "
+            "--base-model / base_model=."
+        )
 
 
 def _load_adapter_dir(path: Path, record, base_model, dtype) -> tuple[nn.Module, RotationRecord, list]:
@@ -221,7 +244,19 @@ def _fake_quant_active(model: nn.Module) -> bool:
     return fake_quant_active(model)
 
 
+def _check_not_quantized(model: nn.Module) -> None:
+    config = getattr(unwrap_peft(model), "config", None)
+    if getattr(config, QUANT_RECORD_KEY, None):
+        raise RotationError(
+            "the model is quantized (model.config.rolora_quant): a full-precision export would write its fake-quantized "
+            "weights without the activation quantizers, and it would reload as a different model. Export the "
+            "full-precision model before quantize_model_, or export the quantized one with "
+            "format='compressed-tensors' (CLI: rolora export ... --format compressed-tensors)."
+        )
+
+
 def _merged(model: nn.Module, inplace: bool) -> nn.Module:
+    _check_not_quantized(model)
     if _fake_quant_active(model):
         raise RotationError("the model still has fake-quant (QAT) forwards installed; remove them before exporting")
     if not hasattr(model, "merge_and_unload"):

@@ -33,6 +33,7 @@ from .architectures import ArchitectureSpec, ModelDims, check_rms_norm, get_arch
 from .config import QUANT_RECORD_KEY, RECORD_KEY, RotationConfig
 from .distributed import gather_params
 from .errors import RotationError
+from .fingerprint import weights_fingerprint
 from .hadamard import OrthogonalTransform, build_transform, derive_seed
 from .online import (
     QKRotation,
@@ -60,6 +61,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
+_RECORD_KEYS = {"format_version", "family", "config", "dims", "rotations", "base_fingerprint"}
 _CHUNK_ELEMENTS = 1 << 22  # rows/cols processed at once in the compute dtype (32 MiB in float64)
 
 
@@ -76,28 +78,44 @@ class RotationRecord:
     dims: ModelDims
     rotations: dict = field(default_factory=dict)  # name -> {width, description, exact, checksum}
     format_version: int = FORMAT_VERSION
+    base_fingerprint: str | None = None  # rolora_plugin.fingerprint of the weights before rotation (None: older record)
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "format_version": self.format_version,
             "family": self.family,
             "config": self.config.to_dict(),
             "dims": asdict(self.dims),
             "rotations": self.rotations,
         }
+        if self.base_fingerprint is not None:
+            out["base_fingerprint"] = self.base_fingerprint
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "RotationRecord":
         try:
             if data["format_version"] != FORMAT_VERSION:
                 raise RotationError(f"rotation record format {data['format_version']} is not supported (expected {FORMAT_VERSION})")
+            unknown = sorted(set(data) - _RECORD_KEYS)
+            if unknown:
+                raise RotationError(
+                    f"rotation record has unknown key(s) {unknown} (valid: {sorted(_RECORD_KEYS)}); it was edited or "
+                    "written by a newer rolora-plugin: use the record written by rotate_model_"
+                )
+            fingerprint = data.get("base_fingerprint")
+            if fingerprint is not None and not isinstance(fingerprint, str):
+                raise RotationError(f"rotation record: base_fingerprint must be a string, got {fingerprint!r}")
             return cls(
                 config=RotationConfig.from_dict(data["config"]),
                 family=data["family"],
                 dims=ModelDims(**data["dims"]),
                 rotations=dict(data["rotations"]),
+                base_fingerprint=fingerprint,
             )
-        except (KeyError, TypeError) as e:
+        except RotationError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
             raise RotationError(f"malformed rotation record ({e!r}); expected the dict written by rotate_model_") from None
 
     def verify(self, transforms: dict[str, OrthogonalTransform] | None = None) -> dict[str, OrthogonalTransform]:
@@ -238,6 +256,11 @@ def _check_model(model: nn.Module, spec: ArchitectureSpec) -> None:
                 f"parameter {name} has dtype {p.dtype}: quantized or integer weights cannot be rotated exactly. Rotate "
                 "the full-precision model first, then quantize it (rolora_plugin.quantize_model_)."
             )
+        if p.numel() and not bool(torch.isfinite(p.detach()).all()):
+            raise RotationError(
+                f"parameter {name} holds NaN or Inf values; a rotation would spread them over whole rows. Fix or "
+                "re-download the checkpoint (nothing was changed)."
+            )
 
 
 def _untie(model: nn.Module, spec: ArchitectureSpec) -> None:
@@ -282,6 +305,7 @@ def rotate_model_(model: nn.Module, config: RotationConfig | None = None, *, pro
     layers = spec.decoder_layers(inner)
     _check_structure(inner, spec, layers)
     cdtype = getattr(torch, config.compute_dtype)
+    fingerprint = weights_fingerprint(inner)  # of the weights as given, before any edit
 
     if config.r1:
         if not config.untie_embeddings and _is_tied(inner, spec):
@@ -311,6 +335,7 @@ def rotate_model_(model: nn.Module, config: RotationConfig | None = None, *, pro
             name: {"width": t.n, "description": t.description, "exact": t.exact, "checksum": t.checksum()}
             for name, t in transforms.items()
         },
+        base_fingerprint=fingerprint,
     )
     install_online_rotations(inner, record, transforms)
     setattr(inner.config, RECORD_KEY, record.to_dict())

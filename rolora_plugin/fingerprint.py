@@ -1,0 +1,56 @@
+"""A cheap fingerprint of a model's weights, stored in the rotation record to identify the *base* an adapter was
+trained on.
+
+The rotation record says which rotation was applied, not to which weights: an adapter merged into another base of
+the same shape would load and run and be silently wrong. :func:`weights_fingerprint` hashes, for every parameter of
+the unrotated model (LoRA factors excluded, peft's ``.base_layer`` removed from names, tied weights once): its
+name, its shape, and 64 evenly spaced elements rounded to bfloat16. Rounding to bfloat16 makes the fingerprint the
+same whether the base is loaded in float32 or bfloat16 (round-to-nearest from float32 gives the same bfloat16
+either way); float16 loading of a float32 checkpoint double-rounds and may differ. Cost: one gather of 64 values
+per tensor (milliseconds for a 7B model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+from ._peft import unwrap_peft
+from .distributed import gather_params
+
+__all__ = ["weights_fingerprint", "SAMPLES_PER_TENSOR"]
+
+SAMPLES_PER_TENSOR = 64
+
+
+def _canonical_name(name: str) -> str | None:
+    if "lora_" in name or ".rolora_" in name:
+        return None  # adapter factors and our own online modules are not part of the base
+    return name.replace(".base_layer", "")
+
+
+def _sample(p: torch.Tensor) -> bytes:
+    flat = p.detach().reshape(-1)
+    n = flat.numel()
+    idx = torch.linspace(0, n - 1, steps=min(n, SAMPLES_PER_TENSOR)).round().long() if n else torch.zeros(0, dtype=torch.long)
+    values = flat[idx.to(flat.device)].to(torch.float32).to(torch.bfloat16).cpu()
+    return values.view(torch.int16).numpy().tobytes()
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 (first 16 hex digits) over names, shapes and sampled values of ``model``'s base weights.
+
+    ``model`` may be a bare transformers model or a peft ``PeftModel``; ZeRO-3 partitions are gathered one at a
+    time (collective: every rank must call it).
+    """
+    h = hashlib.sha256()
+    for name, p in unwrap_peft(model).named_parameters():  # named_parameters yields a tied weight once
+        canonical = _canonical_name(name)
+        if canonical is None:
+            continue
+        with gather_params([p], modifier_rank=None):
+            h.update(f"{canonical}:{tuple(p.shape)}:".encode())
+            h.update(_sample(p))
+    return h.hexdigest()[:16]
