@@ -55,19 +55,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-# ---------------------------------------------------------------------------------------------- data
-
-
-def heldout_loss(model, batches: list[dict]) -> float:
-    """Mean response-token loss of ``model`` on ``batches`` (eval mode, no grad)."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        losses = [model(**b).loss.item() for b in batches]
-    model.train(was_training)
-    return sum(losses) / len(losses)
-
-
 # ---------------------------------------------------------------------------------------------- one run
 
 
@@ -76,9 +63,10 @@ def train_one(method: str, targets: str, args, train_rows, heldout_batches) -> t
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
-    from rolora_plugin.assets import load_smollm2, pad_collate
-    from rolora_plugin.callbacks import RoLoRACallback
+    from rolora_plugin import RoLoRACallback
+    from rolora_plugin.app.assets import load_smollm2, pad_collate
     from rolora_plugin.export import load_rotated, merge_and_export
+    from rolora_plugin.metrics import mean_loss
     from rolora_plugin.training_config import MonitorConfig, RoLoRAConfig
 
     model, tok = load_smollm2(torch.float32)
@@ -96,10 +84,10 @@ def train_one(method: str, targets: str, args, train_rows, heldout_batches) -> t
         disable_tqdm=True, seed=args.seed, data_seed=args.seed,
     )  # fmt: skip
     trainer = Trainer(model=peft_model, args=targs, train_dataset=train_rows, data_collator=partial(pad_collate, pad_id=tok.pad_token_id), callbacks=callbacks)
-    before = heldout_loss(peft_model, heldout_batches)
+    before = mean_loss(peft_model, heldout_batches)
     t0 = time.time()
     trainer.train()
-    log = {"train_seconds": time.time() - t0, "heldout_loss_before": before, "heldout_loss_after": heldout_loss(peft_model, heldout_batches)}
+    log = {"train_seconds": time.time() - t0, "heldout_loss_before": before, "heldout_loss_after": mean_loss(peft_model, heldout_batches)}
     log["train_losses"] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     log["monitor"] = [{k: v for k, v in e.items() if k.startswith("rolora/") or k == "step"} for e in trainer.state.log_history if any(k.startswith("rolora/") for k in e)]
     if method == "rolora":  # merge in the rotated basis after verifying the record, then reload like a user would
@@ -109,16 +97,17 @@ def train_one(method: str, targets: str, args, train_rows, heldout_batches) -> t
 
 
 def evaluate(model, tok, chunks, heldout_batches, args) -> dict:
-    """Held-out response loss, BoolQ-passage perplexity (and the 7-task average if ``--task-limit``) of ``model``,
-    in FP and after W4A4 RTN."""
-    from rolora_plugin.eval import evaluate_tasks, perplexity
+    """Held-out response loss (token-weighted mean NLL of the response tokens), BoolQ-passage perplexity (and the
+    7-task average if ``--task-limit``) of ``model``, in FP and after W4A4 RTN."""
+    from rolora_plugin.app.evaluate import evaluate_tasks
+    from rolora_plugin.metrics import mean_loss, perplexity
     from rolora_plugin.quant import QuantConfig, quantize_model_
 
     out = {}
     for setting in ("fp", f"w{args.w_bits}a{args.a_bits}"):
         if setting != "fp":
             quantize_model_(model, QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits), progress=False)
-        res = {"ppl": perplexity(model, chunks, progress=False), "heldout_loss": heldout_loss(model, heldout_batches)}
+        res = {"ppl": perplexity(model, chunks, progress=False), "heldout_loss": mean_loss(model, heldout_batches)}
         if args.task_limit:
             tasks = evaluate_tasks(model, tok, limit=args.task_limit)
             res.update(avg=tasks["average"], scores=tasks["scores"])
@@ -131,7 +120,7 @@ def evaluate(model, tok, chunks, heldout_batches, args) -> dict:
 
 
 def run(args) -> dict:
-    from rolora_plugin.assets import instruction_pairs, load_smollm2, pad_collate, text_chunks, tokenize_pairs
+    from rolora_plugin.app.assets import instruction_pairs, load_smollm2, pad_collate, text_chunks, tokenize_pairs
 
     torch.set_num_threads(args.threads)
     _, tok = load_smollm2(torch.float32)
@@ -172,9 +161,11 @@ def main(argv=None) -> None:
     for noisy in ("transformers", "lm_eval", "datasets", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = parse_args(argv)
+    from rolora_plugin.publish import atomic_write_text
+
     args.out.mkdir(parents=True, exist_ok=True)
     results = run(args)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_text(args.out / "results.json", json.dumps(results, indent=2) + "\n")
     print_table(results)
     print(f"results: {args.out / 'results.json'}")
 

@@ -61,7 +61,7 @@ from .._peft import is_peft_model, unwrap_peft
 from ..distributed import is_zero3_partitioned, world_size
 from ..errors import RotationError
 from ..export import RECORD_FILE, _check_out_dir, merge_and_export, read_rotation_record, write_rotation_record
-from ..monitor import BatchCapture, _section_quant, monitor_metrics
+from ..monitor import BatchCapture, monitor_metrics
 from ..quant import enable_fake_quant_
 from ..rotation import ensure_rotated, get_rotation_record
 from ..training_config import RoLoRAConfig
@@ -239,7 +239,7 @@ class RoLoRACallback(TrainerCallback):
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         qat = self.config.qat
         if qat.enabled and self._qat is None and state.global_step >= qat.start_step:
-            quant = _section_quant(qat)
+            quant = qat.quant
             self._qat = enable_fake_quant_(model, quant, qat.targets)
             logger.info("QAT on from step %d: W%dA%d on %d linears", state.global_step, quant.w_bits, quant.a_bits, len(self._qat.modules))
 

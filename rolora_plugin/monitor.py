@@ -35,7 +35,7 @@ from ._peft import unwrap_peft
 from .architectures import get_architecture
 from .kurtosis import activation_stats, layer_index, leaf_name
 from .metrics import eval_mode, mean_loss
-from .quant import QuantConfig, fake_quantized
+from .quant import fake_quantized
 
 __all__ = ["BatchCapture", "activation_metrics", "fake_quant_eval_metrics", "measured_kinds", "monitor_metrics"]
 
@@ -100,14 +100,6 @@ def fake_quant_eval_metrics(model: nn.Module, batches: list, quant) -> dict[str,
     return {"rolora/eval_loss_fp": fp, f"rolora/eval_loss_w{quant.w_bits}a{quant.a_bits}": q}
 
 
-def _section_quant(section):  # TRANSITIONAL-QUANT: until QATConfig / MonitorConfig hold a QuantConfig
-    quant = getattr(section, "quant", None)
-    if quant is not None:
-        return quant
-    flat = {k: getattr(section, k) for k in ("w_bits", "a_bits", "w_group_size", "w_sym", "a_sym", "a_clip_ratio") if hasattr(section, k)}
-    return QuantConfig(**flat, skip=())
-
-
 def monitor_metrics(model: nn.Module, batches: list, monitor) -> dict[str, float]:
     """Everything ``monitor`` (a :class:`~rolora_plugin.training_config.MonitorConfig`) asks for, in eval mode
     without gradients (the previous train/eval mode is restored)."""
@@ -116,7 +108,7 @@ def monitor_metrics(model: nn.Module, batches: list, monitor) -> dict[str, float
         if monitor.activation_stats:
             out.update(activation_metrics(model, batches, monitor.layers))
         if monitor.fake_quant_eval:
-            out.update(fake_quant_eval_metrics(model, batches, _section_quant(monitor)))
+            out.update(fake_quant_eval_metrics(model, batches, monitor.quant))
     return out
 
 

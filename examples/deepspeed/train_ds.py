@@ -73,7 +73,7 @@ def configure_cpu_distributed_state() -> dict:
     """Work around DeepSpeed's ``auto`` batch size on multi-process CPU runs; returns ``accelerator_config``.
 
     On CPU, accelerate records world size 1 on every rank, so ``train_batch_size = micro * gas * world`` comes out
-    wrong and DeepSpeed refuses to start (DESIGN.md, DeepSpeed pitfall 1). Creating accelerate's shared state
+    wrong and DeepSpeed 0.19.8 refuses to start. Creating accelerate's shared state
     ourselves with the gloo backend while ``ACCELERATE_USE_DEEPSPEED`` is set, then telling the Trainer to use
     that configured state, gives the right world size. The variable is removed again afterwards.
     """
@@ -146,8 +146,7 @@ def build_trainer(a: argparse.Namespace, args):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, default_data_collator
 
-    from rolora_plugin import RotationConfig
-    from rolora_plugin.callbacks import RoLoRACallback
+    from rolora_plugin import RoLoRACallback, RotationConfig
     from rolora_plugin.training_config import ExportConfig, MonitorConfig, RoLoRAConfig
 
     torch.manual_seed(a.seed)
@@ -168,7 +167,7 @@ def build_trainer(a: argparse.Namespace, args):
 def finish(trainer, a: argparse.Namespace) -> dict:
     """Check weights agree across ranks, then save the adapter (+ ``rolora_rotation.json``)."""
     from rolora_plugin import get_rotation_record
-    from rolora_plugin.integrations.deepspeed import check_rank_agreement
+    from rolora_plugin.integrations.deepspeed import check_rank_agreement, is_zero3_partitioned
 
     model = trainer.model
     record = get_rotation_record(model.get_base_model())
@@ -176,7 +175,7 @@ def finish(trainer, a: argparse.Namespace) -> dict:
     adapter_dir = Path(a.out) / "adapter"
     trainer.save_model(str(adapter_dir))  # consolidates ZeRO-3 partitions (stage3_gather_16bit_weights_on_model_save)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    partitioned = any(hasattr(p, "ds_id") for p in model.parameters())  # really ZeRO-3 partitioned?
+    partitioned = is_zero3_partitioned(model)  # really ZeRO-3 partitioned?
     return {
         "losses": losses, "world_size": trainer.args.world_size, "deepspeed": a.deepspeed,
         "zero3_partitioned": partitioned, "record": record.to_dict(),
@@ -199,7 +198,9 @@ def main(argv=None) -> None:
     summary = finish(trainer, a)
     del trainer
     if int(os.environ.get("RANK", "0")) == 0:
-        (Path(a.out) / "summary.json").write_text(json.dumps(summary, indent=2))
+        from rolora_plugin.publish import atomic_write_text
+
+        atomic_write_text(Path(a.out) / "summary.json", json.dumps(summary, indent=2))
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

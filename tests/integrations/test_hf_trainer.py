@@ -1,6 +1,7 @@
 """RoLoRACallback with a real transformers.Trainer on tiny models: rotation timing, resume, records, QAT, monitor."""
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -94,7 +95,8 @@ def test_already_rotated_model_is_not_rotated_again(tmp_path):
 
 def test_import_does_not_pull_in_transformers_or_peft():
     code = (
-        "import sys, rolora_plugin.callbacks, rolora_plugin.export, rolora_plugin.lora, rolora_plugin.training_config\n"
+        "import sys, rolora_plugin.callbacks, rolora_plugin.export, rolora_plugin.lora, rolora_plugin.monitor\n"
+        "import rolora_plugin.training_config\n"
         "bad = [m for m in ('transformers', 'peft', 'accelerate', 'deepspeed') if m in sys.modules]\n"
         "assert not bad, bad"
     )
@@ -150,6 +152,70 @@ def test_resume_with_a_different_rotation_is_refused(tmp_path):
         other.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
 
 
+def _checkpoint_3(out_dir):
+    """A 3-step RoLoRA run (rotation seed 0) with its checkpoint at step 3; returns the checkpoint folder."""
+    _trainer(_peft(tiny_model("llama")), out_dir, [_callback()], save_strategy="steps", save_steps=3, max_steps=3).train()
+    return out_dir / "checkpoint-3"
+
+
+def test_resume_from_another_folder_checks_the_checkpoint_resumed(tmp_path):
+    """The record read is the one of the checkpoint passed to train(), not <output_dir>/checkpoint-<step>."""
+    checkpoint = _checkpoint_3(tmp_path / "a")
+    other = _trainer(_peft(tiny_model("llama")), tmp_path / "b", [_callback(rotation=RotationConfig(seed=1))], max_steps=6)
+    with pytest.raises(RotationError, match="differs"):
+        other.train(resume_from_checkpoint=str(checkpoint))
+    same = _trainer(_peft(tiny_model("llama")), tmp_path / "c", [_callback()], max_steps=6)
+    same.train(resume_from_checkpoint=str(checkpoint))
+    assert same.state.global_step == 6
+
+
+def test_resume_without_a_record_is_refused_unless_allowed(tmp_path, caplog):
+    from rolora_plugin.integrations.hf_trainer import RoLoRACallback
+
+    checkpoint = _checkpoint_3(tmp_path / "a")
+    (checkpoint / RECORD_FILE).unlink()
+    refused = _trainer(_peft(tiny_model("llama")), tmp_path / "a", [_callback()], max_steps=6)
+    with pytest.raises(RotationError, match="allow_unverified_resume=True"):
+        refused.train(resume_from_checkpoint=True)  # the newest checkpoint of output_dir
+    allowed = RoLoRACallback(RoLoRAConfig(monitor=NO_MONITOR), allow_unverified_resume=True)
+    trainer = _trainer(_peft(tiny_model("llama")), tmp_path / "b", [allowed], max_steps=6)
+    with caplog.at_level(logging.WARNING, logger="rolora_plugin.integrations.hf_trainer"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert trainer.state.global_step == 6 and "cannot verify the rotation" in caplog.text
+
+
+def test_resumed_checkpoint_outside_trainer_train_needs_the_saved_state(tmp_path):
+    """Without a Trainer.train frame, <output_dir>/checkpoint-<step> counts only if it saved this very state."""
+    from transformers import TrainerState, TrainingArguments
+
+    from rolora_plugin.integrations.hf_trainer import resumed_checkpoint
+
+    checkpoint = _checkpoint_3(tmp_path)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    assert resumed_checkpoint(args, state) == checkpoint
+    state.log_history.append({"loss": 1.0, "step": state.global_step})
+    assert resumed_checkpoint(args, state) is None
+    assert resumed_checkpoint(args, TrainerState()) is None  # global step 0: not resuming
+
+
+def test_save_hook_outlives_train_until_removed(tmp_path):
+    """on_train_end runs inside train(), so the hook stays for a save_model() after it; remove_save_hook undoes it."""
+    from rolora_plugin.integrations.hf_trainer import install_save_hook, remove_save_hook
+
+    peft_model = _peft(tiny_model("llama"))
+    trainer = _trainer(peft_model, tmp_path / "run", [_callback()], max_steps=1)
+    trainer.train()
+    assert "save_pretrained" in vars(peft_model)
+    remove_save_hook(peft_model)
+    assert "save_pretrained" not in vars(peft_model)
+    trainer.save_model(str(tmp_path / "plain"))
+    assert (tmp_path / "plain" / "adapter_config.json").is_file() and read_rotation_record(tmp_path / "plain") is None
+    install_save_hook(peft_model)  # e.g. left by an earlier run: a callback told not to write records removes it
+    _trainer(peft_model, tmp_path / "run2", [_callback(export=ExportConfig(save_rotation_record=False))], max_steps=1)
+    assert "save_pretrained" not in vars(peft_model)
+
+
 # ---------------------------------------------------------------------------------------------- QAT
 
 
@@ -182,9 +248,7 @@ def test_qat_changes_the_forward_trains_and_is_undone(tmp_path):
 
 
 def qat_quant_config(qat):
-    from rolora_plugin.monitor import _section_quant  # TRANSITIONAL-QUANT: qat.quant
-
-    return _section_quant(qat)
+    return qat.quant
 
 
 # ---------------------------------------------------------------------------------------------- monitor
