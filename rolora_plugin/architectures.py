@@ -50,6 +50,7 @@ class ArchitectureSpec:
     up_proj: str | None = "mlp.up_proj"
     gate_up_proj: str | None = None
     down_proj: str = "mlp.down_proj"
+    norm_offset: float = 0.0
 
     def __post_init__(self):
         if not self.model_types:
@@ -162,7 +163,9 @@ PHI3 = ArchitectureSpec(
     up_proj=None,
     gate_up_proj="mlp.gate_up_proj",
 )
-BUILTIN_ARCHITECTURES = (LLAMA, MISTRAL, QWEN2, QWEN3, PHI3)
+# Gemma (1): (1 + w) RMSNorm (norm_offset=1) and embeddings scaled by sqrt(hidden): a scalar, so it commutes with R1.
+GEMMA = ArchitectureSpec(name="gemma", model_types=("gemma",), norm_offset=1.0)
+BUILTIN_ARCHITECTURES = (LLAMA, MISTRAL, QWEN2, QWEN3, PHI3, GEMMA)
 
 
 @hookimpl
@@ -203,8 +206,10 @@ def get_architecture(model: nn.Module) -> ArchitectureSpec:
     if spec is None:
         known = ", ".join(sorted(_registry()))
         hint = (
-            " Gemma-style models use sandwich norms / (1 + weight) RMSNorm, which cannot be folded exactly."
-            if model_type and "gemma" in model_type
+            " Gemma-2/3 use sandwich norms: extra RMSNorms on the attention and MLP outputs on the residual branch: "
+            "their rms depends on the rotated basis only through the branch output, so a residual-stream rotation "
+            "cannot be folded through them exactly. Gemma (1) is supported."
+            if model_type and model_type.startswith(("gemma2", "gemma3"))
             else ""
         )
         raise UnsupportedArchitectureError(

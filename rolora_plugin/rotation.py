@@ -322,10 +322,8 @@ def rotate_model_(model: nn.Module, config: RotationConfig | None = None, *, pro
     if config.r1 and spec.lm_head is not None:
         norm, head = get_submodule(inner, spec.final_norm), get_submodule(inner, spec.lm_head)
         with gather_params([norm.weight] + list(head.parameters())):
-            scale = norm.weight.detach().to(cdtype)
-            _rotate_linear(head, cdtype, scale=scale, right=transforms["r1"].apply)
-            with torch.no_grad():
-                norm.weight.fill_(1.0)
+            _rotate_linear(head, cdtype, scale=_norm_gain(norm, spec, cdtype), right=transforms["r1"].apply)
+            _reset_norm(norm, spec)
 
     record = RotationRecord(
         config=config,
@@ -344,13 +342,24 @@ def rotate_model_(model: nn.Module, config: RotationConfig | None = None, *, pro
     return record
 
 
+def _norm_gain(norm: nn.Module, spec: ArchitectureSpec, cdtype) -> torch.Tensor:
+    """The per-channel gain ``g`` the norm multiplies by: ``weight`` (Llama-style) or ``1 + weight`` (Gemma)."""
+    return norm.weight.detach().to(cdtype) + spec.norm_offset
+
+
+def _reset_norm(norm: nn.Module, spec: ArchitectureSpec) -> None:
+    """After folding ``g`` into the readers, make the norm's gain 1: ``weight = 1 - offset``."""
+    with torch.no_grad():
+        norm.weight.fill_(1.0 - spec.norm_offset)
+
+
 def _rotate_layer(layer, spec: ArchitectureSpec, dims: ModelDims, transforms: dict, cdtype) -> None:
     r1, r2, r4 = transforms.get("r1"), transforms.get("r2"), transforms.get("r4")
     hd = dims.head_dim
     right_r1 = r1.apply if r1 else None
     for norm_path, readers in ((spec.input_norm, spec.attention_inputs()), (spec.post_attention_norm, spec.mlp_inputs())):
         norm = get_submodule(layer, norm_path)
-        scale = norm.weight.detach().to(cdtype) if r1 else None
+        scale = _norm_gain(norm, spec, cdtype) if r1 else None
         for path in readers:
             left = None
             if r2 and path in (spec.v_proj, spec.qkv_proj):
@@ -360,8 +369,7 @@ def _rotate_layer(layer, spec: ArchitectureSpec, dims: ModelDims, transforms: di
                     left = _on_slice(left, start, start + dims.num_kv_heads * hd)
             _rotate_linear(get_submodule(layer, path), cdtype, scale=scale, right=right_r1, left=left)
         if r1:
-            with torch.no_grad():
-                norm.weight.fill_(1.0)
+            _reset_norm(norm, spec)
     o_right = _headwise(r2, hd, cdtype) if r2 else None
     o_left = r1.apply if r1 else None
     if o_right or o_left:

@@ -35,8 +35,9 @@ def tiny_config(family: str, *, hidden=64, intermediate=96, heads=4, kv_heads=1,
         "qwen2": tf.Qwen2Config,
         "qwen3": tf.Qwen3Config,
         "phi3": tf.Phi3Config,
+        "gemma": tf.GemmaConfig,
     }[family]
-    if family == "qwen3":
+    if family in ("qwen3", "gemma"):
         common["head_dim"] = hidden // heads
     cfg = cls(**common)
     cfg._attn_implementation = "eager"
@@ -97,10 +98,13 @@ def float64_norms(model):
     def forward(self, x):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
+    def gemma_forward(self, x):  # Gemma's (1 + w) RMSNorm, eps attribute named `eps`
+        return (1.0 + self.weight) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
     classes = {type(m) for m in model.modules() if type(m).__name__.endswith("RMSNorm")}
     saved = {c: c.forward for c in classes}
     for c in classes:
-        c.forward = forward
+        c.forward = gemma_forward if c.__name__.startswith("Gemma") else forward
     try:
         yield
     finally:
