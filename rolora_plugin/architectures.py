@@ -7,7 +7,7 @@ rotated exactly by folding and are deliberately absent.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import torch
@@ -17,7 +17,7 @@ from .errors import UnsupportedArchitectureError
 from .hookspecs import hookimpl
 from .plugins import add_reset_callback, get_plugin_manager
 
-__all__ = ["ArchitectureSpec", "ModelDims", "UnsupportedArchitectureError", "get_architecture", "list_architectures"]
+__all__ = ["ArchitectureSpec", "VLMSpec", "ModelDims", "architecture_by_name", "UnsupportedArchitectureError", "get_architecture", "list_architectures"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,8 @@ class ArchitectureSpec:
     gate_up_proj: str | None = None
     down_proj: str = "mlp.down_proj"
     norm_offset: float = 0.0
+    residual_writers: tuple[str, ...] = ()
+    tower: str | None = None
 
     def __post_init__(self):
         if not self.model_types:
@@ -130,6 +132,49 @@ class ArchitectureSpec:
         return sorted(mapped)
 
 
+def _inside(path: str | None, tower: str) -> str | None:
+    """A text-LM path (relative to the ``*ForCausalLM``, base model under ``model.``) moved under ``tower``."""
+    if path is None:
+        return None
+    return f"{tower}.{path.removeprefix('model.')}"
+
+
+@dataclass(frozen=True)
+class VLMSpec:
+    """A vision-language model whose language tower is any registered text family (LLaVA-style).
+
+    The language tower is rotated like the text family (its spec is looked up from ``config.<text_config>``), the
+    projector's last linear (``residual_writers``) is rotated on its output side (its output replaces token
+    embeddings, so it writes the residual stream), and the vision tower is left alone. Paths are relative to the
+    whole model (e.g. ``LlavaForConditionalGeneration``).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    tower: str = "model.language_model"
+    lm_head: str | None = "lm_head"
+    residual_writers: tuple[str, ...] = ("model.multi_modal_projector.linear_2",)
+    text_config: str = "text_config"
+
+    def resolve(self, text: ArchitectureSpec) -> ArchitectureSpec:
+        """The :class:`ArchitectureSpec` of the whole model: ``text``'s layout moved under :attr:`tower`."""
+        t = self.tower
+        return replace(
+            text,
+            name=f"{self.name}/{text.name}",
+            model_types=self.model_types,
+            embed=_inside(text.embed, t),
+            layers=_inside(text.layers, t),
+            final_norm=_inside(text.final_norm, t),
+            lm_head=self.lm_head,
+            residual_writers=self.residual_writers,
+            tower=t,
+        )
+
+
+LLAVA = VLMSpec(name="llava", model_types=("llava",))
+
+
 @dataclass(frozen=True)
 class ModelDims:
     hidden: int
@@ -165,7 +210,7 @@ PHI3 = ArchitectureSpec(
 )
 # Gemma (1): (1 + w) RMSNorm (norm_offset=1) and embeddings scaled by sqrt(hidden): a scalar, so it commutes with R1.
 GEMMA = ArchitectureSpec(name="gemma", model_types=("gemma",), norm_offset=1.0)
-BUILTIN_ARCHITECTURES = (LLAMA, MISTRAL, QWEN2, QWEN3, PHI3, GEMMA)
+BUILTIN_ARCHITECTURES = (LLAMA, MISTRAL, QWEN2, QWEN3, PHI3, GEMMA, LLAVA)
 
 
 @hookimpl
@@ -179,8 +224,8 @@ def _registry() -> dict[str, ArchitectureSpec]:
     # pluggy calls the most recently registered plugin first; reverse so later plugins override built-ins
     for specs in reversed(get_plugin_manager().hook.rolora_register_architectures()):
         for spec in specs or ():
-            if not isinstance(spec, ArchitectureSpec):
-                raise TypeError(f"rolora_register_architectures must return ArchitectureSpec objects, got {type(spec)}")
+            if not isinstance(spec, (ArchitectureSpec, VLMSpec)):
+                raise TypeError(f"rolora_register_architectures must return ArchitectureSpec or VLMSpec objects, got {type(spec)}")
             for mt in spec.model_types:
                 table[mt] = spec
     return table
@@ -193,22 +238,48 @@ def clear_architecture_cache() -> None:
 add_reset_callback(clear_architecture_cache)  # specs come from hooks: re-read them when plugins are reloaded
 
 
-def list_architectures() -> dict[str, ArchitectureSpec]:
-    """``{model_type: spec}`` for every registered family."""
+def list_architectures() -> dict[str, ArchitectureSpec | VLMSpec]:
+    """``{model_type: spec}`` for every registered family (text families and VLMs)."""
     return dict(_registry())
 
 
+def architecture_by_name(name: str) -> ArchitectureSpec:
+    """The spec a :class:`~rolora_plugin.rotation.RotationRecord` names in ``family`` (``"llama"``,
+    ``"llava/llama"``...)."""
+    outer, _, inner = name.partition("/")
+    by_name = {s.name: s for s in _registry().values()}
+    if outer not in by_name or (inner and inner not in by_name) or isinstance(by_name[outer], VLMSpec) != bool(inner):
+        raise UnsupportedArchitectureError(f"no registered family named {name!r}; known: {sorted(by_name)}")
+    return by_name[outer].resolve(by_name[inner]) if inner else by_name[outer]
+
+
+def _resolve_vlm(vlm: VLMSpec, config) -> ArchitectureSpec:
+    text_type = getattr(getattr(config, vlm.text_config, None), "model_type", None)
+    text = _registry().get(text_type)
+    if not isinstance(text, ArchitectureSpec):
+        raise UnsupportedArchitectureError(
+            f"{vlm.name}: its language tower (config.{vlm.text_config}.model_type={text_type!r}) is not a supported text "
+            f"family; supported: {sorted(k for k, v in _registry().items() if isinstance(v, ArchitectureSpec))}"
+        )
+    return vlm.resolve(text)
+
+
 def get_architecture(model: nn.Module) -> ArchitectureSpec:
-    """The spec for ``model`` (matched on ``model.config.model_type``), or a clear error."""
+    """The spec for ``model`` (matched on ``model.config.model_type``), or a clear error.
+
+    For a VLM (:class:`VLMSpec`) the result is the language tower's family spec moved under the tower's path.
+    """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     spec = _registry().get(model_type)
+    if isinstance(spec, VLMSpec):
+        return _resolve_vlm(spec, config)
     if spec is None:
         known = ", ".join(sorted(_registry()))
         hint = (
-            " Gemma-2/3 use sandwich norms: extra RMSNorms on the attention and MLP outputs on the residual branch: "
-            "their rms depends on the rotated basis only through the branch output, so a residual-stream rotation "
-            "cannot be folded through them exactly. Gemma (1) is supported."
+            " Gemma-2/3 use sandwich norms: an extra RMSNorm on each attention and MLP output, whose per-channel "
+            "weight multiplies right before the residual add with no linear layer after it to absorb the rotation, "
+            "so R1 cannot be folded exactly. Gemma (1) is supported."
             if model_type and model_type.startswith(("gemma2", "gemma3"))
             else ""
         )

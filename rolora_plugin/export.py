@@ -361,10 +361,10 @@ def transform_config_dict(record: RotationRecord) -> dict | None:
     a power of two; see the module doc) — a partial description would give a wrong model, so none is given.
     Validated with compressed-tensors' pydantic models when the library is installed.
     """
-    from .architectures import list_architectures
+    from .architectures import architecture_by_name
 
     transforms = record.verify()
-    spec = next(s for s in list_architectures().values() if s.name == record.family)
+    spec = architecture_by_name(record.family)
     groups, unsupported = {}, []
     if "r4" in transforms:
         target = "re:.*" + spec.down_proj.replace(".", r"\.") + "$"

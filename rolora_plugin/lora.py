@@ -73,13 +73,28 @@ def map_target_modules(model: nn.Module, targets: str | Iterable[str]) -> list[s
     """
     spec = get_architecture(unwrap_peft(model))
     if isinstance(targets, str):
-        return sorted(set(spec.linear_names())) if targets == ALL_LINEAR else targets
+        if targets != ALL_LINEAR:
+            return targets
+        return _tower_regex(spec, spec.linear_names()) if spec.tower else sorted(set(spec.linear_names()))
     targets = list(targets)
     for name, leaf in spec.fused_aliases().items():
         if name in targets:
             logger.info("LoRA target %r maps to the fused %r of %s (the adapter covers the whole fused linear)", name, leaf, spec.name)
     extra = (spec.lm_head,) if spec.lm_head else ()
-    return spec.resolve_targets(targets, what="LoRA target", extra=extra)
+    leaves = spec.resolve_targets(targets, what="LoRA target", extra=extra)
+    return _tower_regex(spec, leaves) if spec.tower else leaves
+
+
+def _tower_regex(spec, leaves) -> str:
+    """A peft ``target_modules`` regex matching ``leaves`` inside the language tower only (a VLM's vision tower has
+    its own ``q_proj``/``v_proj``... that a list of leaf names would also hit)."""
+    import re
+
+    paths = [p for p in spec.linear_paths() if p.rsplit(".", 1)[-1] in leaves]
+    pattern = rf"{re.escape(spec.layers)}\.\d+\.({'|'.join(re.escape(p) for p in paths)})"
+    if spec.lm_head and spec.lm_head in leaves:
+        pattern = rf"(?:{pattern}|{re.escape(spec.lm_head)})"
+    return pattern
 
 
 def rolora_lora_config(model: nn.Module, *, r: int = 16, lora_alpha: int = 16, target_modules=("q_proj", "v_proj"), **kwargs):

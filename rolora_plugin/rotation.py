@@ -319,6 +319,11 @@ def rotate_model_(model: nn.Module, config: RotationConfig | None = None, *, pro
         with gather_params(list(layer.parameters())):
             _rotate_layer(layer, spec, dims, transforms, cdtype)
 
+    for path in spec.residual_writers if config.r1 else ():  # e.g. a VLM projector: its output is residual stream
+        writer = get_submodule(inner, path)
+        with gather_params(list(writer.parameters())):
+            _rotate_linear(writer, cdtype, left=transforms["r1"].apply)
+
     if config.r1 and spec.lm_head is not None:
         norm, head = get_submodule(inner, spec.final_norm), get_submodule(inner, spec.lm_head)
         with gather_params([norm.weight] + list(head.parameters())):
@@ -475,6 +480,9 @@ def _check_structure(model, spec: ArchitectureSpec, layers) -> None:
     if spec.lm_head is not None:
         _lora_parts(get_submodule(model, spec.lm_head))
     check_rms_norm(get_submodule(model, spec.final_norm), spec.final_norm)
+    for path in spec.residual_writers:
+        if not isinstance(_lora_parts(get_submodule(model, path))[0], nn.Linear):
+            raise RotationError(f"{path} (a residual writer of {spec.name}) is not an nn.Linear")
     if not layers:
         raise RotationError(f"{spec.layers} holds no layers")
     for i, layer in enumerate(layers):

@@ -110,3 +110,30 @@ def float64_norms(model):
     finally:
         for c, f in saved.items():
             c.forward = f
+
+
+def tiny_llava(text_family: str = "llama", *, dtype=torch.float32, seed=0, **kw):
+    """A tiny LLaVA (CLIP vision tower, 2-layer projector, a tiny text family as language tower) with random weights;
+    returns ``(model, input_ids, pixel_values)`` where the ids hold one image's worth of image tokens."""
+    import transformers as tf
+
+    text = tiny_model(text_family, seed=seed, **kw).config
+    vision = tf.CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                                 image_size=32, patch_size=8, projection_dim=32)  # fmt: skip
+    image_token = text.vocab_size - 1
+    cfg = tf.LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token, projector_hidden_act="gelu",
+                         vision_feature_layer=-1, vision_feature_select_strategy="default")  # fmt: skip
+    torch.manual_seed(seed)
+    model = tf.LlavaForConditionalGeneration(cfg).to(dtype).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "language_model" in name and "norm" in name:
+                p.copy_(1.0 + 0.5 * torch.rand(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+    n_image = (32 // 8) ** 2  # "default" strategy drops CLS: one token per patch
+    ids = random_ids(vocab=image_token, batch=2, seq=24, seed=seed)
+    ids[:, 3 : 3 + n_image] = image_token
+    pixels = torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64).to(dtype)
+    return model, ids, pixels
