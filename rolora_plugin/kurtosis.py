@@ -177,10 +177,11 @@ def kinds_from_names(names: Iterable[str]) -> tuple[str, ...]:
     share their kinds. Raises ValueError when no family, or several with different kinds, match: pass the
     kinds explicitly then (e.g. :func:`input_kinds` of the model).
     """
-    from .architectures import list_architectures
+    from .architectures import ArchitectureSpec, list_architectures
 
     leaves = {leaf_name(n) for n in names}
-    matches = {spec.input_kinds() for spec in list_architectures().values() if set(spec.linear_names()) <= leaves}
+    specs = [s for s in list_architectures().values() if isinstance(s, ArchitectureSpec)]  # VLMs reuse text families
+    matches = {spec.input_kinds() for spec in specs if set(spec.linear_names()) <= leaves}
     if len(matches) != 1:
         found = "no registered family" if not matches else f"several families ({sorted(matches)})"
         raise ValueError(f"cannot tell the input kinds of linears {sorted(leaves)}: {found} match; pass kinds explicitly")
