@@ -1,8 +1,8 @@
 """Online rotations: transforms applied to activations at run time (R4 before down_proj, R3 on q/k after RoPE).
 
 Placement of R4, and why. The Hadamard must act on the input of *both* the frozen base weight and the LoRA
-branch of ``down_proj``, and survive peft's ``merge_and_unload`` (DESIGN.md records the measurements with peft
-0.21: a pre-hook on the Linear ends on ``base_layer`` only once peft wraps it; a hook on the LoRA layer is lost
+branch of ``down_proj``, and survive peft's ``merge_and_unload`` (measured with peft
+0.21, see tests/core/test_lora.py: a pre-hook on the Linear ends on ``base_layer`` only once peft wraps it; a hook on the LoRA layer is lost
 at merge; a wrapper module forces users to target ``down_proj.<child>``). We therefore act *inside the MLP's
 own call*: a forward-pre-hook on the MLP module attaches a temporary, prepended pre-hook to whatever module is
 ``mlp.down_proj`` at that moment (a plain ``nn.Linear``, peft's ``lora.Linear`` wrapper, or the merged Linear
