@@ -6,8 +6,9 @@ the same shape would load and run and be silently wrong. :func:`weights_fingerpr
 the unrotated model (LoRA factors excluded, peft's ``.base_layer`` removed from names, tied weights once): its
 name, its shape, and 64 evenly spaced elements rounded to bfloat16. Rounding to bfloat16 makes the fingerprint the
 same whether the base is loaded in float32 or bfloat16 (round-to-nearest from float32 gives the same bfloat16
-either way); float16 loading of a float32 checkpoint double-rounds and may differ. Cost: one gather of 64 values
-per tensor (milliseconds for a 7B model).
+either way); float16 loading of a float32 checkpoint double-rounds and may differ. Names are hashed in sorted
+order, so a checkpoint's tensors give the same value without building the model (streaming rotation). Cost: 64
+values per tensor (milliseconds for a 7B model).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import nn
 from ._peft import unwrap_peft
 from .distributed import gather_params
 
-__all__ = ["weights_fingerprint", "SAMPLES_PER_TENSOR"]
+__all__ = ["weights_fingerprint", "fingerprint_tensors", "SAMPLES_PER_TENSOR"]
 
 SAMPLES_PER_TENSOR = 64
 
@@ -45,12 +46,20 @@ def weights_fingerprint(model: nn.Module) -> str:
     ``model`` may be a bare transformers model or a peft ``PeftModel``; ZeRO-3 partitions are gathered one at a
     time (collective: every rank must call it).
     """
-    h = hashlib.sha256()
+    params = {}
     for name, p in unwrap_peft(model).named_parameters():  # named_parameters yields a tied weight once
         canonical = _canonical_name(name)
-        if canonical is None:
-            continue
-        with gather_params([p], modifier_rank=None):
-            h.update(f"{canonical}:{tuple(p.shape)}:".encode())
+        if canonical is not None:
+            params[canonical] = p
+    return fingerprint_tensors(params.items(), gather=True)
+
+
+def fingerprint_tensors(named_tensors, *, gather: bool = False) -> str:
+    """The fingerprint of ``(name, tensor)`` pairs, hashed in sorted name order (so a checkpoint's keys, read in
+    any order, give the same value as the model's parameters). ``gather``: gather ZeRO-3 partitions."""
+    h = hashlib.sha256()
+    for name, p in sorted(named_tensors, key=lambda item: item[0]):
+        with gather_params([p] if gather else [], modifier_rank=None):
+            h.update(f"{name}:{tuple(p.shape)}:".encode())
             h.update(_sample(p))
     return h.hexdigest()[:16]
