@@ -51,6 +51,7 @@ def _check_targets(owner: str, targets):
 def _held_quant(owner: str, quant, aliases: dict) -> QuantConfig:
     """The section's QuantConfig: ``quant`` (a QuantConfig or its dict) or one built from the flat aliases."""
     given = {k: v for k, v in aliases.items() if v is not None}
+    _check_aliases(owner, given)
     try:
         if isinstance(quant, dict):
             quant = QuantConfig.from_dict(quant)
@@ -65,6 +66,21 @@ def _held_quant(owner: str, quant, aliases: dict) -> QuantConfig:
         raise ValueError(f"{owner}: give either quant=QuantConfig(...) or the flat keys {conflicts}, not both")
     _check_fake_quant(owner, quant)
     return quant
+
+
+def _check_aliases(owner: str, given: dict) -> None:
+    """Errors on the flat keys name the key the user wrote (``QATConfig.a_clip_ratio``), not the held config's."""
+    for name, value in given.items():
+        if name in ("w_bits", "a_bits") and (not isinstance(value, int) or isinstance(value, bool) or not 2 <= value <= OFF_BITS):
+            raise ValueError(f"{owner}.{name} must be an int in 2..16 (16 = off), got {value!r}")
+        if name == "w_group_size":
+            _check_int(owner, name, value, 1)
+        if name in ("w_sym", "a_sym") and not isinstance(value, bool):
+            raise ValueError(f"{owner}.{name} must be True or False, got {value!r}")
+        if name == "a_clip_ratio" and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0):
+            raise ValueError(f"{owner}.a_clip_ratio must be in (0, 1], got {value!r}")
+    if given.get("w_bits") == given.get("a_bits") == OFF_BITS:
+        raise ValueError(f"{owner}: w_bits = a_bits = 16 quantizes nothing; lower the bits")
 
 
 def _check_fake_quant(owner: str, quant: QuantConfig) -> None:

@@ -81,3 +81,20 @@ def test_library_code_never_calls_the_deprecated_fake_quantize_aliases():
         merged = copy.deepcopy(peft_model).merge_and_unload()
         quantize_model_(merged, QuantConfig(w_bits=4, a_bits=4, kv_bits=4), progress=False)
         logits(merged, ids)
+
+
+def test_fake_quant_targets_resolve_through_the_family_spec():
+    """Leaf names map onto the family's layer linears (Phi-3: q_proj → qkv_proj); "lora" keeps the LoRA layers only."""
+    model = tiny_model("phi3", layers=2)
+    peft_model = lora(model, ["qkv_proj"])
+    handle = enable_fake_quant_(peft_model, quant_config(4, 4), targets=["q_proj", "down_proj"])
+    assert sorted(n.rsplit(".", 1)[-1] for n in handle.modules) == ["down_proj", "down_proj", "qkv_proj", "qkv_proj"]
+    handle.remove()
+    handle = enable_fake_quant_(peft_model, quant_config(4, 4), targets="lora")
+    assert [n.rsplit(".", 1)[-1] for n in handle.modules] == ["qkv_proj", "qkv_proj"]
+    handle.remove()
+    assert not fake_quant_active(peft_model)
+    with pytest.raises(ValueError, match=r"fake-quant target 'wq' is not a linear of a .* decoder layer; valid names"):
+        enable_fake_quant_(peft_model, quant_config(4, 4), targets=["wq"])
+    with pytest.raises(ValueError, match="fake quant targets must be"):
+        enable_fake_quant_(peft_model, quant_config(4, 4), targets="everything")
