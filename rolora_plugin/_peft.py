@@ -14,6 +14,8 @@ from .errors import RotationError
 
 __all__ = [
     "active_adapters",
+    "base_layer",
+    "lora_dropouts",
     "is_lora_layer",
     "is_peft_model",
     "lora_layer_names",
@@ -79,3 +81,13 @@ def active_adapters(module: nn.Module) -> list[tuple[nn.Module, nn.Module, float
     if not hasattr(module, "lora_A") or getattr(module, "merged", False) or getattr(module, "disable_adapters", False):
         return []
     return [(module.lora_A[n], module.lora_B[n], module.scaling[n]) for n in module.active_adapters if n in module.lora_A]
+
+
+def base_layer(module: nn.Module) -> nn.Module:
+    """The module a peft LoRA layer wraps (``base_layer``), or ``module`` itself."""
+    return getattr(module, "base_layer", module)
+
+
+def lora_dropouts(module: nn.Module) -> list[nn.Module]:
+    """The LoRA dropout modules of a peft LoRA layer (empty for a plain module)."""
+    return list(getattr(module, "lora_dropout", {}).values())

@@ -12,7 +12,7 @@ Either order works:
 
 * rotate, then attach LoRA (``get_rolora_peft_model``; required for DoRA, PiSSA, OLoRA, whose initialisation or
   magnitude vector depend on the weights they see);
-* attach LoRA, then rotate (what :class:`rolora_plugin.callbacks.RoLoRACallback` does with a ``PeftModel``):
+* attach LoRA, then rotate (what :class:`rolora_plugin.RoLoRACallback` does with a ``PeftModel``):
   ``rotate_model_`` rotates the LoRA matrices with the base weights (``A ← A R`` on the input side,
   ``B ← Rᵀ B`` on the output side), so the function of the model, adapters included, is unchanged.
 
@@ -20,8 +20,8 @@ What this module adds is name mapping and checks: :func:`map_target_modules` res
 rotated linears of the model's family (never ``lm_head``, never the parameter-free online modules) and maps
 unfused names (``q_proj``, ``gate_proj``...) onto fused families (Phi-3 ``qkv_proj``, ``gate_up_proj``).
 
-It also holds the fake-quantized forward used for quantization-aware training and W4A4 monitoring
-(:func:`enable_fake_quant_`, :func:`fake_quantized`; design notes at that section).
+The fake-quantized forward used for quantization-aware training and W4A4 monitoring lives in
+:mod:`rolora_plugin.quant.qat`.
 
 Example::
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._peft import active_adapters, is_lora_layer, unwrap_peft, uses_dora
+from .._peft import active_adapters, base_layer, is_lora_layer, lora_dropouts, unwrap_peft, uses_dora
 from ..architectures import get_architecture
 from ..distributed import is_partitioned
 from .primitives import quantize_activation, quantize_weight
@@ -107,7 +107,7 @@ def _fake_quant_forward(self, x, *args, **kwargs):
     cfg = state.config
     if cfg is None:
         return type(self).forward(self, x, *args, **kwargs)
-    base = getattr(self, "base_layer", self)
+    base = base_layer(self)
     xq = quantize_activation(x, cfg.a_bits, cfg.a_sym, cfg.a_clip_ratio, ste=True).to(base.weight.dtype)
     adapters = active_adapters(self)
     bias = base.bias
@@ -146,7 +146,7 @@ def _check_fake_quant_target(name: str, module: nn.Module) -> None:
         raise ValueError(f"{name}: fake-quant training (QAT) does not support DoRA layers (effective weight is not W + sBA)")
     if any(is_partitioned(p) for p in module.parameters()):
         raise ValueError(f"{name}: fake-quant training (QAT) does not support DeepSpeed ZeRO-3 partitioned weights; use ZeRO-2")
-    if not isinstance(getattr(module, "base_layer", module), nn.Linear):
+    if not isinstance(base_layer(module), nn.Linear):
         raise ValueError(f"{name} is a {type(module).__name__}; fake quant supports nn.Linear and peft lora.Linear")
 
 
@@ -197,7 +197,7 @@ def enable_fake_quant_(model: nn.Module, config, targets=ALL_LINEAR) -> FakeQuan
     for m in modules.values():
         m.__dict__[_FQ_ATTR] = _FakeQuantState(config)
         m.forward = types.MethodType(_fake_quant_forward, m)
-    dropout = [n for n, m in modules.items() for d in getattr(m, "lora_dropout", {}).values() if isinstance(d, nn.Dropout) and d.p > 0]
+    dropout = [n for n, m in modules.items() for d in lora_dropouts(m) if isinstance(d, nn.Dropout) and d.p > 0]
     if dropout:
         logger.warning("fake quant: LoRA dropout is not applied under QAT (%d layers, e.g. %s)", len(dropout), dropout[0])
     return FakeQuantHandle(modules, config)

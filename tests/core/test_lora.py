@@ -2,9 +2,7 @@
 
 import pytest
 import torch
-from conftest import rel_err
-from tests.helpers import F64_NORM_RTOL, float64_norms
-from tiny_models import FAMILIES, random_ids, tiny_model
+from tests.helpers import F64_NORM_RTOL, FAMILIES, float64_norms, random_ids, rel_err, tiny_model
 
 from rolora_plugin import RotationConfig, RotationError, get_rotation_record, install_online_rotations, rotate_model_
 from rolora_plugin.lora import (
