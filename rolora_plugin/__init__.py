@@ -13,14 +13,22 @@ Public API (one import point)::
 (``RoLoRACallback`` is resolved lazily because it subclasses ``transformers.TrainerCallback``).
 """
 
-from .architectures import ArchitectureSpec, UnsupportedArchitectureError, get_architecture, list_architectures
+from .architectures import ArchitectureSpec, UnsupportedArchitectureError, VLMSpec, get_architecture, list_architectures
 from .config import RotationConfig
 from .export import load_rotated, merge_and_export
 from .hadamard import NoHadamardError, OrthogonalTransform, build_transform, hadamard_transform, hadamard_transform_ref
 from .hookspecs import hookimpl
 from .lora import get_rolora_peft_model, map_target_modules, rolora_lora_config
-from .quant import QuantConfig, QuantizationError, fake_quantize_activation, fake_quantize_weight, quantize_model_
-from .rotation import RotationError, RotationRecord, get_rotation_record, install_online_rotations, rotate_model_
+from .quant import (
+    QuantConfig,
+    QuantizationError,
+    fake_quantize_activation,
+    fake_quantize_weight,
+    quantize_activation,
+    quantize_model_,
+    quantize_weight,
+)
+from .rotation import RotationError, RotationRecord, ensure_rotated, get_rotation_record, install_online_rotations, rotate_model_
 from .training_config import ExportConfig, MonitorConfig, QATConfig, RoLoRAConfig
 
 __version__ = "0.1.0"
@@ -40,7 +48,9 @@ __all__ = [
     "RotationError",
     "RotationRecord",
     "UnsupportedArchitectureError",
+    "VLMSpec",
     "build_transform",
+    "ensure_rotated",
     "fake_quantize_activation",
     "fake_quantize_weight",
     "get_architecture",
@@ -54,7 +64,9 @@ __all__ = [
     "load_rotated",
     "map_target_modules",
     "merge_and_export",
+    "quantize_activation",
     "quantize_model_",
+    "quantize_weight",
     "rolora_lora_config",
     "rotate_model_",
 ]
