@@ -35,7 +35,9 @@ def _canonical_name(name: str) -> str | None:
 def _sample(p: torch.Tensor) -> bytes:
     flat = p.detach().reshape(-1)
     n = flat.numel()
-    idx = torch.linspace(0, n - 1, steps=min(n, SAMPLES_PER_TENSOR)).round().long() if n else torch.zeros(0, dtype=torch.long)
+    k = min(n, SAMPLES_PER_TENSOR)
+    # integer arithmetic: float32 linspace cannot address elements beyond 2**24 (a 28M-entry embedding)
+    idx = torch.arange(k, dtype=torch.int64) * (n - 1) // max(k - 1, 1)
     values = flat[idx.to(flat.device)].to(torch.float32).to(torch.bfloat16).cpu()
     return values.view(torch.int16).numpy().tobytes()
 

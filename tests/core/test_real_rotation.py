@@ -15,8 +15,8 @@ def _mean_excess_kurtosis(stats: dict) -> float:
 
 
 def test_smollm2_r1_r2_r4_keeps_perplexity_and_kills_outliers():
-    from rolora_plugin.assets import load_smollm2, text_chunks
-    from rolora_plugin.eval import perplexity
+    from rolora_plugin.app.assets import load_smollm2, text_chunks
+    from rolora_plugin.metrics import perplexity
     from rolora_plugin.kurtosis import activation_stats
 
     model, tok = load_smollm2(torch.float32)

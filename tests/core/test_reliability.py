@@ -285,3 +285,12 @@ def test_rotation_record_timestamps_nothing_volatile():
     """Two rotations of the same weights with the same config give equal records (fingerprint included)."""
     a, b = tiny_model("llama"), tiny_model("llama")
     assert rotate_model_(a, progress=False) == rotate_model_(b, progress=False)
+
+
+def test_fingerprint_samples_tensors_beyond_float32_index_range():
+    """Sample positions of a tensor with more than 2**24 elements (SmolLM2's embedding has 28M) stay in range."""
+    from rolora_plugin.fingerprint import fingerprint_tensors
+
+    big = torch.zeros(2**24 + 7, dtype=torch.bfloat16)
+    big[-1] = 1.0  # the last element is sampled: the fingerprint must see it
+    assert fingerprint_tensors([("w", big)]) != fingerprint_tensors([("w", torch.zeros_like(big))])
