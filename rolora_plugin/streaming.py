@@ -1,0 +1,500 @@
+"""``rotate_checkpoint``: rotate a (sharded) safetensors checkpoint disk to disk, never holding the whole model.
+
+The in-memory path (:func:`rolora_plugin.rotate_model_`) needs the model in RAM, plus its float64 scratch space.
+This one reads ``config.json`` and ``model.safetensors`` (or ``model.safetensors.index.json`` + shards) and
+rotates one *unit* at a time — the embedding, one decoder layer, the final norm with ``lm_head`` — using the very
+edit functions of :mod:`rolora_plugin.rotation` (``_rotate_embedding``, ``_rotate_layer``, ``_rotate_linear``,
+``_norm_gain``, ``_reset_norm``, chunked ``_edit``) on the modules of a *meta-device skeleton* of the model whose
+weights are loaded unit by unit (``load_state_dict(assign=True)``) and sent back to ``meta`` once written. The
+output is therefore **bit-identical** to ``rotate_model_`` on the model loaded in the same dtype followed by
+``save_pretrained`` (``tests/core/test_streaming.py`` checks every tensor with ``torch.equal``, and the record).
+
+Memory: one unit (a 7B decoder layer is 0.4 GB in bf16) + the shard being assembled (``max_shard_bytes``) + the
+float64 chunks of ``_edit`` (32 MiB each). Input tensors are read with ``pread(2)``
+(``safe_open(..., backend="pread")``, safetensors ≥ 0.8) into anonymous memory that is freed after each unit,
+so no memory-mapped page of the input is ever resident beyond the tensor being read; with an older safetensors
+each tensor is read through its own short-lived ``mmap`` handle and copied. Shards are written as soon as
+they are complete (``safetensors.torch.save_file``, which serialises from the tensors' own buffers).
+
+Order of work, all checks before anything is written (same error types as the in-memory path):
+
+1. config: already rotated (``config.rolora`` or ``rolora_rotation.json``) or quantized (``rolora_quant``):
+   :class:`RotationError`; unsupported family: :class:`UnsupportedArchitectureError`; a width without a
+   construction and ``allow_fallback=False``: :class:`rolora_plugin.NoHadamardError`;
+2. tensors: a model tensor missing from the checkpoint, or of the wrong shape: :class:`RotationError`;
+3. values (one read of every weight): non-float (integer, fp8) or non-finite weights: :class:`RotationError`
+   naming the tensor;
+4. rotate and write through :func:`rolora_plugin.publish.atomic_output_dir` (create-exclusive, marked staging,
+   stale staging of killed runs removed): shards + index, ``config.json`` with the record under
+   ``config.rolora`` (``tie_word_embeddings`` false once R1 unties), ``generation_config.json`` and tokenizer
+   files copied, ``rolora_rotation.json`` and, when the online rotations have one, ``transform_config.json``
+   (like :func:`rolora_plugin.merge_and_export`).
+
+The record's ``base_fingerprint`` is :func:`rolora_plugin.fingerprint.fingerprint_tensors` over the checkpoint's
+tensors under the model's parameter names (a tied ``lm_head`` counted once), read through ``mmap`` views of
+which only the 64 sampled elements per tensor are touched.
+
+Example::
+
+    >>> from rolora_plugin import RotationConfig
+    >>> from rolora_plugin.streaming import rotate_checkpoint
+    >>> record = rotate_checkpoint("llama-2-7b/", "llama-2-7b-rotated/", RotationConfig(r2=True))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .architectures import ArchitectureSpec, ModelDims, get_architecture, get_submodule
+from .config import QUANT_RECORD_KEY, RECORD_KEY, RotationConfig
+from .errors import RotationError, UnsupportedArchitectureError
+from .export import RECORD_FILE, TRANSFORM_CONFIG_FILE, transform_config_dict, write_rotation_record
+from .fingerprint import fingerprint_tensors
+from .publish import OutputExistsError, atomic_output_dir, atomic_write_text, check_writable_parent
+from .rotation import (
+    RotationRecord,
+    _check_structure,
+    _norm_gain,
+    _reset_norm,
+    _rotate_embedding,
+    _rotate_layer,
+    _rotate_linear,
+    build_rotations,
+    get_rotation_record,
+)
+
+__all__ = ["rotate_checkpoint", "DEFAULT_MAX_SHARD_BYTES", "COPIED_FILES"]
+
+logger = logging.getLogger(__name__)
+DEFAULT_MAX_SHARD_BYTES = 1 << 30
+SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+# files copied unchanged from the source checkpoint (tokenizer, generation and processor settings)
+COPIED_FILES = (
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json",
+)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def _pread_available() -> bool:
+    """safetensors ≥ 0.8 reads tensors with ``pread(2)`` (``backend="pread"``): no mapping of the input at all."""
+    from safetensors import __version__
+
+    major, minor = (int(x) for x in __version__.split(".")[:2])
+    return (major, minor) >= (0, 8)
+
+
+class _Checkpoint:
+    """Tensor names, shapes and dtypes of a safetensors checkpoint folder; reads one tensor at a time."""
+
+    def __init__(self, folder: Path, dtype: torch.dtype | None):
+        self.folder, self.dtype = folder, dtype
+        self.files = _weight_map(folder)  # name -> shard path
+        self.shapes, self.dtypes = {}, {}
+        with self.lazy() as views:
+            for name, t in views.items():
+                self.shapes[name], self.dtypes[name] = tuple(t.shape), t.dtype
+        self._stack = contextlib.ExitStack()
+        self._handles: dict[Path, object] = {}
+
+    @contextlib.contextmanager
+    def lazy(self, names=None):
+        """``{name: tensor}`` backed by ``mmap`` (nothing is read until touched); unmapped on exit."""
+        from safetensors import safe_open
+
+        with contextlib.ExitStack() as stack:
+            handles = {p: stack.enter_context(safe_open(str(p), framework="pt")) for p in set(self.files.values())}
+            yield {n: handles[self.files[n]].get_tensor(n) for n in (self.files if names is None else names)}
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` in anonymous memory (writable, freed with it), cast to ``dtype`` if floating."""
+        from safetensors import safe_open
+
+        path = self.files[name]
+        if _pread_available():
+            if path not in self._handles:
+                self._handles[path] = self._stack.enter_context(safe_open(str(path), framework="pt", backend="pread"))
+            t = self._handles[path].get_tensor(name)
+        else:  # a short-lived mapping per tensor, copied out so no mapped page outlives this call
+            with safe_open(str(path), framework="pt") as f:
+                t = f.get_tensor(name).clone()
+        return t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
+
+    def out_dtype(self, name: str) -> torch.dtype:
+        src = self.dtypes[name]
+        return self.dtype if self.dtype is not None and src.is_floating_point else src
+
+    def close(self) -> None:
+        self._stack.close()
+        self._handles.clear()
+
+
+def _weight_map(folder: Path) -> dict[str, Path]:
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise RotationError(f"{index} is not a safetensors index (no weight_map: {e!r})") from None
+        return {name: folder / file for name, file in weight_map.items()}
+    if (folder / SINGLE_FILE).is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(folder / SINGLE_FILE), framework="pt") as f:
+            return {name: folder / SINGLE_FILE for name in f.keys()}
+    raise RotationError(
+        f"{folder} holds no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}); streaming rotation reads safetensors "
+        "only: re-save the model with save_pretrained (safe_serialization is the default)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- the model skeleton
+
+
+def _load_config(folder: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(folder), local_files_only=True)
+
+
+def _check_config(folder: Path, hf_config) -> None:
+    """The in-memory path's refusals that only need the config: already rotated, already quantized."""
+    if get_rotation_record(hf_config) is not None or (folder / RECORD_FILE).is_file():
+        raise RotationError(
+            f"{folder} is already rotated (config.json has a {RECORD_KEY!r} record or {RECORD_FILE} exists); rotating "
+            "twice would apply the rotation twice. Rotate the original checkpoint."
+        )
+    quant = getattr(hf_config, QUANT_RECORD_KEY, None)
+    if quant:
+        cfg = quant.get("config", {}) if isinstance(quant, dict) else {}
+        raise RotationError(
+            f"{folder} is already W{cfg.get('w_bits', '?')}A{cfg.get('a_bits', '?')}-quantized (config.json has "
+            f"{QUANT_RECORD_KEY!r}); rotating quantized weights would mix the rotation into the quantization error. "
+            "Rotate the full-precision checkpoint, then quantize."
+        )
+
+
+def _spec_for(hf_config) -> ArchitectureSpec:
+    """The family spec, with :func:`get_architecture`'s messages (named after ``config.architectures``)."""
+    arch = (getattr(hf_config, "architectures", None) or ["checkpoint"])[0]
+    holder = type(arch, (), {"config": hf_config})()
+    spec = get_architecture(holder)
+    if spec.tower is not None:
+        raise UnsupportedArchitectureError(
+            f"streaming rotation reads text-family checkpoints; {spec.name} checkpoints store their language tower "
+            "under legacy tensor names. Rotate it in memory with rolora_plugin.rotate_model_."
+        )
+    return spec
+
+
+def _skeleton(hf_config) -> nn.Module:
+    """The model on the meta device: module structure, parameter names and ties, no memory."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(hf_config)
+
+
+def _model_tensors(skeleton: nn.Module) -> tuple[list[str], list[str]]:
+    """(state-dict names without tied aliases, parameter names as ``named_parameters`` yields them)."""
+    seen, names = set(), []
+    for name, t in skeleton.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            names.append(name)
+    return names, [name for name, _ in skeleton.named_parameters()]
+
+
+def _check_tensors(ckpt: _Checkpoint, skeleton: nn.Module, names: list[str]) -> None:
+    expected = skeleton.state_dict(keep_vars=True)
+    missing = [n for n in names if n not in ckpt.files]
+    if missing:
+        raise RotationError(
+            f"{ckpt.folder} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}; the checkpoint is "
+            "incomplete or of another architecture (nothing was written)"
+        )
+    for n in names:
+        if ckpt.shapes[n] != tuple(expected[n].shape):
+            raise RotationError(f"{ckpt.folder}: tensor {n} has shape {ckpt.shapes[n]}, the config implies {tuple(expected[n].shape)}")
+    extra = sorted(set(ckpt.files) - set(names))
+    if extra:  # from_pretrained ignores them too: the in-memory output has none of them
+        logger.warning("ignoring %d checkpoint tensor(s) the model does not use, e.g. %s", len(extra), extra[:3])
+
+
+def _check_values(ckpt: _Checkpoint, params: list[str], progress: bool) -> None:
+    """Every weight floating point (not fp8) and finite: the in-memory path's checks, one tensor at a time."""
+    for name in tqdm(params, desc="checking tensors", disable=not progress, leave=False):
+        raw = ckpt.dtypes[name]
+        if not raw.is_floating_point or raw in (torch.float8_e4m3fn, torch.float8_e5m2):
+            raise RotationError(
+                f"tensor {name} of {ckpt.folder} has dtype {raw}: quantized or integer weights cannot be rotated "
+                "exactly. Rotate the full-precision checkpoint first, then quantize it (rolora_plugin.quantize_model_)."
+            )
+        t = ckpt.read(name)
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            raise RotationError(
+                f"tensor {name} of {ckpt.folder} holds NaN or Inf values; a rotation would spread them over whole "
+                "rows. Fix or re-download the checkpoint (nothing was written)."
+            )
+
+
+def _fingerprint(ckpt: _Checkpoint, params: list[str]) -> str:
+    """``fingerprint_tensors`` of the weights as the in-memory path loads them, touching only sampled pages.
+
+    The samples are rounded to bfloat16 through float32, so a cast to float32/float64/bfloat16 does not change
+    them; a cast to float16 double-rounds (see :mod:`rolora_plugin.fingerprint`) and may.
+    """
+    if ckpt.dtype == torch.float16 and any(ckpt.dtypes[n] != torch.float16 for n in params):
+        logger.warning("base_fingerprint taken from the checkpoint's own values: casting to float16 may make it differ "
+                       "from the fingerprint of the same model loaded in float16")  # fmt: skip
+    with ckpt.lazy(params) as views:
+        return fingerprint_tensors(views.items())
+
+
+# ---------------------------------------------------------------------------------------------- units of work
+
+
+@dataclass
+class _Unit:
+    """Skeleton modules loaded, edited and written together; ``sources`` maps output names read under another
+    name (a tied ``lm_head.weight`` is the unrotated embedding)."""
+
+    paths: tuple[str, ...]
+    edit: Callable[[], None] = lambda: None
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def names(self, skeleton: nn.Module) -> list[str]:
+        return [f"{p}.{k}" for p in self.paths for k in get_submodule(skeleton, p).state_dict()]
+
+
+def _units(skeleton, spec: ArchitectureSpec, dims: ModelDims, transforms: dict, cdtype, tied: bool) -> list[_Unit]:
+    """The units of ``rotate_model_``'s pass, in its order: embedding, layers, residual writers, norm + head."""
+    r1 = transforms.get("r1")
+    get = lambda path: get_submodule(skeleton, path)  # noqa: E731
+    units = [_Unit((spec.embed,), (lambda: _rotate_embedding(get(spec.embed), cdtype, r1.apply)) if r1 else (lambda: None))]
+    for i, layer in enumerate(spec.decoder_layers(skeleton)):
+        units.append(_Unit((f"{spec.layers}.{i}",), lambda layer=layer: _rotate_layer(layer, spec, dims, transforms, cdtype)))
+    for path in spec.residual_writers if r1 else ():
+        units.append(_Unit((path,), lambda path=path: _rotate_linear(get(path), cdtype, left=r1.apply)))
+    if not (r1 and spec.lm_head is not None):
+        heads = (spec.lm_head,) if spec.lm_head is not None and not tied else ()
+        return units + [_Unit((spec.final_norm, *heads))]
+
+    def fold_head():
+        norm, head = get(spec.final_norm), get(spec.lm_head)
+        _rotate_linear(head, cdtype, scale=_norm_gain(norm, spec, cdtype), right=r1.apply)
+        _reset_norm(norm, spec)
+
+    sources = {f"{spec.lm_head}.weight": f"{spec.embed}.weight"} if tied else {}
+    return units + [_Unit((spec.final_norm, spec.lm_head), fold_head, sources)]
+
+
+def _with_rest(units: list[_Unit], skeleton: nn.Module, names: list[str]) -> list[_Unit]:
+    """Add one pass-through unit per model tensor outside every unit (e.g. a family's extra modules)."""
+    covered = {n for u in units for n in u.names(skeleton)}
+    rest = [n.rsplit(".", 1)[0] for n in names if n not in covered]
+    return units + [_Unit((p,)) for p in dict.fromkeys(rest)]
+
+
+def _run_unit(unit: _Unit, skeleton: nn.Module, ckpt: _Checkpoint) -> dict[str, torch.Tensor]:
+    """Load the unit's tensors into the skeleton, apply its edit, return its tensors and release the modules."""
+    modules = [get_submodule(skeleton, p) for p in unit.paths]
+    for path, module in zip(unit.paths, modules):
+        state = {k: ckpt.read(unit.sources.get(f"{path}.{k}", f"{path}.{k}")) for k in module.state_dict()}
+        module.load_state_dict(state, strict=True, assign=True)
+    unit.edit()
+    out = {f"{p}.{k}": v.detach() for p, m in zip(unit.paths, modules) for k, v in m.state_dict().items()}
+    for module in modules:
+        module.to("meta")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+class _ShardWriter:
+    """Writes tensors, in the order planned, into safetensors shards of at most ``max_shard_bytes`` (a larger
+    tensor gets a shard of its own); each shard is saved as soon as its last tensor arrives."""
+
+    def __init__(self, folder: Path, plan: list[tuple[str, int]], max_shard_bytes: int):
+        self.folder, self.shards, sizes = folder, [], []
+        for name, nbytes in plan:
+            if not self.shards or (sizes[-1] + nbytes > max_shard_bytes and sizes[-1] > 0):
+                self.shards.append([])
+                sizes.append(0)
+            self.shards[-1].append(name)
+            sizes[-1] += nbytes
+        n = len(self.shards)
+        self.files = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.total_size = sum(nbytes for _, nbytes in plan)
+        self.pending: dict[str, torch.Tensor] = {}
+        self.done = 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        self.pending.update(tensors)
+        while self.done < len(self.shards) and all(n in self.pending for n in self.shards[self.done]):
+            shard = {n: self.pending.pop(n).contiguous() for n in self.shards[self.done]}
+            save_file(shard, str(self.folder / self.files[self.done]), metadata={"format": "pt"})
+            logger.info("wrote shard %s (%d tensors)", self.files[self.done], len(shard))
+            self.done += 1
+
+    def finish(self) -> None:
+        if self.done != len(self.shards) or self.pending:
+            raise RuntimeError(f"streaming rotation wrote {self.done}/{len(self.shards)} shards; {len(self.pending)} tensors left")
+        if len(self.files) > 1:
+            weight_map = {n: f for f, names in zip(self.files, self.shards) for n in names}
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
+            atomic_write_text(self.folder / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+
+
+def _write_metadata(src: Path, tmp: Path, hf_config, record: RotationRecord, untied: bool, dtype) -> None:
+    """config.json (record, untie, dtype as ``save_pretrained`` writes them), copied files, record, transforms."""
+    setattr(hf_config, RECORD_KEY, record.to_dict())
+    if untied:
+        for cfg in {id(c): c for c in (hf_config, hf_config.get_text_config())}.values():
+            cfg.tie_word_embeddings = False
+    if dtype is not None:
+        hf_config.dtype = dtype
+    hf_config.save_pretrained(str(tmp))
+    for name in COPIED_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, tmp / name)
+    write_rotation_record(tmp, record)
+    ct = transform_config_dict(record)
+    if ct is not None:
+        atomic_write_text(tmp / TRANSFORM_CONFIG_FILE, json.dumps(ct, indent=2, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+
+@dataclass
+class _Job:
+    """Everything checked and planned before the first byte is written."""
+
+    ckpt: _Checkpoint
+    hf_config: object
+    skeleton: nn.Module
+    units: list[_Unit]
+    record: RotationRecord
+    untied: bool
+
+
+def _prepare(src: Path, config: RotationConfig, dtype, progress: bool) -> _Job:
+    hf_config = _load_config(src)
+    _check_config(src, hf_config)
+    spec = _spec_for(hf_config)
+    dims = ModelDims.from_config(hf_config)
+    transforms = build_rotations(config, dims)  # raises before any read if a width is not allowed
+    skeleton = _skeleton(hf_config)
+    _check_structure(skeleton, spec, spec.decoder_layers(skeleton))
+    tied = spec.lm_head is not None and get_submodule(skeleton, spec.lm_head).weight is get_submodule(skeleton, spec.embed).weight
+    if config.r1 and tied and not config.untie_embeddings:
+        raise RotationError("R1 on a model with tied embeddings needs RotationConfig(untie_embeddings=True)")
+    ckpt = _Checkpoint(src, dtype)
+    names, params = _model_tensors(skeleton)
+    _check_tensors(ckpt, skeleton, names)
+    cdtype = getattr(torch, config.compute_dtype)
+    units = _with_rest(_units(skeleton, spec, dims, transforms, cdtype, tied), skeleton, names)
+    _check_values(ckpt, params, progress)
+    record = RotationRecord(
+        config=config,
+        family=spec.name,
+        dims=dims,
+        rotations={n: {"width": t.n, "description": t.description, "exact": t.exact, "checksum": t.checksum()} for n, t in transforms.items()},
+        base_fingerprint=_fingerprint(ckpt, params),
+    )
+    return _Job(ckpt, hf_config, skeleton, units, record, untied=bool(config.r1 and tied))
+
+
+def _check_output(out: Path, src: Path, overwrite: bool) -> None:
+    if out.resolve() == src.resolve():
+        raise OutputExistsError(f"out_dir {out} is the source checkpoint; write the rotated checkpoint elsewhere")
+    if not overwrite and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise OutputExistsError(f"{out} already exists; choose a new output path, remove it, or pass overwrite=True")
+    check_writable_parent(out)
+
+
+def rotate_checkpoint(
+    src_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config: RotationConfig | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> RotationRecord:
+    """Rotate the safetensors checkpoint in ``src_dir`` into a new checkpoint ``out_dir``, unit by unit.
+
+    Same result, bit for bit, as ``rotate_model_(AutoModelForCausalLM.from_pretrained(src_dir, dtype=...), config)``
+    followed by a save, with peak memory of one decoder layer plus one output shard (see the module doc).
+    ``src_dir`` is never modified (hence no trailing underscore).
+
+    Args:
+        src_dir: folder with ``config.json`` and ``model.safetensors`` or ``model.safetensors.index.json`` + shards.
+        out_dir: new folder (must not exist or be empty unless ``overwrite``); written atomically.
+        config: which rotations; default ``RotationConfig()`` = R1 + R4.
+        dtype: cast floating tensors to this dtype (as ``from_pretrained(dtype=...)``); None keeps each tensor's.
+        max_shard_bytes: upper bound of an output shard (one bigger tensor gets its own shard); bounds memory.
+        overwrite: replace an existing ``out_dir`` (its old content is removed only once the new one is complete).
+        progress: tqdm bars over the tensors checked and written.
+
+    Returns:
+        The :class:`~rolora_plugin.rotation.RotationRecord`, also in ``out_dir/config.json`` (``rolora``) and
+        ``out_dir/rolora_rotation.json``. Load the result with :func:`rolora_plugin.export.load_rotated`.
+
+    Raises:
+        RotationError, UnsupportedArchitectureError, NoHadamardError, OutputExistsError: before anything is written.
+    """
+    if not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}")
+    config = config or RotationConfig()
+    src, out = Path(src_dir), Path(out_dir)
+    if not (src / "config.json").is_file():
+        raise RotationError(f"{src} has no config.json; pass a folder written by save_pretrained")
+    _check_output(out, src, overwrite)
+    job = _prepare(src, config, dtype, progress)
+    try:
+        _write(job, src, out, dtype, max_shard_bytes, overwrite, progress)
+    finally:
+        job.ckpt.close()
+    logger.info("rotated %s -> %s (%s): %s", src, out, job.record.family, {k: v["description"] for k, v in job.record.rotations.items()})
+    return job.record
+
+
+def _write(job: _Job, src: Path, out: Path, dtype, max_shard_bytes: int, overwrite: bool, progress: bool) -> None:
+    ckpt, skeleton = job.ckpt, job.skeleton
+    plan = [(n, _nbytes(ckpt, u.sources.get(n, n))) for u in job.units for n in u.names(skeleton)]
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        writer = _ShardWriter(tmp, plan, max_shard_bytes)
+        with tqdm(total=len(plan), desc="rotating tensors", unit="tensor", disable=not progress, leave=False) as bar:
+            for unit in job.units:
+                tensors = _run_unit(unit, skeleton, ckpt)
+                writer.add(tensors)
+                bar.update(len(tensors))
+                del tensors
+        writer.finish()
+        _write_metadata(src, tmp, job.hf_config, job.record, job.untied, dtype)
+
+
+def _nbytes(ckpt: _Checkpoint, name: str) -> int:
+    numel = 1
+    for s in ckpt.shapes[name]:
+        numel *= s
+    return numel * ckpt.out_dtype(name).itemsize
