@@ -9,6 +9,12 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PIP=(python -m pip install --quiet --disable-pip-version-check)
 
+# Installing into the system Python mixes our pins (torch, transformers, peft) with whatever is there.
+if ! python -c 'import sys; sys.exit(0 if sys.prefix != sys.base_prefix else 1)'; then
+    echo "setup.sh: warning: not inside a virtual environment; everything is installed into $(command -v python)." >&2
+    echo "setup.sh:          recommended first: python3.11 -m venv .venv && source .venv/bin/activate" >&2
+fi
+
 "${PIP[@]}" "torch==2.13.0"
 # the versions this release was tested with (the package itself accepts ranges)
 "${PIP[@]}" -e "$REPO[eval,export,test]" "torch==2.13.0" "transformers==5.23.0" "peft==0.21.2" "accelerate==1.15.0" "datasets==5.2.0"
