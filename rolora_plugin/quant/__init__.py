@@ -5,6 +5,7 @@
 * :mod:`.config` — :class:`QuantConfig` (held by :class:`rolora_plugin.QATConfig` and :class:`rolora_plugin.MonitorConfig`).
 * :mod:`.rtn`, :mod:`.gptq` — weight quantizers of one linear / of a model's linears (GPTQ with calibration data).
 * :mod:`.targets` — which linears a config quantizes.
+* :mod:`.calibration` — calibrated activation clipping (a clip ratio per linear searched on calibration data).
 * :mod:`.model` — :func:`quantize_model_` (a handler per weight method), its :class:`QuantizationRecord`, the
   activation and KV-cache quantizers.
 * :mod:`.qat` — the fake-quantized training forward (:func:`enable_fake_quant_`, :func:`fake_quantized`).
@@ -14,6 +15,7 @@ Every public name is importable from ``rolora_plugin.quant``.
 
 from ..config import QUANT_RECORD_KEY
 from ..errors import QuantizationError
+from .calibration import DEFAULT_A_CLIP_CANDIDATES, ClipErrorMeter, search_activation_clips
 from .config import WEIGHT_METHODS, QuantConfig
 from .gptq import (
     HessianAccumulator,
@@ -52,6 +54,8 @@ from .targets import is_skipped, quantizable_linears
 __all__ = [
     "ALL_LINEAR",
     "ActivationQuantizer",
+    "ClipErrorMeter",
+    "DEFAULT_A_CLIP_CANDIDATES",
     "FORMAT_VERSION",
     "FakeQuantHandle",
     "HessianAccumulator",
@@ -86,5 +90,6 @@ __all__ = [
     "remove_activation_quantizers",
     "replace_weight_",
     "rtn_quantize_linear_",
+    "search_activation_clips",
     "weight_scales",
 ]

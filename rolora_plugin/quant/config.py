@@ -9,11 +9,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import ConfigMixin
+from .calibration import DEFAULT_A_CLIP_CANDIDATES
 from .primitives import OFF_BITS, _check_bits, _check_ratio, _is_int
 
-__all__ = ["QuantConfig", "WEIGHT_METHODS"]
+__all__ = ["QuantConfig", "WEIGHT_METHODS", "QUANT_PRESETS"]
 
 WEIGHT_METHODS = ("rtn", "gptq")  # weight quantizers; rolora_plugin.quant.model dispatches on them
+
+_W4A4 = dict(w_bits=4, a_bits=4, method="gptq", w_clip_search=True, w_clip_grid=50, w_clip_max_shrink=0.5, a_clip_search=True)
+# name -> QuantConfig fields; measured in benchmarks/peer_llmcompressor.py and benchmarks/RESULTS.md
+QUANT_PRESETS = {
+    "w4a4": _W4A4,
+    "w4a4kv4": dict(_W4A4, kv_bits=4),
+    "w4a8": dict(_W4A4, a_bits=8, a_clip_search=False),
+    "w8a8": dict(w_bits=8, a_bits=8),
+}
 
 
 @dataclass
@@ -25,6 +35,10 @@ class QuantConfig(ConfigMixin):
         w_group_size: quantize weights per group of this many input columns (None: per output channel).
         w_sym / a_sym / kv_sym: symmetric (zero point 0) or asymmetric grids.
         a_clip_ratio / kv_clip_ratio: fixed clip ratio in (0, 1] for the dynamic per-token scales.
+        a_clip_search: per linear, pick the activation clip ratio among ``a_clip_candidates`` that minimises the
+            layer's output error on calibration data (:mod:`rolora_plugin.quant.calibration`; needs calibration
+            data); ``a_clip_ratio`` is then the ratio used upstream while searching and for linears not searched.
+        a_clip_candidates: candidate ratios in (0, 1] (1 is always tried).
         w_clip_search: pick a clip ratio per row/group minimising ``Σ|W - Q(W)|^p`` (:func:`~rolora_plugin.quant.mse_clip_search`).
         w_clip_grid / w_clip_max_shrink / w_clip_norm: candidates ``1 - i/grid`` for ``i < max_shrink·grid``; p.
         method: "rtn" (round to nearest) or "gptq" (needs calibration data; :mod:`rolora_plugin.quant.gptq`).
@@ -45,6 +59,8 @@ class QuantConfig(ConfigMixin):
     kv_sym: bool = False
     a_clip_ratio: float = 1.0
     kv_clip_ratio: float = 1.0
+    a_clip_search: bool = False
+    a_clip_candidates: tuple = DEFAULT_A_CLIP_CANDIDATES
     w_clip_search: bool = False
     w_clip_grid: int = 100
     w_clip_max_shrink: float = 0.8
@@ -61,12 +77,17 @@ class QuantConfig(ConfigMixin):
             _check_bits(getattr(self, name), f"QuantConfig.{name}")
         if self.w_group_size is not None and (not _is_int(self.w_group_size) or self.w_group_size < 1):
             raise ValueError(f"QuantConfig.w_group_size must be a positive int or None (per channel), got {self.w_group_size!r}")
-        for name in ("w_sym", "a_sym", "kv_sym", "w_clip_search", "gptq_act_order", "gptq_true_sequential"):
+        for name in ("w_sym", "a_sym", "kv_sym", "w_clip_search", "a_clip_search", "gptq_act_order", "gptq_true_sequential"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"QuantConfig.{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("a_clip_ratio", "kv_clip_ratio"):
             _check_ratio(getattr(self, name), f"QuantConfig.{name}")
         self._check_search_and_gptq()
+        if isinstance(self.a_clip_candidates, (str, bytes)) or not len(tuple(self.a_clip_candidates)):
+            raise ValueError(f"QuantConfig.a_clip_candidates must be a non-empty list of ratios in (0, 1], got {self.a_clip_candidates!r}")
+        self.a_clip_candidates = tuple(float(c) for c in self.a_clip_candidates)
+        for c in self.a_clip_candidates:
+            _check_ratio(c, "QuantConfig.a_clip_candidates entries")
         if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
             raise ValueError(f"QuantConfig.skip must be a list of module names, e.g. ['lm_head'], got {self.skip!r}")
         self.skip = tuple(self.skip)
@@ -86,6 +107,27 @@ class QuantConfig(ConfigMixin):
             raise ValueError(f"QuantConfig.gptq_damp must be > 0 (e.g. 0.01), got {self.gptq_damp!r}")
         if not _is_int(self.gptq_block_size) or self.gptq_block_size < 1:
             raise ValueError(f"QuantConfig.gptq_block_size must be a positive int, got {self.gptq_block_size!r}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "QuantConfig":
+        """A named recipe (the best we measured), optionally with some fields overridden.
+
+        * ``"w4a4"``: every linear but lm_head at 4-bit weights (per channel, symmetric) and 4-bit per-token
+          activations (symmetric); GPTQ with a per-row weight clip search (p = 2.4, ratios 1…0.52); a per-linear
+          activation clip ratio searched on the calibration data (:mod:`rolora_plugin.quant.calibration`).
+          Needs ``calibration=`` in :func:`~rolora_plugin.quant.quantize_model_` and a rotated model
+          (R1+R2+R4: ``RotationConfig.preset("w4a4")``) to be useful.
+        * ``"w4a4kv4"``: the same and a 4-bit (asymmetric, per head and token) KV cache; rotate with R3 too.
+        * ``"w4a8"``: GPTQ 4-bit weights, 8-bit activations. ``"w8a8"``: RTN, 8/8 bits.
+
+        Example::
+
+            >>> QuantConfig.preset("w4a4", gptq_act_order=True).method
+            'gptq'
+        """
+        if name not in QUANT_PRESETS:
+            raise ValueError(f"unknown QuantConfig preset {name!r}; choose one of {sorted(QUANT_PRESETS)}")
+        return cls(**{**QUANT_PRESETS[name], **overrides})
 
     def clip_search_kwargs(self) -> dict | None:
         """Keyword arguments for :func:`~rolora_plugin.quant.mse_clip_search`, or None when the search is off."""

@@ -28,6 +28,7 @@ from ..architectures import get_architecture, get_submodule
 from ..config import QUANT_RECORD_KEY
 from ..errors import QuantizationError
 from ..online import add_attention_transform, attention_transforms, remove_attention_transform
+from .calibration import search_activation_clips
 from .config import QuantConfig
 from .gptq import gptq_quantize_model_
 from .primitives import OFF_BITS, quantize_activation
@@ -92,7 +93,9 @@ class KVQuantizer(nn.Module):
 class QuantizationRecord:
     """What :func:`quantize_model_` did; stored as a dict under ``model.config.rolora_quant``.
 
-    ``weight_error`` maps each quantized linear to ``‖W - Q(W)‖_F / ‖W‖_F``.
+    ``weight_error`` maps each quantized linear to ``‖W - Q(W)‖_F / ‖W‖_F``; ``a_clip_ratios`` maps a linear to
+    the activation clip ratio searched for it (``QuantConfig.a_clip_search``); linears not in it use
+    ``config.a_clip_ratio``.
     """
 
     config: QuantConfig
@@ -100,6 +103,7 @@ class QuantizationRecord:
     skipped: list = field(default_factory=list)
     kv_layers: int = 0
     weight_error: dict = field(default_factory=dict)
+    a_clip_ratios: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict:
@@ -210,6 +214,10 @@ def quantize_model_(model: nn.Module, config: QuantConfig | None = None, calibra
     record = QuantizationRecord(config=config, quantized=list(linears), skipped=skipped)
     if config.w_bits < OFF_BITS:
         record.weight_error = WEIGHT_HANDLERS[config.method](model, config, linears, calibration, progress)
+    if config.a_clip_search and config.a_bits < OFF_BITS:
+        record.a_clip_ratios = search_activation_clips(
+            model, linears, calibration, config.a_bits, config.a_sym, candidates=config.a_clip_candidates, apply_ratio=config.a_clip_ratio
+        )
     install_activation_quantizers(model, record)
     setattr(model.config, QUANT_RECORD_KEY, record.to_dict())
     logger.info(
@@ -230,7 +238,7 @@ def install_activation_quantizers(model: nn.Module, record: QuantizationRecord) 
     if cfg.a_bits < OFF_BITS:
         for name in record.quantized:
             lin = model.get_submodule(name)
-            hook = ActivationQuantizer(cfg.a_bits, cfg.a_sym, cfg.a_clip_ratio)
+            hook = ActivationQuantizer(cfg.a_bits, cfg.a_sym, record.a_clip_ratios.get(name, cfg.a_clip_ratio))
             lin.__dict__[_ACT_ATTR] = (hook, lin.register_forward_pre_hook(hook))
     record.kv_layers = _install_kv_quantizers(model, cfg) if cfg.kv_bits < OFF_BITS else 0
 

@@ -1,0 +1,378 @@
+"""W4A4 side by side: rolora-plugin vs llm-compressor 0.14 (the maintained peer) on the same model, tokens, calibration.
+
+One command, on a fresh machine too (the peer's virtual environment is built on first use, ~5 min)::
+
+    python benchmarks/peer_llmcompressor.py                  # 2 calibration draws, BoolQ + SciQ, appends to RESULTS.md
+    python benchmarks/peer_llmcompressor.py --draws 0 --no-append   # one draw, print only
+
+What runs (SmolLM2-135M-Instruct from ``rolora_plugin.app.assets.smollm2_dir``, the same HF folder for both):
+
+* **ours** (this venv): FP; W4A4 RTN unrotated; R1+R2+R4 + RTN; R1+R2+R4 + ``QuantConfig.preset("w4a4")`` (the best
+  recipe we know); the same + R3 and a 4-bit KV cache.
+* **peer** (its own venv: llm-compressor 0.14.0.1 pins compressed-tensors 0.19 and transformers ≤ 5.17): FP;
+  ``QuantizationModifier`` (RTN) unrotated and after ``SpinQuantModifier(R1, R2, R4, random-hadamard)``; and its best
+  W4A4 recipe, ``SpinQuantModifier`` + ``GPTQModifier`` (its defaults: act-order, one pass per layer). Scheme:
+  int4 symmetric weights per output channel, int4 symmetric dynamic per-token activations, every Linear but
+  ``lm_head``.
+
+Both sides read the **same token ids** from one file written here (``torch.save``): evaluation chunks of BoolQ
+passages and of SciQ ``support`` paragraphs (``text_chunks``), and calibration chunks of BoolQ passages taken from
+the end of the stream (draw ``k`` ends ``k · n_calib · seq`` tokens before the end, so draws are disjoint and never
+overlap the evaluation text). Perplexity is ``rolora_plugin.metrics.perplexity`` on both sides (the repo is put on
+the peer's ``sys.path``). Wall time is the quantization (rotation + calibration + weights), not the evaluation, with
+the same ``torch`` thread count on both sides.
+
+Every run's result is cached as JSON under ``$ROLORA_CACHE/peer-bench/runs/`` keyed by its settings (side, recipe and
+its config, draw, token protocol), so an interrupted or repeated invocation only runs what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO))
+
+PEER_SPEC = ["llmcompressor==0.14.0.1", "torch==2.13.0"]
+PEER_EXTRA = ["pluggy"]  # what `import rolora_plugin.metrics` needs beyond the peer's own dependencies
+SOURCES = ("boolq", "sciq")
+OURS = ("fp", "rtn", "rot-rtn", "best", "best-kv4")  # "best-kv4" comes out of the "best" run
+PEER = ("fp", "rtn", "rot-rtn", "best")
+LABELS = {
+    "fp": "FP32",
+    "rtn": "W4A4 RTN, unrotated",
+    "rot-rtn": "W4A4 RTN, rotated R1+R2+R4",
+    "best": "W4A4 best (ours: R1-R4 + preset w4a4; peer: SpinQuant R1+R2+R4 + GPTQ)",
+    "best-kv4": "W4A4KV4 (ours: the same + KV4)",
+}
+logger = logging.getLogger("peer_llmcompressor")
+
+
+# ---------------------------------------------------------------------------------------------- cache and venv
+
+
+def cache_dir() -> Path:
+    from rolora_plugin.app.assets import cache_root
+
+    d = cache_root() / "peer-bench"
+    (d / "runs").mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def peer_venv() -> Path:
+    """The peer's venv (``$ROLORA_CACHE/llmcompressor-venv``), built once under a file lock; complete only with its marker."""
+    from rolora_plugin.app.assets import cache_root
+
+    venv = cache_root() / "llmcompressor-venv"
+    marker, spec = venv / ".rolora-complete", " ".join(PEER_SPEC + PEER_EXTRA)
+    with open(cache_root() / "llmcompressor-venv.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (marker.is_file() and marker.read_text().strip() == spec):
+            logger.warning("building the peer venv %s (%s); ~5 min, once", venv, spec)
+            subprocess.run(["rm", "-rf", str(venv)], check=True)
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+            pip = [str(venv / "bin" / "python"), "-m", "pip", "--quiet", "install"]
+            subprocess.run(pip + [PEER_SPEC[-1]], check=True)  # the local CPU torch wheel first
+            subprocess.run(pip + PEER_SPEC + PEER_EXTRA, check=True)
+            marker.write_text(spec)
+    return venv
+
+
+def cached_run(key: dict, fn) -> dict:
+    """``fn()`` once per ``key`` (JSON under runs/); the cached result otherwise."""
+    path = cache_dir() / "runs" / f"{_digest(key)}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = {**fn(), "key": key, "date": time.strftime("%Y-%m-%d %H:%M")}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- tokens
+
+
+def protocol(args) -> dict:
+    return dict(n_eval=args.n_eval, seq=args.seq_len, n_calib=args.n_calib, sources=list(SOURCES), calib_source="boolq")
+
+
+def calibration_draw(stream, n: int, seq: int, draw: int):
+    """(n, seq) chunks ending ``draw · n · seq`` tokens before the end of ``stream`` (draws are disjoint)."""
+    end = stream.numel() - draw * n * seq
+    return stream[end - n * seq : end].reshape(n, seq).clone()
+
+
+def token_file(tok, proto: dict, draws) -> Path:
+    """One ``torch.save`` file with the eval chunks per source and the calibration chunks per draw."""
+    import torch
+
+    from rolora_plugin.app.assets import text_chunks, token_stream
+
+    path = cache_dir() / f"tokens-{_digest([proto, sorted(draws)])}.pt"
+    if not path.is_file():
+        stream = token_stream(tok, proto["calib_source"])
+        data = {
+            "eval": {s: text_chunks(tok, proto["n_eval"], proto["seq"], source=s) for s in proto["sources"]},
+            "calib": {str(d): calibration_draw(stream, proto["n_calib"], proto["seq"], d) for d in draws},
+        }
+        torch.save(data, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- ours
+
+
+def our_configs(recipe: str):
+    """(RotationConfig or None, QuantConfig or None) of one of our rows.
+
+    "best" and "best-kv4" are one run: R1+R2+R3+R4 and the W4A4 preset, evaluated, then the same model with a
+    4-bit KV cache (``QuantConfig.preset("w4a4kv4")``'s KV quantizers). R3 rotates queries and keys after RoPE on
+    both sides of ``q·k``: exact in full precision and a no-op while the KV cache is not quantized.
+    """
+    from rolora_plugin import RotationConfig
+    from rolora_plugin.quant import QuantConfig
+
+    r124 = RotationConfig(seed=0, r2=True)
+    best_rot = RotationConfig(seed=0, r2=True, r3=True)
+    return {
+        "fp": (None, None),
+        "rtn": (None, QuantConfig(w_bits=4, a_bits=4)),
+        "rot-rtn": (r124, QuantConfig(w_bits=4, a_bits=4)),
+        "best": (best_rot, QuantConfig.preset("w4a4")),
+        "best-kv4": (best_rot, QuantConfig.preset("w4a4kv4")),
+    }[recipe]
+
+
+def _with_kv(model, kv_config):
+    """The same quantized model with the KV quantizers of ``kv_config`` installed (weights untouched)."""
+    import dataclasses
+
+    from rolora_plugin.quant import QUANT_RECORD_KEY, get_quantization_record, install_activation_quantizers
+
+    record = get_quantization_record(model)
+    record.config = dataclasses.replace(record.config, kv_bits=kv_config.kv_bits, kv_sym=kv_config.kv_sym)
+    install_activation_quantizers(model, record)
+    setattr(model.config, QUANT_RECORD_KEY, record.to_dict())
+    return model
+
+
+def run_ours(recipe: str, tokens: dict, draw: int) -> dict:
+    """ppl per source and wall time of one of our rows; "best" also returns its KV4 variant under "kv4"."""
+    from rolora_plugin import rotate_model_
+    from rolora_plugin.app.assets import load_smollm2
+    from rolora_plugin.metrics import perplexity
+    from rolora_plugin.quant import quantize_model_
+
+    rot, quant = our_configs(recipe)
+    model, _ = load_smollm2()
+    t0 = time.perf_counter()
+    if rot is not None:
+        rotate_model_(model, rot, progress=False)
+    if quant is not None:
+        calib = list(tokens["calib"][str(draw)].split(4))
+        quantize_model_(model, quant, calibration=calib, progress=False)
+    wall = time.perf_counter() - t0
+    out = {"ppl": {s: perplexity(model, c, progress=False) for s, c in tokens["eval"].items()}, "wall_s": wall}
+    if recipe == "best":
+        _with_kv(model, our_configs("best-kv4")[1])
+        out["kv4"] = {"ppl": {s: perplexity(model, c, progress=False) for s, c in tokens["eval"].items()}, "wall_s": wall}
+    return out
+
+
+def our_key(recipe: str, proto: dict, draw: int, threads: int) -> dict:
+    rot, quant = our_configs(recipe)
+    return dict(side="ours", recipe=recipe, rotation=rot and rot.to_dict(), quant=quant and quant.to_dict(),
+                draw=draw if quant is not None else None, proto=proto, threads=threads)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- peer (runs in its venv)
+
+
+def peer_recipe(recipe: str):
+    """The llm-compressor modifiers of a peer row (None for FP). Imported only inside the peer's venv."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.transform import SpinQuantModifier
+
+    scheme = QuantizationScheme(
+        targets=["Linear"],
+        weights=QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="channel"),
+        input_activations=QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="token", dynamic=True),
+    )
+    spin = SpinQuantModifier(rotations=["R1", "R2", "R4"], transform_type="random-hadamard")
+    rtn = QuantizationModifier(config_groups={"g0": scheme}, ignore=["lm_head"])
+    gptq = GPTQModifier(config_groups={"g0": scheme}, ignore=["lm_head"])
+    return {"fp": None, "rtn": [rtn], "rot-rtn": [spin, rtn], "best": [spin, gptq]}[recipe]
+
+
+def peer_worker(spec_path: str, out_path: str) -> None:
+    """Inside the peer venv: load the HF folder, ``oneshot`` the recipe on the given tokens, write ppl + wall time."""
+    import torch
+    from torch.utils.data import DataLoader
+    from transformers import AutoModelForCausalLM
+
+    from rolora_plugin.metrics import perplexity
+
+    spec = json.loads(Path(spec_path).read_text())
+    torch.set_num_threads(spec["threads"])
+    tokens = torch.load(spec["tokens"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32, attn_implementation="sdpa").eval()
+    recipe = peer_recipe(spec["recipe"])
+    t0 = time.perf_counter()
+    if recipe is not None:
+        from llmcompressor import oneshot
+
+        calib = tokens["calib"][str(spec["draw"])]
+        rows = [{"input_ids": r, "attention_mask": torch.ones_like(r)} for r in calib]
+        oneshot(model=model, recipe=recipe, dataset=DataLoader(rows, batch_size=1), num_calibration_samples=len(rows),
+                max_seq_length=calib.shape[1])  # fmt: skip
+    wall = time.perf_counter() - t0
+    ppl = {s: perplexity(model, c, progress=False) for s, c in tokens["eval"].items()}
+    import compressed_tensors
+    import llmcompressor
+    import transformers
+
+    versions = {m.__name__: m.__version__ for m in (llmcompressor, compressed_tensors, transformers, torch)}
+    Path(out_path).write_text(json.dumps({"ppl": ppl, "wall_s": wall, "versions": versions}))
+
+
+def run_peer(recipe: str, token_path: Path, draw: int, threads: int) -> dict:
+    from rolora_plugin.app.assets import smollm2_dir
+
+    venv = peer_venv()
+    work = cache_dir() / "work"
+    work.mkdir(exist_ok=True)
+    spec = dict(recipe=recipe, tokens=str(token_path), draw=draw, threads=threads, model_dir=str(smollm2_dir()))
+    spec_path, out_path = work / f"{_digest(spec)}.spec.json", work / f"{_digest(spec)}.out.json"
+    spec_path.write_text(json.dumps(spec))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    log = work / f"{_digest(spec)}.log"
+    with open(log, "w") as fh:
+        proc = subprocess.run([str(venv / "bin" / "python"), __file__, "--worker", str(spec_path), str(out_path)],
+                              env=env, stdout=fh, stderr=subprocess.STDOUT)  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"peer run {recipe} (draw {draw}) failed with exit {proc.returncode}; see {log}")
+    return json.loads(out_path.read_text())
+
+
+def peer_key(recipe: str, proto: dict, draw: int, threads: int) -> dict:
+    return dict(side="peer", recipe=recipe, spec=PEER_SPEC, scheme="w4a4 int sym, channel / token dynamic, lm_head FP",
+                draw=draw if recipe != "fp" else None, proto=proto, threads=threads)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- table
+
+
+def _stats(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} [{min(values):.2f}–{max(values):.2f}]"
+
+
+def table(results: dict, draws) -> str:
+    """Markdown: one row per (recipe); per side and source ppl ratio to that side's FP (mean [min–max] over draws)."""
+    head = "| recipe | " + " | ".join(f"{side} {s} ×FP" for side in ("ours", "peer") for s in SOURCES) + " | ours wall s | peer wall s |"
+    lines = [head, "|---" * (3 + 2 * len(SOURCES)) + "|"]
+    for recipe in OURS:
+        cells = []
+        for side in ("ours", "peer"):
+            fp = results.get((side, "fp", None))
+            runs = [results.get((side, recipe, None if recipe == "fp" else d)) for d in draws]
+            runs = [r for r in runs if r is not None]
+            for s in SOURCES:
+                if not runs or fp is None:
+                    cells.append("-")
+                elif recipe == "fp":
+                    cells.append(f"{fp['ppl'][s]:.2f} ppl")
+                else:
+                    cells.append(_stats([r["ppl"][s] / fp["ppl"][s] for r in runs]))
+        walls = []
+        for side in ("ours", "peer"):
+            runs = [results.get((side, recipe, None if recipe == "fp" else d)) for d in draws]
+            walls.append(_stats([r["wall_s"] for r in runs if r]) if any(runs) else "-")
+        lines.append(f"| {LABELS[recipe]} | " + " | ".join(cells + walls) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--draws", type=int, nargs="+", default=[0, 1], help="calibration draws (disjoint BoolQ slices)")
+    p.add_argument("--n-eval", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--n-calib", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1, help="torch threads on both sides (1 on a loaded 2-core box)")
+    p.add_argument("--sides", nargs="+", default=["ours", "peer"], choices=["ours", "peer"])
+    p.add_argument("--ours", nargs="+", default=list(OURS), choices=OURS)
+    p.add_argument("--peer", nargs="+", default=list(PEER), choices=PEER)
+    p.add_argument("--no-append", action="store_true")
+    p.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    args = parse_args(argv)
+    if args.worker:
+        return peer_worker(*args.worker)
+    import torch
+
+    from rolora_plugin.app.assets import load_smollm2
+
+    torch.set_num_threads(args.threads)
+    proto = protocol(args)
+    _, tok = load_smollm2()
+    path = token_file(tok, proto, args.draws)
+    tokens = torch.load(path)
+    results, t0 = {}, time.time()
+    jobs = [("ours", r) for r in args.ours if "ours" in args.sides] + [("peer", r) for r in args.peer if "peer" in args.sides]
+    for side, recipe in jobs:
+        for draw in [None] if recipe == "fp" else args.draws:
+            d = 0 if draw is None else draw
+            if (side, recipe) == ("ours", "best-kv4"):
+                res = cached_run(our_key("best", proto, d, args.threads), lambda: run_ours("best", tokens, d))["kv4"]
+            elif side == "ours":
+                res = cached_run(our_key(recipe, proto, d, args.threads), lambda: run_ours(recipe, tokens, d))
+            else:
+                res = cached_run(peer_key(recipe, proto, d, args.threads), lambda: run_peer(recipe, path, d, args.threads))
+            results[(side, recipe, draw)] = res
+            print(f"{side:4s} {recipe:8s} draw {draw}: ppl {res['ppl']} wall {res['wall_s']:.0f}s", flush=True)
+    body = describe(args, results, time.time() - t0)
+    print(body)
+    if not args.no_append:
+        from _common import append_results
+
+        append_results("W4A4 side by side: ours vs llm-compressor 0.14 (benchmarks/peer_llmcompressor.py)", body)
+
+
+def describe(args, results: dict, total: float) -> str:
+    versions = next((r.get("versions") for (side, _, _), r in results.items() if side == "peer" and r.get("versions")), None)
+    load = os.getloadavg()[0]
+    return (
+        f"SmolLM2-135M-Instruct (dequantized Q4_1 GGUF), the same token ids on both sides: eval {args.n_eval}×{args.seq_len} "
+        f"tokens of BoolQ passages and of SciQ support paragraphs; calibration {args.n_calib}×{args.seq_len} BoolQ tokens, "
+        f"draws {args.draws} (disjoint slices from the end of the stream). Cells: perplexity / that side's FP, mean "
+        f"[min–max] over the draws. Wall: rotation + calibration + quantization, torch threads {args.threads} both sides. "
+        f"Peer: {versions or PEER_SPEC}. Load average at the end {load:.1f} (2 shared cores). This invocation {total:.0f} s "
+        f"(cached runs cost nothing).\n\n" + table(results, args.draws)
+    )
+
+
+if __name__ == "__main__":
+    main()

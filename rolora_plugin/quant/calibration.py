@@ -1,0 +1,124 @@
+"""Calibrated activation clipping: a clip ratio per linear, searched on calibration data.
+
+For a quantized Linear with weight ``Ŵ`` (out, in) and calibration inputs ``X`` (n tokens, in), the ratio ``c``
+of its dynamic per-token activation quantizer is chosen among ``candidates`` to minimise the error the
+activation quantization causes at the layer's output:
+
+    ``c* = argmin_c Σ_t ‖Q_c(x_t) Ŵᵀ − x_t Ŵᵀ‖²``
+
+(``Q_c`` as in :func:`~rolora_plugin.quant.quantize_activation`: per token, scale ``c · max|x_t| / qmax``
+symmetric, or ``c · (max − min) / qmax`` asymmetric). Ratio 1 is always a candidate, and ties keep the larger ratio,
+so the chosen ratio never has a larger calibration error than no clipping. Clipping trades the error of the few
+largest entries of a token (clamped) against a finer step for all the others; with the symmetric 4-bit grid
+``[−8, 7]`` the ratio ``7/7.5`` is exactly the 16-level grid of llm-compressor (scale ``max|x| / 7.5``), so that
+grid is one of the default candidates rather than a separate option.
+
+One forward pass per calibration batch: a forward-pre-hook on each linear measures every candidate on the
+linear's actual input (after rolora's online R4, which the MLP prepends to ``down_proj``'s hooks) and passes on
+the input quantized with ``apply_ratio``, so each linear sees the activation noise of the quantized layers
+before it, as it will at inference. Related: QuaRot uses a fixed ratio 0.9 (Ashkboos et al., 2024); OmniQuant
+learns clipping (Shao et al., 2023).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import QuantizationError
+from .primitives import _check_ratio, quantize_activation
+
+__all__ = ["DEFAULT_A_CLIP_CANDIDATES", "ClipErrorMeter", "search_activation_clips"]
+
+logger = logging.getLogger(__name__)
+
+# 1, the 16-level grid 7/7.5 (symmetric 4-bit), then a coarse sweep down to 0.6
+DEFAULT_A_CLIP_CANDIDATES = (1.0, 0.975, 0.95, 7 / 7.5, 0.9, 0.875, 0.85, 0.8, 0.75, 0.7, 0.6)
+
+
+class ClipErrorMeter:
+    """Forward-pre-hook: accumulates ``Σ‖Q_c(X) Ŵᵀ − X Ŵᵀ‖²`` for each candidate ``c``; passes on ``Q_apply(X)``.
+
+    ``errors``: float64 tensor (n_candidates,), summed over every token seen. Work is done in float32.
+    """
+
+    def __init__(self, lin: nn.Linear, bits: int, sym: bool, candidates, apply_ratio: float = 1.0):
+        self.weight = lin.weight
+        self.bits, self.sym, self.apply_ratio = bits, sym, apply_ratio
+        self.candidates = tuple(float(c) for c in candidates)
+        self.errors = torch.zeros(len(self.candidates), dtype=torch.float64)
+        self.tokens = 0
+
+    @torch.no_grad()
+    def measure(self, x: torch.Tensor) -> None:
+        xf = x.detach().reshape(-1, x.shape[-1]).float()
+        w = self.weight.detach().float()
+        ref = F.linear(xf, w)
+        for k, c in enumerate(self.candidates):
+            diff = F.linear(quantize_activation(xf, self.bits, self.sym, c), w).sub_(ref)
+            self.errors[k] += float(diff.pow_(2).sum())
+        self.tokens += xf.shape[0]
+
+    def __call__(self, module, args):
+        self.measure(args[0])
+        return (quantize_activation(args[0], self.bits, self.sym, self.apply_ratio),) + tuple(args[1:])
+
+    def best(self) -> float:
+        """The candidate with the smallest error (ties: the larger ratio); 1.0 if nothing was measured."""
+        if self.tokens == 0:
+            return 1.0
+        order = sorted(range(len(self.candidates)), key=lambda k: (float(self.errors[k]), -self.candidates[k]))
+        return self.candidates[order[0]]
+
+
+def _batches(calibration, device) -> list[dict]:
+    out = []
+    for b in calibration if calibration is not None else []:
+        if isinstance(b, torch.Tensor):
+            b = {"input_ids": b if b.dim() == 2 else b.unsqueeze(0)}
+        elif not isinstance(b, Mapping):
+            raise QuantizationError(f"calibration items must be input_ids tensors or dicts, got {type(b).__name__}")
+        out.append({**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}, "use_cache": False})
+    if not out:
+        raise QuantizationError("activation clip search needs calibration data: pass calibration=[input_ids tensors or dicts]")
+    return out
+
+
+def search_activation_clips(
+    model: nn.Module, linears: dict, calibration, bits: int, sym: bool = True, *, candidates=DEFAULT_A_CLIP_CANDIDATES, apply_ratio: float = 1.0
+) -> dict[str, float]:
+    """``{name: clip ratio}`` for ``linears`` ({name: Linear}), searched on ``calibration`` (see module docstring).
+
+    ``model`` must not have activation quantizers installed (the meters stand in for them); its weights should
+    already be quantized, so the error is measured through ``Ŵ``. ``candidates``: ratios in (0, 1]; 1.0 is added
+    when missing. Padded tokens of dict batches (``attention_mask``) are measured too; use full rows.
+    """
+    cands = tuple(dict.fromkeys([1.0, *candidates]))
+    for c in cands:
+        _check_ratio(c, "activation clip candidate")
+    meters = {n: ClipErrorMeter(lin, bits, sym, cands, apply_ratio) for n, lin in linears.items()}
+    handles = [lin.register_forward_pre_hook(meters[n]) for n, lin in linears.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in _batches(calibration, next(model.parameters()).device):
+                model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    ratios = {n: m.best() for n, m in meters.items()}
+    logger.info("activation clip search: ratios %s", _summary(ratios))
+    return ratios
+
+
+def _summary(ratios: dict) -> str:
+    counts: dict = {}
+    for r in ratios.values():
+        counts[round(r, 4)] = counts.get(round(r, 4), 0) + 1
+    return ", ".join(f"{r}: {n}" for r, n in sorted(counts.items(), reverse=True))
