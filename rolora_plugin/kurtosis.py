@@ -7,7 +7,20 @@ linear becomes close to Gaussian. Kurtosis (Pearson, Gaussian = 3) is the standa
 
 The moments are accumulated in float64 over all calibration batches (raw power sums; activations have a mean
 close to zero relative to their spread, so the cancellation in the central moments stays far below float64's
-precision). Hooks are forward-pre-hooks registered *after* any online rotation hook rolora installs (those are
+precision).
+
+What a *per-token* activation quantizer faces is a different statistic: it picks one scale per token from that
+token's largest entry, so its grid must span the token's peak-to-rms ratio across channels
+
+    r_t = max_c |x_tc| / sqrt(mean_c x_tc²)      (1 ≤ r_t ≤ sqrt(C) for C channels; Gaussian ≈ sqrt(2 ln C))
+
+and its rounding error relative to the token's rms grows with r_t (step = max|x_t| / qmax). A few "massive" tokens
+have r_t near sqrt(C) before rotation; a rotation spreads each token's peak over its channels. Every token's
+r_t is counted in a fixed histogram (:data:`TOKEN_RATIO_EDGES`, 80 log-spaced bins per decade from 1 to 1000),
+so the memory per linear stays bounded however many tokens pass; its exact max and mean are kept as well
+(:func:`token_peak_to_rms`, reference :func:`token_peak_to_rms_ref`; quantiles by :func:`histogram_quantile`).
+
+Hooks are forward-pre-hooks registered *after* any online rotation hook rolora installs (those are
 prepended), so a rotated model reports the statistics of what its linears actually see.
 
 Summaries group the linears by *input kind*: one leaf name per distinct tensor a decoder layer feeds into its
@@ -34,7 +47,9 @@ from tqdm.auto import tqdm
 
 __all__ = [
     "ActivationMoments",
+    "TOKEN_RATIO_EDGES",
     "activation_stats",
+    "histogram_quantile",
     "input_kinds",
     "kinds_from_names",
     "kurtosis_from_power_sums",
@@ -42,9 +57,13 @@ __all__ = [
     "layer_index",
     "leaf_name",
     "summarize_by_kind",
+    "token_peak_to_rms",
+    "token_peak_to_rms_ref",
 ]
 
 logger = logging.getLogger(__name__)
+
+TOKEN_RATIO_EDGES = torch.logspace(0.0, 3.0, 241, dtype=torch.float64)  # bin edges of r_t: 1 … 1000, 80 per decade
 
 
 def kurtosis_from_power_sums(n: int, s1: float, s2: float, s3: float, s4: float) -> float:
@@ -66,13 +85,57 @@ def kurtosis_ref(x: torch.Tensor) -> float:
     return float((c**4).mean() / m2**2) if m2 > 0 else float("nan")
 
 
+def token_peak_to_rms(x: torch.Tensor) -> torch.Tensor:
+    """Per token, the peak-to-rms ratio across channels ``r_t = max_c |x_tc| / sqrt(mean_c x_tc²)``, in float64.
+
+    Args:
+        x: activations (..., C), channels last.
+
+    Returns:
+        float64 tensor of shape ``x.shape[:-1]``; ``nan`` where a token is all zeros. Reference:
+        :func:`token_peak_to_rms_ref`.
+    """
+    x = x.detach().to(torch.float64)
+    rms = torch.linalg.vector_norm(x, dim=-1) / x.shape[-1] ** 0.5
+    return x.abs().amax(dim=-1) / torch.where(rms > 0, rms, torch.nan)
+
+
+def token_peak_to_rms_ref(x: torch.Tensor) -> torch.Tensor:
+    """Reference for :func:`token_peak_to_rms`: one token at a time, in float64, straight from the formula."""
+    rows = x.detach().double().reshape(-1, x.shape[-1])
+    out = [row.abs().max() / row.pow(2).mean().sqrt() if row.any() else torch.tensor(float("nan")) for row in rows]
+    return torch.stack(out).to(torch.float64).reshape(x.shape[:-1])
+
+
+def _histogram(values: torch.Tensor) -> torch.Tensor:
+    """Counts (int64, len(TOKEN_RATIO_EDGES) - 1) of ``values`` in bins ``[e_i, e_i+1)`` (values clamped into range)."""
+    edges = TOKEN_RATIO_EDGES.to(values.device)
+    idx = (torch.searchsorted(edges, values, right=True) - 1).clamp_(0, len(edges) - 2)
+    return torch.bincount(idx, minlength=len(edges) - 1).cpu()
+
+
+def histogram_quantile(counts: torch.Tensor, q: float, edges: torch.Tensor = TOKEN_RATIO_EDGES) -> float:
+    """The ``q``-quantile (0 < q ≤ 1) of the values counted in ``counts``: the upper edge of the bin where the
+    cumulative count reaches ``q · total`` (an upper bound, within one bin: 2.9% for :data:`TOKEN_RATIO_EDGES`).
+    ``nan`` for an empty histogram."""
+    cum = torch.cumsum(counts.to(torch.float64), 0)
+    if cum[-1] <= 0:
+        return float("nan")
+    return float(edges[1:][int(torch.searchsorted(cum, q * cum[-1]))])
+
+
 class ActivationMoments:
-    """Running float64 power sums, max-abs and per-channel max-abs of one layer's input (last dim = channels)."""
+    """Running statistics of one layer's input (last dim = channels): float64 power sums, max-abs, per-channel
+    max-abs, and the per-token peak-to-rms ratio ``r_t`` (histogram over :data:`TOKEN_RATIO_EDGES`, max, sum)."""
 
     def __init__(self):
         self.n = 0
         self.sums = torch.zeros(4, dtype=torch.float64)
         self.channel_max_abs: torch.Tensor | None = None
+        self.tokens = 0
+        self.token_hist = torch.zeros(len(TOKEN_RATIO_EDGES) - 1, dtype=torch.int64)
+        self.token_ratio_max = 0.0
+        self.token_ratio_sum = 0.0
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().to(torch.float64).reshape(-1, x.shape[-1])
@@ -81,6 +144,15 @@ class ActivationMoments:
         self.sums += powers.cpu()
         cmax = x.abs().amax(dim=0).to(torch.float32).cpu()
         self.channel_max_abs = cmax if self.channel_max_abs is None else torch.maximum(self.channel_max_abs, cmax)
+        self._update_tokens(token_peak_to_rms(x))
+
+    def _update_tokens(self, ratios: torch.Tensor) -> None:
+        ratios = ratios[~torch.isnan(ratios)]  # all-zero tokens have no ratio
+        if ratios.numel():
+            self.tokens += ratios.numel()
+            self.token_hist += _histogram(ratios)
+            self.token_ratio_max = max(self.token_ratio_max, float(ratios.max()))
+            self.token_ratio_sum += float(ratios.sum())
 
     def summary(self) -> dict:
         s1, s2, s3, s4 = self.sums.tolist()
@@ -90,7 +162,15 @@ class ActivationMoments:
             "rms": (s2 / self.n) ** 0.5,
             "numel": self.n,
             "channel_max_abs": self.channel_max_abs,
+            **self._token_summary(),
         }
+
+    def _token_summary(self) -> dict:
+        mean, peak = (self.token_ratio_sum / self.tokens, self.token_ratio_max) if self.tokens else (float("nan"),) * 2
+        return {"tokens": self.tokens, "token_peak_to_rms_mean": mean, "token_peak_to_rms_max": peak,
+                "token_peak_to_rms_p50": histogram_quantile(self.token_hist, 0.5),
+                "token_peak_to_rms_p99": histogram_quantile(self.token_hist, 0.99),
+                "token_peak_to_rms_hist": self.token_hist.clone()}  # fmt: skip
 
 
 def _linear_inputs(model: nn.Module, exclude: tuple[str, ...]) -> dict[str, nn.Module]:
@@ -120,8 +200,10 @@ def activation_stats(
         progress: tqdm bar over chunks.
 
     Returns:
-        ``{module_name: {"kurtosis", "max_abs", "rms", "numel", "channel_max_abs" (float32 tensor (in_features,))}}``
-        in module order.
+        ``{module_name: {"kurtosis", "max_abs", "rms", "numel", "channel_max_abs" (float32 tensor (in_features,)),
+        "tokens", "token_peak_to_rms_{mean,max,p50,p99}", "token_peak_to_rms_hist" (int64 counts over
+        TOKEN_RATIO_EDGES)}}`` in module order; ``rms`` is over every element, the ``token_*`` entries describe the
+        per-token ratio ``r_t`` (module doc).
     """
     targets = _linear_inputs(model, exclude)
     if not targets:
@@ -189,9 +271,11 @@ def kinds_from_names(names: Iterable[str]) -> tuple[str, ...]:
 
 
 def summarize_by_kind(before: dict, after: dict, kinds: tuple[str, ...] | None = None) -> dict:
-    """Per input kind: mean/max over layers of kurtosis and the max of max|x|/rms, before and after (e.g. a rotation).
+    """Per input kind: mean/max over layers of kurtosis, the max of max|x|/rms (whole tensor), and the per-token
+    ratio ``r_t`` pooled over the kind's layers (median, 99th percentile, max), before and after (e.g. a rotation).
 
-    ``kinds`` default to :func:`kinds_from_names` of ``before``'s module names.
+    ``kinds`` default to :func:`kinds_from_names` of ``before``'s module names. The ``token_*`` entries appear
+    only when the statistics carry ``token_peak_to_rms_hist`` (:func:`activation_stats` does).
     """
     out = {}
     for kind in kinds or kinds_from_names(before):
@@ -203,4 +287,9 @@ def summarize_by_kind(before: dict, after: dict, kinds: tuple[str, ...] | None =
 
 def _kind_summary(rows: list[dict]) -> dict:
     k = [r["kurtosis"] for r in rows]
-    return {"kurtosis_mean": sum(k) / len(k), "kurtosis_max": max(k), "peak_over_rms_max": max(r["max_abs"] / r["rms"] for r in rows)}
+    out = {"kurtosis_mean": sum(k) / len(k), "kurtosis_max": max(k), "peak_over_rms_max": max(r["max_abs"] / r["rms"] for r in rows)}
+    if all("token_peak_to_rms_hist" in r for r in rows):
+        hist = torch.stack([r["token_peak_to_rms_hist"] for r in rows]).sum(0)
+        out.update(token_peak_to_rms_p50=histogram_quantile(hist, 0.5), token_peak_to_rms_p99=histogram_quantile(hist, 0.99),
+                   token_peak_to_rms_max=max(r["token_peak_to_rms_max"] for r in rows))  # fmt: skip
+    return out

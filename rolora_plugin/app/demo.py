@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import platform
 import time
@@ -40,7 +41,7 @@ from .assets import pad_collate, tokenize_pairs
 from .plots import write_plots
 from .train import finetune, loss_curve, pad_id
 
-__all__ = ["DemoConfig", "run_demo", "response_perplexity"]
+__all__ = ["DemoConfig", "format_demo_table", "recipe_name", "response_perplexity", "run_demo"]
 
 logger = logging.getLogger(__name__)
 SIZES = ("tiny", "small", "full")
@@ -145,7 +146,8 @@ def _exactness(fp, rotated, probe: torch.Tensor) -> dict:
 
 
 def _json_stats(stats: dict) -> dict:
-    return {n: {k: v for k, v in s.items() if k != "channel_max_abs"} for n, s in stats.items()}
+    """The per-linear statistics without their tensors (per-channel max-abs, per-token histogram)."""
+    return {n: {k: v for k, v in s.items() if not isinstance(v, torch.Tensor)} for n, s in stats.items()}
 
 
 def response_perplexity(model, tok, examples: list[dict], batch_size: int = 8) -> float:
@@ -166,12 +168,18 @@ def _quantized_ppl(model, bits: int, cfg: DemoConfig, chunks, calib) -> float:
     return ppl
 
 
+def recipe_name(cfg: DemoConfig | dict) -> str:
+    """The weight-quantization recipe of ``cfg`` (or its dict) as tables and plots name it: ``RTN``, ``GPTQ+clip``..."""
+    c = cfg if isinstance(cfg, dict) else cfg.to_dict()
+    return c["method"].upper() + ("+clip" if c.get("clip_search") else "")
+
+
 def _quant_grid(fp, rotated, cfg: DemoConfig, chunks, calib) -> list[dict]:
     rows = []
     for bits in cfg.quant_bits:
         for name, model in (("none", fp), ("rotated", rotated)):
             ppl = _quantized_ppl(model, bits, cfg, chunks, calib)
-            rows.append({"setting": f"W{bits}A{bits}", "rotation": name, "perplexity": ppl})
+            rows.append({"setting": f"W{bits}A{bits}", "rotation": name, "recipe": recipe_name(cfg), "perplexity": ppl})
             logger.info("W%dA%d %s: perplexity %.3f", bits, bits, name, ppl)
     return rows
 
@@ -184,7 +192,8 @@ def _finetune_pair(base, tok, cfg: DemoConfig, chunks, calib) -> dict:
     train = tokenize_pairs(tok, pairs[: cfg.train_examples], cfg.train_seq_len)
     held_out = tokenize_pairs(tok, pairs[cfg.train_examples :], cfg.train_seq_len)
     lora = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "target_modules": cfg.lora_targets}
-    out = {"train_examples": len(train), "eval_examples": len(held_out)}
+    out = {"train_examples": len(train), "eval_examples": len(held_out),
+           "base_fp_response_ppl": response_perplexity(base, tok, held_out)}  # before any fine-tune  # fmt: skip
     for name, rolora in (("lora", False), ("rolora", True)):
         trainer = finetune(copy.deepcopy(base), tok, train, rolora=rolora, steps=cfg.train_steps, lr=cfg.learning_rate,
                            batch_size=cfg.batch_size, seed=cfg.seed, lora=lora, warmup_steps=min(5, cfg.train_steps // 4),
@@ -192,8 +201,18 @@ def _finetune_pair(base, tok, cfg: DemoConfig, chunks, calib) -> dict:
         merged = trainer.model.merge_and_unload().eval()
         out[name] = _evaluate_merged(merged, tok, cfg, held_out, chunks, calib)
         out[name]["loss_curve"] = loss_curve(trainer)
+        out[name].update(_loss_summary(out[name]["loss_curve"], out[name]["fp"]["response_ppl"]))
         del trainer, merged
     return out
+
+
+def _loss_summary(curve: list[tuple[int, float]], fp_response_ppl: float) -> dict:
+    """The training loss averaged over the last quarter of the steps (one step is one noisy batch; the same
+    window as the moving average of ``training_loss.png``) and the held-out loss ``ln(FP response ppl)``."""
+    losses = [v for _, v in curve if math.isfinite(v)]
+    window = max(1, len(losses) // 4)
+    mean = sum(losses[-window:]) / window if losses else None
+    return {"train_loss_smoothed": mean, "train_loss_window": window, "held_out_loss": math.log(fp_response_ppl)}
 
 
 def _evaluate_merged(merged, tok, cfg: DemoConfig, held_out, chunks, calib) -> dict:
@@ -224,7 +243,8 @@ _STAGES = ["load", "fp perplexity", "rotate", "exactness", "activation stats", "
 
 
 def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None) -> dict:
-    """Run the whole demo (see module doc); write ``results.json`` and PNG plots to ``out_dir``; return results."""
+    """Run the whole demo (see module doc); write ``results.json``, ``summary.txt`` (:func:`format_demo_table`)
+    and the PNG plots (:func:`~.plots.write_plots`) to ``out_dir``; return the results."""
     from .assets import calibration_chunks, load_smollm2, text_chunks
 
     cfg = config or DemoConfig()
@@ -239,9 +259,10 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None) -> di
     results = {**_header(cfg), **results, "environment": _environment()}
     out_dir.mkdir(parents=True, exist_ok=True)
     kinds = tuple(results["kurtosis"]["kinds"])
-    results["plots"] = stages.run("plots", write_plots, out_dir, before, after, results["finetune"], kinds)
+    results["plots"] = stages.run("plots", write_plots, out_dir, before, after, results["finetune"], kinds, results)
     results["timings_s"] = {**stages.timings, "total": round(time.perf_counter() - t_start, 1)}
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out_dir / "summary.txt", format_demo_table(results) + "\n")
     stages.bar.close()
     return results
 
@@ -286,3 +307,99 @@ def _environment() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- the printed table
+
+_W = 12  # column width of the tables
+
+
+def format_demo_table(results: dict) -> str:
+    """The plain-text summary of :func:`run_demo`'s ``results``: each table followed by what its columns mean
+    (wrapped to 110 characters)."""
+    ex = results["exactness"]
+    rotations = "+".join(k.upper() for k in results["rotation"]["rotations"])
+    lines = [f"{results['model']['name']} ({results['model']['note']})", f"perplexity data: {results['data']['perplexity']}", ""]
+    lines += _wrap(f"Rotation ({rotations}) exactness: max |logit diff| {ex['max_abs_logit_diff']:.2e} (logits up to "
+                   f"{ex['max_abs_logit']:.1f}), argmax agreement {ex['argmax_agreement']:.1%}, perplexity "
+                   f"{ex['ppl_fp']:.3f} -> {ex['ppl_rotated']:.3f}", indent="")  # fmt: skip
+    lines += [""] + _kurtosis_lines(results["kurtosis"]["summary"]) + [""] + _quant_lines(results) + [""]
+    lines += _finetune_lines(results["finetune"], results["config"], recipe_name(results["config"]))
+    if "timings_s" in results:
+        lines += ["", f"wall time: {results['timings_s']['total']:.0f} s"]
+    return "\n".join(lines)
+
+
+def _wrap(text: str, indent: str = "  ") -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, 110, initial_indent=indent, subsequent_indent=indent + ("  " if not indent else ""))
+
+
+def _head(title: str, *columns: str) -> str:
+    return f"{title:<22}" + "".join(f"{c:>{_W}}" for c in columns)
+
+
+def _row(label: str, cells, fmt: str = ".2f") -> str:
+    return f"  {label:<20}" + "".join(f"{c:>{_W}{fmt}}" if isinstance(c, float) else f"{c:>{_W}}" for c in cells)
+
+
+def _kurtosis_lines(summary: dict) -> list[str]:
+    keys = ("kurtosis_mean", "kurtosis_max")
+    lines = [_head("Linear input kurtosis", "mean before", "mean after", "max before", "max after")]
+    lines += [_row(k, [r["before"][keys[0]], r["after"][keys[0]], r["before"][keys[1]], r["after"][keys[1]]], ".1f") for k, r in summary.items()]
+    lines += _wrap("(Pearson kurtosis of each linear's input over tokens x channels, mean/max over layers; Gaussian = 3)")
+    if not all("token_peak_to_rms_p50" in r["before"] for r in summary.values()):
+        return lines  # statistics from before the per-token histogram existed
+    keys = ("token_peak_to_rms_p50", "token_peak_to_rms_max")
+    lines += ["", _head("Per-token max|x|/rms", "median bef.", "median aft.", "worst bef.", "worst aft.")]
+    lines += [_row(k, [r["before"][keys[0]], r["after"][keys[0]], r["before"][keys[1]], r["after"][keys[1]]], ".1f") for k, r in summary.items()]
+    return lines + _wrap("(each token's largest |x| over its rms across channels, all layers pooled: the range a per-token "
+                         "quantizer must cover; a 4-bit step is max|x|/7, i.e. this ratio / 7 of the token's rms; lower is better)")  # fmt: skip
+
+
+def _quant_lines(results: dict) -> list[str]:
+    rows, method = results["quantization"], results["config"]["method"].upper()
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    fp = {r["rotation"]: r["perplexity"] for r in rows if r["setting"] == "FP"}
+    cells = {(r["rotation"], r.get("recipe", method), r["setting"]): r["perplexity"] for r in rows if r["setting"] != "FP"}
+    lines = [_head(f"Perplexity ({method})", *settings)]
+    for rot, recipe in dict.fromkeys(k[:2] for k in cells):
+        label = ("no rotation" if rot == "none" else "rotated") + ("" if recipe == method else f", {recipe}")
+        lines.append(_row(label, [fp.get(rot, "") if s == "FP" else cells.get((rot, recipe, s), "") for s in settings]))
+    return lines + _wrap(f"(the base model on {results['data']['perplexity']}; WxAy: weights x-bit per output channel, "
+                         "activations y-bit per token, symmetric; embeddings and lm_head stay FP32)")  # fmt: skip
+
+
+def _finetune_lines(tuned: dict, cfg: dict, recipe: str) -> list[str]:
+    heads = (("train loss", "(smoothed)"), ("held-out", "loss (FP)"), ("answer ppl", "FP"), ("answer ppl", "W4A4"),
+             ("text ppl", "FP"), ("text ppl", "W4A4"))  # fmt: skip
+    lines = _wrap(f"Fine-tune: {cfg['train_steps']} steps, {tuned['train_examples']} SciQ pairs, LoRA r={cfg['lora_r']} on "
+                  f"{','.join(cfg['lora_targets'])}; held-out: {tuned['eval_examples']} pairs", indent="")  # fmt: skip
+    lines += [_head("", *(a for a, _ in heads)), _head("", *(b for _, b in heads))]
+    for name, label in (("lora", "LoRA"), ("rolora", "RoLoRA")):
+        r = tuned[name]
+        lines.append(_row(label, [_num(r.get("train_loss_smoothed")), _num(r.get("held_out_loss")), r["fp"]["response_ppl"],
+                                  r["w4a4"]["response_ppl"], r["fp"]["text_ppl"], r["w4a4"]["text_ppl"]]))  # fmt: skip
+    if "base_fp_response_ppl" in tuned:
+        lines.append(_row("base (no fine-tune)", ["", _num(math.log(tuned["base_fp_response_ppl"])), tuned["base_fp_response_ppl"]]))
+    window = tuned["rolora"].get("train_loss_window", "few")
+    lines += _wrap(f"train loss: mean training loss over the last {window} steps (a single step is one batch of "
+                   f"{cfg['batch_size']} pairs and swings more than the LoRA/RoLoRA gap). held-out loss / answer ppl: mean "
+                   f"NLL per answer token / its exp on the {tuned['eval_examples']} held-out SciQ pairs (prompts not "
+                   "scored). text ppl: the BoolQ passages of the perplexity table. FP: the merged model in float32; "
+                   f"W4A4: the merged model quantized as above ({recipe} weights, 4-bit per-token activations).")  # fmt: skip
+    return lines + _task_lines(tuned)
+
+
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _task_lines(tuned: dict) -> list[str]:
+    if "tasks" not in tuned["lora"]["fp"]:
+        return []
+    lines = ["", _head("7-task average", "FP", "W4A4")]
+    for name, label in (("lora", "LoRA"), ("rolora", "RoLoRA")):
+        lines.append(_row(label, [tuned[name]["fp"]["tasks"]["average"], tuned[name]["w4a4"]["tasks"]["average"]], ".3f"))
+    return lines + _wrap("(zero-shot accuracy averaged over the paper's 7 tasks with lm-eval, a limited number of examples per task)")

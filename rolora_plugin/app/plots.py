@@ -1,29 +1,45 @@
-"""Every plot the application draws: activation kurtosis per layer, channel magnitudes, training loss.
+"""Every plot the application draws: kurtosis per layer, the per-token range a W4A4 quantizer faces, channel
+magnitudes, training loss, and W4A4 perplexity per method.
 
 The statistics come from :func:`rolora_plugin.kurtosis.activation_stats` (``{module name: {"kurtosis", "max_abs",
-"rms", "channel_max_abs", ...}}``); the loss curves from :func:`rolora_plugin.app.train.loss_curve`. matplotlib is
-imported on first use, on the non-interactive Agg backend; every PNG is written through
-:func:`rolora_plugin.publish.atomic_write_bytes` (readers never see half a file).
+"rms", "channel_max_abs", "token_peak_to_rms_hist", ...}}``); the loss curves from
+:func:`rolora_plugin.app.train.loss_curve`; the perplexities from :func:`rolora_plugin.app.demo.run_demo`'s
+results. matplotlib is imported on first use, on the non-interactive Agg backend; every PNG is written at
+:data:`DPI` through :func:`rolora_plugin.publish.atomic_write_bytes` (readers never see half a file).
 """
 
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
-from ..kurtosis import kinds_from_names, layer_index, leaf_name
+import torch
+
+from ..kurtosis import TOKEN_RATIO_EDGES, histogram_quantile, kinds_from_names, layer_index, leaf_name
 from ..publish import atomic_write_bytes
 
 __all__ = [
+    "DPI",
     "agg_pyplot",
+    "channel_magnitudes_figure",
+    "kurtosis_figure",
+    "losses_figure",
     "plot_channel_magnitudes",
     "plot_kurtosis_per_layer",
     "plot_losses",
+    "plot_token_ranges",
+    "plot_w4a4_perplexity",
     "save_figure",
+    "smoothed",
+    "token_ranges_figure",
+    "w4a4_bars",
+    "w4a4_figure",
     "write_plots",
 ]
 
-DPI = 110
+DPI = 150  # with the figure sizes below: 1400-1600 px wide, 10 pt text stays readable
+BEFORE, AFTER = dict(color="tab:blue", ls="--", label="before rotation"), dict(color="tab:orange", ls="-", label="after rotation")
 
 
 def agg_pyplot():
@@ -37,93 +53,272 @@ def agg_pyplot():
 
 
 def save_figure(fig, path: Path) -> Path:
-    """Render ``fig`` as PNG, publish it atomically at ``path`` (replacing an older plot) and close it."""
+    """Render ``fig`` as PNG at :data:`DPI`, publish it atomically at ``path`` (replacing an older plot), close it."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
     agg_pyplot().close(fig)
     return atomic_write_bytes(Path(path), buf.getvalue())
 
 
-def _layer_points(stats: dict, kind: str) -> list[tuple[int, float]]:
-    """``[(layer index, kurtosis), ...]`` of the linears of one input kind, in layer order."""
-    pts = ((layer_index(n), s["kurtosis"]) for n, s in stats.items() if leaf_name(n) == kind)
-    return sorted(p for p in pts if p[0] is not None)
+def _panels(n: int, width: float = 5.2, height: float = 3.6):
+    """``(fig, flat list of n axes)`` on a grid of at most 2 columns."""
+    cols = min(n, 2)
+    rows = math.ceil(n / cols)
+    fig, axes = agg_pyplot().subplots(rows, cols, figsize=(width * cols, height * rows), layout="constrained", squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def _of_kind(stats: dict, kind: str) -> list[tuple[int, dict]]:
+    """``[(layer index, stats), ...]`` of the linears of one input kind, in layer order."""
+    return sorted(((layer_index(n), s) for n, s in stats.items() if leaf_name(n) == kind and layer_index(n) is not None), key=lambda p: p[0])
+
+
+# ---------------------------------------------------------------------------------------------- kurtosis
 
 
 def plot_kurtosis_per_layer(path: Path, before: dict, after: dict, kinds: tuple[str, ...] | None = None) -> Path:
-    """One panel per input kind: kurtosis of its input per decoder layer, before (dashed) and after (solid).
+    """:func:`kurtosis_figure` saved as PNG at ``path``."""
+    return save_figure(kurtosis_figure(before, after, kinds), path)
+
+
+def kurtosis_figure(before: dict, after: dict, kinds: tuple[str, ...] | None = None):
+    """One panel per input kind (2 columns): kurtosis of its input per decoder layer, before vs after, log scale.
 
     ``kinds`` default to :func:`rolora_plugin.kurtosis.kinds_from_names` of ``before``.
     """
     kinds = tuple(kinds or kinds_from_names(before))
-    plt = agg_pyplot()
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4 * len(kinds), 3.6), sharey=True, layout="constrained", squeeze=False)
-    axes = axes[0]
+    fig, axes = _panels(len(kinds))
     for ax, kind in zip(axes, kinds):
-        for tag, stats, style in (("before", before, "--"), ("after rotation", after, "-")):
-            pts = _layer_points(stats, kind)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=".", label=tag)
+        for stats, style in ((before, BEFORE), (after, AFTER)):
+            pts = _of_kind(stats, kind)
+            ax.plot([i for i, _ in pts], [s["kurtosis"] for _, s in pts], marker=".", **style)
         ax.set_yscale("log")
-        ax.axhline(3.0, color="grey", lw=0.8, ls=":")
-        ax.set_title(f"input of {kind}")
-        ax.set_xlabel("layer")
-    axes[0].set_ylabel("kurtosis (Gaussian = 3)")
+        ax.axhline(3.0, color="grey", lw=0.8, ls=":", label="Gaussian (3)")
+        ax.set(title=f"input of {kind}", xlabel="decoder layer", ylabel="kurtosis (log scale)")
     axes[0].legend()
-    fig.suptitle("Activation kurtosis per layer, before vs after rotation")
-    return save_figure(fig, path)
+    fig.suptitle("Kurtosis of each linear layer's input (tokens × channels), before vs after rotation")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------- per-token range
+
+
+def _pooled(stats: dict, kind: str) -> tuple[torch.Tensor, float, int]:
+    """(histogram of r_t pooled over the kind's layers, max r_t, channel count)."""
+    rows = [s for _, s in _of_kind(stats, kind)]
+    hist = torch.stack([s["token_peak_to_rms_hist"] for s in rows]).sum(0)
+    return hist, max(s["token_peak_to_rms_max"] for s in rows), len(rows[0]["channel_max_abs"])
+
+
+def _ecdf(ax, hist: torch.Tensor, peak: float, style: dict) -> None:
+    """Empirical CDF from a histogram over TOKEN_RATIO_EDGES (exact at the bin edges)."""
+    cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(hist.double(), 0) / hist.sum()])
+    label = f"{style['label']}: median {histogram_quantile(hist, 0.5):.1f}, max {peak:.0f}"
+    ax.plot(TOKEN_RATIO_EDGES.numpy(), cdf.numpy(), **{**style, "label": label})
+
+
+def plot_token_ranges(path: Path, before: dict, after: dict, kinds: tuple[str, ...] | None = None) -> Path:
+    """:func:`token_ranges_figure` saved as PNG at ``path``."""
+    return save_figure(token_ranges_figure(before, after, kinds), path)
+
+
+def token_ranges_figure(before: dict, after: dict, kinds: tuple[str, ...] | None = None):
+    """What a per-token activation quantizer faces: ``r_t = max_c|x_tc| / rms_c(x_t)`` of every token.
+
+    Top row, one panel per input kind: the distribution over tokens (all layers pooled, as an empirical CDF)
+    before vs after, with the i.i.d. Gaussian value ``≈ sqrt(2 ln 2C)`` and the upper bound ``sqrt(C)`` (one
+    channel holds the whole token). Bottom row: per decoder layer, the largest ``r_t`` of any token (markers)
+    and the median token (thin). Lower is better: a 4-bit per-token step is ``max|x_t| / 7``, i.e. ``r_t / 7``
+    of the token's rms.
+    """
+    kinds = tuple(kinds or kinds_from_names(before))
+    plt = agg_pyplot()
+    fig, axes = plt.subplots(2, len(kinds), figsize=(3.9 * len(kinds), 7.0), layout="constrained", squeeze=False)
+    for col, kind in enumerate(kinds):
+        top, bottom = axes[0, col], axes[1, col]
+        for stats, style in ((before, BEFORE), (after, AFTER)):
+            hist, peak, channels = _pooled(stats, kind)
+            _ecdf(top, hist, peak, style)
+            _per_layer_range(bottom, stats, kind, style)
+        _bounds(top, bottom, channels)
+        top.set(xscale="log", xlim=(1, 1.4 * math.sqrt(channels)), ylim=(0, 1.38), yticks=[0, 0.25, 0.5, 0.75, 1],
+                title=f"input of {kind} ({channels} channels)", xlabel="per-token max|x| / rms across channels",
+                ylabel="fraction of tokens ≤ x")  # fmt: skip
+        _plain_log_ticks(top, 1.4 * math.sqrt(channels))
+        top.legend(fontsize=7, loc="upper left")  # above the curves (they end at 1)
+        bottom.set(ylim=(0, 1.7 * math.sqrt(channels)), xlabel="decoder layer", ylabel="max|x| / rms across channels")
+    axes[1, 0].legend(fontsize=6.5, loc="upper left")  # above the upper bound
+    fig.suptitle("The range a per-token quantizer must cover: each token's peak / rms across its channels (lower is better)")
+    return fig
+
+
+def _plain_log_ticks(ax, upper: float) -> None:
+    """x ticks 1, 2, 3, 5, 10, 20, ... up to ``upper`` written as plain numbers on a log axis."""
+    from matplotlib.ticker import NullFormatter
+
+    ticks = [t for t in (1, 2, 3, 5, 10, 20, 30, 50, 100, 200, 500) if t <= upper]
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _bounds(top, bottom, channels: int) -> None:
+    """Reference values of r_t for ``channels`` channels: i.i.d. Gaussian and the largest possible, sqrt(C)."""
+    gauss, bound = math.sqrt(2 * math.log(2 * channels)), math.sqrt(channels)
+    top.axvline(gauss, color="grey", lw=0.8, ls=":", label=f"i.i.d. Gaussian ≈ {gauss:.1f}")
+    top.axvline(bound, color="black", lw=0.8, ls="-.", label=f"upper bound √C = {bound:.0f}")
+    bottom.axhline(bound, color="black", lw=0.8, ls="-.", label="upper bound √C")
+
+
+def _per_layer_range(ax, stats: dict, kind: str, style: dict) -> None:
+    pts = _of_kind(stats, kind)
+    layers = [i for i, _ in pts]
+    ax.plot(layers, [s["token_peak_to_rms_max"] for _, s in pts], marker="o", ms=3, **{**style, "label": f"{style['label']}: worst token"})
+    ax.plot(layers, [s["token_peak_to_rms_p50"] for _, s in pts], lw=0.8, color=style["color"], ls=":", label=f"{style['label']}: median token")
+
+
+# ---------------------------------------------------------------------------------------------- channel view
 
 
 def plot_channel_magnitudes(path: Path, before: dict, after: dict, kinds: tuple[str, ...] | None = None) -> Path:
-    """Per-channel max|x| / rms, before vs after, of the most outlier-heavy input of each of ``kinds``.
+    """:func:`channel_magnitudes_figure` saved as PNG at ``path``."""
+    return save_figure(channel_magnitudes_figure(before, after, kinds), path)
 
-    ``kinds`` default to the first attention input and ``down_proj``'s input of the family
-    (:func:`rolora_plugin.kurtosis.kinds_from_names`).
+
+def channel_magnitudes_figure(before: dict, after: dict, kinds: tuple[str, ...] | None = None):
+    """Per-channel view (the one per-*channel* quantizers face): for each input channel, its largest |x| over all
+    tokens divided by the rms of the whole tensor, channels sorted from largest to smallest, before vs after.
+
+    Read it as "how unevenly the peak magnitude is spread over channels": before rotation a few channels hold the
+    outliers (a steep head), after it every channel shares them (a flat line). It is *not* the range a per-token
+    quantizer covers (:func:`plot_token_ranges`). One panel per kind of ``kinds``, at the layer whose input has
+    the highest kurtosis before; ``kinds`` default to the family's first and last input kinds.
     """
     if kinds is None:
         family = kinds_from_names(before)
         kinds = (family[0], family[-1])
-    plt = agg_pyplot()
     picks = [max((n for n in before if leaf_name(n) == k), key=lambda n: before[n]["kurtosis"]) for k in kinds]
-    fig, axes = plt.subplots(1, len(picks), figsize=(6 * len(picks), 3.8), layout="constrained", squeeze=False)
-    axes = axes[0]
+    fig, axes = _panels(len(picks), width=5.6, height=3.8)
     for ax, name in zip(axes, picks):
-        for tag, stats in (("before", before), ("after rotation", after)):
-            ch = stats[name]["channel_max_abs"] / stats[name]["rms"]
-            ax.plot(ch.numpy(), lw=0.7, alpha=0.8, label=f"{tag} (max {ch.max():.0f}x rms)")
-        ax.set_yscale("log")
-        ax.set_title(name.replace("model.layers.", "layer "))
-        ax.set_xlabel("input channel")
-        ax.legend()
-    axes[0].set_ylabel("max |x| / rms over tokens")
-    fig.suptitle("Activation magnitude per channel: rotation spreads the outlier channels")
-    return save_figure(fig, path)
+        for stats, style in ((before, BEFORE), (after, AFTER)):
+            ch = (stats[name]["channel_max_abs"].double() / stats[name]["rms"]).sort(descending=True).values
+            ax.plot(range(1, len(ch) + 1), ch.numpy(), **{**style, "label": f"{style['label']} (top channel {ch[0]:.0f})"})
+        ax.set(xscale="log", yscale="log", title=name.replace("model.layers.", "layer "),
+               xlabel="input channels, sorted by peak (rank)", ylabel="channel's max|x| over tokens / tensor rms")  # fmt: skip
+        ax.legend(fontsize=8)
+    fig.suptitle("Per-channel view (not the per-token range, see plot_token_ranges): rotation spreads a few outlier channels over all")
+    return fig
 
 
-def _moving_average(values: list[float], window: int) -> list[float]:
-    """Trailing mean over ``window`` values (shorter at the start)."""
+# ---------------------------------------------------------------------------------------------- training loss
+
+
+def smoothed(values: list[float], window: int) -> list[float]:
+    """Trailing mean over ``window`` values (shorter at the start): ``s_i = mean(v[max(0, i-w+1) : i+1])``."""
     return [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
 
 
 def plot_losses(path: Path, tuned: dict) -> Path:
-    """Training loss of the LoRA and RoLoRA runs (``tuned[name]["loss_curve"] = [(step, loss), ...]``), raw and smoothed."""
-    fig, ax = agg_pyplot().subplots(figsize=(6.4, 3.8), layout="constrained")
+    """:func:`losses_figure` saved as PNG at ``path``."""
+    return save_figure(losses_figure(tuned), path)
+
+
+def losses_figure(tuned: dict):
+    """Training loss of the LoRA and RoLoRA runs (``tuned[name]["loss_curve"] = [(step, loss), ...]``): each
+    step faint, a trailing moving average over ~1/4 of the run bold, and (when ``tuned[name]["held_out_loss"]``
+    is there) the held-out loss of the merged model after training as a marker at the last step."""
+    fig, ax = agg_pyplot().subplots(figsize=(7.2, 4.2), layout="constrained")
     for name, label, color in (("lora", "LoRA", "tab:blue"), ("rolora", "RoLoRA", "tab:orange")):
         steps, losses = zip(*tuned[name]["loss_curve"])
-        ax.plot(steps, losses, color=color, lw=0.8, alpha=0.45)
-        w = max(1, len(losses) // 8)  # moving average over ~1/8 of the run
-        ax.plot(steps, _moving_average(list(losses), w), color=color, lw=2, label=label + (f" ({w}-step moving average)" if w > 1 else ""))
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (response tokens)")
-    ax.set_title("Fine-tuning on SciQ: LoRA vs RoLoRA")
-    ax.legend()
-    return save_figure(fig, path)
+        w = max(1, len(losses) // 4)
+        ax.plot(steps, losses, color=color, lw=0.8, alpha=0.35, label=f"{label}: each step (one batch)")
+        ax.plot(steps, smoothed(list(losses), w), color=color, lw=2.2, label=f"{label}: {w}-step moving average")
+        if "held_out_loss" in tuned[name]:
+            ax.plot([steps[-1]], [tuned[name]["held_out_loss"]], marker="D", ms=8, color=color, mec="black", ls="none",
+                    label=f"{label}: held-out loss after training {tuned[name]['held_out_loss']:.3f}")  # fmt: skip
+    ax.set(xlabel="step", ylabel="loss on response tokens (nats/token)", title="Fine-tuning on SciQ pairs: LoRA vs RoLoRA")
+    ax.legend(fontsize=8)
+    return fig
 
 
-def write_plots(out_dir: Path, before: dict, after: dict, tuned: dict | None, kinds: tuple[str, ...] | None = None) -> dict:
-    """kurtosis_per_layer.png, activation_magnitude.png and (with ``tuned``) training_loss.png; returns their paths."""
-    magnitude_kinds = (kinds[0], kinds[-1]) if kinds else None
+# ---------------------------------------------------------------------------------------------- W4A4 perplexity
+
+
+def _bar_panel(ax, bars: list[tuple[str, float, str]], fp: float | None, title: str, ylabel: str) -> None:
+    """Bars ``(label, value, color)`` on a log axis with their values written on top; ``fp`` as a dashed line."""
+    xs = range(len(bars))
+    ax.bar(xs, [b[1] for b in bars], color=[b[2] for b in bars], width=0.65)
+    for x, (_, v, _) in zip(xs, bars):
+        ax.annotate(f"{v:.1f}" if v < 1000 else f"{v:.0f}", (x, v), ha="center", va="bottom", fontsize=9,
+                    xytext=(0, 2), textcoords="offset points")  # fmt: skip
+    if fp is not None:
+        ax.axhline(fp, color="black", ls="--", lw=1, label=f"full precision {fp:.1f}")
+        ax.legend(fontsize=8, loc="upper right")
+    ax.set_xticks(list(xs), [b[0] for b in bars], fontsize=8)
+    ax.set(yscale="log", title=title, ylabel=ylabel, xlabel="model, weight recipe (activations: 4-bit per token)")
+    ax.margins(y=0.15)
+
+
+def w4a4_bars(results: dict) -> tuple[list, list]:
+    """The bars of :func:`plot_w4a4_perplexity`: ``(text bars, response bars)``, each ``[(label, ppl, color)]``.
+
+    Text (BoolQ passages): every W4A4 row of ``results["quantization"]`` (the base model unrotated / rotated, one
+    bar per ``recipe`` measured), then the merged LoRA / RoLoRA models (quantized with ``results["finetune_recipe"]``,
+    else the first row's recipe). Response (SciQ held-out answers): LoRA / RoLoRA.
+    """
+    w4a4 = [row for row in results["quantization"] if row["setting"] == "W4A4"]
+    recipe = results.get("finetune_recipe") or (w4a4[0].get("recipe", "RTN") if w4a4 else "RTN")
+    text = []
+    for row in w4a4:
+        base = "base, rotated" if row["rotation"] == "rotated" else "base, no rotation"
+        text.append((f"{base}\n{row.get('recipe', recipe)}", row["perplexity"], "tab:orange" if row["rotation"] == "rotated" else "tab:blue"))
+    tuned = results.get("finetune") or {}
+    response = []
+    for name, label, color in (("lora", "LoRA", "tab:cyan"), ("rolora", "RoLoRA", "tab:red")):
+        if name in tuned:
+            text.append((f"{label} merged\n{recipe}", tuned[name]["w4a4"]["text_ppl"], color))
+            response.append((f"{label} merged\n{recipe}", tuned[name]["w4a4"]["response_ppl"], color))
+    return text, response
+
+
+def plot_w4a4_perplexity(path: Path, results: dict) -> Path:
+    """:func:`w4a4_figure` saved as PNG at ``path``."""
+    return save_figure(w4a4_figure(results), path)
+
+
+def w4a4_figure(results: dict):
+    """Bar chart of W4A4 perplexity per model and recipe (:func:`w4a4_bars`), log scale, lower is better; full
+    precision as a dashed line (the base model's for text, the mean of the two fine-tunes' for responses)."""
+    text, response = w4a4_bars(results)
+    if not text:
+        raise ValueError("no W4A4 rows in results['quantization']: nothing to plot")
+    fp_text = next((r["perplexity"] for r in results["quantization"] if r["setting"] == "FP" and r["rotation"] == "none"), None)
+    fig, axes = agg_pyplot().subplots(1, 2 if response else 1, figsize=(12.5 if response else 7.5, 4.4),
+                                      layout="constrained", squeeze=False, width_ratios=[2, 1] if response else None)  # fmt: skip
+    _bar_panel(axes[0, 0], text, fp_text, "BoolQ passages (text perplexity)", "W4A4 perplexity (log scale)")
+    if response:
+        tuned = results["finetune"]
+        fp_resp = sum(tuned[n]["fp"]["response_ppl"] for n in ("lora", "rolora") if n in tuned) / len(response)
+        _bar_panel(axes[0, 1], response, fp_resp, "SciQ held-out answers", "W4A4 response perplexity (log scale)")
+    fig.suptitle("W4A4 perplexity per model and recipe (weights and activations 4 bit; lower is better)")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------- all of them
+
+
+def write_plots(out_dir: Path, before: dict, after: dict, tuned: dict | None, kinds: tuple[str, ...] | None = None,
+                results: dict | None = None) -> dict:  # fmt: skip
+    """kurtosis_per_layer.png, activation_magnitude.png (:func:`plot_token_ranges`), with ``tuned``
+    training_loss.png, and with ``results`` (those of :func:`~rolora_plugin.app.demo.run_demo`)
+    w4a4_perplexity.png; returns ``{key: path}``."""
+    out_dir = Path(out_dir)
     paths = {"kurtosis": plot_kurtosis_per_layer(out_dir / "kurtosis_per_layer.png", before, after, kinds),
-             "activation_magnitude": plot_channel_magnitudes(out_dir / "activation_magnitude.png", before, after, magnitude_kinds)}  # fmt: skip
+             "activation_magnitude": plot_token_ranges(out_dir / "activation_magnitude.png", before, after, kinds)}  # fmt: skip
     if tuned:
         paths["training_loss"] = plot_losses(out_dir / "training_loss.png", tuned)
+    if results:
+        paths["w4a4_perplexity"] = plot_w4a4_perplexity(out_dir / "w4a4_perplexity.png", results)
     return {k: str(v) for k, v in paths.items()}

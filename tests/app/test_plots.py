@@ -1,10 +1,12 @@
 """Input kinds of the activation statistics (taken from each family's ArchitectureSpec, fused Phi-3 included), the
-app's plots, the demo's response perplexity over padded batches, and build_once on the shared publisher."""
+per-token peak-to-rms statistic against a float64 reference, the app's plots (content, size, dpi), the demo's
+table and loss summary, the demo's response perplexity over padded batches, and build_once on the shared publisher."""
 
 from __future__ import annotations
 
 import math
 import socket
+import struct
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -14,9 +16,29 @@ import torch
 
 from rolora_plugin import get_architecture
 from rolora_plugin.app.assets import COMPLETE_MARKER, AssetError, build_once
-from rolora_plugin.app.demo import response_perplexity
-from rolora_plugin.app.plots import plot_channel_magnitudes, plot_kurtosis_per_layer, write_plots
-from rolora_plugin.kurtosis import activation_stats, input_kinds, kinds_from_names, leaf_name, summarize_by_kind
+from rolora_plugin.app.demo import _loss_summary, format_demo_table, response_perplexity
+from rolora_plugin.app.plots import (
+    DPI,
+    plot_channel_magnitudes,
+    plot_kurtosis_per_layer,
+    plot_losses,
+    plot_token_ranges,
+    plot_w4a4_perplexity,
+    w4a4_bars,
+    write_plots,
+)
+from rolora_plugin.kurtosis import (
+    TOKEN_RATIO_EDGES,
+    ActivationMoments,
+    activation_stats,
+    histogram_quantile,
+    input_kinds,
+    kinds_from_names,
+    leaf_name,
+    summarize_by_kind,
+    token_peak_to_rms,
+    token_peak_to_rms_ref,
+)
 from rolora_plugin.publish import STAGING_MARKER
 from tests.helpers import FAMILIES, lora, random_ids, tiny_model
 
@@ -57,6 +79,96 @@ def test_kinds_of_unknown_linears_must_be_given():
     assert set(summarize_by_kind(stats, stats, kinds=("0", "2"))) == {"0", "2"}
 
 
+# ---------------------------------------------------------------------------------------------- per-token range
+
+
+def _tokens_with_outliers(seed: int = 0) -> torch.Tensor:
+    """(3, 5, 16) activations: Gaussian tokens, one massive token, one all-zero token, one flat token."""
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(seed))
+    x[0, 0, 3] = 50.0  # one channel dominates: r_t close to sqrt(16) = 4
+    x[1, 2] = 0.0  # no ratio
+    x[2, 4] = -1.5  # |x| equal in every channel: r_t = 1
+    return x
+
+
+def _peak_to_rms_python(row: list[float]) -> float:
+    """The formula in plain Python floats: max_c |x_c| / sqrt(mean_c x_c^2)."""
+    return max(abs(v) for v in row) / math.sqrt(sum(v * v for v in row) / len(row))
+
+
+def test_token_peak_to_rms_matches_float64_reference():
+    x = _tokens_with_outliers()
+    got = token_peak_to_rms(x)
+    assert got.dtype == torch.float64 and got.shape == (3, 5)
+    torch.testing.assert_close(got, token_peak_to_rms_ref(x), rtol=1e-12, atol=0, equal_nan=True)
+    for b, t in ((0, 0), (0, 1), (2, 3)):
+        assert got[b, t].item() == pytest.approx(_peak_to_rms_python(x[b, t].tolist()), rel=1e-12)
+    assert math.isnan(got[1, 2]) and got[2, 4].item() == pytest.approx(1.0, rel=1e-15)
+    finite = got[~got.isnan()]
+    assert bool((finite >= 1).all() and (finite <= 4 + 1e-12).all())  # 1 <= r_t <= sqrt(C)
+    assert got[0, 0] > 3.9 and bool((got[0, 1:] < 3.5).all())
+
+
+def test_activation_stats_count_every_token_in_a_bounded_histogram():
+    xs = [_tokens_with_outliers(seed) for seed in range(3)]
+    model = torch.nn.Sequential(torch.nn.Linear(16, 4))
+    stats = activation_stats(model, [{"input": x} for x in xs], exclude=(), progress=False)["0"]
+    ref = torch.cat([token_peak_to_rms_ref(x).flatten() for x in xs])
+    ref = ref[~ref.isnan()].sort().values  # the all-zero tokens are left out
+    hist = stats["token_peak_to_rms_hist"]
+    assert stats["tokens"] == ref.numel() == 42 and int(hist.sum()) == 42
+    assert hist.shape == (len(TOKEN_RATIO_EDGES) - 1,)
+    bins = torch.searchsorted(TOKEN_RATIO_EDGES, ref, right=True) - 1
+    assert torch.equal(hist, torch.bincount(bins, minlength=len(TOKEN_RATIO_EDGES) - 1))
+    assert stats["token_peak_to_rms_max"] == pytest.approx(ref.max().item(), rel=1e-12)
+    assert stats["token_peak_to_rms_mean"] == pytest.approx(ref.mean().item(), rel=1e-12)
+    bin_ratio = (TOKEN_RATIO_EDGES[1] / TOKEN_RATIO_EDGES[0]).item()
+    for q, key in ((0.5, "p50"), (0.99, "p99")):
+        exact = ref[math.ceil(q * len(ref)) - 1].item()  # the value the cumulative count reaches q * n at
+        assert exact <= stats[f"token_peak_to_rms_{key}"] <= exact * bin_ratio * (1 + 1e-12), key
+
+
+def test_token_statistics_stay_bounded_in_memory():
+    moments = ActivationMoments()
+    for shape in ((4000, 16), (7, 3, 16), (1, 16)):
+        moments.update(torch.randn(shape))
+    tensors = [v for v in vars(moments).values() if isinstance(v, torch.Tensor)]
+    assert moments.tokens == 4022 and max(t.numel() for t in tensors) == len(TOKEN_RATIO_EDGES) - 1
+    empty = ActivationMoments()
+    empty.update(torch.zeros(3, 16))  # all-zero tokens: counted nowhere
+    summary = empty.summary()
+    assert summary["tokens"] == 0 and math.isnan(summary["token_peak_to_rms_max"]) and math.isnan(summary["token_peak_to_rms_p50"])
+    assert math.isnan(histogram_quantile(torch.zeros(5, dtype=torch.int64), 0.5))
+
+
+def test_summary_pools_the_token_histograms_of_a_kind():
+    _, stats = _stats("llama")
+    summary = summarize_by_kind(stats, stats)
+    for kind, row in summary.items():
+        names = [n for n in stats if leaf_name(n) == kind]
+        pooled = sum(stats[n]["token_peak_to_rms_hist"] for n in names)
+        assert row["before"]["token_peak_to_rms_p50"] == histogram_quantile(pooled, 0.5)
+        assert row["before"]["token_peak_to_rms_p99"] == histogram_quantile(pooled, 0.99)
+        assert row["before"]["token_peak_to_rms_max"] == max(stats[n]["token_peak_to_rms_max"] for n in names)
+    no_tokens = {n: {k: v for k, v in s.items() if not k.startswith("token")} for n, s in stats.items()}
+    assert "token_peak_to_rms_p50" not in summarize_by_kind(no_tokens, no_tokens)["q_proj"]["before"]  # older stats
+
+
+def test_rotation_narrows_the_per_token_range_of_a_model_with_an_outlier_channel():
+    from rolora_plugin import RotationConfig, rotate_model_
+
+    model = tiny_model("llama", hidden=64, intermediate=128)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 5] *= 30.0  # an outlier channel in the residual stream
+    ids = random_ids(batch=4, seq=32)
+    before = activation_stats(model, [ids], progress=False)
+    rotate_model_(model, RotationConfig(seed=0), progress=False)
+    after = activation_stats(model, [ids], progress=False)
+    q = "model.layers.0.self_attn.q_proj"
+    assert before[q]["token_peak_to_rms_p50"] > 6  # close to sqrt(64) = 8: the outlier channel is every token's peak
+    assert after[q]["token_peak_to_rms_max"] < before[q]["token_peak_to_rms_p50"] / 1.5
+
+
 # ---------------------------------------------------------------------------------------------- plots
 
 
@@ -76,6 +188,171 @@ def test_write_plots_with_loss_curves(tmp_path):
     assert set(paths) == {"kurtosis", "activation_magnitude", "training_loss"}
     assert all(open(p, "rb").read(8) == PNG_MAGIC for p in paths.values())
     assert len(list(tmp_path.iterdir())) == 3
+
+
+def test_write_plots_with_demo_results_adds_the_w4a4_bar_chart(tmp_path):
+    model, stats = _stats("llama")
+    results = _fake_results()
+    paths = write_plots(tmp_path, stats, stats, results["finetune"], input_kinds(model), results)
+    assert set(paths) == {"kurtosis", "activation_magnitude", "training_loss", "w4a4_perplexity"}
+    assert paths["w4a4_perplexity"].endswith("w4a4_perplexity.png") and paths["activation_magnitude"].endswith("activation_magnitude.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(path.rsplit("/", 1)[-1] for path in paths.values())
+
+
+def _png_size_and_dpi(path) -> tuple[int, int, float]:
+    """(width, height, dots per inch) from a PNG's IHDR and pHYs chunks."""
+    data = open(path, "rb").read()
+    assert data[:8] == PNG_MAGIC
+    width, height = struct.unpack(">II", data[16:24])
+    at = data.index(b"pHYs")
+    per_metre, _, unit = struct.unpack(">IIB", data[at + 4 : at + 13])
+    assert unit == 1  # metres
+    return width, height, per_metre * 0.0254
+
+
+def _labelled(fig) -> list:
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert axes and all(ax.get_ylabel() and ax.get_xlabel() for ax in axes), [ax.get_ylabel() for ax in axes]
+    return axes
+
+
+def test_plots_are_readable_sizes_at_the_stated_dpi(tmp_path):
+    model, stats = _stats("llama", layers=3)
+    kinds = input_kinds(model)
+    for plot, min_w, min_h in ((plot_kurtosis_per_layer, 1400, 900), (plot_token_ranges, 2000, 900),
+                               (plot_channel_magnitudes, 1400, 500)):  # fmt: skip
+        w, h, dpi = _png_size_and_dpi(plot(tmp_path / f"{plot.__name__}.png", stats, stats, kinds))
+        assert w >= min_w and h >= min_h and dpi == pytest.approx(DPI, abs=0.1), (plot.__name__, w, h, dpi)
+        assert w / h < 2.5, plot.__name__  # not a thin strip (the old kurtosis plot was 1772 x 408)
+
+
+def test_token_ranges_plot_shows_the_per_token_distribution_and_per_layer_worst_tokens():
+    from rolora_plugin.app.plots import token_ranges_figure
+
+    model, stats = _stats("llama", layers=3)
+    kinds = input_kinds(model)
+    fig = token_ranges_figure(stats, stats, kinds)
+    axes = _labelled(fig)
+    assert len(axes) == 2 * len(kinds)
+    top, bottom = axes[: len(kinds)], axes[len(kinds) :]
+    for ax, kind in zip(top, kinds):
+        assert "per-token" in ax.get_xlabel() and kind in ax.get_title()
+        ecdf = ax.get_lines()[0]
+        y = ecdf.get_ydata()
+        assert list(ecdf.get_xdata()) == TOKEN_RATIO_EDGES.tolist() and y[0] == 0 and y[-1] == pytest.approx(1.0)
+        assert all(b >= a for a, b in zip(y, y[1:]))  # a distribution function
+    for ax, kind in zip(bottom, kinds):
+        names = sorted((n for n in stats if leaf_name(n) == kind), key=lambda n: int(n.split(".")[2]))
+        worst = ax.get_lines()[0]
+        assert list(worst.get_xdata()) == [0, 1, 2]
+        assert list(worst.get_ydata()) == [stats[n]["token_peak_to_rms_max"] for n in names]
+    agg_close(fig)
+
+
+def agg_close(fig) -> None:
+    from rolora_plugin.app.plots import agg_pyplot
+
+    agg_pyplot().close(fig)
+
+
+def test_every_panel_is_labelled():
+    from rolora_plugin.app.plots import channel_magnitudes_figure, kurtosis_figure, losses_figure, w4a4_figure
+
+    model, stats = _stats("phi3", layers=2)
+    kinds = input_kinds(model)
+    for fig in (kurtosis_figure(stats, stats, kinds), channel_magnitudes_figure(stats, stats),
+                losses_figure(_fake_results()["finetune"]), w4a4_figure(_fake_results())):  # fmt: skip
+        _labelled(fig)
+        agg_close(fig)
+
+
+def _fake_results(steps: int = 16) -> dict:
+    """The parts of run_demo's results the table and the bar chart read, with made-up numbers."""
+    curve = [(s, 3.0 - 0.1 * s + (0.4 if s % 2 else -0.4)) for s in range(1, steps + 1)]  # swings ±0.4
+
+    def tuned(shift, w4a4_resp, w4a4_text):
+        return {"loss_curve": [(s, v - shift) for s, v in curve], **_loss_summary([(s, v - shift) for s, v in curve], 3.0 + shift),
+                "fp": {"response_ppl": 3.0 + shift, "text_ppl": 20.0}, "w4a4": {"response_ppl": w4a4_resp, "text_ppl": w4a4_text}}  # fmt: skip
+
+    return {
+        "model": {"name": "TinyLM", "note": "made up"}, "data": {"perplexity": "BoolQ validation passages, 2 x 128 tokens"},
+        "rotation": {"rotations": ["r1", "r2", "r4"]},
+        "exactness": {"max_abs_logit_diff": 1e-5, "max_abs_logit": 30.0, "argmax_agreement": 1.0, "ppl_fp": 20.0, "ppl_rotated": 20.0},
+        "kurtosis": {"summary": {"q_proj": {tag: {"kurtosis_mean": k, "kurtosis_max": 2 * k, "token_peak_to_rms_p50": r,
+                                                   "token_peak_to_rms_max": 2 * r} for tag, k, r in (("before", 100.0, 16.0), ("after", 3.0, 3.0))}}},
+        "quantization": [{"setting": "FP", "rotation": "none", "perplexity": 20.0},
+                         {"setting": "FP", "rotation": "rotated", "perplexity": 20.0},
+                         {"setting": "W4A4", "rotation": "none", "recipe": "RTN", "perplexity": 5000.0},
+                         {"setting": "W4A4", "rotation": "rotated", "recipe": "RTN", "perplexity": 60.0},
+                         {"setting": "W4A4", "rotation": "rotated", "recipe": "GPTQ+clip", "perplexity": 40.0}],
+        "finetune": {"train_examples": 32, "eval_examples": 8, "base_fp_response_ppl": 5.0,
+                     "lora": tuned(0.0, 900.0, 3000.0), "rolora": tuned(0.05, 9.0, 55.0)},
+        "config": {"method": "rtn", "clip_search": False, "train_steps": steps, "lora_r": 16, "lora_targets": ["q_proj", "v_proj"],
+                   "batch_size": 2},
+        "timings_s": {"total": 547.0},
+    }  # fmt: skip
+
+
+def test_w4a4_bar_chart_has_one_bar_per_model_and_recipe(tmp_path):
+    from rolora_plugin.app.plots import w4a4_figure
+
+    results = _fake_results()
+    text, response = w4a4_bars(results)
+    assert [(label.replace("\n", " "), v) for label, v, _ in text] == [
+        ("base, no rotation RTN", 5000.0), ("base, rotated RTN", 60.0), ("base, rotated GPTQ+clip", 40.0),
+        ("LoRA merged RTN", 3000.0), ("RoLoRA merged RTN", 55.0)]  # fmt: skip
+    assert [(label.replace("\n", " "), v) for label, v, _ in response] == [("LoRA merged RTN", 900.0), ("RoLoRA merged RTN", 9.0)]
+    fig = w4a4_figure(results)
+    text_ax, response_ax = fig.axes
+    assert [p.get_height() for p in text_ax.patches] == [v for _, v, _ in text]
+    assert [p.get_height() for p in response_ax.patches] == [v for _, v, _ in response]
+    assert text_ax.get_yscale() == "log" and "W4A4" in text_ax.get_ylabel()
+    assert text_ax.get_lines()[0].get_ydata()[0] == 20.0  # the FP line
+    agg_close(fig)
+    path = plot_w4a4_perplexity(tmp_path / "w4a4.png", results)
+    assert _png_size_and_dpi(path)[2] == pytest.approx(DPI, abs=0.1)
+    with pytest.raises(ValueError, match="no W4A4 rows"):
+        w4a4_bars_only_fp = {**results, "quantization": results["quantization"][:2], "finetune": {}}
+        w4a4_figure(w4a4_bars_only_fp)
+
+
+def test_loss_plot_marks_the_held_out_loss_and_smooths_the_swings():
+    from rolora_plugin.app.plots import losses_figure, smoothed
+
+    tuned = _fake_results()["finetune"]
+    fig = losses_figure(tuned)
+    (ax,) = fig.axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    raw = [v for _, v in tuned["rolora"]["loss_curve"]]
+    assert list(lines["RoLoRA: 4-step moving average"].get_ydata()) == smoothed(raw, 4)
+    marker = next(line for label, line in lines.items() if label.startswith("RoLoRA: held-out loss"))
+    assert list(marker.get_ydata()) == [tuned["rolora"]["held_out_loss"]] and list(marker.get_xdata()) == [16]
+    swing = max(abs(a - b) for a, b in zip(raw, raw[1:]))
+    sm = smoothed(raw, 4)[4:]
+    assert max(abs(a - b) for a, b in zip(sm, sm[1:])) < swing / 4  # the moving average does not swing like single steps
+    agg_close(fig)
+
+
+def test_loss_summary_averages_the_last_quarter_and_takes_the_held_out_loss():
+    curve = [(s, float(s)) for s in range(1, 13)] + [(13, float("nan"))]
+    summary = _loss_summary(curve, math.e**2)
+    assert summary == {"train_loss_smoothed": (10 + 11 + 12) / 3, "train_loss_window": 3, "held_out_loss": pytest.approx(2.0)}
+    assert _loss_summary([], 1.0)["train_loss_smoothed"] is None
+
+
+def test_demo_table_explains_its_columns_and_reports_no_single_batch_loss():
+    results = _fake_results()
+    table = format_demo_table(results)
+    for needle in ("exactness", "Perplexity (RTN)", "W4A4", "RoLoRA", "wall time: 547 s", "Per-token max|x|/rms",
+                   "train loss: mean training loss over the last 4 steps", "held-out loss / answer ppl:", "text ppl:",
+                   "WxAy: weights x-bit per output channel", "base (no fine-tune)"):  # fmt: skip
+        assert needle in table, needle
+    assert "final loss" not in table and "resp ppl" not in table
+    rolora = next(line for line in table.splitlines() if line.strip().startswith("RoLoRA"))
+    want = results["finetune"]["rolora"]
+    assert rolora.split()[1:] == [f"{want['train_loss_smoothed']:.3f}", f"{want['held_out_loss']:.3f}", "3.05", "9.00", "20.00", "55.00"]
+    assert max(len(line) for line in table.splitlines()) <= 110
+    assert "rotated, GPTQ+clip" in table  # a second recipe gets its own row, not the RTN row's place
 
 
 # ---------------------------------------------------------------------------------------------- response perplexity
