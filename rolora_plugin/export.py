@@ -14,33 +14,27 @@ every merge first verifies the rotation record (seed, sign vectors' checksums, w
 
 A missing or mismatched record raises :class:`rolora_plugin.RotationError` before anything is written.
 
-Output (written to a temporary directory next to ``out_dir`` and renamed into place): ``model.safetensors``
-(+ shards), ``config.json`` carrying the record, ``generation_config.json``, the tokenizer when one is found,
-``rolora_rotation.json`` and ``transform_config.json`` (below). :func:`load_rotated` reloads it with plain
-``AutoModelForCausalLM.from_pretrained`` and re-installs the online R4/R3 modules from the record.
+Output (written to a temporary directory next to ``out_dir`` and renamed into place, create-exclusive unless
+``overwrite``), ``format="fp"`` (default): ``model.safetensors`` (+ shards), ``config.json`` carrying the record,
+``generation_config.json``, the tokenizer when one is found, ``rolora_rotation.json`` and the online rotations as
+a compressed-tensors ``transform_config`` (``transform_config.json``; see :mod:`rolora_plugin.compressed`).
+:func:`load_rotated` reloads it with plain ``AutoModelForCausalLM.from_pretrained`` and re-installs the online
+R4/R3 modules from the record. A quantized model is refused here (it would reload without its activation
+quantizers).
 
-compressed-tensors ``transform_config``. The online parts of the rotation (R4 on ``down_proj``'s input, R3 on
-queries/keys after RoPE) are described in compressed-tensors 0.20's format, so serving stacks reading that
-format can apply them; the merged rotations (R1, R2, R4's weight side) are already in the weights. Verified
-on CPU with the library (tests/test_export.py): plain load + ``apply_transform_config`` reproduces
-:func:`load_rotated`'s logits. What it does **not** support, and what we do about it:
-
-* its ``hadamard`` type is the Sylvester matrix, powers of two only. Widths that are not a power of two (e.g.
-  intermediate 1536 in SmolLM2, 11008 in LLaMA-2-7B: Paley/Kronecker or orthogonal-fallback factors) have no
-  equivalent there (``random-hadamard`` / ``random-matrix`` draw from compressed-tensors' own RNG). Then **no**
-  transform config is written at all (a partial one would silently give a wrong model) and a warning says so;
-  ``rolora_rotation.json`` + :func:`load_rotated` remain exact.
-* its ``q_attn`` / ``k_cache`` locations hook the attention function and fail with transformers 5.23's
-  ``eager`` attention (``KeyError: 'eager'``); use ``attn_implementation="sdpa"`` to apply R3 with it.
-* transformers 5.23 ignores ``transform_config`` when loading, and a ``quantization_config`` in
-  ``config.json`` makes plain ``from_pretrained`` require compressed-tensors. The default
-  ``transform_config="file"`` therefore writes ``transform_config.json`` beside the weights; ``"config"`` embeds
-  it as ``config.json → quantization_config.transform_config`` (what ``ModelCompressor.update_config`` writes).
+``format="compressed-tensors"``: a model quantized with :func:`rolora_plugin.quant.quantize_model_` written as a
+packed compressed-tensors checkpoint (int weights at their bit width + scales, ``quantization_config``,
+``transform_config`` with exactly our R4/R3, ``rolora_quantization.json`` with checksums; layout in
+:mod:`rolora_plugin.compressed`). :func:`load_rotated` verifies it, loads the exact dequantized weights and
+re-installs the activation / KV quantizers and the online rotations: the fake-quant model of before the export.
+:func:`quantize_and_export` does rotate (if needed) → quantize → export in one call.
 
 Example::
 
     >>> out = merge_and_export(peft_model, "export/")          # doctest: +SKIP
     >>> model = load_rotated("export/")                        # same logits as peft_model  # doctest: +SKIP
+    >>> quantize_model_(model, QuantConfig(w_bits=4, a_bits=4))  # doctest: +SKIP
+    >>> merge_and_export(model, "w4a4/", format="compressed-tensors")  # load_rotated("w4a4/"): same logits  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -55,16 +49,30 @@ import torch
 from torch import nn
 
 from ._peft import unwrap_peft
-from .architectures import get_architecture
+from .compressed import (
+    COMPRESSED_FORMAT,
+    TRANSFORM_CONFIG_FILE,
+    embed_transform_config,
+    is_compressed_export,
+    load_compressed,
+    load_with_compressed_tensors,
+    prepare_compressed,
+    transform_config_dict,
+    verify_compressed_export,
+    write_compressed,
+)
 from .config import QUANT_RECORD_KEY
-from .publish import OutputExistsError, atomic_output_dir, atomic_write_text, check_writable_parent
+from .errors import QuantizationError
 from .fingerprint import weights_fingerprint
+from .publish import OutputExistsError, atomic_output_dir, atomic_write_text, check_writable_parent
 from .rotation import RECORD_KEY, RotationError, RotationRecord, get_rotation_record, install_online_rotations, rotate_model_
 
 __all__ = [
     "RECORD_FILE",
     "TRANSFORM_CONFIG_FILE",
+    "FORMATS",
     "merge_and_export",
+    "quantize_and_export",
     "load_rotated",
     "write_rotation_record",
     "read_rotation_record",
@@ -74,7 +82,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 RECORD_FILE = "rolora_rotation.json"
-TRANSFORM_CONFIG_FILE = "transform_config.json"
+FORMATS = ("fp", COMPRESSED_FORMAT)  # merge_and_export(format=...)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -120,22 +128,25 @@ def _describe(record: RotationRecord) -> str:
 def load_rotated(path: str | os.PathLike, dtype: torch.dtype | None = None, device=None, **kwargs) -> nn.Module:
     """Load a rotated checkpoint (e.g. from :func:`merge_and_export`) with its online rotations rebuilt.
 
-    Plain ``AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)``, then the record in its config is
-    checked against ``rolora_rotation.json`` (when present) and :func:`rolora_plugin.install_online_rotations`
-    re-creates the online R4/R3 modules (verifying the record's checksums). Returns the model in eval mode.
+    Full-precision export: plain ``AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)``.
+    compressed-tensors export: first :func:`rolora_plugin.compressed.verify_compressed_export` (records, the
+    ``quantization_config`` and every tensor's checksum; nothing is loaded if one disagrees), then the packed
+    weights are dequantized exactly by compressed-tensors at load and the activation / KV quantizers of the
+    ``rolora_quant`` record are re-installed. In both cases the record in the config is checked against
+    ``rolora_rotation.json`` (when present) and :func:`rolora_plugin.install_online_rotations` re-creates the
+    online R4/R3 modules (verifying the record's checksums). Returns the model in eval mode.
     """
-    from transformers import AutoModelForCausalLM
-
     if dtype is not None:
         kwargs["dtype"] = dtype
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    quant = verify_compressed_export(path) if is_compressed_export(path) else None
+    model = _from_pretrained(path, quant, kwargs)
     record = get_rotation_record(model)
     if record is None:
         raise RotationError(
             f"{path} holds no rotation record (config.json has no {RECORD_KEY!r} entry): it is not a rotated "
             "checkpoint. Load it with AutoModelForCausalLM.from_pretrained, or rotate it with rotate_model_."
         )
-    if getattr(model.config, QUANT_RECORD_KEY, None):
+    if quant is None and getattr(model.config, QUANT_RECORD_KEY, None):
         raise RotationError(
             f"{path} holds fake-quantized weights exported as full precision (config.json has {QUANT_RECORD_KEY!r}) but "
             "no activation quantizers: loading it would silently give a different model. Re-export the quantized "
@@ -145,9 +156,21 @@ def load_rotated(path: str | os.PathLike, dtype: torch.dtype | None = None, devi
     if file_record is not None:
         _require_same(file_record, record, f"{path}/{RECORD_FILE}", f"{path}/config.json")
     install_online_rotations(model, record)
+    if quant is not None:
+        from .quant import install_activation_quantizers
+
+        install_activation_quantizers(model, quant)
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def _from_pretrained(path, quant, kwargs: dict) -> nn.Module:
+    if quant is not None:
+        return load_compressed(path, quant, **kwargs)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
 def _load_base(base_model, dtype) -> nn.Module:
@@ -280,20 +303,23 @@ def merge_and_export(
     model_or_dir,
     out_dir: str | os.PathLike,
     *,
+    format: str = "fp",
     record: RotationRecord | None = None,
     base_model=None,
     tokenizer=None,
     overwrite: bool = False,
     inplace: bool = False,
-    transform_config: str = "file",
+    transform_config: str | None = None,
     dtype: torch.dtype | None = None,
 ) -> Path:
-    """Verify the rotation record, merge LoRA in the rotated basis and write a standard checkpoint atomically.
+    """Verify the rotation record, merge LoRA in the rotated basis and write a checkpoint atomically.
 
     Args:
         model_or_dir: a rotated model (bare or ``PeftModel``), a peft adapter directory (Trainer checkpoints of a
-            ``PeftModel`` included) or a rotated full checkpoint directory.
+            ``PeftModel`` included) or a rotated full checkpoint directory (FP or compressed-tensors export).
         out_dir: target directory; must not exist or be empty unless ``overwrite``.
+        format: ``"fp"`` (standard safetensors; refuses a quantized model) or ``"compressed-tensors"`` (a model
+            quantized with ``quantize_model_``, packed; see the module doc and :mod:`rolora_plugin.compressed`).
         record: the expected :class:`RotationRecord`; required for an adapter directory without
             ``rolora_rotation.json``, otherwise checked against what is found.
         base_model: for adapters: the base model (directory or loaded module); default: the adapter config's
@@ -302,26 +328,48 @@ def merge_and_export(
         tokenizer: tokenizer object or directory; default: the first source directory that has one.
         overwrite: replace a non-empty ``out_dir`` (the old content is removed only after the new one is complete).
         inplace: merge a live ``PeftModel`` in place (peft's ``merge_and_unload``) instead of on a deep copy.
-        transform_config: ``"file"`` (``transform_config.json``), ``"config"`` (inside ``config.json``'s
-            ``quantization_config``; loading then needs compressed-tensors) or ``"none"``. See the module doc.
+        transform_config: where the compressed-tensors transform config goes. ``format="fp"``: ``"file"``
+            (default, ``transform_config.json``), ``"config"`` (inside ``config.json``'s ``quantization_config``;
+            loading then needs compressed-tensors) or ``"none"``. ``format="compressed-tensors"``: always
+            ``"config"`` (where compressed-tensors and vLLM read it); other values are refused.
         dtype: dtype to load directory sources in.
 
     Returns:
         ``Path(out_dir)``.
     """
-    if transform_config not in ("file", "config", "none"):
-        raise ValueError(f"transform_config must be 'file', 'config' or 'none', got {transform_config!r}")
+    mode = _check_format(format, transform_config)
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
     model, found, src_dirs = _load_source(model_or_dir, record, base_model, dtype)
     found.verify()
-    merged = _merged(model, inplace or bool(src_dirs))  # a model loaded here is ours to merge in place
     tok = _find_tokenizer(tokenizer, *src_dirs)
-    ct = transform_config_dict(found) if transform_config != "none" else None
-    _write_export(merged, found, out_dir, tok, ct, transform_config, overwrite)
+    if format == COMPRESSED_FORMAT:
+        _write_compressed_export(_quantized(model), found, out_dir, tok, overwrite)
+    else:
+        merged = _merged(model, inplace or bool(src_dirs))  # a model loaded here is ours to merge in place
+        ct = transform_config_dict(found) if mode != "none" else None
+        _write_export(merged, found, out_dir, tok, ct, mode, overwrite)
     what = "merged rotated model" if _has_adapter(model) else "rotated model"
-    logger.info("exported %s to %s", what, out_dir)
+    logger.info("exported %s to %s (format %s)", what, out_dir, format)
     return out_dir
+
+
+def _check_format(format: str, transform_config: str | None) -> str:
+    """Validate ``format`` / ``transform_config``; returns the transform-config mode to use."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}")
+    if format == COMPRESSED_FORMAT:
+        if transform_config not in (None, "config"):
+            raise ValueError(
+                f"format='compressed-tensors' always writes the transform config into config.json (where its consumers "
+                f"read it); transform_config={transform_config!r} is not possible there"
+            )
+        return "config"
+    if transform_config is None:
+        return "file"
+    if transform_config not in ("file", "config", "none"):
+        raise ValueError(f"transform_config must be 'file', 'config' or 'none', got {transform_config!r}")
+    return transform_config
 
 
 def _has_adapter(model: nn.Module) -> bool:
@@ -338,106 +386,90 @@ def _write_export(model, record: RotationRecord, out_dir: Path, tokenizer, ct: d
         if ct is not None and ct_mode == "file":
             atomic_write_text(tmp / TRANSFORM_CONFIG_FILE, json.dumps(ct, indent=2, sort_keys=True) + "\n")
         elif ct is not None:
-            _embed_transform_config(tmp / "config.json", ct)
+            embed_transform_config(tmp / "config.json", ct)
 
 
 # ---------------------------------------------------------------------------------------------- compressed-tensors
 
 
-def _is_sylvester(t) -> bool:
-    """True if the transform is exactly compressed-tensors' ``hadamard`` (normalised Sylvester, no signs)."""
-    return t.dense is None and t.signs is None and t.pow2 == t.n
+def _quantized(model: nn.Module) -> tuple[nn.Module, object]:
+    """``(model, QuantizationRecord)`` of a model ``format='compressed-tensors'`` can write, else a clear error."""
+    from .quant import get_quantization_record
+
+    if _has_adapter(model) or _fake_quant_active(model):
+        raise QuantizationError(
+            "format='compressed-tensors' writes a post-training quantized model: merge the LoRA adapters and remove QAT "
+            "forwards first, then quantize_model_ (or use quantize_and_export)"
+        )
+    quant = get_quantization_record(model)
+    if quant is None:
+        raise QuantizationError(
+            f"{type(model).__name__} is not quantized (no model.config.{QUANT_RECORD_KEY}); format='compressed-tensors' "
+            "needs a model quantized with quantize_model_ (or use quantize_and_export), format='fp' writes it unquantized"
+        )
+    return model, quant
 
 
-def _scheme(location_targets: list[tuple[str, str]], head_dim: int | None = None) -> dict:
-    apply = [{"targets": [target], "location": loc, "inverse": False, "ignore": []} for loc, target in location_targets]
-    return {"type": "hadamard", "apply": apply, "randomize": False, "requires_grad": False, "head_dim": head_dim}
+def _write_compressed_export(model_and_record, record: RotationRecord, out_dir: Path, tokenizer, overwrite: bool) -> None:
+    model, quant = model_and_record
+    prepared = prepare_compressed(model, quant, record)  # packs and checks every linear before anything is staged
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        write_compressed(model, prepared, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        write_rotation_record(tmp, record)
 
 
-def transform_config_dict(record: RotationRecord) -> dict | None:
-    """The online rotations of ``record`` as a compressed-tensors ``TransformConfig`` dict, or None.
+def quantize_and_export(
+    model_or_dir,
+    out_dir: str | os.PathLike,
+    quant_config=None,
+    *,
+    calibration=None,
+    rotation=None,
+    tokenizer=None,
+    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> Path:
+    """Rotate (unless rotated) → quantize → write a compressed-tensors checkpoint; what ``rolora quantize`` runs.
 
-    None when there is no online rotation, or when one of them has no compressed-tensors equivalent (width not
-    a power of two; see the module doc) — a partial description would give a wrong model, so none is given.
-    Validated with compressed-tensors' pydantic models when the library is installed.
+    Args:
+        model_or_dir: a model (rotated or not; edited **in place**), a model directory (an original checkpoint, a
+            rotated full-precision export or a peft adapter directory with its record: merged first).
+        out_dir: the export folder (checked before any work; must not exist or be empty unless ``overwrite``).
+        quant_config: :class:`rolora_plugin.QuantConfig` (default W4A4 RTN per channel).
+        calibration: for ``method="gptq"``: ``input_ids`` tensors (batch, seq) or dicts for ``model(**batch)``.
+        rotation: :class:`rolora_plugin.RotationConfig` for an unrotated model (default ``RotationConfig()``); a rotated
+            model must carry this very config (None: accept its record).
+        tokenizer / overwrite / dtype: as in :func:`merge_and_export`.
+
+    Returns:
+        ``Path(out_dir)``; ``load_rotated(out_dir)`` gives the quantized model back.
     """
-    from .architectures import architecture_by_name
+    from .quant import quantize_model_
+    from .rotation import ensure_rotated
 
-    transforms = record.verify()
-    spec = architecture_by_name(record.family)
-    groups, unsupported = {}, []
-    if "r4" in transforms:
-        target = "re:.*" + spec.down_proj.replace(".", r"\.") + "$"
-        groups["rolora_r4"] = _scheme([("input", target)])
-        unsupported += [] if _is_sylvester(transforms["r4"]) else [f"r4 ({transforms['r4'].description})"]
-    if "r3" in transforms:
-        target = "re:.*" + spec.attention.replace(".", r"\.") + "$"
-        groups["rolora_r3"] = _scheme([("q_attn", target), ("k_cache", target)], head_dim=record.dims.head_dim)
-        unsupported += [] if _is_sylvester(transforms["r3"]) else [f"r3 ({transforms['r3'].description})"]
-    if unsupported:
-        logger.warning(
-            "no compressed-tensors transform_config written: %s has no compressed-tensors equivalent (its 'hadamard' "
-            "type is a power-of-two Sylvester matrix). rolora_rotation.json + load_rotated stay exact.", ", ".join(unsupported)
-        )  # fmt: skip
-        return None
-    if not groups:
-        return None
-    config = {"config_groups": groups}
-    _validate_with_compressed_tensors(config)
-    return config
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, overwrite)
+    model, src_dirs = _quantization_source(model_or_dir, dtype)
+    ensure_rotated(model, rotation, progress=progress)
+    quantize_model_(model, quant_config, calibration, progress=progress)
+    return merge_and_export(model, out_dir, format=COMPRESSED_FORMAT, tokenizer=_find_tokenizer(tokenizer, *src_dirs), overwrite=overwrite)
 
 
-def _validate_with_compressed_tensors(config: dict) -> None:
-    try:
-        from compressed_tensors.transform import TransformConfig
-    except ImportError:
-        logger.info("compressed-tensors not installed: transform_config written without validation")
-        return
-    TransformConfig.model_validate(config)
-
-
-def _embed_transform_config(config_path: Path, ct: dict) -> None:
-    import compressed_tensors
-
-    data = json.loads(config_path.read_text())
-    data["quantization_config"] = {
-        "quant_method": "compressed-tensors",
-        "version": compressed_tensors.__version__,
-        "sparsity_config": {},
-        "transform_config": ct,
-    }
-    atomic_write_text(config_path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def _require_compressed_tensors():
-    try:
-        from compressed_tensors.transform import TransformConfig, apply_transform_config
-    except ImportError:
-        raise ImportError(
-            "compressed-tensors is needed for this: pip install 'compressed-tensors>=0.20' (or rolora-plugin[export])"
-        ) from None
-    return TransformConfig, apply_transform_config
-
-
-def load_with_compressed_tensors(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
-    """Load an export the way a compressed-tensors consumer would: plain weights + ``apply_transform_config``.
-
-    No rolora code touches the forward: the online rotations come from the export's ``transform_config`` only
-    (file or ``config.json``), applied by compressed-tensors with ``sdpa`` attention (its q/k hooks do not
-    support ``eager``). Used to check that the transform config is right; raises if the export has none.
-    """
+def _quantization_source(src, dtype) -> tuple[nn.Module, list]:
+    """``(bare model, source dirs)``: a module (merged on a copy if it has adapters) or a loaded directory."""
+    if isinstance(src, nn.Module):
+        return (_merged(src, inplace=False) if _has_adapter(src) else src), []
+    path = Path(src)
+    if (path / "adapter_config.json").is_file():
+        model, _, dirs = _load_adapter_dir(path, None, None, dtype)
+        return _merged(model, inplace=True), dirs
+    if not (path / "config.json").is_file():
+        raise RotationError(f"{path} is neither a model checkpoint (config.json) nor a peft adapter (adapter_config.json)")
+    if json.loads((path / "config.json").read_text()).get(RECORD_KEY):
+        return load_rotated(path, dtype), [path]
     from transformers import AutoModelForCausalLM
 
-    TransformConfig, apply_transform_config = _require_compressed_tensors()
-    path = Path(path)
-    cfg = json.loads((path / "config.json").read_text())
-    ct = cfg.get("quantization_config", {}).get("transform_config")
-    if ct is None and (path / TRANSFORM_CONFIG_FILE).is_file():
-        ct = json.loads((path / TRANSFORM_CONFIG_FILE).read_text())
-    if ct is None:
-        raise RotationError(f"{path} has no compressed-tensors transform_config (see rolora_plugin.export's module doc)")
-    kwargs = {"attn_implementation": "sdpa", **({"dtype": dtype} if dtype is not None else {})}
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    get_architecture(model)  # clear error for a family we do not know
-    apply_transform_config(model, TransformConfig.model_validate(ct))
-    return model.eval()
+    return AutoModelForCausalLM.from_pretrained(str(path), **({"dtype": dtype} if dtype is not None else {})), [path]

@@ -48,7 +48,7 @@ from ..architectures import get_architecture
 from ..errors import QuantizationError
 from .config import QuantConfig
 from .primitives import OFF_BITS, compute_scales, mse_clip_search, quantize_with_scales
-from .rtn import replace_weight_, rtn_quantize_linear_
+from .rtn import WeightQuantParams, replace_weight_, rtn_quantize_linear_, set_weight_quant_params_
 from .targets import quantizable_linears
 
 __all__ = [
@@ -123,11 +123,15 @@ def gptq_quantize_weight(
     act_order: bool = False,
     block_size: int = 128,
     clip_search: dict | None = None,
-) -> torch.Tensor:
+    return_params: bool = False,
+):
     """GPTQ-quantize a weight: w (out, in), hessian (in, in) → fake-quantized ``Ŵ`` (out, in), w's dtype/device.
 
     ``clip_search``: None, or keyword arguments of :func:`rolora_plugin.quant.mse_clip_search` (grid, max_shrink,
     norm). See the module docstring for the update rule and the group / act-order choices.
+    ``return_params=True`` returns ``(Ŵ, s, z)`` with the scales and zero points actually used, each
+    (out, n_groups) in the compute dtype, such that ``Ŵ = (clamp(round(Ŵ / s) + z) − z) · s`` per group (groups in
+    the original column order, also with act-order: static groups).
     """
     W, H, lam = _prepare(w, hessian, damp)
     cols = W.shape[1]
@@ -140,6 +144,7 @@ def gptq_quantize_weight(
     block = g * max(1, block_size // g) if group_size else block_size  # groups never straddle blocks
     Q = torch.zeros_like(W)
     scale = zero = None
+    found = static if static is not None else [None] * (cols // g)  # (s, z) per group, original column order
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         W1, Err1 = W[:, i1:i2].clone(), torch.zeros_like(W[:, i1:i2])
@@ -148,14 +153,17 @@ def gptq_quantize_weight(
             if static is not None:
                 scale, zero = static[int(perm[col]) // g]
             elif col % g == 0:
-                scale, zero = _scales(W1[:, i : i + g], bits, sym, clip_search)
+                scale, zero = found[col // g] = _scales(W1[:, i : i + g], bits, sym, clip_search)
             q = quantize_with_scales(W1[:, i : i + 1], scale, zero, bits, sym)
             Q[:, col : col + 1] = q
             err = (W1[:, i : i + 1] - q) / U[col, col]
             W1[:, i:] -= err @ U[col : col + 1, col:i2]
             Err1[:, i : i + 1] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-    return Q[:, torch.argsort(perm)].to(w.dtype)
+    Q = Q[:, torch.argsort(perm)].to(w.dtype)
+    if not return_params:
+        return Q
+    return Q, torch.cat([s for s, _ in found], dim=1), torch.cat([z for _, z in found], dim=1)
 
 
 def gptq_quantize_weight_ref(w, hessian, bits, *, group_size=None, sym=True, damp=0.01, act_order=False, clip_search=None):
@@ -295,12 +303,13 @@ def _quantize_stage(linears: dict, accs: dict, config: QuantConfig, errors: dict
             logger.warning("GPTQ: %s%s received no calibration tokens; falling back to RTN", prefix, name)
             errors[prefix + name] = rtn_quantize_linear_(lin, config)
             continue
-        q = gptq_quantize_weight(
+        q, scale, zero = gptq_quantize_weight(
             lin.weight, acc.hessian, config.w_bits, group_size=config.w_group_size, sym=config.w_sym,
             damp=config.gptq_damp, act_order=config.gptq_act_order, block_size=config.gptq_block_size,
-            clip_search=config.clip_search_kwargs(),
+            clip_search=config.clip_search_kwargs(), return_params=True,
         )  # fmt: skip
         errors[prefix + name] = replace_weight_(lin, q)
+        set_weight_quant_params_(lin, WeightQuantParams(config.w_bits, config.w_group_size, config.w_sym, scale, zero))
 
 
 def _decoder_layers(model: nn.Module):

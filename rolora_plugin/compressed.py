@@ -1,0 +1,522 @@
+"""The compressed-tensors format: online rotations as a ``transform_config``, and packed W4A4 checkpoints.
+
+Two things live here, both written by :func:`rolora_plugin.export.merge_and_export` and read back by
+:func:`rolora_plugin.export.load_rotated`:
+
+**1. The online rotations as a compressed-tensors 0.20 ``transform_config``** (every export). R4 acts on
+``down_proj``'s input (location ``input``), R3 on queries and keys after RoPE (``q_attn`` / ``k_cache``, per head).
+R1, R2 and R4's weight side are folded into the weights. compressed-tensors' ``hadamard`` type is the unsigned
+normalised Sylvester matrix (powers of two only), used only where our matrix is exactly that. Any other matrix
+(Paley / Kronecker Hadamards such as SmolLM2's 1536 = 12·128, signed or fallback orthogonal factors) is a
+**stored** matrix: compressed-tensors 0.20 has no type that reads a matrix from a config, but a transform module
+is a submodule ``<target>.<group>_<location>`` whose ``weight`` is a parameter; ``apply_transform_config`` creates
+it (``random-hadamard``: shared by every target of the group) and its forward is ``x @ weight / sqrt(n)`` — the
+same scaling vLLM applies to a loaded transform weight. We store ``weight = sqrt(n) · R`` (``x @ R`` is our online
+rotation), once per group under the first target's name, in ``transforms.safetensors`` (not in
+``model.safetensors``: transformers 5.23 ignores ``transform_config`` at load and would report those keys as
+unexpected). :func:`load_with_compressed_tensors` is the consumer's path: plain load,
+``apply_transform_config``, then the stored weights.
+
+* the full-precision export (``format="fp"``) keeps its older rule: a ``hadamard``-only config or none at all
+  (:func:`transform_config_dict`; a warning says when none is written). Its ``q_attn`` / ``k_cache`` locations
+  hook the attention function and fail with transformers 5.23's ``eager`` attention: load with ``sdpa``.
+
+**2. ``format="compressed-tensors"``: the quantized model packed** (compressed-tensors ``pack-quantized``, written
+with its own ``PackedQuantizationCompressor``). For every quantized linear ``NAME``:
+
+* ``NAME.weight_packed`` int32 (out, ceil(in·b/32)): the integer codes, 32/b per word;
+* ``NAME.weight_scale`` (out, n_groups), the scales RTN/GPTQ used (:class:`rolora_plugin.quant.rtn.WeightQuantParams`,
+  float32; float64 for float64 models), ``NAME.weight_shape`` int64 ``[out, in]``;
+* ``NAME.weight_zero_point`` int32, packed along dim 0 (asymmetric weights only).
+
+Our asymmetric grid ``[0, 2^b − 1]`` is shifted to compressed-tensors' signed one: ``q' = q − 2^(b−1)``,
+``z' = z − 2^(b−1)``, so ``(q' − z') · s = (q − z) · s`` exactly. Every linear is checked at export:
+compressed-tensors' own ``decompress`` must give the fake-quantized weight bit for bit, or nothing is written.
+``config.json → quantization_config`` (``ModelCompressor.update_config``) describes weights (bits, channel/group,
+sym), ``input_activations`` (bits, per token, dynamic), the KV cache (``kv_cache_scheme``: dynamic, one group per
+head and token), ``ignore`` (``lm_head`` and every skipped linear) and the ``transform_config``.
+``rolora_quantization.json`` holds the quantization record and the sha256 of every tensor; :func:`verify_compressed_export`
+checks both before anything is loaded.
+
+What a compressed-tensors consumer does **not** reproduce: its dynamic symmetric activation scale is
+``max|x| / (2^(b−1) − ½)`` (7.5 for 4 bits), ours ``max|x| / (2^(b−1) − 1)`` (7); clip ratios below 1 have no field.
+The ``rolora_quant`` record is authoritative; :func:`rolora_plugin.export.load_rotated` re-installs our quantizers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .architectures import architecture_by_name, get_architecture
+from .config import QUANT_RECORD_KEY
+from .errors import QuantizationError, RotationError
+from .publish import atomic_write_text
+from .quant.model import QuantizationRecord
+from .quant.primitives import OFF_BITS
+from .quant.rtn import WeightQuantParams, set_weight_quant_params_, weight_quant_params
+from .rotation import RotationRecord
+
+__all__ = [
+    "COMPRESSED_FORMAT",
+    "QUANT_RECORD_FILE",
+    "TRANSFORMS_FILE",
+    "CompressedExport",
+    "transform_config_dict",
+    "quantization_config_dict",
+    "prepare_compressed",
+    "write_compressed",
+    "is_compressed_export",
+    "verify_compressed_export",
+    "load_compressed",
+    "load_with_compressed_tensors",
+    "embed_transform_config",
+]
+
+logger = logging.getLogger(__name__)
+COMPRESSED_FORMAT = "compressed-tensors"
+QUANT_RECORD_FILE = "rolora_quantization.json"
+TRANSFORMS_FILE = "transforms.safetensors"
+TRANSFORM_CONFIG_FILE = "transform_config.json"
+_GROUP = "group_0"
+_RECORD_VERSION = 1
+_IGNORED_KEYS = ("version",)  # quantization_config keys that do not describe the model
+
+
+def _require_compressed_tensors():
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            "compressed-tensors is needed for this: pip install 'compressed-tensors>=0.20' (or rolora-plugin[export])"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------- transform config
+
+
+def _is_sylvester(t) -> bool:
+    """True if the transform is exactly compressed-tensors' ``hadamard`` (normalised Sylvester, no signs)."""
+    return t.dense is None and t.signs is None and t.pow2 == t.n
+
+
+def _scheme(location_targets: list[tuple[str, str]], head_dim: int | None = None, kind: str = "hadamard") -> dict:
+    apply = [{"targets": [target], "location": loc, "inverse": False, "ignore": []} for loc, target in location_targets]
+    return {"type": kind, "apply": apply, "randomize": False, "requires_grad": False, "head_dim": head_dim}
+
+
+def _online_groups(record: RotationRecord) -> list[tuple[str, object, list[tuple[str, str]], int | None]]:
+    """``[(group name, transform, [(location, target)], head_dim)]`` for the record's online rotations."""
+    transforms = record.verify()
+    spec = architecture_by_name(record.family)
+    out = []
+    if "r4" in transforms:
+        out.append(("rolora_r4", transforms["r4"], [("input", _regex(spec.down_proj))], None))
+    if "r3" in transforms:
+        target = _regex(spec.attention)
+        out.append(("rolora_r3", transforms["r3"], [("q_attn", target), ("k_cache", target)], record.dims.head_dim))
+    return out
+
+
+def _regex(path: str) -> str:
+    return "re:.*" + path.replace(".", r"\.") + "$"
+
+
+def transform_config_dict(record: RotationRecord, *, stored: bool = False) -> dict | None:
+    """The online rotations of ``record`` as a compressed-tensors ``TransformConfig`` dict, or None if there are none.
+
+    ``stored=False`` (the full-precision export): ``hadamard`` groups only; None (and a warning) when one rotation
+    is not the plain Sylvester matrix, since a partial description would give a wrong model. ``stored=True`` (the
+    compressed-tensors export): such rotations become ``random-hadamard`` groups whose weights are stored (module
+    doc). Validated with compressed-tensors' pydantic models when the library is installed.
+    """
+    groups, unsupported = {}, []
+    for name, t, locations, head_dim in _online_groups(record):
+        exact = _is_sylvester(t)
+        groups[name] = _scheme(locations, head_dim, "hadamard" if exact or not stored else "random-hadamard")
+        unsupported += [] if exact or stored else [f"{name.removeprefix('rolora_')} ({t.description})"]
+    if unsupported:
+        logger.warning(
+            "no compressed-tensors transform_config written: %s has no compressed-tensors equivalent (its 'hadamard' "
+            "type is a power-of-two Sylvester matrix). rolora_rotation.json + load_rotated stay exact.", ", ".join(unsupported)
+        )  # fmt: skip
+        return None
+    if not groups:
+        return None
+    config = {"config_groups": groups}
+    _validate_transform_config(config)
+    return config
+
+
+def _validate_transform_config(config: dict) -> None:
+    try:
+        from compressed_tensors.transform import TransformConfig
+    except ImportError:
+        logger.info("compressed-tensors not installed: transform_config written without validation")
+        return
+    TransformConfig.model_validate(config)
+
+
+def _stored_transform_weights(record: RotationRecord, model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{<first target>.<group>_<location>.weight: sqrt(n) · R}`` (float32) for every non-Sylvester online rotation."""
+    from compressed_tensors.utils import match_named_modules
+
+    out = {}
+    for name, t, locations, _ in _online_groups(record):
+        if _is_sylvester(t):
+            continue
+        location, target = locations[0]
+        first = next(iter(match_named_modules(model, [target])), None)
+        if first is None:
+            raise RotationError(f"no module of {type(model).__name__} matches the transform target {target!r}")
+        out[f"{first[0]}.{name}_{location}.weight"] = (t.matrix(torch.float64) * math.sqrt(t.n)).to(torch.float32).contiguous()
+    return out
+
+
+def embed_transform_config(config_path: Path, ct: dict) -> None:
+    """Put ``ct`` into ``config.json → quantization_config.transform_config`` (what ``ModelCompressor.update_config`` writes)."""
+    import compressed_tensors
+
+    data = json.loads(config_path.read_text())
+    data["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "version": compressed_tensors.__version__,
+        "sparsity_config": {},
+        "transform_config": ct,
+    }
+    atomic_write_text(config_path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- quantization config
+
+
+def _weights_args(cfg) -> dict:
+    strategy = "channel" if cfg.w_group_size is None else "group"
+    return {"num_bits": cfg.w_bits, "type": "int", "symmetric": cfg.w_sym, "strategy": strategy, "group_size": cfg.w_group_size, "dynamic": False}
+
+
+def _dynamic_args(bits: int, sym: bool, group_size: int | None = None) -> dict:
+    strategy = "token" if group_size is None else "group"
+    return {"num_bits": bits, "type": "int", "symmetric": sym, "strategy": strategy, "group_size": group_size, "dynamic": True}
+
+
+def _check_exportable(record: QuantizationRecord) -> None:
+    cfg = record.config
+    if cfg.w_bits > 8:
+        raise QuantizationError(
+            f"format='compressed-tensors' packs integer weights of 1-8 bits; this model has w_bits={cfg.w_bits}. "
+            "Quantize the weights to at most 8 bits (e.g. QuantConfig(w_bits=4))."
+        )
+    if cfg.a_clip_ratio != 1.0 or cfg.kv_clip_ratio != 1.0:
+        logger.warning(
+            "compressed-tensors has no field for the activation/KV clip ratios (%s, %s): its consumers quantize without "
+            "clipping; load_rotated applies them from the rolora_quant record", cfg.a_clip_ratio, cfg.kv_clip_ratio,
+        )  # fmt: skip
+
+
+def quantization_config_dict(record: QuantizationRecord, head_dim: int, transform_config: dict | None, targets=("Linear",)) -> dict:
+    """``config.json → quantization_config`` for ``record`` as ``ModelCompressor.update_config`` writes it (less ``version``).
+
+    ``targets``: compressed-tensors targets of the one config group (``["Linear"]`` with ``ignore`` = the skipped
+    linears, or the explicit names of the quantized linears). ``head_dim`` sets the KV group (one per head and token).
+    """
+    from compressed_tensors.quantization import QuantizationConfig
+
+    cfg = record.config
+    group = {
+        "targets": list(targets),
+        "weights": _weights_args(cfg),
+        "input_activations": _dynamic_args(cfg.a_bits, cfg.a_sym) if cfg.a_bits < OFF_BITS else None,
+        "output_activations": None,
+        "format": "pack-quantized",
+    }
+    kv = _dynamic_args(cfg.kv_bits, cfg.kv_sym, head_dim) if cfg.kv_bits < OFF_BITS else None
+    qc = QuantizationConfig.model_validate(
+        {"config_groups": {_GROUP: group}, "format": "pack-quantized", "quantization_status": "compressed",
+         "ignore": sorted(record.skipped), "kv_cache_scheme": kv}
+    )  # fmt: skip
+    transform = _dumped_transform_config(transform_config)
+    out = {"quant_method": COMPRESSED_FORMAT, "sparsity_config": {}, "transform_config": transform}
+    return _jsonable({**out, **qc.model_dump(exclude=["quant_method"])})
+
+
+def _dumped_transform_config(config: dict | None) -> dict:
+    """``config`` as ``TransformConfig.model_dump()`` writes it (defaults filled in), {} for None."""
+    from compressed_tensors.transform import TransformConfig
+
+    return _jsonable(TransformConfig.model_validate(config).model_dump()) if config else {}
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d, sort_keys=True, default=str))
+
+
+def _targets_for(model: nn.Module, record: QuantizationRecord) -> list[str]:
+    """``["Linear"]`` when compressed-tensors' class match minus ``ignore`` is exactly the quantized set, else the names."""
+    from compressed_tensors.utils import match_named_modules
+
+    matched = [name for name, _ in match_named_modules(model, ["Linear"], sorted(record.skipped))]
+    return ["Linear"] if matched == list(record.quantized) else sorted(record.quantized)
+
+
+# ---------------------------------------------------------------------------------------------- packing
+
+
+def _scheme_of(qconfig: dict):
+    from compressed_tensors.quantization import QuantizationScheme
+
+    return QuantizationScheme.model_validate(qconfig["config_groups"][_GROUP])
+
+
+def _module_state(name: str, lin: nn.Module, record: QuantizationRecord) -> dict[str, torch.Tensor]:
+    """compressed-tensors' per-module state before packing: ``weight``, ``weight_scale`` (+ signed ``weight_zero_point``)."""
+    cfg, params = record.config, weight_quant_params(lin)
+    if params is None:
+        raise QuantizationError(
+            f"{name} has no recorded quantization scales (quantized by an older rolora-plugin, or its weight was replaced "
+            "after quantize_model_); reload the full-precision model and run quantize_model_ again"
+        )
+    if (params.bits, params.group_size, params.sym) != (cfg.w_bits, cfg.w_group_size, cfg.w_sym):
+        raise QuantizationError(f"{name} was quantized with {params} but the record says {cfg}; re-run quantize_model_")
+    state = {"weight": lin.weight.detach(), "weight_scale": params.scale.to(lin.weight.device).contiguous()}
+    if not cfg.w_sym:
+        state["weight_zero_point"] = (params.zero - 2 ** (cfg.w_bits - 1)).to(device=lin.weight.device, dtype=torch.int8)
+    return state
+
+
+def _pack_linear(name: str, lin: nn.Module, record: QuantizationRecord, scheme) -> dict[str, torch.Tensor]:
+    """Packed tensors of one linear; raises unless compressed-tensors' decompression gives its weight bit for bit."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor as Packer
+
+    packed = Packer.compress(_module_state(name, lin, record), scheme)
+    back = Packer.decompress(packed, scheme)["weight"].to(lin.weight.dtype)
+    if not torch.equal(back, lin.weight.detach()):
+        bad = (back != lin.weight.detach()).sum().item()
+        raise QuantizationError(
+            f"{name}: {bad} weights are not on their quantization grid (changed after quantize_model_?); packing would "
+            "change the model. Re-run quantize_model_ on the full-precision model."
+        )
+    return {k: v.detach().cpu().contiguous() for k, v in packed.items()}
+
+
+@dataclass
+class CompressedExport:
+    """Everything :func:`write_compressed` writes, computed (and checked) before the output folder is staged."""
+
+    state_dict: dict
+    quantization_config: dict
+    transform_weights: dict = field(default_factory=dict)
+    record: QuantizationRecord | None = None
+
+
+def prepare_compressed(model: nn.Module, record: QuantizationRecord, rotation: RotationRecord) -> CompressedExport:
+    """Pack every quantized linear of ``model`` (the state dict to save) and build its ``quantization_config``."""
+    _require_compressed_tensors()
+    _check_exportable(record)
+    transform = transform_config_dict(rotation, stored=True)
+    qconfig = quantization_config_dict(record, rotation.dims.head_dim, transform, _targets_for(model, record))
+    scheme = _scheme_of(qconfig)
+    state = dict(model.state_dict())
+    for name in record.quantized:
+        packed = _pack_linear(name, model.get_submodule(name), record, scheme)
+        del state[f"{name}.weight"]
+        state.update({f"{name}.{key}": value for key, value in packed.items()})
+    return CompressedExport(state, qconfig, _stored_transform_weights(rotation, model), record)
+
+
+def write_compressed(model: nn.Module, export: CompressedExport, directory: Path) -> None:
+    """Write ``export`` into ``directory`` (a staging folder): weights, ``quantization_config``, stored transforms,
+    and ``rolora_quantization.json`` with the record and every tensor's sha256."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.transform import TransformConfig
+    from safetensors.torch import save_file
+
+    model.save_pretrained(str(directory), state_dict=export.state_dict)
+    transform = export.quantization_config["transform_config"]
+    qconfig = {k: v for k, v in export.quantization_config.items() if k not in ("transform_config", "sparsity_config")}
+    compressor = ModelCompressor(
+        quantization_config=QuantizationConfig.model_validate(qconfig),
+        transform_config=TransformConfig.model_validate(transform) if transform else None,
+    )
+    compressor.update_config(str(directory))
+    if export.transform_weights:
+        save_file(export.transform_weights, str(directory / TRANSFORMS_FILE), metadata={"format": "pt"})
+    body = {"format_version": _RECORD_VERSION, "quantization": export.record.to_dict(), "tensors": tensor_digests(directory)}
+    atomic_write_text(directory / QUANT_RECORD_FILE, json.dumps(body, indent=2, sort_keys=True) + "\n")
+
+
+def tensor_digests(directory: Path) -> dict[str, str]:
+    """``{tensor name: sha256 of (dtype, shape, bytes)}`` over every ``*.safetensors`` file of ``directory``."""
+    from safetensors import safe_open
+
+    out = {}
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                t = f.get_tensor(key).contiguous()
+                h = hashlib.sha256(f"{path.name}|{t.dtype}|{tuple(t.shape)}|".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+                out[key] = h.hexdigest()[:32]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- reading back
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise QuantizationError(f"cannot read {what} {path} ({e}); the export is incomplete or was edited") from None
+
+
+def is_compressed_export(path: str | os.PathLike) -> bool:
+    """True if ``path/config.json`` describes a quantized compressed-tensors checkpoint (non-empty config groups)."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    qc = _read_json(config, "model config").get("quantization_config") or {}
+    return qc.get("quant_method") == COMPRESSED_FORMAT and bool(qc.get("config_groups"))
+
+
+def verify_compressed_export(path: str | os.PathLike) -> QuantizationRecord:
+    """Check a compressed export before loading anything; returns its :class:`QuantizationRecord`.
+
+    Raises :class:`~rolora_plugin.QuantizationError` when ``rolora_quantization.json`` is missing, its record differs
+    from ``config.json``'s ``rolora_quant``, ``quantization_config`` is not the one the record describes, or a tensor
+    (packed weights, scales, stored transforms, anything else) differs from the checksum written at export.
+    """
+    path = Path(path)
+    config = _read_json(path / "config.json", "model config")
+    if not (path / QUANT_RECORD_FILE).is_file():
+        raise QuantizationError(
+            f"{path} is a compressed-tensors checkpoint without {QUANT_RECORD_FILE}: nothing says how it was quantized. "
+            "Load it with transformers (AutoModelForCausalLM.from_pretrained), or re-export it with rolora-plugin."
+        )
+    body = _read_json(path / QUANT_RECORD_FILE, "quantization record")
+    record = _check_records(path, body, config)
+    rotation = RotationRecord.from_dict(config["rolora"]) if config.get("rolora") else None
+    if rotation is None:
+        raise RotationError(f"{path}/config.json holds no rotation record: it is not a rolora-plugin export")
+    _check_quantization_config(path, config["quantization_config"], record, rotation)
+    _check_digests(path, body.get("tensors") or {})
+    return record
+
+
+def _check_records(path: Path, body: dict, config: dict) -> QuantizationRecord:
+    if body.get("format_version") != _RECORD_VERSION or not isinstance(body.get("quantization"), dict):
+        raise QuantizationError(f"{path}/{QUANT_RECORD_FILE} is not a quantization record this version reads")
+    if config.get(QUANT_RECORD_KEY) != body["quantization"]:
+        raise QuantizationError(
+            f"the quantization record in {path}/{QUANT_RECORD_FILE} differs from config.json's {QUANT_RECORD_KEY!r}: the "
+            "export was edited; re-export the quantized model"
+        )
+    return QuantizationRecord.from_dict(body["quantization"])
+
+
+def _check_quantization_config(path: Path, found: dict, record: QuantizationRecord, rotation: RotationRecord) -> None:
+    targets = ((found.get("config_groups") or {}).get(_GROUP) or {}).get("targets") or ["Linear"]
+    if targets not in (["Linear"], sorted(record.quantized)):
+        targets = ["Linear"]
+    expected = quantization_config_dict(record, rotation.dims.head_dim, transform_config_dict(rotation, stored=True), targets)
+    found = _jsonable({k: v for k, v in found.items() if k not in _IGNORED_KEYS})
+    if found != expected:
+        diff = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
+        raise QuantizationError(
+            f"{path}/config.json's quantization_config disagrees with the quantization and rotation records (keys {diff}); "
+            "a consumer would run a different model than the one exported. Re-export the quantized model."
+        )
+
+
+def _check_digests(path: Path, expected: dict) -> None:
+    found = tensor_digests(path)
+    changed = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
+    if changed:
+        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise QuantizationError(
+            f"{path}: tensors differ from the checksums written at export ({shown}); the weights were modified or "
+            "truncated. Re-export the quantized model."
+        )
+
+
+def load_compressed(path: str | os.PathLike, record: QuantizationRecord, **kwargs) -> nn.Module:
+    """Dense model with the exact dequantized weights (transformers + compressed-tensors' decompression at load),
+    each quantized linear carrying its :class:`WeightQuantParams` again; no quantizer or rotation installed yet."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    _require_compressed_tensors()
+    model = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=CompressedTensorsConfig(dequantize=True), **kwargs)
+    _attach_params(model, Path(path), record)
+    return model
+
+
+def _attach_params(model: nn.Module, path: Path, record: QuantizationRecord) -> None:
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from safetensors import safe_open
+
+    cfg, names = record.config, set(record.quantized)
+    tensors = {}
+    for file in sorted(path.glob("model*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys() if k.rsplit(".", 1)[0] in names and "weight_" in k})
+    for name in record.quantized:
+        scale = tensors[f"{name}.weight_scale"]
+        zero = torch.zeros_like(scale)
+        if not cfg.w_sym:
+            signed = unpack_from_int32(tensors[f"{name}.weight_zero_point"], cfg.w_bits, scale.shape, packed_dim=0)
+            zero = signed.to(scale.dtype) + 2 ** (cfg.w_bits - 1)
+        set_weight_quant_params_(model.get_submodule(name), WeightQuantParams(cfg.w_bits, cfg.w_group_size, cfg.w_sym, scale, zero))
+
+
+def load_with_compressed_tensors(path: str | os.PathLike, dtype: torch.dtype | None = None, *, dequantize: bool = False) -> nn.Module:
+    """Load an export the way a compressed-tensors consumer would: transformers + ``apply_transform_config``.
+
+    No rolora code touches the forward: the online rotations come from the export's ``transform_config`` only
+    (``config.json``, or ``transform_config.json`` of a full-precision export) and the stored transform weights in
+    ``transforms.safetensors``, applied by compressed-tensors with ``sdpa`` attention (its q/k hooks do not support
+    ``eager``). A packed checkpoint goes through compressed-tensors' own quantized forward (its activation grid,
+    module doc); ``dequantize=True`` loads it dense instead (``CompressedTensorsConfig(dequantize=True)``: exact weights,
+    no activation quantization; transformers 5.23 needs this for asymmetric weights, whose packed zero points its
+    compressed path does not size). Used to check what consumers get; raises if the export has no transform config.
+    """
+    from transformers import AutoModelForCausalLM
+
+    _require_compressed_tensors()
+    from compressed_tensors.transform import TransformConfig, apply_transform_config
+
+    path = Path(path)
+    ct = _read_json(path / "config.json", "model config").get("quantization_config", {}).get("transform_config")
+    if not ct and (path / TRANSFORM_CONFIG_FILE).is_file():
+        ct = json.loads((path / TRANSFORM_CONFIG_FILE).read_text())
+    if not ct:
+        raise RotationError(f"{path} has no compressed-tensors transform_config (see rolora_plugin.compressed's module doc)")
+    kwargs = {"attn_implementation": "sdpa", **({"dtype": dtype} if dtype is not None else {})}
+    if dequantize:
+        from transformers import CompressedTensorsConfig
+
+        kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    get_architecture(model)  # clear error for a family we do not know
+    apply_transform_config(model, TransformConfig.model_validate(ct))
+    _load_transform_weights(model, path / TRANSFORMS_FILE)
+    return model.eval()
+
+
+def _load_transform_weights(model: nn.Module, file: Path) -> None:
+    if not file.is_file():
+        return
+    from safetensors.torch import load_file
+
+    stored = load_file(str(file))
+    unexpected = model.load_state_dict(stored, strict=False).unexpected_keys
+    if unexpected:
+        raise RotationError(f"{file} holds transform weights for modules the transform_config did not create: {unexpected}")
