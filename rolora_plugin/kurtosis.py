@@ -46,8 +46,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 __all__ = [
-    "ActivationMoments",
     "TOKEN_RATIO_EDGES",
+    "ActivationMoments",
     "activation_stats",
     "histogram_quantile",
     "input_kinds",
@@ -287,7 +287,8 @@ def summarize_by_kind(before: dict, after: dict, kinds: tuple[str, ...] | None =
 
 def _kind_summary(rows: list[dict]) -> dict:
     k = [r["kurtosis"] for r in rows]
-    out = {"kurtosis_mean": sum(k) / len(k), "kurtosis_max": max(k), "peak_over_rms_max": max(r["max_abs"] / r["rms"] for r in rows)}
+    peak = max(r["max_abs"] / r["rms"] for r in rows)
+    out = {"kurtosis_mean": sum(k) / len(k), "kurtosis_max": max(k), "peak_over_rms_max": peak}
     if all("token_peak_to_rms_hist" in r for r in rows):
         hist = torch.stack([r["token_peak_to_rms_hist"] for r in rows]).sum(0)
         out.update(token_peak_to_rms_p50=histogram_quantile(hist, 0.5), token_peak_to_rms_p99=histogram_quantile(hist, 0.99),

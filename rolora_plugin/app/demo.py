@@ -7,14 +7,17 @@
 2. **Outliers**: kurtosis and max-abs of every linear layer's input before/after rotation
    (:mod:`rolora_plugin.kurtosis`), grouped by the family's input kinds.
 3. **Quantization**: perplexity at W6A6 and W4A4 (RTN per-channel weights, per-token activations) with and
-   without rotation.
+   without rotation; ``compare_recipes`` (``full``: GPTQ + clip search) adds other weight recipes at W4A4 on the
+   rotated model.
 4. **Fine-tune**: LoRA vs RoLoRA (:func:`.train.finetune`: ``transformers.Trainer`` + peft; RoLoRA = the same run
    plus :class:`rolora_plugin.RoLoRACallback`) on instruction pairs from SciQ, then each merged model in full
    precision and at W4A4: perplexity of held-out responses and of BoolQ passages; optionally the paper's 7-task
    zero-shot average (``limit`` > 0).
 
-Everything is logged (``logging``) with tqdm bars; the report folder gets ``results.json`` and PNG plots
-(:mod:`.plots`), each published atomically. The CLI prints :func:`rolora_plugin.app.cli.format_demo_table`.
+Everything is logged (``logging``) with tqdm bars; the report folder gets ``results.json``, ``summary.txt``
+(:func:`format_demo_table`: the tables, each with what its columns mean) and the PNG plots (:mod:`.plots`:
+kurtosis per layer, the per-token range a W4A4 quantizer faces, training loss, W4A4 perplexity per model and
+recipe), each published atomically.
 Sizes: ``tiny`` (CI smoke run), ``small`` (default, 2-core CPU), ``full``.
 """
 
@@ -45,6 +48,9 @@ __all__ = ["DemoConfig", "format_demo_table", "recipe_name", "response_perplexit
 
 logger = logging.getLogger(__name__)
 SIZES = ("tiny", "small", "full")
+# weight recipes DemoConfig.compare_recipes may name (measured at W4A4 on the rotated base model, next to cfg's own)
+RECIPES = {"rtn": dict(method="rtn", clip_search=False), "rtn+clip": dict(method="rtn", clip_search=True),
+           "gptq": dict(method="gptq", clip_search=False), "gptq+clip": dict(method="gptq", clip_search=True)}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -73,6 +79,7 @@ class DemoConfig(ConfigMixin):
     lora_alpha: int = 16
     lora_targets: list = field(default_factory=lambda: ["q_proj", "v_proj"])
     limit: int = 0
+    compare_recipes: list = field(default_factory=list)
     seed: int = 0
     cache_dir: str | None = None
 
@@ -87,9 +94,16 @@ class DemoConfig(ConfigMixin):
             raise ValueError(f"DemoConfig.limit must be >= 0 (0 skips the zero-shot tasks), got {self.limit}")
         if self.method not in ("rtn", "gptq"):
             raise ValueError(f"DemoConfig.method must be 'rtn' or 'gptq', got {self.method!r}")
+        unknown = [r for r in self.compare_recipes if r not in RECIPES]
+        if unknown:
+            raise ValueError(f"DemoConfig.compare_recipes: unknown recipe(s) {unknown}; choose among {sorted(RECIPES)}")
         if not self.quant_bits or any(not 2 <= b <= 8 for b in self.quant_bits):
             raise ValueError(f"DemoConfig.quant_bits must list W=A bit-widths in 2..8, got {self.quant_bits!r}")
         self.rotation_config()  # validates
+
+    def needs_calibration(self) -> bool:
+        """GPTQ (the main recipe or one compared) needs calibration chunks."""
+        return self.method == "gptq" or any(RECIPES[r]["method"] == "gptq" for r in self.compare_recipes)
 
     def rotation_config(self) -> RotationConfig:
         return RotationConfig(seed=self.seed, **self.rotation)
@@ -108,6 +122,7 @@ _PRESETS = {
                  eval_examples=8, train_seq_len=96, batch_size=2, learning_rate=5e-4, calib_chunks=4),
     "small": {},
     "full": dict(ppl_chunks=32, seq_len=512, stats_chunks=4, train_steps=300, train_examples=900, eval_examples=100,
+                 compare_recipes=["gptq+clip"],
                  train_seq_len=256, batch_size=8, learning_rate=2e-4, limit=50, calib_chunks=64),
 }  # fmt: skip
 
@@ -157,12 +172,14 @@ def response_perplexity(model, tok, examples: list[dict], batch_size: int = 8) -
     return batches_perplexity(model, batches)
 
 
-def _quantized_ppl(model, bits: int, cfg: DemoConfig, chunks, calib) -> float:
+def _quantized_ppl(model, bits: int, cfg: DemoConfig, chunks, calib, recipe: str | None = None) -> float:
+    """Perplexity of a quantized copy of ``model`` (WbitsAbits with ``cfg``'s weight recipe, or ``recipe``)."""
     from .. import QuantConfig, quantize_model_
 
+    w = RECIPES[recipe] if recipe else dict(method=cfg.method, clip_search=cfg.clip_search)
     q = copy.deepcopy(model)
-    quantize_model_(q, QuantConfig(w_bits=bits, a_bits=bits, method=cfg.method, w_clip_search=cfg.clip_search),
-                    calibration=calib)  # fmt: skip
+    quantize_model_(q, QuantConfig(w_bits=bits, a_bits=bits, method=w["method"], w_clip_search=w["clip_search"]),
+                    calibration=calib if w["method"] == "gptq" else None)  # fmt: skip
     ppl = perplexity(q, chunks)
     del q
     return ppl
@@ -181,6 +198,10 @@ def _quant_grid(fp, rotated, cfg: DemoConfig, chunks, calib) -> list[dict]:
             ppl = _quantized_ppl(model, bits, cfg, chunks, calib)
             rows.append({"setting": f"W{bits}A{bits}", "rotation": name, "recipe": recipe_name(cfg), "perplexity": ppl})
             logger.info("W%dA%d %s: perplexity %.3f", bits, bits, name, ppl)
+    for recipe in (r for r in cfg.compare_recipes if r != recipe_name(cfg).lower()):  # rotated, W4A4 only
+        ppl = _quantized_ppl(rotated, 4, cfg, chunks, calib, recipe)
+        rows.append({"setting": "W4A4", "rotation": "rotated", "recipe": recipe_name(RECIPES[recipe]), "perplexity": ppl})
+        logger.info("W4A4 rotated, %s weights: perplexity %.3f", recipe, ppl)
     return rows
 
 
@@ -253,7 +274,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None) -> di
     stages = _Stages(_STAGES)
     fp, tok = stages.run("load", load_smollm2, torch.float32, cache_dir=cfg.cache_dir)
     chunks = text_chunks(tok, cfg.ppl_chunks, cfg.seq_len)
-    calib = calibration_chunks(tok, cfg.calib_chunks, cfg.seq_len) if cfg.method == "gptq" else None
+    calib = calibration_chunks(tok, cfg.calib_chunks, cfg.seq_len) if cfg.needs_calibration() else None
     results, before, after = _rotation_and_quantization(fp, cfg, chunks, calib, stages)
     results["finetune"] = stages.run("fine-tune", _finetune_pair, fp, tok, cfg, chunks, calib)
     results = {**_header(cfg), **results, "environment": _environment()}
@@ -347,15 +368,21 @@ def _row(label: str, cells, fmt: str = ".2f") -> str:
 def _kurtosis_lines(summary: dict) -> list[str]:
     keys = ("kurtosis_mean", "kurtosis_max")
     lines = [_head("Linear input kurtosis", "mean before", "mean after", "max before", "max after")]
-    lines += [_row(k, [r["before"][keys[0]], r["after"][keys[0]], r["before"][keys[1]], r["after"][keys[1]]], ".1f") for k, r in summary.items()]
+    lines += _before_after_rows(summary, keys)
     lines += _wrap("(Pearson kurtosis of each linear's input over tokens x channels, mean/max over layers; Gaussian = 3)")
     if not all("token_peak_to_rms_p50" in r["before"] for r in summary.values()):
         return lines  # statistics from before the per-token histogram existed
     keys = ("token_peak_to_rms_p50", "token_peak_to_rms_max")
     lines += ["", _head("Per-token max|x|/rms", "median bef.", "median aft.", "worst bef.", "worst aft.")]
-    lines += [_row(k, [r["before"][keys[0]], r["after"][keys[0]], r["before"][keys[1]], r["after"][keys[1]]], ".1f") for k, r in summary.items()]
+    lines += _before_after_rows(summary, keys)
     return lines + _wrap("(each token's largest |x| over its rms across channels, all layers pooled: the range a per-token "
                          "quantizer must cover; a 4-bit step is max|x|/7, i.e. this ratio / 7 of the token's rms; lower is better)")  # fmt: skip
+
+
+def _before_after_rows(summary: dict, keys: tuple[str, str]) -> list[str]:
+    """Per kind: ``keys[0]`` before, after, ``keys[1]`` before, after."""
+    return [_row(kind, [r["before"][keys[0]], r["after"][keys[0]], r["before"][keys[1]], r["after"][keys[1]]], ".1f")
+            for kind, r in summary.items()]  # fmt: skip
 
 
 def _quant_lines(results: dict) -> list[str]:
@@ -382,7 +409,8 @@ def _finetune_lines(tuned: dict, cfg: dict, recipe: str) -> list[str]:
         lines.append(_row(label, [_num(r.get("train_loss_smoothed")), _num(r.get("held_out_loss")), r["fp"]["response_ppl"],
                                   r["w4a4"]["response_ppl"], r["fp"]["text_ppl"], r["w4a4"]["text_ppl"]]))  # fmt: skip
     if "base_fp_response_ppl" in tuned:
-        lines.append(_row("base (no fine-tune)", ["", _num(math.log(tuned["base_fp_response_ppl"])), tuned["base_fp_response_ppl"]]))
+        base = tuned["base_fp_response_ppl"]
+        lines.append(_row("base (no fine-tune)", ["", _num(math.log(base)), base]))
     window = tuned["rolora"].get("train_loss_window", "few")
     lines += _wrap(f"train loss: mean training loss over the last {window} steps (a single step is one batch of "
                    f"{cfg['batch_size']} pairs and swings more than the LoRA/RoLoRA gap). held-out loss / answer ppl: mean "
@@ -402,4 +430,5 @@ def _task_lines(tuned: dict) -> list[str]:
     lines = ["", _head("7-task average", "FP", "W4A4")]
     for name, label in (("lora", "LoRA"), ("rolora", "RoLoRA")):
         lines.append(_row(label, [tuned[name]["fp"]["tasks"]["average"], tuned[name]["w4a4"]["tasks"]["average"]], ".3f"))
-    return lines + _wrap("(zero-shot accuracy averaged over the paper's 7 tasks with lm-eval, a limited number of examples per task)")
+    return lines + _wrap("(zero-shot accuracy averaged over the paper's 7 tasks with lm-eval, a limited number of "
+                         "examples per task)")  # fmt: skip

@@ -39,7 +39,8 @@ __all__ = [
 ]
 
 DPI = 150  # with the figure sizes below: 1400-1600 px wide, 10 pt text stays readable
-BEFORE, AFTER = dict(color="tab:blue", ls="--", label="before rotation"), dict(color="tab:orange", ls="-", label="after rotation")
+BEFORE = {"color": "tab:blue", "ls": "--", "label": "before rotation"}
+AFTER = {"color": "tab:orange", "ls": "-", "label": "after rotation"}
 
 
 def agg_pyplot():
@@ -73,7 +74,8 @@ def _panels(n: int, width: float = 5.2, height: float = 3.6):
 
 def _of_kind(stats: dict, kind: str) -> list[tuple[int, dict]]:
     """``[(layer index, stats), ...]`` of the linears of one input kind, in layer order."""
-    return sorted(((layer_index(n), s) for n, s in stats.items() if leaf_name(n) == kind and layer_index(n) is not None), key=lambda p: p[0])
+    pts = [(layer_index(n), s) for n, s in stats.items() if leaf_name(n) == kind]
+    return sorted((p for p in pts if p[0] is not None), key=lambda p: p[0])
 
 
 # ---------------------------------------------------------------------------------------------- kurtosis
@@ -175,8 +177,9 @@ def _bounds(top, bottom, channels: int) -> None:
 def _per_layer_range(ax, stats: dict, kind: str, style: dict) -> None:
     pts = _of_kind(stats, kind)
     layers = [i for i, _ in pts]
-    ax.plot(layers, [s["token_peak_to_rms_max"] for _, s in pts], marker="o", ms=3, **{**style, "label": f"{style['label']}: worst token"})
-    ax.plot(layers, [s["token_peak_to_rms_p50"] for _, s in pts], lw=0.8, color=style["color"], ls=":", label=f"{style['label']}: median token")
+    worst, median = [s["token_peak_to_rms_max"] for _, s in pts], [s["token_peak_to_rms_p50"] for _, s in pts]
+    ax.plot(layers, worst, marker="o", ms=3, **{**style, "label": f"{style['label']}: worst token"})
+    ax.plot(layers, median, lw=0.8, color=style["color"], ls=":", label=f"{style['label']}: median token")
 
 
 # ---------------------------------------------------------------------------------------------- channel view
@@ -208,7 +211,8 @@ def channel_magnitudes_figure(before: dict, after: dict, kinds: tuple[str, ...] 
         ax.set(xscale="log", yscale="log", title=name.replace("model.layers.", "layer "),
                xlabel="input channels, sorted by peak (rank)", ylabel="channel's max|x| over tokens / tensor rms")  # fmt: skip
         ax.legend(fontsize=8)
-    fig.suptitle("Per-channel view (not the per-token range, see plot_token_ranges): rotation spreads a few outlier channels over all")
+    fig.suptitle("Per-channel view (not the per-token range, see plot_token_ranges): "
+                 "rotation spreads a few outlier channels over all")
     return fig
 
 
@@ -217,7 +221,8 @@ def channel_magnitudes_figure(before: dict, after: dict, kinds: tuple[str, ...] 
 
 def smoothed(values: list[float], window: int) -> list[float]:
     """Trailing mean over ``window`` values (shorter at the start): ``s_i = mean(v[max(0, i-w+1) : i+1])``."""
-    return [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+    spans = (values[max(0, i - window + 1) : i + 1] for i in range(len(values)))
+    return [sum(span) / len(span) for span in spans]
 
 
 def plot_losses(path: Path, tuned: dict) -> Path:
@@ -273,7 +278,8 @@ def w4a4_bars(results: dict) -> tuple[list, list]:
     text = []
     for row in w4a4:
         base = "base, rotated" if row["rotation"] == "rotated" else "base, no rotation"
-        text.append((f"{base}\n{row.get('recipe', recipe)}", row["perplexity"], "tab:orange" if row["rotation"] == "rotated" else "tab:blue"))
+        color = "tab:orange" if row["rotation"] == "rotated" else "tab:blue"
+        text.append((f"{base}\n{row.get('recipe', recipe)}", row["perplexity"], color))
     tuned = results.get("finetune") or {}
     response = []
     for name, label, color in (("lora", "LoRA", "tab:cyan"), ("rolora", "RoLoRA", "tab:red")):
@@ -294,7 +300,8 @@ def w4a4_figure(results: dict):
     text, response = w4a4_bars(results)
     if not text:
         raise ValueError("no W4A4 rows in results['quantization']: nothing to plot")
-    fp_text = next((r["perplexity"] for r in results["quantization"] if r["setting"] == "FP" and r["rotation"] == "none"), None)
+    fp_rows = [r["perplexity"] for r in results["quantization"] if r["setting"] == "FP" and r["rotation"] == "none"]
+    fp_text = fp_rows[0] if fp_rows else None
     fig, axes = agg_pyplot().subplots(1, 2 if response else 1, figsize=(12.5 if response else 7.5, 4.4),
                                       layout="constrained", squeeze=False, width_ratios=[2, 1] if response else None)  # fmt: skip
     _bar_panel(axes[0, 0], text, fp_text, "BoolQ passages (text perplexity)", "W4A4 perplexity (log scale)")

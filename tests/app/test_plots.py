@@ -21,7 +21,6 @@ from rolora_plugin.app.plots import (
     DPI,
     plot_channel_magnitudes,
     plot_kurtosis_per_layer,
-    plot_losses,
     plot_token_ranges,
     plot_w4a4_perplexity,
     w4a4_bars,
@@ -201,7 +200,8 @@ def test_write_plots_with_demo_results_adds_the_w4a4_bar_chart(tmp_path):
 
 def _png_size_and_dpi(path) -> tuple[int, int, float]:
     """(width, height, dots per inch) from a PNG's IHDR and pHYs chunks."""
-    data = open(path, "rb").read()
+    with open(path, "rb") as f:
+        data = f.read()
     assert data[:8] == PNG_MAGIC
     width, height = struct.unpack(">II", data[16:24])
     at = data.index(b"pHYs")
@@ -311,9 +311,9 @@ def test_w4a4_bar_chart_has_one_bar_per_model_and_recipe(tmp_path):
     agg_close(fig)
     path = plot_w4a4_perplexity(tmp_path / "w4a4.png", results)
     assert _png_size_and_dpi(path)[2] == pytest.approx(DPI, abs=0.1)
+    only_fp = {**results, "quantization": results["quantization"][:2], "finetune": {}}
     with pytest.raises(ValueError, match="no W4A4 rows"):
-        w4a4_bars_only_fp = {**results, "quantization": results["quantization"][:2], "finetune": {}}
-        w4a4_figure(w4a4_bars_only_fp)
+        w4a4_figure(only_fp)
 
 
 def test_loss_plot_marks_the_held_out_loss_and_smooths_the_swings():
@@ -353,6 +353,24 @@ def test_demo_table_explains_its_columns_and_reports_no_single_batch_loss():
     assert rolora.split()[1:] == [f"{want['train_loss_smoothed']:.3f}", f"{want['held_out_loss']:.3f}", "3.05", "9.00", "20.00", "55.00"]
     assert max(len(line) for line in table.splitlines()) <= 110
     assert "rotated, GPTQ+clip" in table  # a second recipe gets its own row, not the RTN row's place
+
+
+def test_compared_recipes_add_rotated_w4a4_rows():
+    from rolora_plugin import RotationConfig, rotate_model_
+    from rolora_plugin.app.demo import DemoConfig, _quant_grid
+
+    with pytest.raises(ValueError, match="unknown recipe"):
+        DemoConfig(compare_recipes=["awq"])
+    assert DemoConfig(compare_recipes=["gptq"]).needs_calibration() and not DemoConfig(compare_recipes=["rtn+clip"]).needs_calibration()
+    assert DemoConfig.for_size("full").compare_recipes == ["gptq+clip"] and DemoConfig.for_size("small").compare_recipes == []
+    fp = tiny_model("llama")
+    rotated = tiny_model("llama")
+    rotate_model_(rotated, RotationConfig(seed=0), progress=False)
+    chunks = random_ids(batch=2, seq=16)
+    rows = _quant_grid(fp, rotated, DemoConfig(quant_bits=[4], compare_recipes=["rtn", "rtn+clip"]), chunks, None)
+    assert [(r["rotation"], r["recipe"]) for r in rows] == [("none", "RTN"), ("rotated", "RTN"), ("rotated", "RTN+clip")]
+    assert all(math.isfinite(r["perplexity"]) and r["setting"] == "W4A4" for r in rows)
+    assert rows[2]["perplexity"] != rows[1]["perplexity"]  # the clip search changed the weights
 
 
 # ---------------------------------------------------------------------------------------------- response perplexity

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import struct
 import subprocess
 import sys
 
@@ -48,6 +49,19 @@ def test_rotation_reduces_kurtosis(demo):
     assert len(per_layer) == 30 * 7
 
 
+def test_rotation_narrows_the_per_token_range(demo):
+    """What a per-token quantizer covers, max|x| / rms across channels per token: R1 / R4 bring the median token
+    and the worst token close to the i.i.d. Gaussian value (~4 for 576-1536 channels)."""
+    summary = demo[0]["kurtosis"]["summary"]
+    for kind in ("q_proj", "gate_proj", "down_proj"):
+        before, after = summary[kind]["before"], summary[kind]["after"]
+        assert after["token_peak_to_rms_p50"] < before["token_peak_to_rms_p50"] / 2, kind
+        assert after["token_peak_to_rms_max"] < before["token_peak_to_rms_max"] / 2, kind
+        assert 1 < after["token_peak_to_rms_p50"] < 6, kind
+    for kind, row in summary.items():
+        assert row["after"]["token_peak_to_rms_p50"] <= row["before"]["token_peak_to_rms_p50"], kind
+
+
 def test_rotation_cuts_w4a4_perplexity(demo):
     rows = {(r["setting"], r["rotation"]): r["perplexity"] for r in demo[0]["quantization"]}
     assert rows[("W4A4", "rotated")] < rows[("W4A4", "none")] / 5
@@ -63,13 +77,22 @@ def test_lora_and_rolora_train_and_rolora_quantizes_better(demo):
         assert all(math.isfinite(v) and v > 0 for _, v in curve)
     assert tuned["rolora"]["w4a4"]["response_ppl"] < tuned["lora"]["w4a4"]["response_ppl"]
     assert tuned["rolora"]["w4a4"]["text_ppl"] < tuned["lora"]["w4a4"]["text_ppl"]
+    for name in ("lora", "rolora"):  # the table reports a smoothed and a held-out loss, not one noisy batch
+        r, window = tuned[name], tuned[name]["train_loss_window"]
+        assert r["train_loss_smoothed"] == pytest.approx(sum(v for _, v in r["loss_curve"][-window:]) / window)
+        assert r["held_out_loss"] == pytest.approx(math.log(r["fp"]["response_ppl"]))
+    assert math.isfinite(tuned["base_fp_response_ppl"])
 
 
 def test_report_folder_and_table(demo):
     results, stdout, out = demo
-    assert set(results["plots"]) == {"kurtosis", "activation_magnitude", "training_loss"}
+    assert set(results["plots"]) == {"kurtosis", "activation_magnitude", "training_loss", "w4a4_perplexity"}
     for path in results["plots"].values():
-        assert (out / path.rsplit("/", 1)[-1]).read_bytes()[:8] == PNG_MAGIC
+        data = (out / path.rsplit("/", 1)[-1]).read_bytes()
+        assert data[:8] == PNG_MAGIC and struct.unpack(">I", data[16:20])[0] >= 1000  # width in pixels
+    summary = (out / "summary.txt").read_text()
+    for needle in ("Per-token max|x|/rms", "held-out loss / answer ppl", "train loss: mean training loss over the last"):
+        assert needle in summary
     for needle in ("exactness", "Perplexity (RTN)", "W4A4", "RoLoRA", "wall time"):
         assert needle in stdout
     assert results["timings_s"]["total"] > 0
