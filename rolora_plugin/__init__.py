@@ -10,7 +10,8 @@ Public API (one import point)::
     )
 
 ``import rolora_plugin`` imports torch and pluggy only; transformers/peft are imported when first needed
-(``RoLoRACallback`` is resolved lazily because it subclasses ``transformers.TrainerCallback``).
+(``RoLoRACallback`` is resolved lazily from :mod:`rolora_plugin.integrations.hf_trainer` because it subclasses
+``transformers.TrainerCallback``).
 """
 
 from .architectures import ArchitectureSpec, UnsupportedArchitectureError, VLMSpec, get_architecture, list_architectures
@@ -74,7 +75,7 @@ __all__ = [
 
 def __getattr__(name: str):
     if name == "RoLoRACallback":
-        from .callbacks import RoLoRACallback
+        from .integrations.hf_trainer import RoLoRACallback
 
         return RoLoRACallback
     raise AttributeError(f"module 'rolora_plugin' has no attribute {name!r}")

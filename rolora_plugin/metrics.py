@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-__all__ = ["eval_mode", "nll_sum", "mean_loss", "perplexity", "batches_perplexity"]
+__all__ = ["eval_mode", "as_batch", "nll_sum", "mean_loss", "perplexity", "batches_perplexity"]
 
 
 @contextlib.contextmanager
@@ -48,7 +48,8 @@ def nll_sum(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tenso
     return nll.item(), int((targets != -100).sum())
 
 
-def _as_batch(batch, device) -> dict:
+def as_batch(batch, device) -> dict:
+    """A batch (dict of tensors, or an ``input_ids`` tensor) as a dict of its tensors moved to ``device``."""
     if isinstance(batch, torch.Tensor):
         batch = {"input_ids": batch}
     return {k: v.to(device) for k, v in dict(batch).items() if isinstance(v, torch.Tensor)}
@@ -59,7 +60,7 @@ def _totals(model: torch.nn.Module, batches: Iterable, progress: bool, desc: str
     total, count = 0.0, 0
     with eval_mode(model):
         for batch in tqdm(batches, desc=desc, disable=not progress):
-            b = _as_batch(batch, device)
+            b = as_batch(batch, device)
             nll, n = nll_sum(model, b["input_ids"], b.get("labels"), b.get("attention_mask"))
             total, count = total + nll, count + n
     if count == 0:

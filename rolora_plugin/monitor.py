@@ -34,7 +34,7 @@ from torch import nn
 from ._peft import unwrap_peft
 from .architectures import get_architecture
 from .kurtosis import activation_stats, layer_index, leaf_name
-from .metrics import eval_mode, mean_loss
+from .metrics import as_batch, eval_mode, mean_loss
 from .quant import fake_quantized
 
 __all__ = ["BatchCapture", "activation_metrics", "fake_quant_eval_metrics", "measured_kinds", "monitor_metrics"]
@@ -48,12 +48,6 @@ def measured_kinds(model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
     spec = get_architecture(unwrap_peft(model))
     kinds = spec.input_kinds()
     return kinds, ("lm_head",) + tuple("." + leaf for leaf in spec.linear_names() if leaf not in kinds)
-
-
-def _on_device(batch, device) -> dict:
-    if isinstance(batch, torch.Tensor):
-        batch = {"input_ids": batch}
-    return {k: v.to(device) for k, v in dict(batch).items() if isinstance(v, torch.Tensor)}
 
 
 def _summaries(kind_values: dict[str, list[tuple[float, float]]]) -> dict[str, float]:
@@ -74,7 +68,7 @@ def activation_metrics(model: nn.Module, batches: list, layers=()) -> dict[str, 
     kinds, exclude = measured_kinds(model)
     device = next(model.parameters()).device
     with fake_quantized(model, None):
-        stats = activation_stats(model, [_on_device(b, device) for b in batches], exclude=exclude, progress=False)
+        stats = activation_stats(model, [as_batch(b, device) for b in batches], exclude=exclude, progress=False)
     per_kind: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
     out = {}
     for name, s in stats.items():
