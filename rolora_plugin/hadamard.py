@@ -239,9 +239,9 @@ def _random_orthogonal(n: int, seed: int) -> torch.Tensor:
 def fwht(x: torch.Tensor) -> torch.Tensor:
     """Unnormalised fast Walsh–Hadamard transform along the last dim (size 2^k): ``x @ sylvester(2^k)``.
 
-    Radix-2 butterflies, O(n log n), differentiable, any device and float dtype. The transforms below use
-    radix-128 stages (:func:`_kron_apply`) instead: the same O(n log n) structure, each stage one GEMM, measured
-    4-8× faster than radix-2 in PyTorch on CPU (``benchmarks/hadamard.py``); this function is their reference.
+    Radix-2 butterflies, O(n log n), differentiable, any device and float dtype. :meth:`OrthogonalTransform.apply`
+    uses GEMM stages instead (:func:`_stage_sizes`): on CPU every butterfly stage is a full pass over memory and
+    measured 2-10× slower than the GEMM stages (benchmarks/online_hadamard.py); this function is their reference.
     """
     n = x.shape[-1]
     if n & (n - 1):
@@ -256,29 +256,95 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(*lead, n)
 
 
-_MAX_BLOCK_BITS = 7  # Sylvester blocks of at most 128: each stage is one GEMM with a small K
+_MAX_BLOCK_BITS = 7  # Sylvester blocks of at most 128 by default (see _stage_sizes for what apply uses)
 
 
 @lru_cache(maxsize=None)
-def _block_sizes(pow2: int) -> tuple[int, ...]:
+def _block_sizes(pow2: int, max_bits: int = _MAX_BLOCK_BITS) -> tuple[int, ...]:
+    """Balanced split of ``pow2 = 2^k`` into the fewest power-of-two blocks of at most ``2^max_bits``."""
     bits = pow2.bit_length() - 1
     if bits == 0:
         return ()
-    k = -(-bits // _MAX_BLOCK_BITS)
+    k = -(-bits // max_bits)
     return tuple(1 << (bits // k + (1 if i < bits % k else 0)) for i in range(k))
 
 
-def _sylvester_blocks(pow2: int) -> list[torch.Tensor]:
+def _sylvester_blocks(pow2: int, max_bits: int = _MAX_BLOCK_BITS) -> list[torch.Tensor]:
     """Normalised Sylvester factors with ``H_pow2 / sqrt(pow2) = ⊗ blocks`` (Sylvester is Kronecker-closed)."""
-    return [sylvester(b) / math.sqrt(b) for b in _block_sizes(pow2)]
+    return [sylvester(b) / math.sqrt(b) for b in _block_sizes(pow2, max_bits)]
+
+
+# Cost model of one GEMM stage of order s, per element, in multiply-add equivalents: s + _STAGE_COST (the pass
+# over memory and the call) + _SMALL_STAGE_COST when s is below the dtype's minimum (GEMMs with K or N < 16 run
+# 3-8x below peak on CPU). Fitted to benchmarks/online_hadamard.py on the 2-core AMD EPYC box (RESULTS.md):
+# float64 (the rotation pass) is compute-bound, so more, smaller stages pay off there.
+_STAGE_COST = {torch.float64: 24}
+_DEFAULT_STAGE_COST = 96
+_MIN_STAGE = {torch.float64: 8}
+_DEFAULT_MIN_STAGE = 16
+_SMALL_STAGE_COST = 200
+
+
+def _split_candidates(d: int, bits: int):
+    """Every ``(d·2^j, b_1, ..., b_m)``: Sylvester bits merged into the dense stage, the rest split evenly into m
+    power-of-two blocks, smallest first (the last block is the right GEMM, the most efficient stage)."""
+    for j in range(bits + 1):
+        first = (d << j,) if d << j > 1 else ()
+        rest = bits - j
+        for m in range(1 if rest else 0, rest + 1):
+            yield first + tuple(reversed(_block_sizes(1 << rest, -(-rest // m)))) if m else first
+
+
+@lru_cache(maxsize=None)
+def _stage_sizes(d: int, pow2: int, dtype: torch.dtype) -> tuple[int, ...]:
+    """Orders of the GEMM stages applying ``dense(d) ⊗ H_pow2``, the cheapest under the cost model above.
+
+    Depends only on (d, pow2, dtype), never on the batch or on timings, so results are bit-reproducible.
+    E.g. float32: 1536 = 12·128 → (48, 32); 4096 → (64, 64); 14336 = 28·512 → (28, 16, 32).
+    """
+    alpha = _STAGE_COST.get(dtype, _DEFAULT_STAGE_COST)
+    small = _MIN_STAGE.get(dtype, _DEFAULT_MIN_STAGE)
+    first_ok = d > 1  # a dense first stage (left-multiplied, wide N) is efficient at any order
+
+    def cost(sizes):
+        penalty = sum(s < small and not (i == 0 and first_ok) for i, s in enumerate(sizes))
+        return sum(sizes) + alpha * len(sizes) + _SMALL_STAGE_COST * penalty
+
+    candidates = [c for c in _split_candidates(d, pow2.bit_length() - 1) if c]
+    return min(candidates, key=cost) if candidates else ()
+
+
+def _stage_factors(dense: torch.Tensor | None, pow2: int, sizes: tuple[int, ...]) -> list[torch.Tensor]:
+    """float64 factors with ``(dense ⊗ H_pow2 / sqrt(pow2)) = ⊗ factors``, factor i of order ``sizes[i]``.
+
+    The first factor carries the dense part: ``dense ⊗ H_m / sqrt(m)`` with ``m = sizes[0] / d`` (a Kronecker
+    product is associative, so merging Sylvester bits into the dense factor changes only the order of the sums).
+    """
+    d = 1 if dense is None else dense.shape[0]
+    mats = []
+    for i, s in enumerate(sizes):
+        h = sylvester(s // d if i == 0 else s) / math.sqrt(s // d if i == 0 else s)
+        mats.append(torch.kron(dense.contiguous(), h) if i == 0 and dense is not None else h)
+    return mats
+
+
+def _left_apply(m: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``mᵀ`` on the middle axis of y (b, s, after): ``out[b] = mᵀ y[b]``.
+
+    A broadcast batched matmul, except for 16-bit dtypes with s > 128 where CPU ``bmm`` with a broadcast operand
+    takes a slow loop (measured 5× slower than einsum's single GEMM for s = 344).
+    """
+    if m.shape[0] > 128 and y.dtype in (torch.bfloat16, torch.float16):
+        return torch.einsum("ji,bjk->bik", m, y)
+    return torch.matmul(m.T, y)
 
 
 def _kron_apply(x: torch.Tensor, mats: list[torch.Tensor], transposed: bool) -> torch.Tensor:
     """``x @ (M_0 ⊗ M_1 ⊗ ... ⊗ M_k)`` (or its transpose) along the last dim without forming the product.
 
     Viewing the last dim as axes (s_0, ..., s_k), ``x @ (A ⊗ B)`` is ``Aᵀ X B``: the last factor multiplies from
-    the right as one GEMM, every other factor from the left on its axis (broadcast matmul). Cost per element is
-    ``Σ s_i`` multiply-adds: with Sylvester blocks of size ≤ 128 this is a radix-128 butterfly, O(n log n).
+    the right as one GEMM, every other factor from the left on its axis (:func:`_left_apply`). Cost per element
+    is ``Σ s_i`` multiply-adds in ``k + 1`` passes over memory.
     """
     n = x.shape[-1]
     lead = x.shape[:-1]
@@ -289,9 +355,32 @@ def _kron_apply(x: torch.Tensor, mats: list[torch.Tensor], transposed: bool) -> 
         if i == 0:
             y = y.reshape(-1, s) @ (m.T if transposed else m)
         else:
-            y = torch.matmul(m if transposed else m.T, y.reshape(-1, s, after))
+            y = _left_apply(m.T if transposed else m, y.reshape(-1, s, after))
         after *= s
     return y.reshape(*lead, n)
+
+
+def _dispatch_kernel(x: torch.Tensor, t: OrthogonalTransform, transposed: bool) -> torch.Tensor | None:
+    """The Triton kernel's result for CUDA tensors when it applies, else None (PyTorch path)."""
+    if x.device.type != "cuda":
+        return None
+    from .kernels import dispatch_triton_hadamard
+
+    return dispatch_triton_hadamard(x, t, transposed)
+
+
+class _Rotate(torch.autograd.Function):
+    """``y = x R`` (or ``x Rᵀ``) with R orthogonal and constant: the gradient is ``g Rᵀ`` (or ``g R``), the same
+    fast transform in the other direction (differentiable again, so higher derivatives work)."""
+
+    @staticmethod
+    def forward(ctx, x, transform, transposed):
+        ctx.transform, ctx.transposed = transform, transposed
+        return transform._apply_fast(x, transposed)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _Rotate.apply(grad, ctx.transform, not ctx.transposed), None, None
 
 
 @dataclass(eq=False)
@@ -316,32 +405,58 @@ class OrthogonalTransform:
     _cache: dict = field(default_factory=dict, repr=False)
 
     def _factors(self, device, dtype):
-        """(kronecker factors in axis order, signs) cast to (device, dtype), cached."""
+        """(kronecker factors in axis order, signs) cast to (device, dtype), cached; stages from :func:`_stage_sizes`."""
         key = (device, dtype)
         if key not in self._cache:
             to = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
-            mats = ([self.dense] if self.dense is not None else []) + _sylvester_blocks(self.pow2)
+            d = 1 if self.dense is None else self.dense.shape[0]
+            mats = _stage_factors(self.dense, self.pow2, _stage_sizes(d, self.pow2, dtype))
             self._cache[key] = ([to(m) for m in mats], to(self.signs))
         return self._cache[key]
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ R`` along the last dimension; x: (..., n). Same dtype and device as x."""
+    def _apply_fast(self, x: torch.Tensor, transposed: bool) -> torch.Tensor:
+        """``x @ R`` (``x @ Rᵀ`` if transposed) without autograd: the Triton kernel on CUDA when it applies,
+        else signs and GEMM stages (:func:`_kron_apply`)."""
+        y = _dispatch_kernel(x, self, transposed)
+        if y is not None:
+            return y
+        mats, signs = self._factors(x.device, x.dtype)
+        if not transposed:
+            return _kron_apply(x * signs if signs is not None else x, mats, transposed=False)
+        y = _kron_apply(x, mats, transposed=True) if mats else x.clone()  # a new tensor: safe to scale in place
+        return y.mul_(signs) if signs is not None else y
+
+    def _check(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.n:
             raise ValueError(f"transform of width {self.n} applied to a tensor with last dim {x.shape[-1]}")
-        mats, signs = self._factors(x.device, x.dtype)
-        return _kron_apply(x * signs if signs is not None else x, mats, transposed=False)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ R`` along the last dimension; x: (..., n). Same dtype and device as x; differentiable."""
+        self._check(x)
+        return _Rotate.apply(x, self, False)
 
     def apply_transposed(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ Rᵀ`` along the last dimension (the inverse transform)."""
-        if x.shape[-1] != self.n:
-            raise ValueError(f"transform of width {self.n} applied to a tensor with last dim {x.shape[-1]}")
-        mats, signs = self._factors(x.device, x.dtype)
-        y = _kron_apply(x, mats, transposed=True)
-        return y * signs if signs is not None else y
+        self._check(x)
+        return _Rotate.apply(x, self, True)
+
+    def matrix_columns(self, start: int, stop: int, dtype=torch.float64, device=None) -> torch.Tensor:
+        """Columns ``R[:, start:stop]`` formed explicitly (reference; ``start``, ``stop`` multiples of pow2).
+
+        ``R[:, a·p:b·p] = diag(signs) · (dense[:, a:b] ⊗ H_p) / sqrt(p)`` with p = pow2: no fast path involved.
+        """
+        p = self.pow2
+        if start % p or stop % p:
+            raise ValueError(f"column range [{start}, {stop}) is not aligned to the Sylvester order {p}")
+        h = sylvester(p) / math.sqrt(p)
+        r = torch.kron(self.dense[:, start // p : stop // p].contiguous(), h) if self.dense is not None else h[:, start:stop]
+        if self.signs is not None:
+            r = self.signs.unsqueeze(1) * r
+        return r.to(device=device, dtype=dtype)
 
     def matrix(self, dtype=torch.float64, device=None) -> torch.Tensor:
-        """Dense n×n matrix R (reference only: O(n²) memory)."""
-        return self.apply(torch.eye(self.n, dtype=dtype, device=device))
+        """Dense n×n matrix R formed with ``torch.kron`` (reference only: O(n²) memory)."""
+        return self.matrix_columns(0, self.n, dtype, device)
 
     def checksum(self) -> str:
         """sha256 of the defining data (construction, signs, dense factor bytes), device independent."""
@@ -436,9 +551,20 @@ def hadamard_transform(x: torch.Tensor, transform: OrthogonalTransform | None = 
 
 
 def hadamard_transform_ref(x: torch.Tensor, transform: OrthogonalTransform | None = None) -> torch.Tensor:
-    """Dense reference of :func:`hadamard_transform`: ``x @ R`` with R materialised (float64 matmul)."""
+    """Dense reference of :func:`hadamard_transform`: ``x @ R`` with R materialised (float64 matmul).
+
+    ``R = diag(s) · K`` with ``K = dense ⊗ H_p / sqrt(p)`` formed by ``torch.kron`` (independent of the fast path),
+    in column blocks of at most ~2^24 entries so wide transforms (n = 18944) never need n×n at once; the signs
+    are applied to x, ``(x·s) K``, which is bit-identical to ``x (diag(s) K)`` (multiplying by ±1 is exact).
+    """
     t = transform if transform is not None else _default_transform(x.shape[-1])
-    return (x.to(torch.float64) @ t.matrix(torch.float64, x.device)).to(x.dtype)
+    x64 = x.to(torch.float64)
+    if t.signs is not None:
+        x64 = x64 * t.signs.to(x64.device)
+    unsigned = OrthogonalTransform(n=t.n, dense=t.dense, pow2=t.pow2)
+    step = t.pow2 * max(1, (1 << 24) // (t.n * t.pow2))
+    cols = [x64 @ unsigned.matrix_columns(j, min(j + step, t.n), device=x.device) for j in range(0, t.n, step)]
+    return torch.cat(cols, dim=-1).to(x.dtype)
 
 
 # constructions depend on what the rolora_hadamard_matrix hooks return: forget them when plugins are reloaded
