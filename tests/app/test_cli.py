@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import string
 import subprocess
 import sys
 from pathlib import Path
@@ -20,35 +19,14 @@ import torch
 from rolora_plugin.app.cli import EXIT_BAD_INPUT, build_parser, main
 from rolora_plugin.kurtosis import activation_stats, kurtosis_from_power_sums, kurtosis_ref, layer_index
 from rolora_plugin.publish import atomic_output_dir
+from tests.app.fixtures import save_tiny
 from tests.helpers import logits, random_ids, rel_err, tiny_model
 
-SUBCOMMANDS = ("demo", "rotate", "eval", "export", "train")
+SUBCOMMANDS = ("demo", "rotate", "eval", "export", "quantize", "train", "assets")
 FP32_REL = 1e-5  # relative logit tolerance of an exact rotation in float32 (stock RMSNorm computes in float32)
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
-
-
-def char_tokenizer():
-    """A character-level fast tokenizer (< 101 ids, the tiny models' vocab); no downloads."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for c in string.ascii_letters + string.digits + " .,;:!?'\"()-\n":
-        vocab.setdefault(c, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-
-
-def save_tiny(path: Path, family: str = "llama", **kw) -> Path:
-    model = tiny_model(family, **kw)
-    model.config.max_position_embeddings = 2048  # room for lm-eval's character-level contexts (default RoPE: no effect)
-    model.save_pretrained(path)
-    char_tokenizer().save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

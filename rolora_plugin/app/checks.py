@@ -1,0 +1,276 @@
+"""Input checks of the ``rolora`` command: every bad input becomes one :class:`CLIError` line, before any work.
+
+Each check looks at what the user passed (folders, files, numbers) and raises :class:`CLIError` with a message
+that says what is wrong and what to do, naming CLI flags (``--base-model``) or config keys (``seq_len``), never
+Python parameters. The checks are cheap: they read headers and small JSON files, never whole weights.
+
+Example::
+
+    src = check_model_dir("smollm2/")          # a folder with config.json and readable weights
+    out = check_new_output_dir("rotated/")     # does not exist; its nearest existing parent accepts new folders
+    check_int(4, "--w-bits", 2, 16)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+__all__ = [
+    "CLIError",
+    "EVAL_EXTRA_PIP",
+    "TOKENIZER_FILES",
+    "check_int",
+    "check_model_dir",
+    "check_new_output_dir",
+    "check_output_parent",
+    "check_record",
+    "check_seed",
+    "check_token_ids",
+    "check_weights",
+    "check_weights_file",
+    "config_errors",
+    "first_line",
+    "load_model_config",
+    "check_family",
+    "is_rotated_dir",
+    "load_tokenizer",
+    "require_modules",
+]
+
+EVAL_EXTRA_PIP = "pip install -e '.[eval]' in the rolora-plugin checkout (or: bash scripts/setup.sh)"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt")
+SEED_LIMIT = 2**32  # numpy's (and so transformers.set_seed's) seed range is [0, 2**32)
+
+
+class CLIError(Exception):
+    """A user error: reported as one line on stderr, exit status 2."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none)."""
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
+@contextlib.contextmanager
+def config_errors(what: str):
+    """Turn a config's ValueError/TypeError (bad field values, unknown keys) into a one-line :class:`CLIError`."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        raise CLIError(f"invalid {what} settings: {first_line(e)}") from None
+
+
+# ---------------------------------------------------------------------------------------------- numbers
+
+
+def check_int(value, flag: str, lo: int, hi: int | None = None, hint: str = "") -> int:
+    """``value`` must be an int in ``[lo, hi]`` (``hi`` None: no upper bound); ``flag`` names it in the message."""
+    bad = isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi)
+    if bad:
+        span = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
+        raise CLIError(f"{flag} must be an integer {span}{hint}, got {value!r}")
+    return value
+
+
+def check_seed(value, flag: str) -> int:
+    """A seed in ``[0, 2**32)``: the range numpy (used by ``transformers.set_seed``) accepts."""
+    return check_int(value, flag, 0, SEED_LIMIT - 1)
+
+
+# ---------------------------------------------------------------------------------------------- extras
+
+
+def require_modules(modules: dict[str, str], what: str) -> None:
+    """Every module of ``{module: install hint}`` must be importable (found with ``find_spec``, not imported).
+
+    ``sys.modules[name] = None`` (an import blocked on purpose) counts as missing, as Python's import does.
+    """
+    missing = {name: hint for name, hint in modules.items() if _find_spec(name) is None}
+    if missing:
+        hints = "; ".join(dict.fromkeys(missing.values()))
+        raise CLIError(f"{what} needs the python package(s) {', '.join(sorted(missing))}, not installed; fix: {hints}")
+
+
+def _find_spec(name: str):
+    try:
+        return importlib.util.find_spec(name)
+    except (ImportError, ValueError):  # a parent package missing, or a module without __spec__
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- folders
+
+
+def check_model_dir(path: str, flag: str = "model dir", weights: bool = True) -> Path:
+    """An existing, readable directory holding a ``config.json`` (and readable weights); else :class:`CLIError`."""
+    p = Path(path)
+    if not p.exists():
+        raise CLIError(f"{flag} {path!r} does not exist")
+    if not p.is_dir():
+        raise CLIError(f"{path!r} is not a directory; pass the folder written by save_pretrained")
+    if not os.access(p, os.R_OK | os.X_OK):
+        raise CLIError(f"{flag} {path!r} is not readable (check its permissions)")
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        raise CLIError(f"{path!r} has no config.json; pass a folder written by save_pretrained")
+    if not os.access(cfg, os.R_OK):
+        raise CLIError(f"{cfg} is not readable (check its permissions)")
+    try:
+        json.loads(cfg.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise CLIError(f"cannot read the model config in {path!r}: {first_line(e)}") from None
+    if weights:
+        check_weights(p)
+    return p
+
+
+def check_weights(folder: Path) -> None:
+    """``folder`` holds weights transformers can read: safetensors headers intact, every indexed shard present."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file():
+            return _check_index(folder, index)
+    if (folder / "model.safetensors").is_file():
+        return check_weights_file(folder / "model.safetensors")
+    if not (folder / "pytorch_model.bin").is_file():
+        raise CLIError(f"{str(folder)!r} has a config.json but no weights (model.safetensors or pytorch_model.bin); "
+                       "pass the complete folder written by save_pretrained")  # fmt: skip
+
+
+def _check_index(folder: Path, index: str) -> None:
+    try:
+        weight_map = json.loads((folder / index).read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+        raise CLIError(f"{folder / index} is not a valid weight index ({first_line(e)}); re-save the model") from None
+    for shard in shards:
+        path = folder / shard
+        if not path.is_file():
+            raise CLIError(f"{str(folder)!r} lacks the weight shard {shard} named in {index}; copy the complete folder")
+        check_weights_file(path)
+
+
+def check_weights_file(path: Path) -> None:
+    """A ``.safetensors`` file's header parses and the file covers every tensor (``safe_open`` maps the file, it
+    does not read the data); other files must be readable."""
+    from safetensors import safe_open
+
+    if path.suffix != ".safetensors":
+        if not os.access(path, os.R_OK):
+            raise CLIError(f"{path} is not readable (check its permissions)")
+        return
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # SafetensorError (truncated, corrupt), OSError (unreadable)
+        raise CLIError(f"{path} is unreadable ({first_line(e)}): truncated or corrupt; re-save or copy the model again") from None
+
+
+def check_output_parent(path: str | os.PathLike, flag: str = "output dir") -> Path:
+    """The nearest existing ancestor of ``path`` is a folder that accepts new entries (nothing is created here)."""
+    from ..publish import check_writable_parent
+
+    p = Path(os.path.abspath(path))
+    ancestor = p.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise CLIError(f"cannot create {flag} {str(path)!r}: {str(ancestor)!r} is a file, not a folder; choose another path")
+    try:
+        check_writable_parent(ancestor / f".{p.name}.probe")  # probes with a mkdir inside ``ancestor``
+    except OSError as e:
+        raise CLIError(f"cannot create {flag} {str(path)!r}: {first_line(e).split(': ', 1)[-1]}") from None
+    return Path(path)
+
+
+def check_new_output_dir(path: str, flag: str = "output dir") -> Path:
+    """A path that does not exist yet and could be created; else :class:`CLIError`."""
+    if os.path.lexists(path):
+        raise CLIError(f"{flag} {path!r} already exists; choose a new path or remove it first")
+    return check_output_parent(path, flag)
+
+
+# ---------------------------------------------------------------------------------------------- model config
+
+
+def load_model_config(model_dir: Path):
+    """The transformers config of ``model_dir``; unknown model types and non-causal-LM checkpoints are refused."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (ValueError, KeyError, OSError, TypeError) as e:
+        raise CLIError(f"cannot read the model config in {str(model_dir)!r}: {first_line(e)}") from None
+    archs = list(getattr(config, "architectures", None) or [])
+    if config.model_type not in causal:
+        raise CLIError(f"{str(model_dir)!r} is not a causal LM (model_type {config.model_type!r}, {archs or 'no architectures'})")
+    if archs and not any(a in set(causal.values()) for a in archs):
+        raise CLIError(f"{str(model_dir)!r} holds {archs[0]}, not a causal LM (no language-modelling head)")
+    return config
+
+
+def check_family(config) -> None:
+    """Refuse model types no rotation spec is registered for (one line, listing the supported ones)."""
+    from .. import list_architectures
+
+    if config.model_type not in list_architectures():
+        known = ", ".join(sorted(list_architectures()))
+        raise CLIError(f"unsupported model family {config.model_type!r}; rolora can rotate: {known}")
+
+
+def is_rotated_dir(model_dir: Path, config) -> bool:
+    from ..config import RECORD_KEY
+
+    return (model_dir / "rolora_rotation.json").is_file() or bool(getattr(config, RECORD_KEY, None))
+
+
+def check_record(folder: Path) -> None:
+    """A ``rolora_rotation.json`` in ``folder`` must parse as a record (unknown keys, bad JSON: RotationError)."""
+    from ..errors import RotationError
+    from ..export import read_rotation_record
+
+    try:
+        read_rotation_record(folder)
+    except (ValueError, TypeError, KeyError) as e:
+        raise RotationError(f"{folder}/rolora_rotation.json is not a valid rotation record: {first_line(e)}") from None
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer and ids
+
+
+def load_tokenizer(model_dir: Path, required: bool = False):
+    """The tokenizer saved in ``model_dir``; None when it has no tokenizer files (and ``required`` is False).
+
+    A folder that has tokenizer files which cannot be loaded is an error, never silently "no tokenizer": an output
+    written without it would not be the model the user passed.
+    """
+    present = [f for f in TOKENIZER_FILES if (model_dir / f).is_file()]
+    if not present:
+        if required:
+            raise CLIError(f"{str(model_dir)!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}); save it next to the model")
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as e:  # tokenizers raises json, Rust and OS errors for damaged files
+        raise CLIError(f"the tokenizer in {str(model_dir)!r} ({', '.join(present)}) cannot be loaded ({first_line(e)}); "
+                       "repair or re-save it, or delete those files to go on without a tokenizer") from None  # fmt: skip
+
+
+def check_token_ids(ids, vocab_size: int, what: str, source: str) -> None:
+    """``ids``: a non-empty integer tensor (batch, seq) whose values index the model's ``vocab_size`` embeddings."""
+    import torch
+
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2 or 0 in ids.shape:
+        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise CLIError(f"{what} must be a non-empty integer (batch, seq) tensor of token ids, got {shape}")
+    top, low = int(ids.max()), int(ids.min())
+    if low < 0 or top >= vocab_size:
+        raise CLIError(f"the tokenizer of {source} produces token id {top if top >= vocab_size else low} for the {what}, "
+                       f"outside the model's {vocab_size} embeddings: tokenizer and model do not match")  # fmt: skip
