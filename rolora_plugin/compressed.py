@@ -1,28 +1,10 @@
-"""The compressed-tensors format: online rotations as a ``transform_config``, and packed W4A4 checkpoints.
+"""``format="compressed-tensors"``: a quantized rotated model as a packed compressed-tensors checkpoint, and back.
 
-Two things live here, both written by :func:`rolora_plugin.export.merge_and_export` and read back by
-:func:`rolora_plugin.export.load_rotated`:
+Written by :func:`rolora_plugin.export.merge_and_export` and read back by :func:`rolora_plugin.export.load_rotated`;
+the online rotations go into ``quantization_config.transform_config`` (:mod:`rolora_plugin.transform_config`).
 
-**1. The online rotations as a compressed-tensors 0.20 ``transform_config``** (every export). R4 acts on
-``down_proj``'s input (location ``input``), R3 on queries and keys after RoPE (``q_attn`` / ``k_cache``, per head).
-R1, R2 and R4's weight side are folded into the weights. compressed-tensors' ``hadamard`` type is the unsigned
-normalised Sylvester matrix (powers of two only), used only where our matrix is exactly that. Any other matrix
-(Paley / Kronecker Hadamards such as SmolLM2's 1536 = 12·128, signed or fallback orthogonal factors) is a
-**stored** matrix: compressed-tensors 0.20 has no type that reads a matrix from a config, but a transform module
-is a submodule ``<target>.<group>_<location>`` whose ``weight`` is a parameter; ``apply_transform_config`` creates
-it (``random-hadamard``: shared by every target of the group) and its forward is ``x @ weight / sqrt(n)`` — the
-same scaling vLLM applies to a loaded transform weight. We store ``weight = sqrt(n) · R`` (``x @ R`` is our online
-rotation), once per group under the first target's name, in ``transforms.safetensors`` (not in
-``model.safetensors``: transformers 5.23 ignores ``transform_config`` at load and would report those keys as
-unexpected). :func:`load_with_compressed_tensors` is the consumer's path: plain load,
-``apply_transform_config``, then the stored weights.
-
-* the full-precision export (``format="fp"``) keeps its older rule: a ``hadamard``-only config or none at all
-  (:func:`transform_config_dict`; a warning says when none is written). Its ``q_attn`` / ``k_cache`` locations
-  hook the attention function and fail with transformers 5.23's ``eager`` attention: load with ``sdpa``.
-
-**2. ``format="compressed-tensors"``: the quantized model packed** (compressed-tensors ``pack-quantized``, written
-with its own ``PackedQuantizationCompressor``). For every quantized linear ``NAME``:
+The weights use compressed-tensors' ``pack-quantized`` format, written with its own ``PackedQuantizationCompressor``.
+For every quantized linear ``NAME``:
 
 * ``NAME.weight_packed`` int32 (out, ceil(in·b/32)): the integer codes, 32/b per word;
 * ``NAME.weight_scale`` (out, n_groups), the scales RTN/GPTQ used (:class:`rolora_plugin.quant.rtn.WeightQuantParams`,
@@ -48,15 +30,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .architectures import architecture_by_name, get_architecture
 from .config import QUANT_RECORD_KEY
 from .errors import QuantizationError, RotationError
 from .publish import atomic_write_text
@@ -64,135 +45,28 @@ from .quant.model import QuantizationRecord
 from .quant.primitives import OFF_BITS
 from .quant.rtn import WeightQuantParams, set_weight_quant_params_, weight_quant_params
 from .rotation import RotationRecord
+from .transform_config import TRANSFORMS_FILE, require_compressed_tensors, stored_transform_weights, transform_config_dict
 
 __all__ = [
     "COMPRESSED_FORMAT",
     "QUANT_RECORD_FILE",
-    "TRANSFORMS_FILE",
     "CompressedExport",
-    "transform_config_dict",
-    "quantization_config_dict",
-    "prepare_compressed",
-    "write_compressed",
     "is_compressed_export",
-    "verify_compressed_export",
     "load_compressed",
-    "load_with_compressed_tensors",
-    "embed_transform_config",
+    "model_class",
+    "prepare_compressed",
+    "quantization_config_dict",
+    "tensor_digests",
+    "verify_compressed_export",
+    "write_compressed",
 ]
 
 logger = logging.getLogger(__name__)
 COMPRESSED_FORMAT = "compressed-tensors"
 QUANT_RECORD_FILE = "rolora_quantization.json"
-TRANSFORMS_FILE = "transforms.safetensors"
-TRANSFORM_CONFIG_FILE = "transform_config.json"
 _GROUP = "group_0"
 _RECORD_VERSION = 1
 _IGNORED_KEYS = ("version",)  # quantization_config keys that do not describe the model
-
-
-def _require_compressed_tensors():
-    try:
-        import compressed_tensors  # noqa: F401
-    except ImportError:
-        raise ImportError(
-            "compressed-tensors is needed for this: pip install 'compressed-tensors>=0.20' (or rolora-plugin[export])"
-        ) from None
-
-
-# ---------------------------------------------------------------------------------------------- transform config
-
-
-def _is_sylvester(t) -> bool:
-    """True if the transform is exactly compressed-tensors' ``hadamard`` (normalised Sylvester, no signs)."""
-    return t.dense is None and t.signs is None and t.pow2 == t.n
-
-
-def _scheme(location_targets: list[tuple[str, str]], head_dim: int | None = None, kind: str = "hadamard") -> dict:
-    apply = [{"targets": [target], "location": loc, "inverse": False, "ignore": []} for loc, target in location_targets]
-    return {"type": kind, "apply": apply, "randomize": False, "requires_grad": False, "head_dim": head_dim}
-
-
-def _online_groups(record: RotationRecord) -> list[tuple[str, object, list[tuple[str, str]], int | None]]:
-    """``[(group name, transform, [(location, target)], head_dim)]`` for the record's online rotations."""
-    transforms = record.verify()
-    spec = architecture_by_name(record.family)
-    out = []
-    if "r4" in transforms:
-        out.append(("rolora_r4", transforms["r4"], [("input", _regex(spec.down_proj))], None))
-    if "r3" in transforms:
-        target = _regex(spec.attention)
-        out.append(("rolora_r3", transforms["r3"], [("q_attn", target), ("k_cache", target)], record.dims.head_dim))
-    return out
-
-
-def _regex(path: str) -> str:
-    return "re:.*" + path.replace(".", r"\.") + "$"
-
-
-def transform_config_dict(record: RotationRecord, *, stored: bool = False) -> dict | None:
-    """The online rotations of ``record`` as a compressed-tensors ``TransformConfig`` dict, or None if there are none.
-
-    ``stored=False`` (the full-precision export): ``hadamard`` groups only; None (and a warning) when one rotation
-    is not the plain Sylvester matrix, since a partial description would give a wrong model. ``stored=True`` (the
-    compressed-tensors export): such rotations become ``random-hadamard`` groups whose weights are stored (module
-    doc). Validated with compressed-tensors' pydantic models when the library is installed.
-    """
-    groups, unsupported = {}, []
-    for name, t, locations, head_dim in _online_groups(record):
-        exact = _is_sylvester(t)
-        groups[name] = _scheme(locations, head_dim, "hadamard" if exact or not stored else "random-hadamard")
-        unsupported += [] if exact or stored else [f"{name.removeprefix('rolora_')} ({t.description})"]
-    if unsupported:
-        logger.warning(
-            "no compressed-tensors transform_config written: %s has no compressed-tensors equivalent (its 'hadamard' "
-            "type is a power-of-two Sylvester matrix). rolora_rotation.json + load_rotated stay exact.", ", ".join(unsupported)
-        )  # fmt: skip
-        return None
-    if not groups:
-        return None
-    config = {"config_groups": groups}
-    _validate_transform_config(config)
-    return config
-
-
-def _validate_transform_config(config: dict) -> None:
-    try:
-        from compressed_tensors.transform import TransformConfig
-    except ImportError:
-        logger.info("compressed-tensors not installed: transform_config written without validation")
-        return
-    TransformConfig.model_validate(config)
-
-
-def _stored_transform_weights(record: RotationRecord, model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{<first target>.<group>_<location>.weight: sqrt(n) · R}`` (float32) for every non-Sylvester online rotation."""
-    from compressed_tensors.utils import match_named_modules
-
-    out = {}
-    for name, t, locations, _ in _online_groups(record):
-        if _is_sylvester(t):
-            continue
-        location, target = locations[0]
-        first = next(iter(match_named_modules(model, [target])), None)
-        if first is None:
-            raise RotationError(f"no module of {type(model).__name__} matches the transform target {target!r}")
-        out[f"{first[0]}.{name}_{location}.weight"] = (t.matrix(torch.float64) * math.sqrt(t.n)).to(torch.float32).contiguous()
-    return out
-
-
-def embed_transform_config(config_path: Path, ct: dict) -> None:
-    """Put ``ct`` into ``config.json → quantization_config.transform_config`` (what ``ModelCompressor.update_config`` writes)."""
-    import compressed_tensors
-
-    data = json.loads(config_path.read_text())
-    data["quantization_config"] = {
-        "quant_method": "compressed-tensors",
-        "version": compressed_tensors.__version__,
-        "sparsity_config": {},
-        "transform_config": ct,
-    }
-    atomic_write_text(config_path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- quantization config
@@ -215,10 +89,12 @@ def _check_exportable(record: QuantizationRecord) -> None:
             f"format='compressed-tensors' packs integer weights of 1-8 bits; this model has w_bits={cfg.w_bits}. "
             "Quantize the weights to at most 8 bits (e.g. QuantConfig(w_bits=4))."
         )
-    if cfg.a_clip_ratio != 1.0 or cfg.kv_clip_ratio != 1.0:
+    searched = sorted({r for r in (getattr(record, "a_clip_ratios", None) or {}).values() if r != 1.0})
+    if cfg.a_clip_ratio != 1.0 or cfg.kv_clip_ratio != 1.0 or searched:
         logger.warning(
-            "compressed-tensors has no field for the activation/KV clip ratios (%s, %s): its consumers quantize without "
-            "clipping; load_rotated applies them from the rolora_quant record", cfg.a_clip_ratio, cfg.kv_clip_ratio,
+            "compressed-tensors has no field for activation/KV clip ratios (a %s, kv %s, per-linear searched %s): its "
+            "consumers quantize activations unclipped; load_rotated applies them from the rolora_quant record",
+            cfg.a_clip_ratio, cfg.kv_clip_ratio, searched or "none",
         )  # fmt: skip
 
 
@@ -319,7 +195,7 @@ class CompressedExport:
 
 def prepare_compressed(model: nn.Module, record: QuantizationRecord, rotation: RotationRecord) -> CompressedExport:
     """Pack every quantized linear of ``model`` (the state dict to save) and build its ``quantization_config``."""
-    _require_compressed_tensors()
+    require_compressed_tensors()
     _check_exportable(record)
     transform = transform_config_dict(rotation, stored=True)
     qconfig = quantization_config_dict(record, rotation.dims.head_dim, transform, _targets_for(model, record))
@@ -329,7 +205,7 @@ def prepare_compressed(model: nn.Module, record: QuantizationRecord, rotation: R
         packed = _pack_linear(name, model.get_submodule(name), record, scheme)
         del state[f"{name}.weight"]
         state.update({f"{name}.{key}": value for key, value in packed.items()})
-    return CompressedExport(state, qconfig, _stored_transform_weights(rotation, model), record)
+    return CompressedExport(state, qconfig, stored_transform_weights(rotation, model), record)
 
 
 def write_compressed(model: nn.Module, export: CompressedExport, directory: Path) -> None:
@@ -361,7 +237,7 @@ def tensor_digests(directory: Path) -> dict[str, str]:
     out = {}
     for path in sorted(Path(directory).glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 t = f.get_tensor(key).contiguous()
                 h = hashlib.sha256(f"{path.name}|{t.dtype}|{tuple(t.shape)}|".encode())
                 h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -448,13 +324,27 @@ def _check_digests(path: Path, expected: dict) -> None:
         )
 
 
+def model_class(path: str | os.PathLike):
+    """``AutoModelForCausalLM``, or for configs it does not map (LLaVA-style VLMs) the class in ``config.architectures``."""
+    import transformers
+
+    config = _read_json(Path(path) / "config.json", "model config")
+    auto = transformers.AutoModelForCausalLM
+    if config.get("model_type") in transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return auto
+    named = [getattr(transformers, a, None) for a in config.get("architectures") or []]
+    return next((c for c in named if c is not None), auto)
+
+
 def load_compressed(path: str | os.PathLike, record: QuantizationRecord, **kwargs) -> nn.Module:
     """Dense model with the exact dequantized weights (transformers + compressed-tensors' decompression at load),
     each quantized linear carrying its :class:`WeightQuantParams` again; no quantizer or rotation installed yet."""
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+    from transformers import CompressedTensorsConfig
 
-    _require_compressed_tensors()
-    model = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=CompressedTensorsConfig(dequantize=True), **kwargs)
+    require_compressed_tensors()
+    with warnings.catch_warnings():  # "the quantization_config from the model will be used": what we ask for
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)
+        model = model_class(path).from_pretrained(str(path), quantization_config=CompressedTensorsConfig(dequantize=True), **kwargs)
     _attach_params(model, Path(path), record)
     return model
 
@@ -463,11 +353,12 @@ def _attach_params(model: nn.Module, path: Path, record: QuantizationRecord) -> 
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from safetensors import safe_open
 
-    cfg, names = record.config, set(record.quantized)
+    cfg = record.config
+    wanted = {_checkpoint_key(model, f"{name}.{kind}"): f"{name}.{kind}" for name in record.quantized for kind in ("weight_scale", "weight_zero_point")}
     tensors = {}
     for file in sorted(path.glob("model*.safetensors")):
         with safe_open(str(file), "pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys() if k.rsplit(".", 1)[0] in names and "weight_" in k})
+            tensors.update({wanted[k]: f.get_tensor(k) for k in f.keys() if k in wanted})  # noqa: SIM118
     for name in record.quantized:
         scale = tensors[f"{name}.weight_scale"]
         zero = torch.zeros_like(scale)
@@ -477,46 +368,10 @@ def _attach_params(model: nn.Module, path: Path, record: QuantizationRecord) -> 
         set_weight_quant_params_(model.get_submodule(name), WeightQuantParams(cfg.w_bits, cfg.w_group_size, cfg.w_sym, scale, zero))
 
 
-def load_with_compressed_tensors(path: str | os.PathLike, dtype: torch.dtype | None = None, *, dequantize: bool = False) -> nn.Module:
-    """Load an export the way a compressed-tensors consumer would: transformers + ``apply_transform_config``.
+def _checkpoint_key(model: nn.Module, key: str) -> str:
+    """The name transformers gives the module-named ``key`` in the files it saves (e.g. LLaVA's legacy prefixes)."""
+    from transformers.core_model_loading import revert_weight_conversion
 
-    No rolora code touches the forward: the online rotations come from the export's ``transform_config`` only
-    (``config.json``, or ``transform_config.json`` of a full-precision export) and the stored transform weights in
-    ``transforms.safetensors``, applied by compressed-tensors with ``sdpa`` attention (its q/k hooks do not support
-    ``eager``). A packed checkpoint goes through compressed-tensors' own quantized forward (its activation grid,
-    module doc); ``dequantize=True`` loads it dense instead (``CompressedTensorsConfig(dequantize=True)``: exact weights,
-    no activation quantization; transformers 5.23 needs this for asymmetric weights, whose packed zero points its
-    compressed path does not size). Used to check what consumers get; raises if the export has no transform config.
-    """
-    from transformers import AutoModelForCausalLM
-
-    _require_compressed_tensors()
-    from compressed_tensors.transform import TransformConfig, apply_transform_config
-
-    path = Path(path)
-    ct = _read_json(path / "config.json", "model config").get("quantization_config", {}).get("transform_config")
-    if not ct and (path / TRANSFORM_CONFIG_FILE).is_file():
-        ct = json.loads((path / TRANSFORM_CONFIG_FILE).read_text())
-    if not ct:
-        raise RotationError(f"{path} has no compressed-tensors transform_config (see rolora_plugin.compressed's module doc)")
-    kwargs = {"attn_implementation": "sdpa", **({"dtype": dtype} if dtype is not None else {})}
-    if dequantize:
-        from transformers import CompressedTensorsConfig
-
-        kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    get_architecture(model)  # clear error for a family we do not know
-    apply_transform_config(model, TransformConfig.model_validate(ct))
-    _load_transform_weights(model, path / TRANSFORMS_FILE)
-    return model.eval()
+    return next(iter(revert_weight_conversion(model, {key: torch.empty(0)})))
 
 
-def _load_transform_weights(model: nn.Module, file: Path) -> None:
-    if not file.is_file():
-        return
-    from safetensors.torch import load_file
-
-    stored = load_file(str(file))
-    unexpected = model.load_state_dict(stored, strict=False).unexpected_keys
-    if unexpected:
-        raise RotationError(f"{file} holds transform weights for modules the transform_config did not create: {unexpected}")

@@ -51,13 +51,10 @@ from torch import nn
 from ._peft import unwrap_peft
 from .compressed import (
     COMPRESSED_FORMAT,
-    TRANSFORM_CONFIG_FILE,
-    embed_transform_config,
     is_compressed_export,
     load_compressed,
-    load_with_compressed_tensors,
+    model_class,
     prepare_compressed,
-    transform_config_dict,
     verify_compressed_export,
     write_compressed,
 )
@@ -66,18 +63,19 @@ from .errors import QuantizationError
 from .fingerprint import weights_fingerprint
 from .publish import OutputExistsError, atomic_output_dir, atomic_write_text, check_writable_parent
 from .rotation import RECORD_KEY, RotationError, RotationRecord, get_rotation_record, install_online_rotations, rotate_model_
+from .transform_config import TRANSFORM_CONFIG_FILE, embed_transform_config, load_with_compressed_tensors, transform_config_dict
 
 __all__ = [
+    "FORMATS",
     "RECORD_FILE",
     "TRANSFORM_CONFIG_FILE",
-    "FORMATS",
+    "load_rotated",
+    "load_with_compressed_tensors",
     "merge_and_export",
     "quantize_and_export",
-    "load_rotated",
-    "write_rotation_record",
     "read_rotation_record",
     "transform_config_dict",
-    "load_with_compressed_tensors",
+    "write_rotation_record",
 ]
 
 logger = logging.getLogger(__name__)
@@ -168,9 +166,7 @@ def load_rotated(path: str | os.PathLike, dtype: torch.dtype | None = None, devi
 def _from_pretrained(path, quant, kwargs: dict) -> nn.Module:
     if quant is not None:
         return load_compressed(path, quant, **kwargs)
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return model_class(path).from_pretrained(path, **kwargs)
 
 
 def _load_base(base_model, dtype) -> nn.Module:

@@ -53,10 +53,10 @@ from .targets import quantizable_linears
 
 __all__ = [
     "HessianAccumulator",
+    "capture_layer_inputs",
+    "gptq_quantize_model_",
     "gptq_quantize_weight",
     "gptq_quantize_weight_ref",
-    "gptq_quantize_model_",
-    "capture_layer_inputs",
 ]
 
 logger = logging.getLogger(__name__)

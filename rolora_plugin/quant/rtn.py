@@ -19,7 +19,7 @@ from torch import nn
 from .config import QuantConfig
 from .primitives import OFF_BITS, mse_clip_search, quantize_with_scales, weight_scales
 
-__all__ = ["WeightQuantParams", "rtn_quantize_linear_", "replace_weight_", "weight_quant_params", "set_weight_quant_params_"]
+__all__ = ["WeightQuantParams", "replace_weight_", "rtn_quantize_linear_", "set_weight_quant_params_", "weight_quant_params"]
 
 _PARAMS_ATTR = "_rolora_weight_qparams"
 

@@ -1,0 +1,201 @@
+"""The online rotations of a rotated model as a compressed-tensors 0.20 ``transform_config``.
+
+Written with every export (:mod:`rolora_plugin.export`). R4 acts on
+``down_proj``'s input (location ``input``), R3 on queries and keys after RoPE (``q_attn`` / ``k_cache``, per head).
+R1, R2 and R4's weight side are folded into the weights. compressed-tensors' ``hadamard`` type is the unsigned
+normalised Sylvester matrix (powers of two only), used only where our matrix is exactly that. Any other matrix
+(Paley / Kronecker Hadamards such as SmolLM2's 1536 = 12·128, signed or fallback orthogonal factors) is a
+**stored** matrix: compressed-tensors 0.20 has no type that reads a matrix from a config, but a transform module
+is a submodule ``<target>.<group>_<location>`` whose ``weight`` is a parameter; ``apply_transform_config`` creates
+it (``random-hadamard``: shared by every target of the group) and its forward is ``x @ weight / sqrt(n)`` — the
+same scaling vLLM applies to a loaded transform weight. We store ``weight = sqrt(n) · R`` (``x @ R`` is our online
+rotation), once per group under the first target's name, in ``transforms.safetensors`` (not in
+``model.safetensors``: transformers 5.23 ignores ``transform_config`` at load and would report those keys as
+unexpected). :func:`load_with_compressed_tensors` is the consumer's path: plain load,
+``apply_transform_config``, then the stored weights.
+
+* the full-precision export (``format="fp"``) keeps its older rule: a ``hadamard``-only config or none at all
+  (:func:`transform_config_dict`; a warning says when none is written). Its ``q_attn`` / ``k_cache`` locations
+  hook the attention function and fail with transformers 5.23's ``eager`` attention: load with ``sdpa``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .architectures import architecture_by_name, get_architecture
+from .errors import RotationError
+from .publish import atomic_write_text
+from .rotation import RotationRecord
+
+__all__ = [
+    "TRANSFORMS_FILE",
+    "TRANSFORM_CONFIG_FILE",
+    "embed_transform_config",
+    "load_with_compressed_tensors",
+    "require_compressed_tensors",
+    "stored_transform_weights",
+    "transform_config_dict",
+]
+
+logger = logging.getLogger(__name__)
+TRANSFORMS_FILE = "transforms.safetensors"
+TRANSFORM_CONFIG_FILE = "transform_config.json"
+
+
+def require_compressed_tensors() -> None:
+    """Raise an ImportError with the install command when compressed-tensors is missing."""
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            "compressed-tensors is needed for this: pip install 'compressed-tensors>=0.20' (or rolora-plugin[export])"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------- transform config
+
+
+def _is_sylvester(t) -> bool:
+    """True if the transform is exactly compressed-tensors' ``hadamard`` (normalised Sylvester, no signs)."""
+    return t.dense is None and t.signs is None and t.pow2 == t.n
+
+
+def _scheme(location_targets: list[tuple[str, str]], head_dim: int | None = None, kind: str = "hadamard") -> dict:
+    apply = [{"targets": [target], "location": loc, "inverse": False, "ignore": []} for loc, target in location_targets]
+    return {"type": kind, "apply": apply, "randomize": False, "requires_grad": False, "head_dim": head_dim}
+
+
+def _online_groups(record: RotationRecord) -> list[tuple[str, object, list[tuple[str, str]], int | None]]:
+    """``[(group name, transform, [(location, target)], head_dim)]`` for the record's online rotations."""
+    transforms = record.verify()
+    spec = architecture_by_name(record.family)
+    out = []
+    if "r4" in transforms:
+        out.append(("rolora_r4", transforms["r4"], [("input", _regex(spec.down_proj))], None))
+    if "r3" in transforms:
+        target = _regex(spec.attention)
+        out.append(("rolora_r3", transforms["r3"], [("q_attn", target), ("k_cache", target)], record.dims.head_dim))
+    return out
+
+
+def _regex(path: str) -> str:
+    return "re:.*" + path.replace(".", r"\.") + "$"
+
+
+def transform_config_dict(record: RotationRecord, *, stored: bool = False) -> dict | None:
+    """The online rotations of ``record`` as a compressed-tensors ``TransformConfig`` dict, or None if there are none.
+
+    ``stored=False`` (the full-precision export): ``hadamard`` groups only; None (and a warning) when one rotation
+    is not the plain Sylvester matrix, since a partial description would give a wrong model. ``stored=True`` (the
+    compressed-tensors export): such rotations become ``random-hadamard`` groups whose weights are stored (module
+    doc). Validated with compressed-tensors' pydantic models when the library is installed.
+    """
+    groups, unsupported = {}, []
+    for name, t, locations, head_dim in _online_groups(record):
+        exact = _is_sylvester(t)
+        groups[name] = _scheme(locations, head_dim, "hadamard" if exact or not stored else "random-hadamard")
+        unsupported += [] if exact or stored else [f"{name.removeprefix('rolora_')} ({t.description})"]
+    if unsupported:
+        logger.warning(
+            "no compressed-tensors transform_config written: %s has no compressed-tensors equivalent (its 'hadamard' "
+            "type is a power-of-two Sylvester matrix). rolora_rotation.json + load_rotated stay exact.", ", ".join(unsupported)
+        )  # fmt: skip
+        return None
+    if not groups:
+        return None
+    config = {"config_groups": groups}
+    _validate_transform_config(config)
+    return config
+
+
+def _validate_transform_config(config: dict) -> None:
+    try:
+        from compressed_tensors.transform import TransformConfig
+    except ImportError:
+        logger.info("compressed-tensors not installed: transform_config written without validation")
+        return
+    TransformConfig.model_validate(config)
+
+
+def stored_transform_weights(record: RotationRecord, model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{<first target>.<group>_<location>.weight: sqrt(n) · R}`` (float32) for every non-Sylvester online rotation."""
+    from compressed_tensors.utils import match_named_modules
+
+    out = {}
+    for name, t, locations, _ in _online_groups(record):
+        if _is_sylvester(t):
+            continue
+        location, target = locations[0]
+        first = next(iter(match_named_modules(model, [target])), None)
+        if first is None:
+            raise RotationError(f"no module of {type(model).__name__} matches the transform target {target!r}")
+        out[f"{first[0]}.{name}_{location}.weight"] = (t.matrix(torch.float64) * math.sqrt(t.n)).to(torch.float32).contiguous()
+    return out
+
+
+def embed_transform_config(config_path: Path, ct: dict) -> None:
+    """Put ``ct`` into ``config.json → quantization_config.transform_config`` (what ``ModelCompressor.update_config`` writes)."""
+    import compressed_tensors
+
+    data = json.loads(config_path.read_text())
+    data["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "version": compressed_tensors.__version__,
+        "sparsity_config": {},
+        "transform_config": ct,
+    }
+    atomic_write_text(config_path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+
+def load_with_compressed_tensors(path: str | os.PathLike, dtype: torch.dtype | None = None, *, dequantize: bool = False) -> nn.Module:
+    """Load an export the way a compressed-tensors consumer would: transformers + ``apply_transform_config``.
+
+    No rolora code touches the forward: the online rotations come from the export's ``transform_config`` only
+    (``config.json``, or ``transform_config.json`` of a full-precision export) and the stored transform weights in
+    ``transforms.safetensors``, applied by compressed-tensors with ``sdpa`` attention (its q/k hooks do not support
+    ``eager``). A packed checkpoint goes through compressed-tensors' own quantized forward (its activation grid,
+    module doc); ``dequantize=True`` loads it dense instead (``CompressedTensorsConfig(dequantize=True)``: exact weights,
+    no activation quantization; transformers 5.23 needs this for asymmetric weights, whose packed zero points its
+    compressed path does not size). Used to check what consumers get; raises if the export has no transform config.
+    """
+    from transformers import AutoModelForCausalLM
+
+    require_compressed_tensors()
+    from compressed_tensors.transform import TransformConfig, apply_transform_config
+
+    path = Path(path)
+    ct = json.loads((path / "config.json").read_text()).get("quantization_config", {}).get("transform_config")
+    if not ct and (path / TRANSFORM_CONFIG_FILE).is_file():
+        ct = json.loads((path / TRANSFORM_CONFIG_FILE).read_text())
+    if not ct:
+        raise RotationError(f"{path} has no compressed-tensors transform_config (see rolora_plugin.compressed's module doc)")
+    kwargs = {"attn_implementation": "sdpa", **({"dtype": dtype} if dtype is not None else {})}
+    if dequantize:
+        from transformers import CompressedTensorsConfig
+
+        kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    get_architecture(model)  # clear error for a family we do not know
+    apply_transform_config(model, TransformConfig.model_validate(ct))
+    _load_transform_weights(model, path / TRANSFORMS_FILE)
+    return model.eval()
+
+
+def _load_transform_weights(model: nn.Module, file: Path) -> None:
+    if not file.is_file():
+        return
+    from safetensors.torch import load_file
+
+    stored = load_file(str(file))
+    unexpected = model.load_state_dict(stored, strict=False).unexpected_keys
+    if unexpected:
+        raise RotationError(f"{file} holds transform weights for modules the transform_config did not create: {unexpected}")
