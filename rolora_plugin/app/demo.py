@@ -42,7 +42,7 @@ from ..metrics import batches_perplexity, perplexity
 from ..publish import atomic_write_text
 from .assets import pad_collate, tokenize_pairs
 from .plots import write_plots
-from .train import finetune, loss_curve, pad_id
+from .train import finetune, loss_curve, pad_id, smoothed_loss
 
 __all__ = ["DemoConfig", "format_demo_table", "recipe_name", "response_perplexity", "run_demo"]
 
@@ -222,18 +222,17 @@ def _finetune_pair(base, tok, cfg: DemoConfig, chunks, calib) -> dict:
         merged = trainer.model.merge_and_unload().eval()
         out[name] = _evaluate_merged(merged, tok, cfg, held_out, chunks, calib)
         out[name]["loss_curve"] = loss_curve(trainer)
-        out[name].update(_loss_summary(out[name]["loss_curve"], out[name]["fp"]["response_ppl"]))
+        out[name].update(_loss_summary(trainer.state.log_history, out[name]["fp"]["response_ppl"]))
         del trainer, merged
     return out
 
 
-def _loss_summary(curve: list[tuple[int, float]], fp_response_ppl: float) -> dict:
-    """The training loss averaged over the last quarter of the steps (one step is one noisy batch; the same
-    window as the moving average of ``training_loss.png``) and the held-out loss ``ln(FP response ppl)``."""
-    losses = [v for _, v in curve if math.isfinite(v)]
-    window = max(1, len(losses) // 4)
-    mean = sum(losses[-window:]) / window if losses else None
-    return {"train_loss_smoothed": mean, "train_loss_window": window, "held_out_loss": math.log(fp_response_ppl)}
+def _loss_summary(log_history: list[dict], fp_response_ppl: float) -> dict:
+    """The training loss averaged over the last quarter of the logged steps (:func:`.train.smoothed_loss`, the
+    figure ``rolora train`` reports; one step is one noisy batch), the steps it spans, and the held-out loss
+    ``ln(FP response ppl)`` of the merged model."""
+    loss, steps = smoothed_loss(log_history)
+    return {"train_loss_smoothed": loss, "train_loss_steps": steps, "held_out_loss": math.log(fp_response_ppl)}
 
 
 def _evaluate_merged(merged, tok, cfg: DemoConfig, held_out, chunks, calib) -> dict:
@@ -411,8 +410,8 @@ def _finetune_lines(tuned: dict, cfg: dict, recipe: str) -> list[str]:
     if "base_fp_response_ppl" in tuned:
         base = tuned["base_fp_response_ppl"]
         lines.append(_row("base (no fine-tune)", ["", _num(math.log(base)), base]))
-    window = tuned["rolora"].get("train_loss_window", "few")
-    lines += _wrap(f"train loss: mean training loss over the last {window} steps (a single step is one batch of "
+    steps = tuned["rolora"].get("train_loss_steps") or ["?", "?"]
+    lines += _wrap(f"train loss: mean training loss over steps {steps[0]}-{steps[1]} (a single step is one batch of "
                    f"{cfg['batch_size']} pairs and swings more than the LoRA/RoLoRA gap). held-out loss / answer ppl: mean "
                    f"NLL per answer token / its exp on the {tuned['eval_examples']} held-out SciQ pairs (prompts not "
                    "scored). text ppl: the BoolQ passages of the perplexity table. FP: the merged model in float32; "

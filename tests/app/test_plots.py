@@ -271,7 +271,8 @@ def _fake_results(steps: int = 16) -> dict:
     curve = [(s, 3.0 - 0.1 * s + (0.4 if s % 2 else -0.4)) for s in range(1, steps + 1)]  # swings ±0.4
 
     def tuned(shift, w4a4_resp, w4a4_text):
-        return {"loss_curve": [(s, v - shift) for s, v in curve], **_loss_summary([(s, v - shift) for s, v in curve], 3.0 + shift),
+        history = [{"step": s, "loss": v - shift} for s, v in curve]
+        return {"loss_curve": [(s, v - shift) for s, v in curve], **_loss_summary(history, 3.0 + shift),
                 "fp": {"response_ppl": 3.0 + shift, "text_ppl": 20.0}, "w4a4": {"response_ppl": w4a4_resp, "text_ppl": w4a4_text}}  # fmt: skip
 
     return {
@@ -334,9 +335,9 @@ def test_loss_plot_marks_the_held_out_loss_and_smooths_the_swings():
 
 
 def test_loss_summary_averages_the_last_quarter_and_takes_the_held_out_loss():
-    curve = [(s, float(s)) for s in range(1, 13)] + [(13, float("nan"))]
-    summary = _loss_summary(curve, math.e**2)
-    assert summary == {"train_loss_smoothed": (10 + 11 + 12) / 3, "train_loss_window": 3, "held_out_loss": pytest.approx(2.0)}
+    history = [{"step": s, "loss": float(s), "learning_rate": 1e-4} for s in range(1, 13)] + [{"step": 13, "loss": float("nan")}]
+    summary = _loss_summary(history + [{"step": 13, "train_loss": 5.0}], math.e**2)
+    assert summary == {"train_loss_smoothed": (10 + 11 + 12) / 3, "train_loss_steps": [10, 12], "held_out_loss": pytest.approx(2.0)}
     assert _loss_summary([], 1.0)["train_loss_smoothed"] is None
 
 
@@ -344,7 +345,7 @@ def test_demo_table_explains_its_columns_and_reports_no_single_batch_loss():
     results = _fake_results()
     table = format_demo_table(results)
     for needle in ("exactness", "Perplexity (RTN)", "W4A4", "RoLoRA", "wall time: 547 s", "Per-token max|x|/rms",
-                   "train loss: mean training loss over the last 4 steps", "held-out loss / answer ppl:", "text ppl:",
+                   "train loss: mean training loss over steps 13-16", "held-out loss / answer ppl:", "text ppl:",
                    "WxAy: weights x-bit per output channel", "base (no fine-tune)"):  # fmt: skip
         assert needle in table, needle
     assert "final loss" not in table and "resp ppl" not in table

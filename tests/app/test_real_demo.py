@@ -78,8 +78,10 @@ def test_lora_and_rolora_train_and_rolora_quantizes_better(demo):
     assert tuned["rolora"]["w4a4"]["response_ppl"] < tuned["lora"]["w4a4"]["response_ppl"]
     assert tuned["rolora"]["w4a4"]["text_ppl"] < tuned["lora"]["w4a4"]["text_ppl"]
     for name in ("lora", "rolora"):  # the table reports a smoothed and a held-out loss, not one noisy batch
-        r, window = tuned[name], tuned[name]["train_loss_window"]
-        assert r["train_loss_smoothed"] == pytest.approx(sum(v for _, v in r["loss_curve"][-window:]) / window)
+        r, (first, last) = tuned[name], tuned[name]["train_loss_steps"]
+        window = [v for s, v in r["loss_curve"] if first <= s <= last]
+        assert last == steps and len(window) == max(1, steps // 4)
+        assert r["train_loss_smoothed"] == pytest.approx(sum(window) / len(window))
         assert r["held_out_loss"] == pytest.approx(math.log(r["fp"]["response_ppl"]))
     assert math.isfinite(tuned["base_fp_response_ppl"])
 
@@ -91,7 +93,7 @@ def test_report_folder_and_table(demo):
         data = (out / path.rsplit("/", 1)[-1]).read_bytes()
         assert data[:8] == PNG_MAGIC and struct.unpack(">I", data[16:20])[0] >= 1000  # width in pixels
     summary = (out / "summary.txt").read_text()
-    for needle in ("Per-token max|x|/rms", "held-out loss / answer ppl", "train loss: mean training loss over the last"):
+    for needle in ("Per-token max|x|/rms", "held-out loss / answer ppl", "train loss: mean training loss over steps"):
         assert needle in summary
     for needle in ("exactness", "Perplexity (RTN)", "W4A4", "RoLoRA", "wall time"):
         assert needle in stdout
