@@ -24,6 +24,7 @@ fi
 
 if [[ "${1:-}" == "--test-envs" ]]; then
     DS_BUILD_OPS=0 "${PIP[@]}" "deepspeed==0.19.8" "torch==2.13.0"
+    "${PIP[@]}" "triton==3.9.0"
     bash "$REPO/.ci/axolotl_env.sh" >/dev/null
 fi
 python -c "import rolora_plugin, torch; print('rolora-plugin', rolora_plugin.__version__, 'with torch', torch.__version__)"
