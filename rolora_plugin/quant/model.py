@@ -180,7 +180,15 @@ def _rtn_weights(model: nn.Module, config: QuantConfig, linears: dict, calibrati
 def _gptq_weights(model: nn.Module, config: QuantConfig, linears: dict, calibration, progress: bool) -> dict:
     if calibration is None:
         raise QuantizationError("method='gptq' needs calibration data: pass calibration=[input_ids tensors or dicts]")
-    return gptq_quantize_model_(model, config, calibration, progress=progress)
+    if not (config.gptq_quantized_inputs and config.a_bits < OFF_BITS):
+        return gptq_quantize_model_(model, config, calibration, progress=progress)
+    # activation quantizers registered before GPTQ's Hessian hooks run first: H is taken from Q(X)
+    handles = [lin.register_forward_pre_hook(ActivationQuantizer(config.a_bits, config.a_sym, config.a_clip_ratio)) for lin in linears.values()]
+    try:
+        return gptq_quantize_model_(model, config, calibration, progress=progress)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # method → handler(model, config, {name: Linear}, calibration, progress) → {name: ‖W − Ŵ‖_F / ‖W‖_F}; edits in place

@@ -157,3 +157,28 @@ def test_w4a4_preset_quantizes_a_rotated_tiny_model_with_calibration():
     assert record.a_clip_ratios and record.weight_error
     out = logits(model, ids)
     assert torch.isfinite(out).all() and 0 < (out - fp).norm() < fp.norm()
+
+
+def test_gptq_quantized_inputs_calibrates_on_the_quantized_activations():
+    """Same weights as GPTQ run by hand with the activation quantizers already active; differs from FP Hessians."""
+    import copy
+
+    from rolora_plugin.quant import ActivationQuantizer, gptq_quantize_model_
+
+    base = tiny_model("llama")
+    rotate_model_(base, RotationConfig(seed=0), progress=False)
+    calib = [random_ids(seed=7)]
+    cfg = QuantConfig(method="gptq", a_sym=False, gptq_quantized_inputs=True)
+    ours, plain, by_hand = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
+    record = quantize_model_(ours, cfg, calibration=calib, progress=False)
+    quantize_model_(plain, QuantConfig(method="gptq", a_sym=False), calibration=calib, progress=False)
+    lins = {n: by_hand.get_submodule(n) for n in record.quantized}
+    handles = [m.register_forward_pre_hook(ActivationQuantizer(4, False)) for m in lins.values()]
+    gptq_quantize_model_(by_hand, cfg, calib, progress=False)
+    for h in handles:
+        h.remove()
+    for n in record.quantized:
+        torch.testing.assert_close(ours.get_submodule(n).weight, lins[n].weight, rtol=0, atol=0)
+    assert any(not torch.equal(ours.get_submodule(n).weight, plain.get_submodule(n).weight) for n in record.quantized)
+    hooks = [len(ours.get_submodule(n)._forward_pre_hooks) for n in record.quantized]
+    assert hooks == [len(plain.get_submodule(n)._forward_pre_hooks) for n in record.quantized]  # temporary ones removed
