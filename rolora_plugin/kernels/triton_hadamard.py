@@ -122,17 +122,20 @@ def _dense_sylvester_kernel(x_ptr, y_ptr, s_ptr, l_ptr, ha_ptr, hb_ptr, n_rows, 
                             D: tl.constexpr, DPAD: tl.constexpr, BM: tl.constexpr, A: tl.constexpr,
                             B: tl.constexpr, ROWS: tl.constexpr, SIGNS_IN: tl.constexpr, SIGNS_OUT: tl.constexpr,
                             IEEE: tl.constexpr):  # fmt: skip
-    """Program (i, j): rows [i·ROWS, i·ROWS + ROWS), dense rows [j·BM, j·BM + BM) of ``Y = L · X · H_p / sqrt(p)``.
-
-    The dot's N dimension is (row, p) with ROWS·P columns; L is (DPAD, DPAD), zero beyond d.
+    """Program ``pid = i·(DPAD/BM) + j``: rows [i·ROWS, i·ROWS + ROWS), dense rows [j·BM, j·BM + BM) of
+    ``Y = L · X · H_p / sqrt(p)``. The dense blocks of one row block are neighbours in launch order, so the
+    rows they all read stay in L2. The dot's N dimension is (row, p) with ROWS·P columns; L is (DPAD, DPAD),
+    zero beyond d.
     """
     P: tl.constexpr = A * B
     N: tl.constexpr = D * P
     C: tl.constexpr = ROWS * P
+    MBLOCKS: tl.constexpr = DPAD // BM
+    pid = tl.program_id(0)
     ic = tl.arange(0, C)
-    row = tl.program_id(0).to(tl.int64) * ROWS + ic // P  # (C,)
+    row = (pid // MBLOCKS).to(tl.int64) * ROWS + ic // P  # (C,)
     col = ic % P
-    im = tl.program_id(1) * BM + tl.arange(0, BM)
+    im = (pid % MBLOCKS) * BM + tl.arange(0, BM)
     row_ok = row[None, :] < n_rows
     acc = tl.zeros((BM, C), dtype=tl.float32)
     for k0 in range(0, DPAD, BM):
@@ -199,7 +202,7 @@ def hadamard_triton(x: torch.Tensor, transform, *, transposed: bool = False) -> 
         _sylvester_kernel[grid](x2, y, s_arg, ha, hb, n_rows, *scales, A=plan.a, B=plan.b, ROWS=plan.rows,
                                 num_warps=warps, **flags)  # fmt: skip
     else:
-        grid = (triton.cdiv(n_rows, plan.rows), plan.dpad // plan.bm)
+        grid = (triton.cdiv(n_rows, plan.rows) * (plan.dpad // plan.bm),)
         _dense_sylvester_kernel[grid](x2, y, s_arg, lpad, ha, hb, n_rows, *scales, D=plan.d, DPAD=plan.dpad,
                                       BM=plan.bm, A=plan.a, B=plan.b, ROWS=plan.rows, num_warps=warps,
                                       **flags)  # fmt: skip
