@@ -89,10 +89,11 @@ def _batches(calibration, device) -> list[dict]:
 
 
 def search_activation_clips(
-    model: nn.Module, linears: dict, calibration, bits: int, sym: bool = True, *, candidates=DEFAULT_A_CLIP_CANDIDATES, apply_ratio: float = 1.0
+    model: nn.Module, linears: dict, calibration, bits, sym: bool = True, *, candidates=DEFAULT_A_CLIP_CANDIDATES, apply_ratio: float = 1.0
 ) -> dict[str, float]:
     """``{name: clip ratio}`` for ``linears`` ({name: Linear}), searched on ``calibration`` (see module docstring).
 
+    ``bits``: activation bits, an int or ``{name: bits}`` for every linear (mixed settings).
     ``model`` must not have activation quantizers installed (the meters stand in for them); its weights should
     already be quantized, so the error is measured through ``Ŵ``. ``candidates``: ratios in (0, 1]; 1.0 is added
     when missing. Padded tokens of dict batches (``attention_mask``) are measured too; use full rows.
@@ -100,7 +101,8 @@ def search_activation_clips(
     cands = tuple(dict.fromkeys([1.0, *candidates]))
     for c in cands:
         _check_ratio(c, "activation clip candidate")
-    meters = {n: ClipErrorMeter(lin, bits, sym, cands, apply_ratio) for n, lin in linears.items()}
+    per = bits if isinstance(bits, dict) else dict.fromkeys(linears, bits)
+    meters = {n: ClipErrorMeter(lin, per[n], sym, cands, apply_ratio) for n, lin in linears.items()}
     handles = [lin.register_forward_pre_hook(meters[n]) for n, lin in linears.items()]
     was_training = model.training
     model.eval()

@@ -6,7 +6,7 @@ The same config describes a fake-quant forward (QAT, the W4A4 monitor): :class:`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..config import ConfigMixin
 from .calibration import DEFAULT_A_CLIP_CANDIDATES
@@ -23,6 +23,7 @@ _W4A4 = dict(
 QUANT_PRESETS = {
     "w4a4": _W4A4,
     "w4a4kv4": dict(_W4A4, kv_bits=4),
+    "w4a4-gate-up-a8": dict(_W4A4, a_bits_for={"gate_proj": 8, "up_proj": 8}),  # mixed: not W4A4
     "w4a8": dict(_W4A4, a_bits=8, a_sym=True, a_clip_search=False),
     "w8a8": dict(w_bits=8, a_bits=8),
 }
@@ -36,6 +37,9 @@ class QuantConfig(ConfigMixin):
         w_bits / a_bits / kv_bits: weight, activation (linear inputs) and KV-cache bits, each in 2..16.
         w_group_size: quantize weights per group of this many input columns (None: per output channel).
         w_sym / a_sym / kv_sym: symmetric (zero point 0) or asymmetric grids.
+        a_bits_for: per-linear activation bits overriding ``a_bits``, ``{name: bits}`` with names matched like
+            ``skip`` (full name, dotted suffix or leaf name), e.g. ``{"gate_proj": 8, "up_proj": 8}``. A config
+            with overrides is a **mixed** setting (e.g. W4 A4/A8), not W4A4: :meth:`label` says so.
         a_clip_ratio / kv_clip_ratio: fixed clip ratio in (0, 1] for the dynamic per-token scales.
         a_clip_search: per linear, pick the activation clip ratio among ``a_clip_candidates`` that minimises the
             layer's output error on calibration data (:mod:`rolora_plugin.quant.calibration`; needs calibration
@@ -62,6 +66,7 @@ class QuantConfig(ConfigMixin):
     w_sym: bool = True
     a_sym: bool = True
     kv_sym: bool = False
+    a_bits_for: dict = field(default_factory=dict)
     a_clip_ratio: float = 1.0
     kv_clip_ratio: float = 1.0
     a_clip_search: bool = False
@@ -97,6 +102,10 @@ class QuantConfig(ConfigMixin):
         if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
             raise ValueError(f"QuantConfig.skip must be a list of module names, e.g. ['lm_head'], got {self.skip!r}")
         self.skip = tuple(self.skip)
+        if not isinstance(self.a_bits_for, dict) or not all(isinstance(k, str) for k in self.a_bits_for):
+            raise ValueError(f"QuantConfig.a_bits_for must map linear names to bits, e.g. {{'gate_proj': 8}}, got {self.a_bits_for!r}")
+        for k, b in self.a_bits_for.items():
+            _check_bits(b, f"QuantConfig.a_bits_for[{k!r}]")
         if min(self.w_bits, self.a_bits, self.kv_bits) >= OFF_BITS:
             raise ValueError("QuantConfig: w_bits, a_bits and kv_bits are all 16 (off); set at least one below 16")
 
@@ -114,6 +123,20 @@ class QuantConfig(ConfigMixin):
         if not _is_int(self.gptq_block_size) or self.gptq_block_size < 1:
             raise ValueError(f"QuantConfig.gptq_block_size must be a positive int, got {self.gptq_block_size!r}")
 
+    def activation_bits(self, name: str) -> int:
+        """Activation bits of linear ``name``: its ``a_bits_for`` entry (full name, dotted suffix or leaf), else ``a_bits``."""
+        for key, bits in self.a_bits_for.items():
+            if name == key or name.endswith("." + key):
+                return bits
+        return self.a_bits
+
+    def label(self) -> str:
+        """``"W4A4"``, ``"W4A4KV4"``, or for a mixed setting e.g. ``"W4A4 (A8: gate_proj, up_proj)"`` (never plain W4A4)."""
+        text = f"W{self.w_bits}A{self.a_bits}" + (f"KV{self.kv_bits}" if self.kv_bits < OFF_BITS else "")
+        if self.a_bits_for:
+            text += " (" + "; ".join(f"A{b}: {k}" for k, b in sorted(self.a_bits_for.items())) + ")"
+        return text
+
     @classmethod
     def preset(cls, name: str, **overrides) -> "QuantConfig":
         """A named recipe (the best we measured), optionally with some fields overridden.
@@ -127,6 +150,8 @@ class QuantConfig(ConfigMixin):
           Needs ``calibration=`` in :func:`~rolora_plugin.quant.quantize_model_` and a rotated model
           (R1+R2+R4: ``RotationConfig.preset("w4a4")``) to be useful.
         * ``"w4a4kv4"``: the same and a 4-bit (asymmetric, per head and token) KV cache; rotate with R3 too.
+        * ``"w4a4-gate-up-a8"``: a **mixed** setting, not W4A4: the w4a4 recipe with the MLP inputs (gate_proj,
+          up_proj) at 8-bit activations, the kind that dominates the 4-bit activation error on SmolLM2.
         * ``"w4a8"``: GPTQ 4-bit weights, 8-bit activations. ``"w8a8"``: RTN, 8/8 bits.
 
         Example::

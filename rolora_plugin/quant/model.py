@@ -183,7 +183,10 @@ def _gptq_weights(model: nn.Module, config: QuantConfig, linears: dict, calibrat
     if not (config.gptq_quantized_inputs and config.a_bits < OFF_BITS):
         return gptq_quantize_model_(model, config, calibration, progress=progress)
     # activation quantizers registered before GPTQ's Hessian hooks run first: H is taken from Q(X)
-    handles = [lin.register_forward_pre_hook(ActivationQuantizer(config.a_bits, config.a_sym, config.a_clip_ratio)) for lin in linears.values()]
+    bits = {n: config.activation_bits(n) for n in linears}
+    handles = [
+        lin.register_forward_pre_hook(ActivationQuantizer(bits[n], config.a_sym, config.a_clip_ratio)) for n, lin in linears.items() if bits[n] < OFF_BITS
+    ]
     try:
         return gptq_quantize_model_(model, config, calibration, progress=progress)
     finally:
@@ -222,15 +225,17 @@ def quantize_model_(model: nn.Module, config: QuantConfig | None = None, calibra
     record = QuantizationRecord(config=config, quantized=list(linears), skipped=skipped)
     if config.w_bits < OFF_BITS:
         record.weight_error = WEIGHT_HANDLERS[config.method](model, config, linears, calibration, progress)
-    if config.a_clip_search and config.a_bits < OFF_BITS:
+    searched = {n: lin for n, lin in linears.items() if config.activation_bits(n) < OFF_BITS}
+    if config.a_clip_search and searched:
+        bits = {n: config.activation_bits(n) for n in searched}
         record.a_clip_ratios = search_activation_clips(
-            model, linears, calibration, config.a_bits, config.a_sym, candidates=config.a_clip_candidates, apply_ratio=config.a_clip_ratio
+            model, searched, calibration, bits, config.a_sym, candidates=config.a_clip_candidates, apply_ratio=config.a_clip_ratio
         )
     install_activation_quantizers(model, record)
     setattr(model.config, QUANT_RECORD_KEY, record.to_dict())
     logger.info(
-        "quantized %d linears of %s (W%dA%d KV%d, %s); mean relative weight error %.4f; kept %s in high precision",
-        len(linears), type(model).__name__, config.w_bits, config.a_bits, config.kv_bits, config.method,
+        "quantized %d linears of %s (%s, %s); mean relative weight error %.4f; kept %s in high precision",
+        len(linears), type(model).__name__, config.label(), config.method,
         record.mean_weight_error(), skipped,
     )  # fmt: skip
     return record
@@ -243,10 +248,11 @@ def install_activation_quantizers(model: nn.Module, record: QuantizationRecord) 
     """
     cfg = record.config
     remove_activation_quantizers(model)
-    if cfg.a_bits < OFF_BITS:
-        for name in record.quantized:
+    for name in record.quantized:
+        bits = cfg.activation_bits(name)
+        if bits < OFF_BITS:
             lin = model.get_submodule(name)
-            hook = ActivationQuantizer(cfg.a_bits, cfg.a_sym, record.a_clip_ratios.get(name, cfg.a_clip_ratio))
+            hook = ActivationQuantizer(bits, cfg.a_sym, record.a_clip_ratios.get(name, cfg.a_clip_ratio))
             lin.__dict__[_ACT_ATTR] = (hook, lin.register_forward_pre_hook(hook))
     record.kv_layers = _install_kv_quantizers(model, cfg) if cfg.kv_bits < OFF_BITS else 0
 

@@ -182,3 +182,23 @@ def test_gptq_quantized_inputs_calibrates_on_the_quantized_activations():
     assert any(not torch.equal(ours.get_submodule(n).weight, plain.get_submodule(n).weight) for n in record.quantized)
     hooks = [len(ours.get_submodule(n)._forward_pre_hooks) for n in record.quantized]
     assert hooks == [len(plain.get_submodule(n)._forward_pre_hooks) for n in record.quantized]  # temporary ones removed
+
+
+def test_mixed_activation_bits_are_installed_searched_and_labelled():
+    cfg = QuantConfig.preset("w4a4-gate-up-a8")
+    assert cfg.activation_bits("model.layers.0.mlp.gate_proj") == 8
+    assert cfg.activation_bits("model.layers.0.mlp.down_proj") == 4
+    assert cfg.label() == "W4A4 (A8: gate_proj; A8: up_proj)" and QuantConfig.preset("w4a4kv4").label() == "W4A4KV4"
+    assert QuantConfig.from_json(cfg.to_json()) == cfg
+    model = tiny_model("llama")
+    record = quantize_model_(model, cfg, calibration=[random_ids(seed=8)], progress=False)
+    bits = {n: model.get_submodule(n).__dict__["_rolora_act_quant"][0].bits for n in record.quantized}
+    assert {n.rsplit(".", 1)[-1] for n, b in bits.items() if b == 8} == {"gate_proj", "up_proj"}
+    assert set(bits.values()) == {4, 8} and set(record.a_clip_ratios) == set(record.quantized)
+    off = tiny_model("llama")
+    record = quantize_model_(off, QuantConfig(w_bits=4, a_bits=4, a_bits_for={"down_proj": 16}), progress=False)
+    assert not any("_rolora_act_quant" in off.get_submodule(n).__dict__ for n in record.quantized if n.endswith("down_proj"))
+    with pytest.raises(ValueError, match=r"a_bits_for\['gate_proj'\] must be an int in 2\.\.16"):
+        QuantConfig(a_bits_for={"gate_proj": 1})
+    with pytest.raises(ValueError, match="a_bits_for must map linear names to bits"):
+        QuantConfig(a_bits_for=["gate_proj"])
