@@ -1,6 +1,6 @@
 """Online Hadamard on CPU: radix choices against the automatic stage rule, side by side in one run.
 
-    python benchmarks/online_hadamard.py [--rows 512 8192] [--dtypes float32 bfloat16] [--rounds 9]
+    python benchmarks/online_hadamard.py [--rows 512 8192] [--dtypes float32 bfloat16] [--rounds 7]
                                          [--widths ...] [--widths-8192 ...] [--compile] [--no-append]
 
 For every (tokens, dtype, width) the variants run interleaved (round robin, so load drifts hit all alike) and the
@@ -10,15 +10,17 @@ contention remain, so numbers still move ±20% between runs).
 
 Variants (each ``x @ R`` with random signs, R = diag(s)·(D ⊗ H_p)/sqrt(p)):
 
-* ``≤16``, ``≤32``, ``≤64``, ``≤128``: D as its own GEMM stage, H_p split into Sylvester blocks of at most that
-  size (``≤128`` is the rule before issue 17, ``_block_sizes``);
+* ``before``: the code before issue 17 (D as its own stage, Sylvester blocks of at most 128, every left stage a
+  broadcast ``torch.matmul``, autograd through the GEMMs);
+* ``≤16``, ``≤32``, ``≤64``, ``≤128``: today's stage executor with D as its own GEMM stage and H_p split into
+  Sylvester blocks of at most that size;
 * ``radix-2``: D stage plus :func:`rolora_plugin.hadamard.fwht` butterflies (``--compile`` adds it compiled);
 * ``auto``: ``OrthogonalTransform.apply``, stages from ``_stage_sizes`` (the cost model in hadamard.py);
 * references: ``down_proj`` (``x @ Wᵀ``, W of shape (h, n): h is the hidden size of the model whose
   intermediate size n is, else n/4) and ``copy`` (``x.clone()``).
 
 Forward for all variants; forward + backward (input gradient only, as for a frozen base weight) for
-``≤128``, ``auto`` and ``down_proj``. 7B-scale widths at 8192 tokens are left to benchmarks/gpu_suite.sh by
+``before``, ``auto`` and ``down_proj``. 7B-scale widths at 8192 tokens are left to benchmarks/gpu_suite.sh by
 default (one fp32 down_proj there takes ~15 s on one CPU thread).
 """
 
@@ -45,7 +47,7 @@ WIDTHS_8192 = [576, 896, 1536, 4096, 4864]
 # Qwen2-7B); other widths get n // 4
 DOWN_OUT = {1536: 576, 4864: 896, 11008: 4096, 13824: 5120, 14336: 4096, 18944: 3584}
 RADIX_BITS = {"≤16": 4, "≤32": 5, "≤64": 6, "≤128": 7}
-BACKWARD = ("≤128", "auto", "down_proj")
+BACKWARD = ("before", "auto", "down_proj")
 
 
 def radix_stages(t, bits: int) -> tuple[int, ...]:
@@ -58,6 +60,22 @@ def planned(t, sizes, dtype):
     mats = [m.to(dtype) for m in _stage_factors(t.dense, t.pow2, sizes)]
     signs = t.signs.to(dtype)
     return lambda x: _kron_apply(x * signs, mats, transposed=False)
+
+
+def before(t, dtype):
+    """The transform as it was before issue 17: radix-128 stages, broadcast matmul for every left stage."""
+    mats = [m.to(dtype) for m in _stage_factors(t.dense, t.pow2, radix_stages(t, 7))]
+    signs = t.signs.to(dtype)
+
+    def run(x):
+        y, after = (x * signs).reshape(-1, t.n), 1
+        for i, m in enumerate(reversed(mats)):
+            s = m.shape[0]
+            y = y.reshape(-1, s) @ m if i == 0 else torch.matmul(m.T, y.reshape(-1, s, after))
+            after *= s
+        return y.reshape(x.shape)
+
+    return run
 
 
 def butterfly(t, dtype):
@@ -73,7 +91,8 @@ def butterfly(t, dtype):
 
 
 def variants(t, dtype, compile_: bool) -> dict:
-    fns = {name: planned(t, radix_stages(t, bits), dtype) for name, bits in RADIX_BITS.items()}
+    fns = {"before": before(t, dtype)}
+    fns.update({name: planned(t, radix_stages(t, bits), dtype) for name, bits in RADIX_BITS.items()})
     fns["radix-2"] = butterfly(t, dtype)
     if compile_:
         fns["radix-2 compiled"] = torch.compile(butterfly(t, dtype), dynamic=False)
@@ -125,19 +144,19 @@ def bench_one(n: int, rows: int, dtype, rounds: int, compile_: bool) -> dict:
 
 
 def table(rows_: list[dict], tokens: int, dtype, compile_: bool) -> str:
-    fwd_cols = list(RADIX_BITS) + ["radix-2"] + (["radix-2 compiled", "≤128 compiled"] if compile_ else []) + ["auto"]
+    fwd_cols = ["before"] + list(RADIX_BITS) + ["radix-2"] + (["radix-2 compiled", "≤128 compiled"] if compile_ else []) + ["auto"]
     head = ["width", "construction", "auto stages"] + [f"{c} fwd" for c in fwd_cols] + [
-        "down_proj fwd", "copy", "≤128 fwd+bwd", "auto fwd+bwd", "down_proj fwd+bwd",
-        "≤128 / down_proj (f+b)", "auto / down_proj (f+b)", "auto / copy (fwd)", "speed-up ≤128→auto (f+b)"]  # fmt: skip
+        "down_proj fwd", "copy", "before fwd+bwd", "auto fwd+bwd", "down_proj fwd+bwd",
+        "before / down_proj (f+b)", "auto / down_proj (f+b)", "auto / copy (fwd)", "speed-up before→auto (f+b)"]  # fmt: skip
     out = [f"{tokens} tokens, {str(dtype).removeprefix('torch.')}, CPU time per call in ms (median).", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
     for r in rows_:
         ms = lambda k: f"{1e3 * r[k]:.2f}"  # noqa: E731
         cells = [str(r["n"]), r["desc"].replace("diag(±1)·", ""), "·".join(map(str, r["stages"]))]
         cells += [ms(c) for c in fwd_cols] + [ms("down_proj"), ms("copy")]
-        cells += [ms("≤128+bwd"), ms("auto+bwd"), ms("down_proj+bwd")]
-        cells += [f"{100 * r['≤128+bwd'] / r['down_proj+bwd']:.1f}%", f"{100 * r['auto+bwd'] / r['down_proj+bwd']:.1f}%",
-                  f"{r['auto'] / r['copy']:.1f}×", f"{r['≤128+bwd'] / r['auto+bwd']:.2f}×"]  # fmt: skip
+        cells += [ms("before+bwd"), ms("auto+bwd"), ms("down_proj+bwd")]
+        cells += [f"{100 * r['before+bwd'] / r['down_proj+bwd']:.1f}%", f"{100 * r['auto+bwd'] / r['down_proj+bwd']:.1f}%",
+                  f"{r['auto'] / r['copy']:.1f}×", f"{r['before+bwd'] / r['auto+bwd']:.2f}×"]  # fmt: skip
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -148,7 +167,8 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--widths", type=int, nargs="+", default=WIDTHS, help="widths at token counts below 8192")
     p.add_argument("--widths-8192", type=int, nargs="+", default=WIDTHS_8192, help="widths at ≥ 8192 tokens")
-    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--rounds-8192", type=int, default=5, help="rounds at ≥ 8192 tokens")
     p.add_argument("--compile", action="store_true", help="add torch.compile'd radix-2 and ≤128 variants")
     p.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
     return p.parse_args(argv)
@@ -162,12 +182,12 @@ def main(argv=None):
     for rows in args.rows:
         for name in args.dtypes:
             dtype = getattr(torch, name)
-            widths = args.widths_8192 if rows >= 8192 else args.widths
-            results = [bench_one(n, rows, dtype, args.rounds, args.compile) for n in widths]
+            widths, rounds = (args.widths_8192, args.rounds_8192) if rows >= 8192 else (args.widths, args.rounds)
+            results = [bench_one(n, rows, dtype, rounds, args.compile) for n in widths]
             parts.append(table(results, rows, dtype, args.compile))
             print(parts[-1] + "\n", flush=True)
     load1 = os.getloadavg()
-    note = (f"One torch thread, {args.rounds} interleaved rounds per cell. Load average (1/5/15 min) "
+    note = (f"One torch thread, {args.rounds} interleaved rounds per cell ({args.rounds_8192} at ≥ 8192 tokens). Load average (1/5/15 min) "
             f"{load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f} at the start, {load1[0]:.1f}/{load1[1]:.1f}/"
             f"{load1[2]:.1f} at the end, on {os.cpu_count()} cores.")  # fmt: skip
     body = "\n\n".join(parts + [note])

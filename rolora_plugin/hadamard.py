@@ -269,15 +269,11 @@ def _block_sizes(pow2: int, max_bits: int = _MAX_BLOCK_BITS) -> tuple[int, ...]:
     return tuple(1 << (bits // k + (1 if i < bits % k else 0)) for i in range(k))
 
 
-def _sylvester_blocks(pow2: int, max_bits: int = _MAX_BLOCK_BITS) -> list[torch.Tensor]:
-    """Normalised Sylvester factors with ``H_pow2 / sqrt(pow2) = ⊗ blocks`` (Sylvester is Kronecker-closed)."""
-    return [sylvester(b) / math.sqrt(b) for b in _block_sizes(pow2, max_bits)]
-
-
 # Cost model of one GEMM stage of order s, per element, in multiply-add equivalents: s + _STAGE_COST (the pass
 # over memory and the call) + _SMALL_STAGE_COST when s is below the dtype's minimum (GEMMs with K or N < 16 run
-# 3-8x below peak on CPU). Fitted to benchmarks/online_hadamard.py on the 2-core AMD EPYC box (RESULTS.md):
-# float64 (the rotation pass) is compute-bound, so more, smaller stages pay off there.
+# 3-8x below peak on CPU). Fitted to a sweep of every split at 512 and 8192 tokens on the 2-core AMD EPYC box
+# and checked by benchmarks/online_hadamard.py (RESULTS.md, "Online Hadamard on CPU"): float64 (the rotation
+# pass) is compute-bound there, so more, smaller stages pay off; float32/16-bit stages are bound by their pass.
 _STAGE_COST = {torch.float64: 24}
 _DEFAULT_STAGE_COST = 96
 _MIN_STAGE = {torch.float64: 8}

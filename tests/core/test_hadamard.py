@@ -231,3 +231,14 @@ def test_matrix_is_the_kronecker_product():
     r = torch.diag(t.signs) @ torch.kron(t.dense, sylvester(128) / math.sqrt(128))
     assert torch.equal(t.matrix(), r)
     assert rel_err(t.apply(torch.eye(1536, dtype=torch.float64)), r) <= TRANSFORM_RTOL[torch.float64]
+
+
+@pytest.mark.parametrize("n", [576, 1536, 4096])
+def test_fast_path_rows_do_not_depend_on_the_batch(n):
+    # the rotation pass edits weights in row chunks: a row's bits must not depend on the chunk it is in
+    t = build_transform(n, random_signs=True, seed=14)
+    x = torch.randn(300, n, dtype=torch.float64)
+    full, full_t = t.apply(x), t.apply_transposed(x)
+    for start, size in ((0, 37), (299, 1), (100, 128)):
+        assert torch.equal(full[start : start + size], t.apply(x[start : start + size]))
+        assert torch.equal(full_t[start : start + size], t.apply_transposed(x[start : start + size]))
