@@ -31,7 +31,7 @@ from rolora_plugin import (
 )
 from rolora_plugin.export import load_rotated
 from rolora_plugin.publish import STAGING_MARKER, OutputExistsError
-from rolora_plugin.streaming import rotate_checkpoint
+from rolora_plugin.streaming import all_finite, rotate_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: fastest and polite on one thread
 COMBOS = [c for c in itertools.product([False, True], repeat=4) if any(c)]  # (r1, r2, r3, r4)
@@ -181,6 +181,20 @@ def test_tokenizer_and_generation_files_are_copied(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_all_finite_matches_its_reference(dtype):
+    g = torch.Generator().manual_seed(0)
+    for n in (0, 1, 5, 64, 4099, 70_001):
+        x = torch.randn(n, generator=g).to(dtype)
+        assert all_finite(x) == bool(torch.isfinite(x).all())
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            for pos in {0, n // 2, n - 1} if n else ():
+                y = x.clone()
+                y[pos] = bad
+                assert all_finite(y) == bool(torch.isfinite(y).all()) is False
+                assert all_finite(y.reshape(-1, 1).T) is False  # any layout
 
 
 def _rewrite_tensor(src: Path, name: str, fn) -> None:
