@@ -304,14 +304,15 @@ class _MappedTensor:
 @dataclass
 class _Unit:
     """Skeleton modules loaded, edited and written together; ``sources`` maps output names read under another
-    name (a tied ``lm_head.weight`` is the unrotated embedding)."""
+    name (a tied ``lm_head.weight`` is the unrotated embedding); ``copied`` tensors pass through unchanged."""
 
-    paths: tuple[str, ...]
+    paths: tuple[str, ...] = ()
     edit: Callable[[], None] = lambda: None
     sources: dict[str, str] = field(default_factory=dict)
+    copied: tuple[str, ...] = ()
 
     def names(self, skeleton: nn.Module) -> list[str]:
-        return [f"{p}.{k}" for p in self.paths for k in get_submodule(skeleton, p).state_dict()]
+        return [f"{p}.{k}" for p in self.paths for k in get_submodule(skeleton, p).state_dict()] + list(self.copied)
 
 
 def _units(skeleton, spec: ArchitectureSpec, dims: ModelDims, transforms: dict, cdtype, tied: bool) -> list[_Unit]:
@@ -339,8 +340,7 @@ def _units(skeleton, spec: ArchitectureSpec, dims: ModelDims, transforms: dict, 
 def _with_rest(units: list[_Unit], skeleton: nn.Module, names: list[str]) -> list[_Unit]:
     """Add one pass-through unit per model tensor outside every unit (e.g. a family's extra modules)."""
     covered = {n for u in units for n in u.names(skeleton)}
-    rest = [n.rsplit(".", 1)[0] for n in names if n not in covered]
-    return units + [_Unit((p,)) for p in dict.fromkeys(rest)]
+    return units + [_Unit(copied=(n,)) for n in names if n not in covered]
 
 
 def _run_unit(unit: _Unit, skeleton: nn.Module, ckpt: _Checkpoint) -> dict[str, torch.Tensor]:
@@ -351,6 +351,7 @@ def _run_unit(unit: _Unit, skeleton: nn.Module, ckpt: _Checkpoint) -> dict[str, 
         module.load_state_dict(state, strict=True, assign=True)
     unit.edit()
     out = {f"{p}.{k}": v.detach() for p, m in zip(unit.paths, modules) for k, v in m.state_dict().items()}
+    out.update({n: ckpt.read(n) for n in unit.copied})
     for module in modules:
         module.to("meta")
     return out
@@ -461,18 +462,22 @@ def _prepare(src: Path, config: RotationConfig, dtype, progress: bool) -> _Job:
     tied = spec.lm_head is not None and get_submodule(skeleton, spec.lm_head).weight is get_submodule(skeleton, spec.embed).weight
     if config.r1 and tied and not config.untie_embeddings:
         raise RotationError("R1 on a model with tied embeddings needs RotationConfig(untie_embeddings=True)")
-    ckpt = _Checkpoint(src, dtype)
     names, params = _model_tensors(skeleton)
-    _check_tensors(ckpt, skeleton, names)
-    cdtype = getattr(torch, config.compute_dtype)
-    units = _with_rest(_units(skeleton, spec, dims, transforms, cdtype, tied), skeleton, names)
-    _check_values(ckpt, params, progress)
+    units = _with_rest(_units(skeleton, spec, dims, transforms, getattr(torch, config.compute_dtype), tied), skeleton, names)
+    ckpt = _Checkpoint(src, dtype)
+    try:
+        _check_tensors(ckpt, skeleton, names)
+        _check_values(ckpt, params, progress)
+        fingerprint = _fingerprint(ckpt, params)
+    except BaseException:
+        ckpt.close()
+        raise
     record = RotationRecord(
         config=config,
         family=spec.name,
         dims=dims,
         rotations={n: {"width": t.n, "description": t.description, "exact": t.exact, "checksum": t.checksum()} for n, t in transforms.items()},
-        base_fingerprint=_fingerprint(ckpt, params),
+        base_fingerprint=fingerprint,
     )
     return _Job(ckpt, hf_config, skeleton, units, record, untied=bool(config.r1 and tied))
 
