@@ -411,7 +411,8 @@ def _finetune_lines(tuned: dict, cfg: dict, recipe: str) -> list[str]:
         base = tuned["base_fp_response_ppl"]
         lines.append(_row("base (no fine-tune)", ["", _num(math.log(base)), base]))
     steps = tuned["rolora"].get("train_loss_steps") or ["?", "?"]
-    lines += _wrap(f"train loss: mean training loss over steps {steps[0]}-{steps[1]} (a single step is one batch of "
+    span = f"step {steps[0]}" if steps[0] == steps[1] else f"steps {steps[0]}-{steps[1]}"
+    lines += _wrap(f"train loss: mean training loss over {span} (a single step is one batch of "
                    f"{cfg['batch_size']} pairs and swings more than the LoRA/RoLoRA gap). held-out loss / answer ppl: mean "
                    f"NLL per answer token / its exp on the {tuned['eval_examples']} held-out SciQ pairs (prompts not "
                    "scored). text ppl: the BoolQ passages of the perplexity table. FP: the merged model in float32; "

@@ -232,17 +232,26 @@ def plot_losses(path: Path, tuned: dict) -> Path:
 
 def losses_figure(tuned: dict):
     """Training loss of the LoRA and RoLoRA runs (``tuned[name]["loss_curve"] = [(step, loss), ...]``): each
-    step faint, a trailing moving average over ~1/4 of the run bold, and (when ``tuned[name]["held_out_loss"]``
-    is there) the held-out loss of the merged model after training as a marker at the last step."""
+    step faint, a trailing moving average over ~1/4 of the run bold (runs of 8+ steps), the held-out loss of
+    each merged model after training as a marker at the last step (``tuned[name]["held_out_loss"]``) and that of
+    the base model before fine-tuning as a dotted line (``tuned["base_fp_response_ppl"]``)."""
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = agg_pyplot().subplots(figsize=(7.2, 4.2), layout="constrained")
     for name, label, color in (("lora", "LoRA", "tab:blue"), ("rolora", "RoLoRA", "tab:orange")):
         steps, losses = zip(*tuned[name]["loss_curve"])
-        w = max(1, len(losses) // 4)
-        ax.plot(steps, losses, color=color, lw=0.8, alpha=0.35, label=f"{label}: each step (one batch)")
-        ax.plot(steps, smoothed(list(losses), w), color=color, lw=2.2, label=f"{label}: {w}-step moving average")
+        w = len(losses) // 4
+        ax.plot(steps, losses, color=color, lw=0.8 if w > 1 else 1.8, alpha=0.35 if w > 1 else 0.9,
+                label=f"{label}: each step (one batch)")  # fmt: skip
+        if w > 1:
+            ax.plot(steps, smoothed(list(losses), w), color=color, lw=2.2, label=f"{label}: {w}-step moving average")
         if "held_out_loss" in tuned[name]:
             ax.plot([steps[-1]], [tuned[name]["held_out_loss"]], marker="D", ms=8, color=color, mec="black", ls="none",
                     label=f"{label}: held-out loss after training {tuned[name]['held_out_loss']:.3f}")  # fmt: skip
+    if "base_fp_response_ppl" in tuned:
+        base = math.log(tuned["base_fp_response_ppl"])
+        ax.axhline(base, color="grey", ls=":", lw=1.2, label=f"base model: held-out loss before fine-tuning {base:.3f}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="step", ylabel="loss on response tokens (nats/token)", title="Fine-tuning on SciQ pairs: LoRA vs RoLoRA")
     ax.legend(fontsize=8)
     return fig
@@ -251,41 +260,46 @@ def losses_figure(tuned: dict):
 # ---------------------------------------------------------------------------------------------- W4A4 perplexity
 
 
-def _bar_panel(ax, bars: list[tuple[str, float, str]], fp: float | None, title: str, ylabel: str) -> None:
-    """Bars ``(label, value, color)`` on a log axis with their values written on top; ``fp`` as a dashed line."""
-    xs = range(len(bars))
+def _bar_panel(ax, bars: list[tuple[str, float, str, float | None]], title: str, ylabel: str) -> None:
+    """Bars ``(label, W4A4 value, color, FP value)`` on a log axis with their values written on top; each bar's
+    full-precision value (the same model unquantized) as a dashed black tick across it."""
+    xs = list(range(len(bars)))
     ax.bar(xs, [b[1] for b in bars], color=[b[2] for b in bars], width=0.65)
-    for x, (_, v, _) in zip(xs, bars):
+    for x, (_, v, _, fp) in zip(xs, bars):
         ax.annotate(f"{v:.1f}" if v < 1000 else f"{v:.0f}", (x, v), ha="center", va="bottom", fontsize=9,
                     xytext=(0, 2), textcoords="offset points")  # fmt: skip
-    if fp is not None:
-        ax.axhline(fp, color="black", ls="--", lw=1, label=f"full precision {fp:.1f}")
+        if fp is not None:
+            ax.hlines(fp, x - 0.4, x + 0.4, color="black", ls="--", lw=1.2, label="_fp" if x else "full precision (same model)")
+    if any(b[3] is not None for b in bars):
         ax.legend(fontsize=8, loc="upper right")
-    ax.set_xticks(list(xs), [b[0] for b in bars], fontsize=8)
+    ax.set_xticks(xs, [b[0] for b in bars], fontsize=8)
     ax.set(yscale="log", title=title, ylabel=ylabel, xlabel="model, weight recipe (activations: 4-bit per token)")
     ax.margins(y=0.15)
 
 
 def w4a4_bars(results: dict) -> tuple[list, list]:
-    """The bars of :func:`plot_w4a4_perplexity`: ``(text bars, response bars)``, each ``[(label, ppl, color)]``.
+    """The bars of :func:`plot_w4a4_perplexity`: ``(text bars, response bars)``, each
+    ``[(label, W4A4 ppl, color, FP ppl of the same model or None)]``.
 
     Text (BoolQ passages): every W4A4 row of ``results["quantization"]`` (the base model unrotated / rotated, one
     bar per ``recipe`` measured), then the merged LoRA / RoLoRA models (quantized with ``results["finetune_recipe"]``,
     else the first row's recipe). Response (SciQ held-out answers): LoRA / RoLoRA.
     """
     w4a4 = [row for row in results["quantization"] if row["setting"] == "W4A4"]
+    fp = {row["rotation"]: row["perplexity"] for row in results["quantization"] if row["setting"] == "FP"}
     recipe = results.get("finetune_recipe") or (w4a4[0].get("recipe", "RTN") if w4a4 else "RTN")
     text = []
     for row in w4a4:
         base = "base, rotated" if row["rotation"] == "rotated" else "base, no rotation"
         color = "tab:orange" if row["rotation"] == "rotated" else "tab:blue"
-        text.append((f"{base}\n{row.get('recipe', recipe)}", row["perplexity"], color))
+        text.append((f"{base}\n{row.get('recipe', recipe)}", row["perplexity"], color, fp.get(row["rotation"])))
     tuned = results.get("finetune") or {}
     response = []
     for name, label, color in (("lora", "LoRA", "tab:cyan"), ("rolora", "RoLoRA", "tab:red")):
         if name in tuned:
-            text.append((f"{label} merged\n{recipe}", tuned[name]["w4a4"]["text_ppl"], color))
-            response.append((f"{label} merged\n{recipe}", tuned[name]["w4a4"]["response_ppl"], color))
+            r = tuned[name]
+            text.append((f"{label} merged\n{recipe}", r["w4a4"]["text_ppl"], color, r["fp"]["text_ppl"]))
+            response.append((f"{label} merged\n{recipe}", r["w4a4"]["response_ppl"], color, r["fp"]["response_ppl"]))
     return text, response
 
 
@@ -295,20 +309,16 @@ def plot_w4a4_perplexity(path: Path, results: dict) -> Path:
 
 
 def w4a4_figure(results: dict):
-    """Bar chart of W4A4 perplexity per model and recipe (:func:`w4a4_bars`), log scale, lower is better; full
-    precision as a dashed line (the base model's for text, the mean of the two fine-tunes' for responses)."""
+    """Bar chart of W4A4 perplexity per model and recipe (:func:`w4a4_bars`), log scale, lower is better; each
+    bar's full-precision value (the same model, unquantized) as a dashed tick."""
     text, response = w4a4_bars(results)
     if not text:
         raise ValueError("no W4A4 rows in results['quantization']: nothing to plot")
-    fp_rows = [r["perplexity"] for r in results["quantization"] if r["setting"] == "FP" and r["rotation"] == "none"]
-    fp_text = fp_rows[0] if fp_rows else None
     fig, axes = agg_pyplot().subplots(1, 2 if response else 1, figsize=(12.5 if response else 7.5, 4.4),
                                       layout="constrained", squeeze=False, width_ratios=[2, 1] if response else None)  # fmt: skip
-    _bar_panel(axes[0, 0], text, fp_text, "BoolQ passages (text perplexity)", "W4A4 perplexity (log scale)")
+    _bar_panel(axes[0, 0], text, "BoolQ passages (text perplexity)", "W4A4 perplexity (log scale)")
     if response:
-        tuned = results["finetune"]
-        fp_resp = sum(tuned[n]["fp"]["response_ppl"] for n in ("lora", "rolora") if n in tuned) / len(response)
-        _bar_panel(axes[0, 1], response, fp_resp, "SciQ held-out answers", "W4A4 response perplexity (log scale)")
+        _bar_panel(axes[0, 1], response, "SciQ held-out answers", "W4A4 response perplexity (log scale)")
     fig.suptitle("W4A4 perplexity per model and recipe (weights and activations 4 bit; lower is better)")
     return fig
 

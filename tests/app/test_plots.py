@@ -299,16 +299,18 @@ def test_w4a4_bar_chart_has_one_bar_per_model_and_recipe(tmp_path):
 
     results = _fake_results()
     text, response = w4a4_bars(results)
-    assert [(label.replace("\n", " "), v) for label, v, _ in text] == [
-        ("base, no rotation RTN", 5000.0), ("base, rotated RTN", 60.0), ("base, rotated GPTQ+clip", 40.0),
-        ("LoRA merged RTN", 3000.0), ("RoLoRA merged RTN", 55.0)]  # fmt: skip
-    assert [(label.replace("\n", " "), v) for label, v, _ in response] == [("LoRA merged RTN", 900.0), ("RoLoRA merged RTN", 9.0)]
+    assert [(label.replace("\n", " "), v, fp) for label, v, _, fp in text] == [
+        ("base, no rotation RTN", 5000.0, 20.0), ("base, rotated RTN", 60.0, 20.0), ("base, rotated GPTQ+clip", 40.0, 20.0),
+        ("LoRA merged RTN", 3000.0, 20.0), ("RoLoRA merged RTN", 55.0, 20.0)]  # fmt: skip
+    assert [(label.replace("\n", " "), v, fp) for label, v, _, fp in response] == [
+        ("LoRA merged RTN", 900.0, 3.0), ("RoLoRA merged RTN", 9.0, 3.05)]  # fmt: skip
     fig = w4a4_figure(results)
     text_ax, response_ax = fig.axes
-    assert [p.get_height() for p in text_ax.patches] == [v for _, v, _ in text]
-    assert [p.get_height() for p in response_ax.patches] == [v for _, v, _ in response]
+    assert [p.get_height() for p in text_ax.patches] == [b[1] for b in text]
+    assert [p.get_height() for p in response_ax.patches] == [b[1] for b in response]
     assert text_ax.get_yscale() == "log" and "W4A4" in text_ax.get_ylabel()
-    assert text_ax.get_lines()[0].get_ydata()[0] == 20.0  # the FP line
+    ticks = [seg for coll in response_ax.collections for seg in coll.get_segments()]  # the FP tick across each bar
+    assert [seg[0][1] for seg in ticks] == [3.0, 3.05] and [seg[0][0] for seg in ticks] == [-0.4, 0.6]
     agg_close(fig)
     path = plot_w4a4_perplexity(tmp_path / "w4a4.png", results)
     assert _png_size_and_dpi(path)[2] == pytest.approx(DPI, abs=0.1)
@@ -328,9 +330,15 @@ def test_loss_plot_marks_the_held_out_loss_and_smooths_the_swings():
     assert list(lines["RoLoRA: 4-step moving average"].get_ydata()) == smoothed(raw, 4)
     marker = next(line for label, line in lines.items() if label.startswith("RoLoRA: held-out loss"))
     assert list(marker.get_ydata()) == [tuned["rolora"]["held_out_loss"]] and list(marker.get_xdata()) == [16]
+    base = next(line for label, line in lines.items() if label.startswith("base model: held-out loss before"))
+    assert base.get_ydata()[0] == pytest.approx(math.log(5.0))
     swing = max(abs(a - b) for a, b in zip(raw, raw[1:]))
     sm = smoothed(raw, 4)[4:]
     assert max(abs(a - b) for a, b in zip(sm, sm[1:])) < swing / 4  # the moving average does not swing like single steps
+    agg_close(fig)
+    short = {name: {"loss_curve": [(1, 3.0), (2, 2.5), (3, 2.7), (4, 2.6)]} for name in ("lora", "rolora")}
+    fig = losses_figure(short)  # 4 steps: a "1-step moving average" would say nothing, so there is none
+    assert [line.get_label() for line in fig.axes[0].get_lines()] == ["LoRA: each step (one batch)", "RoLoRA: each step (one batch)"]
     agg_close(fig)
 
 
