@@ -3,8 +3,8 @@
     python benchmarks/online_hadamard.py [--rows 512 8192] [--dtypes float32 bfloat16] [--rounds 7]
                                          [--widths ...] [--widths-8192 ...] [--compile] [--no-append]
 
-For every (tokens, dtype, width) the variants run interleaved (round robin, so load drifts hit all alike) and the
-median is reported. Times are **CPU time of this process** (``time.process_time``, one torch thread): on the
+For every (tokens, dtype, width) the variants run interleaved (each round calls every variant once, in a shuffled
+order, so load drifts and the allocator state left by the previous call hit all alike) and the median is reported. Times are **CPU time of this process** (``time.process_time``, one torch thread): on the
 shared 2-core box the other engineers' jobs stretch wall time by 2-10×, CPU time much less (cache and memory
 contention remain, so numbers still move ±20% between runs).
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import random
 import statistics
 import sys
 import time
@@ -119,14 +120,17 @@ def _forward_backward(f, x):
 
 
 def medians(calls: dict, rounds: int) -> dict:
-    """Round-robin CPU-time medians in seconds (one warm-up call each)."""
+    """CPU-time medians in seconds over rounds that call every variant once, in a new random order each round
+    (one warm-up call each): what a call finds in the allocator and caches depends on the call before it."""
     times = {k: [] for k in calls}
     for fn in calls.values():
         fn()
-    for _ in range(rounds):
-        for k, fn in calls.items():
+    order = list(calls)
+    for r in range(rounds):
+        random.Random(r).shuffle(order)
+        for k in order:
             t0 = time.process_time()
-            fn()
+            calls[k]()
             times[k].append(time.process_time() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
