@@ -3,8 +3,9 @@
 * :func:`is_triton_available`: cached check that ``triton`` imports.
 * :func:`dispatch_triton_hadamard`: the online Hadamard (``x @ R`` of an
   :class:`~rolora_plugin.hadamard.OrthogonalTransform`) as one Triton kernel for CUDA tensors, or None when it
-  does not apply (CPU tensor, no triton, float64, a shape the kernel does not cover), so the caller takes the
-  PyTorch path. Only the first fallback of each reason is logged.
+  does not apply (CPU tensor, no triton, float64, a shape the kernel does not cover, or the kernel failed to
+  compile or launch for that shape before), so the caller takes the PyTorch path. Each fallback reason is
+  logged once (a kernel failure as a warning, with its error).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 __all__ = ["is_triton_available", "dispatch_triton_hadamard"]
 
 logger = logging.getLogger(__name__)
+_failed: set = set()  # (n, pow2, dtype) whose kernel raised: served by the PyTorch path from then on
 
 
 @lru_cache(maxsize=None)
@@ -56,4 +58,15 @@ def dispatch_triton_hadamard(x: torch.Tensor, transform, transposed: bool) -> to
     if triton_hadamard.kernel_plan(transform) is None:
         _log_fallback_once(f"width {transform.n} ({transform.description}) is not covered by the kernel")
         return None
-    return triton_hadamard.hadamard_triton(x, transform, transposed=transposed)
+    key = (transform.n, transform.pow2, x.dtype)
+    if key in _failed:
+        return None
+    try:
+        return triton_hadamard.hadamard_triton(x, transform, transposed=transposed)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as exc:  # an optional kernel that fails to compile/launch must not stop training
+        _failed.add(key)
+        logger.warning("online Hadamard: Triton kernel failed for width %d %s (%s: %s); using the PyTorch path",
+                       transform.n, x.dtype, type(exc).__name__, exc)  # fmt: skip
+        return None
