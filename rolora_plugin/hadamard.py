@@ -28,6 +28,7 @@ from functools import lru_cache
 import torch
 
 from .plugins import add_reset_callback, get_plugin_manager
+from .sylvester import sylvester
 
 __all__ = [
     "OrthogonalTransform",
@@ -124,17 +125,6 @@ def _quadratic_character(q: int) -> list[list[int]]:
 # ----------------------------------------------------------------------------------------------------------
 # Constructions (float64, ±1 entries)
 # ----------------------------------------------------------------------------------------------------------
-
-
-def sylvester(n: int) -> torch.Tensor:
-    """Sylvester Hadamard matrix of order ``n = 2^k`` (symmetric, ±1 entries, float64)."""
-    if n < 1 or n & (n - 1):
-        raise ValueError(f"Sylvester construction needs a power of two, got {n}")
-    h = torch.ones(1, 1, dtype=torch.float64)
-    h2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.kron(h2, h)
-    return h
 
 
 def _paley_kind(n: int) -> tuple[str, int] | None:

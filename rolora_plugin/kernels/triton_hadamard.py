@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..hadamard import sylvester
+from ..sylvester import sylvester
 
 __all__ = ["KernelPlan", "kernel_plan", "hadamard_triton"]
 
