@@ -268,8 +268,8 @@ def check_token_ids(ids, vocab_size: int, what: str, source: str) -> None:
     import torch
 
     if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2 or 0 in ids.shape:
-        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
-        raise CLIError(f"{what} must be a non-empty integer (batch, seq) tensor of token ids, got {shape}")
+        found = f"{str(ids.dtype).removeprefix('torch.')} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise CLIError(f"{what} must be a non-empty integer (batch, seq) tensor of token ids (int64), got {found}")
     top, low = int(ids.max()), int(ids.min())
     if low < 0 or top >= vocab_size:
         raise CLIError(f"the tokenizer of {source} produces token id {top if top >= vocab_size else low} for the {what}, "

@@ -50,7 +50,6 @@ def load_model(model_dir: Path, dtype: str = "float32"):
         raise CLIError(f"cannot load the model in {str(model_dir)!r}: {first_line(e)}") from None
 
 
-
 # ---------------------------------------------------------------------------------------------- rotate
 
 
@@ -118,7 +117,6 @@ def save_rotated(model, tok, record, out: Path) -> None:
     merge_and_export(model, out, tokenizer=tok, inplace=True)
 
 
-
 # ---------------------------------------------------------------------------------------------- export
 
 
@@ -161,14 +159,13 @@ def _check_adapter(src: Path, base_model: str | None, how: str = "pass --base-mo
     if not (src / "rolora_rotation.json").is_file():
         raise CLIError(f"{str(src)!r} has no rolora_rotation.json: nothing says which rotation the adapter was trained in; "
                        "copy it from the training run (RoLoRACallback writes it next to every checkpoint and adapter)")  # fmt: skip
-    named = base_model or adapter.get("base_model_name_or_path")
+    if base_model:
+        return check_model_dir(base_model, "--base-model")
+    named = adapter.get("base_model_name_or_path")
     if not named or not Path(named).is_dir():
         found = f"adapter_config.json names {named!r}, which is not a local folder" if named else "adapter_config.json names no base model"
         raise CLIError(f"{found}; {how} (the rotated export or the original model the adapter was trained on)")
     return check_model_dir(named, "--base-model")
-
-
-
 
 
 def _check_export_format(src: Path, fmt: str) -> None:

@@ -44,14 +44,33 @@ def cmd_eval(args) -> int:
     if args.json:
         check_output_parent(args.json, "--json")
     tok = load_tokenizer(src, required=True)
+    stored = _stored_quantization(src, config, args)
     quant = _eval_quant_config(args, config)
     chunks, calib = _eval_data(tok, args, config, src)
     model = load_model(src, args.dtype)
     results = evaluate_dir(model, tok, args, quant=quant, chunks=chunks, calib=calib)
+    if stored:
+        results.update(stored)
     if args.json:
         atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
     print(format_eval_table(results))
     return 0
+
+
+def _stored_quantization(src: Path, config, args) -> dict | None:
+    """The setting of a checkpoint that is quantized already (a ``rolora quantize`` output: ``load_rotated``
+    restores its quantizers); quantizing it again with --w-bits/--a-bits is refused."""
+    from ..config import QUANT_RECORD_KEY
+
+    record = getattr(config, QUANT_RECORD_KEY, None)
+    if not record:
+        return None
+    q = record.get("config", {})
+    setting = f"W{q.get('w_bits', 16)}A{q.get('a_bits', 16)}" + (f"KV{q['kv_bits']}" if q.get("kv_bits", 16) < 16 else "")
+    if args.w_bits < 16 or args.a_bits < 16:
+        raise CLIError(f"{args.model_dir!r} is quantized already ({setting}, {q.get('method')}); evaluate it without "
+                       "--w-bits/--a-bits, or pass the full-precision model")  # fmt: skip
+    return {"setting": setting, "method": q.get("method"), "quantized_in": "checkpoint"}
 
 
 def _check_eval_options(args) -> None:
@@ -174,6 +193,5 @@ def format_eval_table(results: dict) -> str:
         rows.append((f"average ({len(tasks['scores'])} tasks, limit {tasks['limit']})", f"{tasks['average']:.4f}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
 
 
