@@ -4,6 +4,7 @@ One command, on a fresh machine too (the peer's virtual environment is built on 
 
     python benchmarks/peer_llmcompressor.py                  # 2 calibration draws, BoolQ + SciQ, appends to RESULTS.md
     python benchmarks/peer_llmcompressor.py --draws 0 --no-append   # one draw, print only
+    python benchmarks/peer_llmcompressor.py --cached-only           # the table from what has been run so far
 
 What runs (SmolLM2-135M-Instruct from ``rolora_plugin.app.assets.smollm2_dir``, the same HF folder for both):
 
@@ -93,11 +94,13 @@ def peer_venv() -> Path:
     return venv
 
 
-def cached_run(key: dict, fn) -> dict:
-    """``fn()`` once per ``key`` (JSON under runs/); the cached result otherwise."""
+def cached_run(key: dict, fn, cached_only: bool = False) -> dict | None:
+    """``fn()`` once per ``key`` (JSON under runs/); the cached result otherwise (None if missing and ``cached_only``)."""
     path = cache_dir() / "runs" / f"{_digest(key)}.json"
     if path.is_file():
         return json.loads(path.read_text())
+    if cached_only:
+        return None
     result = {**fn(), "key": key, "date": time.strftime("%Y-%m-%d %H:%M")}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
@@ -294,7 +297,7 @@ def table(results: dict, draws) -> str:
         cells = []
         for side in ("ours", "peer"):
             fp = results.get((side, "fp", None))
-            runs = [results.get((side, recipe, None if recipe == "fp" else d)) for d in draws]
+            runs = [results.get((side, recipe, d)) for d in ([None] if recipe == "fp" else draws)]
             runs = [r for r in runs if r is not None]
             for s in SOURCES:
                 if not runs or fp is None:
@@ -305,7 +308,7 @@ def table(results: dict, draws) -> str:
                     cells.append(_stats([r["ppl"][s] / fp["ppl"][s] for r in runs]))
         walls = []
         for side in ("ours", "peer"):
-            runs = [results.get((side, recipe, None if recipe == "fp" else d)) for d in draws]
+            runs = [results.get((side, recipe, d)) for d in ([None] if recipe == "fp" else draws)]
             walls.append(_stats([r["wall_s"] for r in runs if r]) if any(runs) else "-")
         lines.append(f"| {LABELS[recipe]} | " + " | ".join(cells + walls) + " |")
     return "\n".join(lines)
@@ -322,6 +325,7 @@ def parse_args(argv=None):
     p.add_argument("--ours", nargs="+", default=list(OURS), choices=OURS)
     p.add_argument("--peer", nargs="+", default=list(PEER), choices=PEER)
     p.add_argument("--no-append", action="store_true")
+    p.add_argument("--cached-only", action="store_true", help="table from the cached runs only; run nothing")
     p.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -345,12 +349,17 @@ def main(argv=None) -> None:
     for side, recipe in jobs:
         for draw in [None] if recipe == "fp" else args.draws:
             d = 0 if draw is None else draw
+            only = args.cached_only
             if (side, recipe) == ("ours", "best-kv4"):
-                res = cached_run(our_key("best", proto, d, args.threads), lambda: run_ours("best", tokens, d))["kv4"]
+                res = cached_run(our_key("best", proto, d, args.threads), lambda: run_ours("best", tokens, d), only)
+                res = res and res["kv4"]
             elif side == "ours":
-                res = cached_run(our_key(recipe, proto, d, args.threads), lambda: run_ours(recipe, tokens, d))
+                res = cached_run(our_key(recipe, proto, d, args.threads), lambda: run_ours(recipe, tokens, d), only)
             else:
-                res = cached_run(peer_key(recipe, proto, d, args.threads), lambda: run_peer(recipe, path, d, args.threads))
+                res = cached_run(peer_key(recipe, proto, d, args.threads), lambda: run_peer(recipe, path, d, args.threads), only)
+            if res is None:
+                print(f"{side:4s} {recipe:8s} draw {draw}: not cached yet (skipped)", flush=True)
+                continue
             results[(side, recipe, draw)] = res
             print(f"{side:4s} {recipe:8s} draw {draw}: ppl {res['ppl']} wall {res['wall_s']:.0f}s", flush=True)
     body = describe(args, results, time.time() - t0)
