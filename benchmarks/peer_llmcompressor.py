@@ -199,9 +199,17 @@ def run_ours(recipe: str, tokens: dict, draw: int) -> dict:
     return out
 
 
+def _changed(config) -> dict | None:
+    """The fields of a config that differ from its defaults: a new field with a default never invalidates the cache."""
+    if config is None:
+        return None
+    default = type(config)().to_dict()
+    return {k: v for k, v in config.to_dict().items() if default.get(k, object()) != v}
+
+
 def our_key(recipe: str, proto: dict, draw: int, threads: int) -> dict:
     rot, quant = our_configs(recipe)
-    return dict(side="ours", recipe=recipe, rotation=rot and rot.to_dict(), quant=quant and quant.to_dict(),
+    return dict(side="ours", recipe=recipe, rotation=_changed(rot), quant=_changed(quant),
                 draw=draw if quant is not None else None, proto=proto, threads=threads)  # fmt: skip
 
 
