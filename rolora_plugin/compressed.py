@@ -187,10 +187,10 @@ def _pack_linear(name: str, lin: nn.Module, record: QuantizationRecord, scheme) 
 class CompressedExport:
     """Everything :func:`write_compressed` writes, computed (and checked) before the output folder is staged."""
 
-    state_dict: dict
-    quantization_config: dict
-    transform_weights: dict = field(default_factory=dict)
-    record: QuantizationRecord | None = None
+    state_dict: dict  # the model's state dict, each quantized linear's ``weight`` replaced by its packed tensors
+    quantization_config: dict  # config.json → quantization_config (less ``version``)
+    quant_record: dict  # model.config.rolora_quant as it is (also in config.json), copied into rolora_quantization.json
+    transform_weights: dict = field(default_factory=dict)  # stored transform matrices (transforms.safetensors)
 
 
 def prepare_compressed(model: nn.Module, record: QuantizationRecord, rotation: RotationRecord) -> CompressedExport:
@@ -205,7 +205,7 @@ def prepare_compressed(model: nn.Module, record: QuantizationRecord, rotation: R
         packed = _pack_linear(name, model.get_submodule(name), record, scheme)
         del state[f"{name}.weight"]
         state.update({f"{name}.{key}": value for key, value in packed.items()})
-    return CompressedExport(state, qconfig, stored_transform_weights(rotation, model), record)
+    return CompressedExport(state, qconfig, getattr(model.config, QUANT_RECORD_KEY), stored_transform_weights(rotation, model))
 
 
 def write_compressed(model: nn.Module, export: CompressedExport, directory: Path) -> None:
@@ -226,7 +226,7 @@ def write_compressed(model: nn.Module, export: CompressedExport, directory: Path
     compressor.update_config(str(directory))
     if export.transform_weights:
         save_file(export.transform_weights, str(directory / TRANSFORMS_FILE), metadata={"format": "pt"})
-    body = {"format_version": _RECORD_VERSION, "quantization": export.record.to_dict(), "tensors": tensor_digests(directory)}
+    body = {"format_version": _RECORD_VERSION, "quantization": export.quant_record, "tensors": tensor_digests(directory)}
     atomic_write_text(directory / QUANT_RECORD_FILE, json.dumps(body, indent=2, sort_keys=True) + "\n")
 
 
@@ -328,8 +328,10 @@ def model_class(path: str | os.PathLike):
     """``AutoModelForCausalLM``, or for configs it does not map (LLaVA-style VLMs) the class in ``config.architectures``."""
     import transformers
 
-    config = _read_json(Path(path) / "config.json", "model config")
     auto = transformers.AutoModelForCausalLM
+    if not (Path(path) / "config.json").is_file():
+        return auto  # not a local folder: from_pretrained reports it
+    config = _read_json(Path(path) / "config.json", "model config")
     if config.get("model_type") in transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return auto
     named = [getattr(transformers, a, None) for a in config.get("architectures") or []]
