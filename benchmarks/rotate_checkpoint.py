@@ -37,9 +37,9 @@ SIZES = {  # LlamaConfig fields; 7b = LLaMA-2-7B, 1b = TinyLlama-1.1B, tiny = a 
 }  # fmt: skip
 INPUT_SHARDS = 2
 PROFILED = {  # cProfile function name -> phase label
-    "_check_values": "check dtypes + finite values (reads every tensor)",
-    "_fingerprint": "base fingerprint (sampled mmap reads)",
-    "read": "reading tensors (pread)",
+    "_check_and_fingerprint": "checks (dtype, finite) + base fingerprint: one read of every tensor",
+    "read": "reading tensors (pread, both passes)",
+    "prefetch": "prefetch requests (posix_fadvise WILLNEED)",
     "_edit": "rotation maths (rotation._edit, float64)",
     "save_file": "writing shards (safetensors.save_file)",
     "_write_metadata": "config / record / tokenizer files",

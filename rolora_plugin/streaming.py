@@ -23,8 +23,8 @@ Order of work, all checks before anything is written (same error types as the in
    :class:`RotationError`; unsupported family: :class:`UnsupportedArchitectureError`; a width without a
    construction and ``allow_fallback=False``: :class:`rolora_plugin.NoHadamardError`;
 2. tensors: a model tensor missing from the checkpoint, or of the wrong shape: :class:`RotationError`;
-3. values (one read of every weight): non-float (integer, fp8) or non-finite weights: :class:`RotationError`
-   naming the tensor;
+3. values: non-float (integer, fp8; from the headers) or non-finite weights (one read of every weight, which also
+   gives the base fingerprint): :class:`RotationError` naming the tensor;
 4. rotate and write through :func:`rolora_plugin.publish.atomic_output_dir` (create-exclusive, marked staging,
    stale staging of killed runs removed): shards + index, ``config.json`` with the record under
    ``config.rolora`` (``tie_word_embeddings`` false once R1 unties), ``generation_config.json`` and tokenizer
@@ -32,9 +32,10 @@ Order of work, all checks before anything is written (same error types as the in
    (like :func:`rolora_plugin.merge_and_export`).
 
 The record's ``base_fingerprint`` is :func:`rolora_plugin.fingerprint.fingerprint_tensors` over the checkpoint's
-tensors under the model's parameter names (a tied ``lm_head`` counted once), each read through a short-lived
-``mmap`` view of which only the 64 sampled elements are touched. After each unit, the heap pages it freed are
-handed back to the OS (:func:`release_freed_memory`), so RSS returns to the baseline after each shard.
+tensors under the model's parameter names (a tied ``lm_head`` counted once), taken in the same read as the
+value checks. Each unit's tensors are prefetched (``POSIX_FADV_WILLNEED``) while the unit before is rotated, so
+reads overlap the maths. After each unit, the heap pages it freed are handed back to the OS
+(:func:`release_freed_memory`), so RSS returns to the baseline after each shard.
 
 Example::
 
@@ -113,8 +114,10 @@ class _Checkpoint:
         with self.lazy() as views:
             for name, t in views.items():
                 self.shapes[name], self.dtypes[name] = tuple(t.shape), t.dtype
+        self.ranges = {n: r for p in set(self.files.values()) for n, r in _tensor_ranges(p).items()}
         self._stack = contextlib.ExitStack()
         self._handles: dict[Path, object] = {}
+        self._fds: dict[Path, int] = {}
 
     @contextlib.contextmanager
     def lazy(self, names=None):
@@ -142,6 +145,18 @@ class _Checkpoint:
                 t = f.get_tensor(name).clone()
         return t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
 
+    def prefetch(self, names) -> None:
+        """Ask the kernel to start reading ``names`` into the page cache (``POSIX_FADV_WILLNEED``, asynchronous),
+        so their reads overlap the work on the tensors before them. No-op where unsupported."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        for name in names:
+            path = self.files[name]
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            start, stop = self.ranges[name]
+            os.posix_fadvise(self._fds[path], start, stop - start, os.POSIX_FADV_WILLNEED)
+
     def out_dtype(self, name: str) -> torch.dtype:
         src = self.dtypes[name]
         return self.dtype if self.dtype is not None and src.is_floating_point else src
@@ -149,6 +164,22 @@ class _Checkpoint:
     def close(self) -> None:
         self._stack.close()
         self._handles.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _tensor_ranges(path: Path) -> dict[str, tuple[int, int]]:
+    """``{name: (start, stop)}`` byte ranges of a safetensors file's tensors (only used to prefetch them).
+
+    The format: an 8-byte little-endian header length, a JSON header with ``data_offsets`` relative to the end
+    of the header, then the data.
+    """
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    base = 8 + size
+    return {n: (base + v["data_offsets"][0], base + v["data_offsets"][1]) for n, v in header.items() if n != "__metadata__"}
 
 
 def _weight_map(folder: Path) -> dict[str, Path]:
@@ -243,22 +274,23 @@ def _check_tensors(ckpt: _Checkpoint, skeleton: nn.Module, names: list[str]) -> 
         logger.warning("ignoring %d checkpoint tensor(s) the model does not use, e.g. %s", len(extra), extra[:3])
 
 
-def _check_values(ckpt: _Checkpoint, params: list[str], progress: bool) -> None:
-    """Every weight floating point (not fp8) and finite: the in-memory path's checks, one tensor at a time."""
-    start = time.perf_counter()
-    for name in tqdm(params, desc="checking tensors", disable=not progress, leave=False):
+def _check_dtypes(ckpt: _Checkpoint, params: list[str]) -> None:
+    """Every weight floating point and not fp8 (from the headers: nothing is read)."""
+    for name in params:
         raw = ckpt.dtypes[name]
         if not raw.is_floating_point or raw in (torch.float8_e4m3fn, torch.float8_e5m2):
             raise RotationError(
                 f"tensor {name} of {ckpt.folder} has dtype {raw}: quantized or integer weights cannot be rotated "
                 "exactly. Rotate the full-precision checkpoint first, then quantize it (rolora_plugin.quantize_model_)."
             )
-        if not all_finite(ckpt.read(name)):
-            raise RotationError(
-                f"tensor {name} of {ckpt.folder} holds NaN or Inf values; a rotation would spread them over whole "
-                "rows. Fix or re-download the checkpoint (nothing was written)."
-            )
-    logger.info("checked %d tensors (dtype, finite values) in %.1f s", len(params), time.perf_counter() - start)
+
+
+def _check_finite(ckpt: _Checkpoint, name: str, t: torch.Tensor) -> None:
+    if not all_finite(t):
+        raise RotationError(
+            f"tensor {name} of {ckpt.folder} holds NaN or Inf values; a rotation would spread them over whole "
+            "rows. Fix or re-download the checkpoint (nothing was written)."
+        )
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -271,31 +303,43 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
-def _fingerprint(ckpt: _Checkpoint, params: list[str]) -> str:
-    """``fingerprint_tensors`` of the weights as the in-memory path loads them (names sorted inside it)."""
-    return fingerprint_tensors((name, _MappedTensor(ckpt, name)) for name in params)
+class _CheckedTensor:
+    """A checkpoint weight as :func:`~rolora_plugin.fingerprint.fingerprint_tensors` reads it (``.shape``,
+    ``.detach()``): ``detach()`` reads it (cast as the in-memory path loads it), refuses non-finite values and
+    hands it over for sampling, so checking and fingerprinting share one read of the checkpoint. (Sampling
+    through ``mmap`` instead cost 230 s on a 7B: each of the 64 page faults per tensor triggers the kernel's
+    read-around, 8 MiB here, of an input no longer in the page cache.)"""
 
-
-class _MappedTensor:
-    """A checkpoint tensor as :func:`~rolora_plugin.fingerprint.fingerprint_tensors` reads it (``.shape`` and
-    ``.detach()``), mapped only while it is sampled.
-
-    ``detach()`` returns a zero-copy view from a mapping of its own, dropped once the 64 samples are taken: one
-    shared mapping of every file would keep each sampled page (and the kernel's read-around, ~40 KiB per
-    sample measured) resident until the end — 2.3 GB for a 7B checkpoint. A cast is applied only where it can
-    change the samples: they are rounded to bfloat16 through float32, so casts to float32/float64/bfloat16 leave
-    them unchanged, while a cast to float16 double-rounds (see :mod:`rolora_plugin.fingerprint`).
-    """
-
-    def __init__(self, ckpt: _Checkpoint, name: str):
-        self.ckpt, self.name, self.shape = ckpt, name, torch.Size(ckpt.shapes[name])
+    def __init__(self, ckpt: _Checkpoint, name: str, following: str | None, done: set, bar):
+        self.ckpt, self.name, self.following, self.done, self.bar = ckpt, name, following, done, bar
+        self.shape = torch.Size(ckpt.shapes[name])
 
     def detach(self) -> torch.Tensor:
-        with self.ckpt.lazy([self.name]) as views:
-            t = views[self.name]
-        if self.ckpt.dtype == torch.float16 and t.dtype != torch.float16 and t.is_floating_point():
-            t = t.to(torch.float16)  # reads the whole tensor, one at a time: only when casting to float16
+        if self.following is not None:
+            self.ckpt.prefetch([self.following])
+        t = self.ckpt.read(self.name)
+        _check_finite(self.ckpt, self.name, t)
+        self.done.add(self.name)
+        self.bar.update(1)
         return t
+
+
+def _check_and_fingerprint(ckpt: _Checkpoint, params: list[str], progress: bool) -> str:
+    """The in-memory path's value checks (dtype, finite) and the base fingerprint, in one read of the weights.
+
+    Returns ``fingerprint_tensors`` over ``(name, weight)`` as ``named_parameters`` yields them. Weights are read
+    in sorted name order (the fingerprint's), each prefetched while the one before is checked.
+    """
+    start = time.perf_counter()
+    _check_dtypes(ckpt, params)
+    order, done = sorted(params), set()
+    following = dict(zip(order, order[1:]))
+    with tqdm(total=len(params), desc="checking tensors", disable=not progress, leave=False) as bar:
+        fingerprint = fingerprint_tensors([(n, _CheckedTensor(ckpt, n, following.get(n), done, bar)) for n in params])
+    for name in sorted(set(params) - done):  # only if fingerprint_tensors skipped a tensor: check it anyway
+        _check_finite(ckpt, name, ckpt.read(name))
+    logger.info("checked and fingerprinted %d tensors in %.1f s", len(params), time.perf_counter() - start)
+    return fingerprint
 
 
 # ---------------------------------------------------------------------------------------------- units of work
@@ -467,8 +511,7 @@ def _prepare(src: Path, config: RotationConfig, dtype, progress: bool) -> _Job:
     ckpt = _Checkpoint(src, dtype)
     try:
         _check_tensors(ckpt, skeleton, names)
-        _check_values(ckpt, params, progress)
-        fingerprint = _fingerprint(ckpt, params)
+        fingerprint = _check_and_fingerprint(ckpt, params, progress)
     except BaseException:
         ckpt.close()
         raise
@@ -544,7 +587,9 @@ def _write(job: _Job, src: Path, out: Path, dtype, max_shard_bytes: int, overwri
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         writer = _ShardWriter(tmp, plan, max_shard_bytes)
         with tqdm(total=len(plan), desc="rotating tensors", unit="tensor", disable=not progress, leave=False) as bar:
-            for unit in job.units:
+            for i, unit in enumerate(job.units):
+                if i + 1 < len(job.units):  # its reads overlap this unit's maths
+                    ckpt.prefetch(job.units[i + 1].sources.get(n, n) for n in job.units[i + 1].names(skeleton))
                 tensors = _run_unit(unit, skeleton, ckpt)
                 writer.add(tensors)
                 bar.update(len(tensors))

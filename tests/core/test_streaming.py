@@ -31,7 +31,7 @@ from rolora_plugin import (
 )
 from rolora_plugin.export import load_rotated
 from rolora_plugin.publish import STAGING_MARKER, OutputExistsError
-from rolora_plugin.streaming import all_finite, rotate_checkpoint
+from rolora_plugin.streaming import _tensor_ranges, all_finite, rotate_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: fastest and polite on one thread
 COMBOS = [c for c in itertools.product([False, True], repeat=4) if any(c)]  # (r1, r2, r3, r4)
@@ -134,6 +134,25 @@ def test_cast_on_read_equals_in_memory_in_that_dtype(tmp_path):
     assert record == ref_record
     _assert_identical(tmp_path / "out", model, tied=False, r1=True)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_float16_cast_gives_the_in_memory_record(tmp_path):
+    """float16 double-rounds a float32 weight's fingerprint samples: they must come from the cast weights."""
+    src = _ckpt(tmp_path, "llama", tie=False, dtype=torch.float32)
+    record = rotate_checkpoint(src, tmp_path / "out", dtype=torch.float16, progress=False)
+    model, ref_record = _reference(src, RotationConfig(), torch.float16)
+    assert record == ref_record
+    _assert_identical(tmp_path / "out", model, tied=False, r1=True)
+
+
+def test_prefetch_ranges_are_the_tensors_bytes(tmp_path):
+    src = _ckpt(tmp_path, "qwen2", dtype=torch.bfloat16)
+    for shard in src.glob("*.safetensors"):
+        data, tensors = shard.read_bytes(), load_file(shard)
+        ranges = _tensor_ranges(shard)
+        assert set(ranges) == set(tensors)
+        for name, (start, stop) in ranges.items():
+            assert data[start:stop] == tensors[name].contiguous().view(torch.uint8).numpy().tobytes()
 
 
 def test_load_rotated_gives_the_in_memory_logits(tmp_path):
