@@ -90,6 +90,9 @@ def _check_fake_quant(owner: str, quant: QuantConfig) -> None:
             (quant.method != "rtn", f"method={quant.method!r} (fake quant rounds to nearest)"),
             (quant.w_clip_search, "w_clip_search=True (weights are scaled by their max)"),
             (quant.kv_bits < OFF_BITS, f"kv_bits={quant.kv_bits} (the KV cache is not fake-quantized)"),
+            (quant.a_clip_search, "a_clip_search=True (activation clips are calibrated by quantize_model_ only)"),
+            (bool(quant.a_bits_for), "a_bits_for (per-linear activation bits)"),
+            (quant.gptq_quantized_inputs, "gptq_quantized_inputs=True (a GPTQ option)"),
         ) if bad
     ]  # fmt: skip
     if ignored:

@@ -87,3 +87,14 @@ def test_unknown_keys_list_the_fields_and_the_flat_aliases():
         MonitorConfig.from_dict({"w_sym": True})  # the monitor's aliases are w_bits / a_bits / w_group_size only
     with pytest.raises(ValueError, match=r"MonitorConfig.a_bits must be an int in 2\.\.16"):
         MonitorConfig(every_n_steps=3, layers=[1], num_batches=1, a_bits=20)
+
+
+@pytest.mark.parametrize("field, value", [("a_clip_search", True), ("a_bits_for", {"gate_proj": 8}), ("gptq_quantized_inputs", True)])
+def test_qat_refuses_settings_the_fake_quant_forward_ignores(field, value):
+    from rolora_plugin.quant import QuantConfig
+    from rolora_plugin.training_config import MonitorConfig, QATConfig
+
+    quant = QuantConfig(w_bits=4, a_bits=4, skip=(), **{field: value})
+    for cls in (QATConfig, MonitorConfig):
+        with pytest.raises(ValueError, match=field):
+            cls(quant=quant)
