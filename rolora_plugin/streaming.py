@@ -110,26 +110,13 @@ class _Checkpoint:
     def __init__(self, folder: Path, dtype: torch.dtype | None):
         self.folder, self.dtype = folder, dtype
         self.files = _weight_map(folder)  # name -> shard path
-        self.shapes, self.dtypes = {}, {}
-        with self.lazy() as views:
-            for name, t in views.items():
-                self.shapes[name], self.dtypes[name] = tuple(t.shape), t.dtype
-        self.ranges = {n: r for p in set(self.files.values()) for n, r in _tensor_ranges(p).items()}
+        self.ranges, self.shapes, self.dtypes = {}, {}, {}  # from the headers: nothing else is read here
+        for path in sorted(set(self.files.values())):
+            for name, entry in _header(path).items():
+                self.ranges[name], self.shapes[name], self.dtypes[name] = entry
         self._stack = contextlib.ExitStack()
         self._handles: dict[Path, object] = {}
         self._fds: dict[Path, int] = {}
-
-    @contextlib.contextmanager
-    def lazy(self, names=None):
-        """``{name: tensor}`` backed by ``mmap`` (nothing is read until touched); a view kept after the block keeps
-        its mapping alive until it is dropped."""
-        from safetensors import safe_open
-
-        names = list(self.files if names is None else names)
-        with contextlib.ExitStack() as stack:
-            paths = {self.files[n] for n in names}
-            handles = {p: stack.enter_context(safe_open(str(p), framework="pt")) for p in paths}
-            yield {n: handles[self.files[n]].get_tensor(n) for n in names}
 
     def read(self, name: str) -> torch.Tensor:
         """The tensor ``name`` in anonymous memory (writable, freed with it), cast to ``dtype`` if floating."""
@@ -157,9 +144,12 @@ class _Checkpoint:
             start, stop = self.ranges[name]
             os.posix_fadvise(self._fds[path], start, stop - start, os.POSIX_FADV_WILLNEED)
 
-    def out_dtype(self, name: str) -> torch.dtype:
+    def out_itemsize(self, name: str) -> int:
         src = self.dtypes[name]
-        return self.dtype if self.dtype is not None and src.is_floating_point else src
+        if src is None:  # a buffer of a dtype torch cannot name: as stored
+            start, stop = self.ranges[name]
+            return (stop - start) // max(1, _numel(self.shapes[name]))
+        return (self.dtype if self.dtype is not None and src.is_floating_point else src).itemsize
 
     def close(self) -> None:
         self._stack.close()
@@ -169,17 +159,30 @@ class _Checkpoint:
         self._fds.clear()
 
 
-def _tensor_ranges(path: Path) -> dict[str, tuple[int, int]]:
-    """``{name: (start, stop)}`` byte ranges of a safetensors file's tensors (only used to prefetch them).
+# safetensors dtype names (the format's header) -> torch dtypes; a name missing here reads as None (refused)
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+           "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+           "BOOL": "bool"}  # fmt: skip
 
-    The format: an 8-byte little-endian header length, a JSON header with ``data_offsets`` relative to the end
-    of the header, then the data.
+
+def _header(path: Path) -> dict[str, tuple[tuple[int, int], tuple[int, ...], torch.dtype | None]]:
+    """``{name: ((start, stop) byte range, shape, dtype)}`` of a safetensors file, from its header alone.
+
+    The format: an 8-byte little-endian header length, a JSON header (``dtype``, ``shape``, ``data_offsets``
+    relative to the end of the header), then the data.
     """
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-    base = 8 + size
-    return {n: (base + v["data_offsets"][0], base + v["data_offsets"][1]) for n, v in header.items() if n != "__metadata__"}
+        try:
+            header = json.loads(f.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RotationError(f"{path} is not a safetensors file (unreadable header: {e})") from None
+    base, out = 8 + size, {}
+    for name, v in header.items():
+        if name != "__metadata__":
+            start, stop = v["data_offsets"]
+            out[name] = ((base + start, base + stop), tuple(v["shape"]), getattr(torch, _DTYPES.get(v["dtype"], ""), None))
+    return out
 
 
 def _weight_map(folder: Path) -> dict[str, Path]:
@@ -278,7 +281,7 @@ def _check_dtypes(ckpt: _Checkpoint, params: list[str]) -> None:
     """Every weight floating point and not fp8 (from the headers: nothing is read)."""
     for name in params:
         raw = ckpt.dtypes[name]
-        if not raw.is_floating_point or raw in (torch.float8_e4m3fn, torch.float8_e5m2):
+        if raw is None or not raw.is_floating_point or raw in (torch.float8_e4m3fn, torch.float8_e5m2):
             raise RotationError(
                 f"tensor {name} of {ckpt.folder} has dtype {raw}: quantized or integer weights cannot be rotated "
                 "exactly. Rotate the full-precision checkpoint first, then quantize it (rolora_plugin.quantize_model_)."
@@ -600,7 +603,11 @@ def _write(job: _Job, src: Path, out: Path, dtype, max_shard_bytes: int, overwri
 
 
 def _nbytes(ckpt: _Checkpoint, name: str) -> int:
-    numel = 1
-    for s in ckpt.shapes[name]:
-        numel *= s
-    return numel * ckpt.out_dtype(name).itemsize
+    return _numel(ckpt.shapes[name]) * ckpt.out_itemsize(name)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -31,7 +31,7 @@ from rolora_plugin import (
 )
 from rolora_plugin.export import load_rotated
 from rolora_plugin.publish import STAGING_MARKER, OutputExistsError
-from rolora_plugin.streaming import _tensor_ranges, all_finite, rotate_checkpoint
+from rolora_plugin.streaming import _header, all_finite, rotate_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: fastest and polite on one thread
 COMBOS = [c for c in itertools.product([False, True], repeat=4) if any(c)]  # (r1, r2, r3, r4)
@@ -145,14 +145,16 @@ def test_float16_cast_gives_the_in_memory_record(tmp_path):
     _assert_identical(tmp_path / "out", model, tied=False, r1=True)
 
 
-def test_prefetch_ranges_are_the_tensors_bytes(tmp_path):
-    src = _ckpt(tmp_path, "qwen2", dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_header_gives_the_tensors_bytes_shapes_and_dtypes(tmp_path, dtype):
+    src = _ckpt(tmp_path, "qwen2", dtype=dtype)
     for shard in src.glob("*.safetensors"):
-        data, tensors = shard.read_bytes(), load_file(shard)
-        ranges = _tensor_ranges(shard)
-        assert set(ranges) == set(tensors)
-        for name, (start, stop) in ranges.items():
-            assert data[start:stop] == tensors[name].contiguous().view(torch.uint8).numpy().tobytes()
+        data, tensors, header = shard.read_bytes(), load_file(shard), _header(shard)
+        assert set(header) == set(tensors)
+        for name, ((start, stop), shape, dt) in header.items():
+            t = tensors[name]
+            assert (shape, dt) == (tuple(t.shape), t.dtype)
+            assert data[start:stop] == t.contiguous().view(torch.uint8).numpy().tobytes()
 
 
 def test_load_rotated_gives_the_in_memory_logits(tmp_path):
