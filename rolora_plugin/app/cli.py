@@ -63,7 +63,8 @@ def cmd_train(args) -> int:
     root = checkpoint_root(cfg)
     check_output_parent(root, "checkpoint_dir")
     _check_train_model(cfg)
-    args.interrupt_note = f"checkpoints so far are kept in {root}: rerun with --resume to continue"
+    args.interrupt_note = (f"checkpoints so far are kept in {root}: rerun with --resume to continue" if cfg.save_steps
+                           else "nothing was published (save_steps: 0, so there is no checkpoint to resume from)")  # fmt: skip
     try:
         result = run_training(cfg, resume=args.resume)
     except TrainInputError as e:

@@ -151,13 +151,20 @@ def _adapter_weights(run: Path) -> dict:
 _KILLABLE_TRAIN = "import sys; from rolora_plugin.app.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_killed_training_resumes_bit_exactly(sig, tiny_dir, tmp_path, capsys):
-    cfg = _train_config(tmp_path, tiny_dir)
-    assert main(["-q", "train", str(cfg), "--output-dir", str(tmp_path / "reference")]) == 0
-    assert not (tmp_path / "reference.checkpoints").exists()  # removed once published
-    reference = _adapter_weights(tmp_path / "reference")
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_dir, tmp_path_factory) -> dict:
+    """The adapter of the same run, never interrupted."""
+    work = tmp_path_factory.mktemp("reference")
+    cfg = _train_config(work, tiny_dir)
+    assert main(["-q", "train", str(cfg)]) == 0
+    assert not (work / "run.checkpoints").exists()  # removed once published
+    return _adapter_weights(work / "run")
 
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_training_resumes_bit_exactly(sig, tiny_dir, tmp_path, capsys, uninterrupted):
+    cfg = _train_config(tmp_path, tiny_dir)
+    reference = uninterrupted
     ckpts = tmp_path / "run.checkpoints"
     proc = _start(_KILLABLE_TRAIN, "-q", "train", cfg, "--max-steps", "400")  # long enough to be stopped mid-run
     _wait_for(lambda: (ckpts / "checkpoint-2" / "rolora_rotation.json").is_file(), proc)
