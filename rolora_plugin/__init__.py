@@ -16,7 +16,7 @@ Public API (one import point)::
 
 from .architectures import ArchitectureSpec, UnsupportedArchitectureError, VLMSpec, get_architecture, list_architectures
 from .config import RotationConfig
-from .export import load_rotated, merge_and_export
+from .export import load_rotated, merge_and_export, quantize_and_export
 from .hadamard import NoHadamardError, OrthogonalTransform, build_transform, hadamard_transform, hadamard_transform_ref
 from .hookspecs import hookimpl
 from .lora import get_rolora_peft_model, map_target_modules, rolora_lora_config
@@ -66,6 +66,7 @@ __all__ = [
     "map_target_modules",
     "merge_and_export",
     "quantize_activation",
+    "quantize_and_export",
     "quantize_model_",
     "quantize_weight",
     "rolora_lora_config",
