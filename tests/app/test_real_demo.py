@@ -93,7 +93,7 @@ def test_report_folder_and_table(demo):
         data = (out / path.rsplit("/", 1)[-1]).read_bytes()
         assert data[:8] == PNG_MAGIC and struct.unpack(">I", data[16:20])[0] >= 1000  # width in pixels
     summary = (out / "summary.txt").read_text()
-    for needle in ("Per-token max|x|/rms", "held-out loss / answer ppl", "train loss: mean training loss over steps"):
+    for needle in ("Per-token max|x|/rms", "held-out loss / answer ppl", "train loss: mean training loss over step"):
         assert needle in summary
     for needle in ("exactness", "Perplexity (RTN)", "W4A4", "RoLoRA", "wall time"):
         assert needle in stdout
