@@ -1,12 +1,8 @@
 import os
-import sys
 
 import pytest
 import torch
 
-from tests.helpers import TRANSFORM_RTOL, rel_err  # noqa: F401  (transitional: tests import from tests.helpers)
-
-sys.path.insert(0, os.path.dirname(__file__))  # transitional: `from tiny_models import ...` in unmoved tests
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
