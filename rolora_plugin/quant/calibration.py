@@ -32,7 +32,7 @@ from torch.nn import functional as F
 from ..errors import QuantizationError
 from .primitives import _check_ratio, quantize_activation
 
-__all__ = ["DEFAULT_A_CLIP_CANDIDATES", "ClipErrorMeter", "search_activation_clips"]
+__all__ = ["DEFAULT_A_CLIP_CANDIDATES", "ClipErrorMeter", "check_calibration", "search_activation_clips"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,63 @@ class ClipErrorMeter:
             return 1.0
         order = sorted(range(len(self.candidates)), key=lambda k: (float(self.errors[k]), -self.candidates[k]))
         return self.candidates[order[0]]
+
+
+def _vocab_size(model: nn.Module) -> int | None:
+    get = getattr(model, "get_input_embeddings", None)
+    embed = get() if callable(get) else None
+    return getattr(embed, "num_embeddings", None)
+
+
+def _check_ids(k: int, ids, vocab: int | None) -> None:
+    where = f"calibration item {k}: input_ids"
+    if not isinstance(ids, torch.Tensor):
+        raise QuantizationError(f"{where} is a {type(ids).__name__}; pass a torch integer tensor (batch, seq)")
+    if ids.dtype == torch.bool or ids.dtype.is_floating_point or ids.dtype.is_complex:
+        raise QuantizationError(
+            f"{where} has dtype {ids.dtype}; token ids must be an integer tensor, e.g. "
+            "tokenizer(texts, return_tensors='pt').input_ids"
+        )
+    if ids.dim() not in (1, 2):
+        raise QuantizationError(f"{where} has shape {tuple(ids.shape)}; expected (seq,) or (batch, seq)")
+    if ids.numel() == 0:
+        raise QuantizationError(f"{where} is empty (shape {tuple(ids.shape)}); every calibration batch needs tokens")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or (vocab is not None and hi >= vocab):
+        raise QuantizationError(
+            f"{where} holds ids in [{lo}, {hi}] but the model's vocabulary is [0, {vocab}); the data was tokenized "
+            "with another tokenizer or is not token ids"
+        )
+
+
+def check_calibration(model: nn.Module, calibration) -> list | None:
+    """Validate calibration data once, before any weight is edited; returns it as a list (None stays None).
+
+    Items: ``input_ids`` tensors (seq,) / (batch, seq) of an integer dtype with ids inside the model's vocabulary,
+    or dicts for ``model(**batch)`` (their ``input_ids``, when present, are checked the same way; an
+    ``attention_mask`` must have the ids' shape). A one-shot iterator is materialised here, so GPTQ and the clip
+    search (which both iterate) see the same batches. Raises :class:`QuantizationError` naming the bad item.
+    """
+    if calibration is None:
+        return None
+    if isinstance(calibration, (torch.Tensor, Mapping)):
+        calibration = [calibration]  # one batch given bare
+    items, vocab = list(calibration), _vocab_size(model)
+    for k, item in enumerate(items):
+        if isinstance(item, torch.Tensor):
+            _check_ids(k, item, vocab)
+            continue
+        if not isinstance(item, Mapping):
+            raise QuantizationError(f"calibration items must be input_ids tensors or dicts, got {type(item).__name__} (item {k})")
+        if "input_ids" in item:
+            _check_ids(k, item["input_ids"], vocab)
+            mask = item.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.shape != item["input_ids"].shape:
+                raise QuantizationError(
+                    f"calibration item {k}: attention_mask shape {tuple(mask.shape)} differs from input_ids "
+                    f"shape {tuple(item['input_ids'].shape)}"
+                )
+    return items
 
 
 def _batches(calibration, device) -> list[dict]:

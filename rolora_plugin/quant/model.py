@@ -28,7 +28,7 @@ from ..architectures import get_architecture, get_submodule
 from ..config import QUANT_RECORD_KEY
 from ..errors import QuantizationError
 from ..online import add_attention_transform, attention_transforms, remove_attention_transform
-from .calibration import search_activation_clips
+from .calibration import check_calibration, search_activation_clips
 from .config import QuantConfig
 from .gptq import gptq_quantize_model_
 from .primitives import OFF_BITS, quantize_activation
@@ -222,6 +222,7 @@ def quantize_model_(model: nn.Module, config: QuantConfig | None = None, calibra
     config = config or QuantConfig()
     linears, skipped = quantizable_linears(model, config)
     _check_model(model, config, linears)
+    calibration = check_calibration(model, calibration)
     record = QuantizationRecord(config=config, quantized=list(linears), skipped=skipped)
     if config.w_bits < OFF_BITS:
         record.weight_error = WEIGHT_HANDLERS[config.method](model, config, linears, calibration, progress)

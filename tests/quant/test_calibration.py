@@ -202,3 +202,48 @@ def test_mixed_activation_bits_are_installed_searched_and_labelled():
         QuantConfig(a_bits_for={"gate_proj": 1})
     with pytest.raises(ValueError, match="a_bits_for must map linear names to bits"):
         QuantConfig(a_bits_for=["gate_proj"])
+
+
+# ---------------------------------------------------------------------------------------------- calibration validation
+
+
+def _bad_calibration_cases(vocab: int):
+    ids = random_ids(vocab, 2, 8)
+    return {
+        "float ids": ([ids.float()], "dtype torch.float32"),
+        "bool ids": ([ids.bool()], "dtype torch.bool"),
+        "3-D ids": ([ids.unsqueeze(0)], "expected (seq,) or (batch, seq)"),
+        "empty ids": ([ids[:, :0]], "is empty"),
+        "out of vocabulary": ([ids + vocab], "vocabulary is [0,"),
+        "negative id": ([ids - vocab], "vocabulary is [0,"),
+        "mask shape": ([{"input_ids": ids, "attention_mask": torch.ones(2, 5, dtype=torch.long)}], "attention_mask shape"),
+        "not a batch": (["some text"], "got str"),
+    }
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+@pytest.mark.parametrize("case", list(_bad_calibration_cases(101).keys()))
+def test_bad_calibration_is_refused_before_any_weight_changes(method, case):
+    model = tiny_model("llama", seed=0)
+    vocab = model.get_input_embeddings().num_embeddings
+    calibration, needle = _bad_calibration_cases(vocab)[case]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(QuantizationError, match=needle.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        quantize_model_(model, QuantConfig(method=method), calibration, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert get_quantization_record(model) is None
+
+
+def test_a_one_shot_calibration_iterator_feeds_gptq_and_the_clip_search_alike():
+    model = tiny_model("llama", seed=0)
+    rotate_model_(model, RotationConfig(), progress=False)
+    vocab = model.get_input_embeddings().num_embeddings
+    batches = [random_ids(vocab, 2, 16, seed=s) for s in range(2)]
+    ref = tiny_model("llama", seed=0)
+    rotate_model_(ref, RotationConfig(), progress=False)
+    cfg = QuantConfig(method="gptq", a_clip_search=True)
+    quantize_model_(ref, cfg, batches, progress=False)
+    quantize_model_(model, cfg, iter(batches), progress=False)  # a generator is consumed once
+    assert get_quantization_record(model).a_clip_ratios == get_quantization_record(ref).a_clip_ratios
+    x = random_ids(vocab, 1, 12, seed=9)
+    assert torch.equal(logits(model, x), logits(ref, x))
