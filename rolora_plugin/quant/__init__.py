@@ -15,7 +15,7 @@ Every public name is importable from ``rolora_plugin.quant``.
 
 from ..config import QUANT_RECORD_KEY
 from ..errors import QuantizationError
-from .calibration import DEFAULT_A_CLIP_CANDIDATES, ClipErrorMeter, search_activation_clips
+from .calibration import DEFAULT_A_CLIP_CANDIDATES, ClipErrorMeter, check_calibration, search_activation_clips
 from .config import WEIGHT_METHODS, QuantConfig
 from .gptq import (
     HessianAccumulator,
@@ -48,7 +48,7 @@ from .primitives import (
     weight_scales,
 )
 from .qat import ALL_LINEAR, FakeQuantHandle, enable_fake_quant_, fake_quant_active, fake_quantized
-from .rtn import replace_weight_, rtn_quantize_linear_
+from .rtn import WeightQuantParams, replace_weight_, rtn_quantize_linear_, weight_quant_params
 from .targets import is_skipped, quantizable_linears
 
 __all__ = [
@@ -67,7 +67,9 @@ __all__ = [
     "QuantizationRecord",
     "WEIGHT_HANDLERS",
     "WEIGHT_METHODS",
+    "WeightQuantParams",
     "capture_layer_inputs",
+    "check_calibration",
     "compute_scales",
     "enable_fake_quant_",
     "fake_quant_active",
@@ -91,5 +93,6 @@ __all__ = [
     "replace_weight_",
     "rtn_quantize_linear_",
     "search_activation_clips",
+    "weight_quant_params",
     "weight_scales",
 ]
