@@ -93,7 +93,7 @@ def _regex(path: str) -> str:
 def transform_config_dict(record: RotationRecord, *, stored: bool = False) -> dict | None:
     """The online rotations of ``record`` as a compressed-tensors ``TransformConfig`` dict, or None if there are none.
 
-    ``stored=False`` (the full-precision export): ``hadamard`` groups only; None (and a warning) when one rotation
+    ``stored=False`` (the full-precision export): ``hadamard`` groups only; None (and one INFO line saying so) when one rotation
     is not the plain Sylvester matrix, since a partial description would give a wrong model. ``stored=True`` (the
     compressed-tensors export): such rotations become ``random-hadamard`` groups whose weights are stored (module
     doc). Validated with compressed-tensors' pydantic models when the library is installed.
@@ -104,9 +104,11 @@ def transform_config_dict(record: RotationRecord, *, stored: bool = False) -> di
         groups[name] = _scheme(locations, head_dim, "hadamard" if exact or not stored else "random-hadamard")
         unsupported += [] if exact or stored else [f"{name.removeprefix('rolora_')} ({t.description})"]
     if unsupported:
-        logger.warning(
+        logger.info(
             "no compressed-tensors transform_config written: %s has no compressed-tensors equivalent (its 'hadamard' "
-            "type is a power-of-two Sylvester matrix). rolora_rotation.json + load_rotated stay exact.", ", ".join(unsupported)
+            "type names only power-of-two Sylvester matrices). Nothing is lost: rolora_rotation.json + load_rotated "
+            "rebuild the model exactly; for a compressed-tensors consumer export with format='compressed-tensors' "
+            "(it stores such matrices).", ", ".join(unsupported)
         )  # fmt: skip
         return None
     if not groups:
