@@ -1,8 +1,9 @@
 """Model-family specs: where a decoder keeps the pieces a rotation must touch.
 
-Built-in families (Llama, Mistral, Qwen2, Qwen3, Phi-3) register through the ``rolora_register_architectures``
-hook like any third-party plugin. Families with sandwich norms or ``(1 + w)`` RMSNorm (Gemma-2/3) cannot be
-rotated exactly by folding and are deliberately absent.
+Built-in families (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, LLaVA's language tower, and the Mixture-of-Experts
+families Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) register through the ``rolora_register_architectures``
+hook like any third-party plugin. Families with sandwich norms (Gemma-2/3) cannot be rotated exactly by folding
+and are deliberately absent.
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ class ArchitectureSpec:
     norm_offset: float = 0.0
     residual_writers: tuple[str, ...] = ()
     tower: str | None = None
+    # Mixture-of-Experts (transformers 5 fused experts, see rolora_plugin.moe); all None for dense families. A layer
+    # whose ``experts`` path exists is an MoE layer (Qwen2/3-MoE may mix in dense layers, which use the paths above).
+    router: str | None = None  # module whose ``weight`` [E, H] reads the normed residual stream (not an nn.Linear)
+    experts: str | None = None  # module with gate_up_proj [E, 2I, H] and down_proj [E, H, I]
+    shared_expert: str | None = None  # an ordinary gated MLP (gate_proj/up_proj/down_proj) beside the experts
+    shared_expert_gate: str | None = None  # nn.Linear [1, H] reading the residual stream
 
     def __post_init__(self):
         if not self.model_types:
@@ -68,6 +75,24 @@ class ArchitectureSpec:
 
     def mlp_inputs(self) -> tuple[str, ...]:
         return (self.gate_up_proj,) if self.gate_up_proj else (self.gate_proj, self.up_proj)
+
+    def is_moe_layer(self, layer: nn.Module) -> bool:
+        """True if ``layer`` holds fused experts at :attr:`experts` (an MoE layer of an MoE family)."""
+        return self.experts is not None and _has_submodule(layer, self.experts)
+
+    def moe_linear_paths(self) -> tuple[str, ...]:
+        """Paths of the ``nn.Linear``s an MoE layer has besides attention: the shared expert's (and its gate)."""
+        if self.shared_expert is None:
+            return ()
+        own = tuple(f"{self.shared_expert}.{leaf}" for leaf in ("gate_proj", "up_proj", "down_proj"))
+        return own + ((self.shared_expert_gate,) if self.shared_expert_gate else ())
+
+    def layer_linear_paths(self, layer: nn.Module) -> tuple[str, ...]:
+        """:meth:`linear_paths` for a dense layer; attention, o_proj and :meth:`moe_linear_paths` for an MoE layer
+        (its experts are 3-D parameters, not linears: see :mod:`rolora_plugin.moe`)."""
+        if not self.is_moe_layer(layer):
+            return self.linear_paths()
+        return self.attention_inputs() + (self.o_proj,) + self.moe_linear_paths()
 
     def linear_paths(self) -> tuple[str, ...]:
         """Paths (relative to one decoder layer) of every linear a rotation edits and W4A4 quantizes, in call order."""
@@ -97,7 +122,7 @@ class ArchitectureSpec:
         """``{qualified name: module}`` of every per-layer linear (a Linear or a peft LoRA layer wrapping one)."""
         out = {}
         for i, layer in enumerate(self.decoder_layers(model)):
-            for path in self.linear_paths():
+            for path in self.layer_linear_paths(layer):
                 out[f"{self.layers}.{i}.{path}"] = get_submodule(layer, path)
         return out
 
@@ -183,6 +208,8 @@ class ModelDims:
     num_kv_heads: int
     head_dim: int
     num_layers: int
+    expert_intermediate: int | None = None  # MoE: width of one expert's down_proj input (its own R4)
+    shared_intermediate: int | None = None  # MoE with a shared expert (Qwen2-MoE): its down_proj input width
 
     @classmethod
     def from_config(cls, config) -> "ModelDims":
@@ -190,7 +217,10 @@ class ModelDims:
         heads = c.num_attention_heads
         kv = getattr(c, "num_key_value_heads", None) or heads
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-        return cls(c.hidden_size, c.intermediate_size, heads, kv, head_dim, c.num_hidden_layers)
+        n_experts = getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None)
+        expert = (getattr(c, "moe_intermediate_size", None) or c.intermediate_size) if n_experts else None
+        shared = getattr(c, "shared_expert_intermediate_size", None) if n_experts else None
+        return cls(c.hidden_size, c.intermediate_size, heads, kv, head_dim, c.num_hidden_layers, expert, shared or None)
 
 
 LLAMA = ArchitectureSpec(name="llama", model_types=("llama",))
@@ -210,7 +240,14 @@ PHI3 = ArchitectureSpec(
 )
 # Gemma (1): (1 + w) RMSNorm (norm_offset=1) and embeddings scaled by sqrt(hidden): a scalar, so it commutes with R1.
 GEMMA = ArchitectureSpec(name="gemma", model_types=("gemma",), norm_offset=1.0)
-BUILTIN_ARCHITECTURES = (LLAMA, MISTRAL, QWEN2, QWEN3, PHI3, GEMMA, LLAVA)
+# Mixture-of-Experts (rolora_plugin.moe): router and every expert get R1, every expert's down_proj input its own R4.
+_MOE = dict(router="mlp.gate", experts="mlp.experts")
+MIXTRAL = ArchitectureSpec(name="mixtral", model_types=("mixtral",), **_MOE)
+QWEN2_MOE = ArchitectureSpec(name="qwen2_moe", model_types=("qwen2_moe",), shared_expert="mlp.shared_expert",
+                             shared_expert_gate="mlp.shared_expert_gate", **_MOE)  # fmt: skip
+QWEN3_MOE = ArchitectureSpec(name="qwen3_moe", model_types=("qwen3_moe",), **_MOE)  # per-head q/k norms as Qwen3
+OLMOE = ArchitectureSpec(name="olmoe", model_types=("olmoe",), **_MOE)  # q/k norms over the full q/k width: after R1
+BUILTIN_ARCHITECTURES = (LLAMA, MISTRAL, QWEN2, QWEN3, PHI3, GEMMA, LLAVA, MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE)
 
 
 @hookimpl
@@ -299,6 +336,14 @@ def get_submodule(root: nn.Module, path: str) -> nn.Module:
         raise UnsupportedArchitectureError(
             f"{type(root).__name__} has no submodule {path!r} that its ArchitectureSpec expects: {e}"
         ) from None
+
+
+def _has_submodule(root: nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def check_rms_norm(norm: nn.Module, where: str) -> None:

@@ -11,6 +11,14 @@ after ``merge_and_unload``), and a forward hook on the MLP removes it. ``down_pr
 merge is exact, and the trick is family-agnostic (no MLP forward is re-implemented). Being prepended, the
 rotation runs before any other pre-hook on ``down_proj`` (e.g. activation quantization).
 
+Experts of a Mixture-of-Experts block (transformers 5 fused experts, 3-D ``gate_up_proj``/``down_proj``) have no
+``down_proj`` module to hook. The ``batched_mm`` and ``grouped_mm`` experts implementations compute
+``down(self._apply_gate(gate_up(x)))``, so the experts module gets an instance-level ``_apply_gate`` that runs
+the class's gate and then an ordered table of transforms (R4 first, then e.g. activation quantization): the
+Hadamard reaches every expert's down-projection input, with or without peft's ``ParamWrapper`` (which only
+parametrizes the weights). The ``eager`` implementation inlines ``act_fn(gate) * up`` and is refused while a
+transform is installed (a forward pre-hook checks the implementation on every call).
+
 R3 is applied inside the attention function: the attention module gets an ordered table of ``(q, k, v) ->
 (q, k, v)`` transforms, run by a wrapper registered in transformers' ``AttentionInterface`` around the
 model's original implementation (sdpa, eager, ...). KV-cache fake quantization plugs into the same table.
@@ -34,6 +42,11 @@ __all__ = [
     "add_attention_transform",
     "remove_attention_transform",
     "ROLORA_ATTN_PREFIX",
+    "SUPPORTED_EXPERTS_IMPLEMENTATIONS",
+    "add_expert_gate_transform",
+    "expert_gate_transforms",
+    "remove_expert_gate_transform",
+    "check_experts_implementation",
 ]
 
 ROLORA_ATTN_PREFIX = "rolora+"
@@ -97,6 +110,75 @@ def install_down_proj_rotation(mlp: nn.Module, down_attr: str, transform: Orthog
     handles = [mlp.register_forward_pre_hook(_mlp_pre_hook), mlp.register_forward_hook(_mlp_post_hook, always_call=True)]
     mlp.__dict__[_HANDLES_ATTR] = handles
     return online
+
+
+# ---------------------------------------------------------------------------------------------- MoE experts (R4)
+
+SUPPORTED_EXPERTS_IMPLEMENTATIONS = ("batched_mm", "grouped_mm")
+_GATE_TABLE = "_rolora_gate_transforms"
+_GATE_HOOK = "_rolora_gate_hook"
+
+
+def check_experts_implementation(experts: nn.Module) -> None:
+    """Raise if ``experts`` runs an experts implementation whose gate output cannot be transformed online."""
+    impl = getattr(getattr(experts, "config", None), "_experts_implementation", None)
+    if impl not in SUPPORTED_EXPERTS_IMPLEMENTATIONS:
+        raise RuntimeError(
+            f"{type(experts).__name__} runs experts_implementation={impl!r}, which computes act(gate) * up inline, so "
+            f"the online R4 Hadamard (or activation quantizer) on every expert's down_proj input cannot be applied; "
+            f"supported: {list(SUPPORTED_EXPERTS_IMPLEMENTATIONS)} (grouped_mm: float32/bfloat16/float16 only, a "
+            "torch limit). Call model.set_experts_implementation('batched_mm') (or 'grouped_mm')."
+        )
+
+
+def _gate_with_transforms(experts: nn.Module, gate_up_out: torch.Tensor) -> torch.Tensor:
+    """``act(gate) * up`` of the class (shape (S, 2I) → (S, I)), then every installed transform in order."""
+    out = type(experts)._apply_gate(experts, gate_up_out)
+    for fn in experts.__dict__[_GATE_TABLE].values():
+        out = fn(out)
+    return out
+
+
+def _check_hook(experts, args):
+    check_experts_implementation(experts)
+
+
+def add_expert_gate_transform(experts: nn.Module, name: str, fn: Callable, *, first: bool = False) -> None:
+    """Run ``fn`` (shape (S, I) → (S, I)) on every expert's down_proj input (see module doc); ``first=True``
+    puts it before the transforms already installed (R4 must precede an activation quantizer). An ``nn.Module``
+    ``fn`` becomes the child ``rolora_gate_<name>`` so it follows device moves."""
+    import types
+
+    if not hasattr(type(experts), "_apply_gate"):
+        raise RuntimeError(f"{type(experts).__name__} has no _apply_gate (not a transformers experts module)")
+    check_experts_implementation(experts)
+    table = experts.__dict__.setdefault(_GATE_TABLE, OrderedDict())
+    if name in table:
+        raise RuntimeError(f"expert gate transform {name!r} is already installed on {type(experts).__name__}")
+    if isinstance(fn, nn.Module):
+        experts.add_module(f"rolora_gate_{name}", fn)
+    table[name] = fn
+    if first:
+        table.move_to_end(name, last=False)
+    if _GATE_HOOK not in experts.__dict__:
+        experts._apply_gate = types.MethodType(_gate_with_transforms, experts)
+        experts.__dict__[_GATE_HOOK] = experts.register_forward_pre_hook(_check_hook)
+
+
+def expert_gate_transforms(experts: nn.Module) -> tuple[str, ...]:
+    """Names of the transforms installed on ``experts``' down_proj input, in the order they run."""
+    return tuple(experts.__dict__.get(_GATE_TABLE, {}))
+
+
+def remove_expert_gate_transform(experts: nn.Module, name: str) -> None:
+    """Remove one transform; the last one removed restores the class's ``_apply_gate`` and drops the check."""
+    table = experts.__dict__.get(_GATE_TABLE, {})
+    if table.pop(name, None) is not None and hasattr(experts, f"rolora_gate_{name}"):
+        delattr(experts, f"rolora_gate_{name}")
+    if not table and _GATE_HOOK in experts.__dict__:
+        experts.__dict__.pop(_GATE_HOOK).remove()
+        experts.__dict__.pop("_apply_gate", None)
+        experts.__dict__.pop(_GATE_TABLE, None)
 
 
 # ---------------------------------------------------------------------------------------------- attention (R3, KV)
@@ -194,3 +276,5 @@ def remove_online_rotations(model: nn.Module) -> None:
             delattr(module, _R4_ATTR)
         if "r3" in module.__dict__.get(_ATTN_TABLE, {}):
             remove_attention_transform(module, "r3")
+        if "r4" in module.__dict__.get(_GATE_TABLE, {}):
+            remove_expert_gate_transform(module, "r4")

