@@ -20,6 +20,13 @@ What this module adds is name mapping and checks: :func:`map_target_modules` res
 rotated linears of the model's family (never ``lm_head``, never the parameter-free online modules) and maps
 unfused names (``q_proj``, ``gate_proj``...) onto fused families (Phi-3 ``qkv_proj``, ``gate_up_proj``).
 
+Mixture-of-Experts families keep their experts as fused 3-D parameters (``experts.gate_up_proj`` [E, 2I, H],
+``experts.down_proj`` [E, H, I]), which peft adapts through ``LoraConfig(target_parameters=...)`` (its
+``ParamWrapper``: one rank-r pair per expert, ``delta[e] = s B_e A_e``). :func:`map_target_parameters` names them
+(``"experts"`` → both); the online R4 acts inside the experts call (:mod:`rolora_plugin.online`), so it precedes the
+adapted and the merged ``down_proj`` alike, and ``rotate_model_`` rotates ``A``/``B`` with the experts
+(:mod:`rolora_plugin.moe`). ``merge_and_unload`` folds every expert's delta exactly.
+
 The fake-quantized forward used for quantization-aware training and W4A4 monitoring lives in
 :mod:`rolora_plugin.quant.qat`.
 
@@ -44,7 +51,9 @@ from .rotation import check_online_rotations, ensure_rotated, get_rotation_recor
 
 __all__ = [
     "ALL_LINEAR",
+    "EXPERTS",
     "map_target_modules",
+    "map_target_parameters",
     "rolora_lora_config",
     "get_rolora_peft_model",
     "lora_layer_names",
@@ -54,6 +63,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 ALL_LINEAR = "all-linear"
+EXPERTS = "experts"
 
 
 def map_target_modules(model: nn.Module, targets: str | Iterable[str]) -> list[str] | str:
@@ -97,6 +107,32 @@ def _tower_regex(spec, leaves) -> str:
     return pattern
 
 
+def map_target_parameters(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
+    """peft ``target_parameters`` for the fused experts of an MoE family.
+
+    Args:
+        model: a causal LM of a registered MoE family (bare or a ``PeftModel``).
+        targets: ``"experts"`` (both expert parameters) or a list of ``"gate_up_proj"`` / ``"down_proj"``.
+
+    Returns:
+        Parameter names relative to a decoder layer's experts path, e.g.
+        ``["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]`` (peft matches them as suffixes).
+
+    Raises:
+        ValueError: the family has no fused experts, or a name is not an expert parameter.
+    """
+    from .moe import EXPERT_PARAMS
+
+    spec = get_architecture(unwrap_peft(model))
+    if spec.experts is None:
+        raise ValueError(f"{spec.name} has no fused experts; target_parameters applies to MoE families only")
+    names = list(EXPERT_PARAMS) if targets == EXPERTS else [targets] if isinstance(targets, str) else list(targets)
+    bad = sorted(set(names) - set(EXPERT_PARAMS))
+    if bad:
+        raise ValueError(f"LoRA target parameter(s) {bad} are not expert parameters of {spec.name}; valid: {list(EXPERT_PARAMS)} or 'experts'")
+    return sorted(f"{spec.experts}.{n}" for n in set(names))
+
+
 def rolora_lora_config(model: nn.Module, *, r: int = 16, lora_alpha: int = 16, target_modules=("q_proj", "v_proj"), **kwargs):
     """A peft ``LoraConfig`` (task ``CAUSAL_LM``) whose targets are mapped with :func:`map_target_modules`.
 
@@ -114,6 +150,8 @@ def rolora_lora_config(model: nn.Module, *, r: int = 16, lora_alpha: int = 16, t
             "to the rotated model: call rotate_model_(model) first (or use get_rolora_peft_model, which does)."
         )
     kwargs.setdefault("task_type", "CAUSAL_LM")
+    if kwargs.get("target_parameters") is not None:  # MoE experts (peft ParamWrapper)
+        kwargs["target_parameters"] = map_target_parameters(model, kwargs["target_parameters"])
     return LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=map_target_modules(model, target_modules), **kwargs)
 
 

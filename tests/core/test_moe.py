@@ -114,3 +114,60 @@ def test_olmoe_clip_qkv_refuses_r2_only():
         ref = logits(model, ids)
         rotate_model_(model, RotationConfig(r3=True), progress=False)
         assert rel_err(logits(model, ids), ref) <= F64_NORM_RTOL
+
+
+# ---------------------------------------------------------------------------------------------- LoRA on experts
+
+
+def _moe_lora(model, *, r=4):
+    from peft import LoraConfig, get_peft_model
+
+    from rolora_plugin.lora import map_target_modules, map_target_parameters
+
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=map_target_modules(model, "all-linear"),
+                     target_parameters=map_target_parameters(model, "experts"), init_lora_weights=False)  # fmt: skip
+    return get_peft_model(model, cfg)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_lora_on_experts_then_rotate_is_exact_float64(family):
+    ids = random_ids()
+    model = _moe_lora(tiny_moe(family, dtype=torch.float64))
+    wrapped = [n for n, m in model.named_modules() if type(m).__name__ == "ParamWrapper"]
+    assert len(wrapped) == 2 * sum(1 for layer in model.base_model.model.model.layers if hasattr(layer.mlp, "experts"))
+    with float64_norms(model):
+        ref = logits(model, ids)
+        rotate_model_(model, RotationConfig(r2=True, r3=True), progress=False)  # rotates the experts' A and B too
+        assert rel_err(logits(model, ids), ref) <= F64_NORM_RTOL
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_rotated_moe_lora_forward_equals_merged_float32(family):
+    from rolora_plugin.lora import get_rolora_peft_model, rolora_lora_config
+
+    ids = random_ids()
+    model = tiny_moe(family)
+    cfg = rolora_lora_config(model, r=4, lora_alpha=8, target_modules="all-linear", target_parameters="experts",
+                             init_lora_weights=False)  # fmt: skip
+    assert cfg.target_parameters == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    peft_model = get_rolora_peft_model(model, cfg, RotationConfig(r2=True))
+    unmerged = logits(peft_model, ids)
+    merged = peft_model.merge_and_unload()
+    assert all(expert_gate_transforms(e) == ("r4",) for e in _experts(merged))  # the online R4 survives the merge
+    assert rel_err(logits(merged, ids), unmerged) <= 1e-5
+
+
+def test_lora_changes_the_experts_and_bad_target_parameters_are_refused():
+    from rolora_plugin.lora import map_target_parameters
+
+    ids = random_ids()
+    model = tiny_moe("olmoe")
+    ref = logits(model, ids)
+    peft_model = _moe_lora(model)
+    assert rel_err(logits(peft_model, ids), ref) > 1e-3  # the expert adapters (B != 0) really contribute
+    with pytest.raises(ValueError, match="gate_up_proj"):
+        map_target_parameters(model, ["up_proj"])
+    with pytest.raises(ValueError, match="MoE families only"):
+        from tests.helpers import tiny_model
+
+        map_target_parameters(tiny_model("llama"), "experts")
