@@ -19,6 +19,7 @@ from .config import RotationConfig
 from .export import load_rotated, merge_and_export, quantize_and_export
 from .hadamard import NoHadamardError, OrthogonalTransform, build_transform, hadamard_transform, hadamard_transform_ref
 from .hookspecs import hookimpl
+from .learned import load_learned
 from .lora import get_rolora_peft_model, map_target_modules, rolora_lora_config
 from .quant import (
     QuantConfig,
@@ -62,6 +63,7 @@ __all__ = [
     "hookimpl",
     "install_online_rotations",
     "list_architectures",
+    "load_learned",
     "load_rotated",
     "map_target_modules",
     "merge_and_export",

@@ -5,10 +5,17 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 
-__all__ = ["RotationConfig", "ConfigMixin", "RECORD_KEY", "QUANT_RECORD_KEY"]
+__all__ = ["RotationConfig", "ConfigMixin", "RECORD_KEY", "QUANT_RECORD_KEY", "ROTATION_PRESETS", "LEARNABLE"]
 
 RECORD_KEY = "rolora"  # model.config.<RECORD_KEY>: the rotation record (rolora_plugin.rotation)
 QUANT_RECORD_KEY = "rolora_quant"  # model.config.<QUANT_RECORD_KEY>: the quantization record (rolora_plugin.quant)
+LEARNABLE = ("r1", "r2")  # rotations rolora_plugin.learned can optimise on calibration data
+
+# name -> RotationConfig fields; "w4a4" measured in benchmarks/learned_rotation.py and benchmarks/RESULTS.md
+ROTATION_PRESETS = {
+    "default": {},
+    "w4a4": dict(r2=True),
+}
 
 
 class ConfigMixin:
@@ -48,6 +55,15 @@ class RotationConfig(ConfigMixin):
             (exact, still spreads outliers). False raises instead.
         compute_dtype: dtype of the rotation maths ("float64" or "float32"); results are cast back.
         untie_embeddings: untie tied input/output embeddings (required for an exact R1 with norm folding).
+        learn: rotations to *learn* on calibration data under fake quantization (:mod:`rolora_plugin.learned`), a
+            subset of ``("r1", "r2")``; each must also be enabled. Learning needs ``calibration=`` in
+            :func:`rolora_plugin.rotate_model_`; the Hadamard rotation is the starting point.
+        learn_steps: optimiser steps (Adam on the Cayley parameter).
+        learn_lr: Adam learning rate on the skew-symmetric Cayley parameter.
+        learn_tokens: calibration tokens kept per layer and input site (random subsample, seeded).
+        learn_layers_per_step: layers whose objective terms enter one step (random subset, seeded); 0: all.
+        learn_quant: name of the :meth:`rolora_plugin.QuantConfig.preset` whose bit widths / symmetry the
+            learning objective fake-quantizes with.
     """
 
     seed: int = 0
@@ -58,6 +74,12 @@ class RotationConfig(ConfigMixin):
     allow_fallback: bool = True
     compute_dtype: str = "float64"
     untie_embeddings: bool = True
+    learn: tuple = ()
+    learn_steps: int = 100
+    learn_lr: float = 2e-3
+    learn_tokens: int = 256
+    learn_layers_per_step: int = 8
+    learn_quant: str = "w4a4"
 
     def __post_init__(self):
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
@@ -69,3 +91,41 @@ class RotationConfig(ConfigMixin):
             raise ValueError(f"RotationConfig.compute_dtype must be 'float64' or 'float32', got {self.compute_dtype!r}")
         if not (self.r1 or self.r2 or self.r3 or self.r4):
             raise ValueError("RotationConfig: every rotation is off (r1=r2=r3=r4=False); enable at least one")
+        self._check_learning()
+
+    def _check_learning(self):
+        if isinstance(self.learn, str) or not all(isinstance(n, str) for n in self.learn):
+            raise ValueError(f"RotationConfig.learn must be a list of rotation names from {list(LEARNABLE)}, e.g. ['r1'], got {self.learn!r}")
+        self.learn = tuple(dict.fromkeys(self.learn))
+        for name in self.learn:
+            if name not in LEARNABLE:
+                raise ValueError(f"RotationConfig.learn: {name!r} cannot be learned; choose from {list(LEARNABLE)}")
+            if not getattr(self, name):
+                raise ValueError(f"RotationConfig.learn asks to learn {name} but {name}=False; enable it ({name}=True) or drop it from learn")
+        for name in ("learn_steps", "learn_tokens", "learn_layers_per_step"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "learn_layers_per_step" else 1):
+                raise ValueError(f"RotationConfig.{name} must be a positive int (learn_layers_per_step: 0 = all layers), got {v!r}")
+        if isinstance(self.learn_lr, bool) or not isinstance(self.learn_lr, (int, float)) or not 0 < self.learn_lr < 1:
+            raise ValueError(f"RotationConfig.learn_lr must be a float in (0, 1), e.g. 2e-3, got {self.learn_lr!r}")
+        self.learn_lr = float(self.learn_lr)
+        if not isinstance(self.learn_quant, str) or not self.learn_quant:
+            # the name itself is checked against QuantConfig's presets when learning starts (quant.config imports this module)
+            raise ValueError(f"RotationConfig.learn_quant must name a QuantConfig preset, e.g. 'w4a4', got {self.learn_quant!r}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "RotationConfig":
+        """A named rotation recipe, optionally with some fields overridden (mirrors :meth:`QuantConfig.preset`).
+
+        * ``"default"``: ``RotationConfig()`` (R1 + R4, Hadamard).
+        * ``"w4a4"``: the rotations that measured best for W4A4 with ``QuantConfig.preset("w4a4")`` on SmolLM2
+          (benchmarks/learned_rotation.py, benchmarks/RESULTS.md).
+
+        Example::
+
+            >>> RotationConfig.preset("w4a4").r2
+            True
+        """
+        if name not in ROTATION_PRESETS:
+            raise ValueError(f"unknown RotationConfig preset {name!r}; choose one of {sorted(ROTATION_PRESETS)}")
+        return cls(**{**ROTATION_PRESETS[name], **overrides})

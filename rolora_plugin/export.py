@@ -61,12 +61,14 @@ from .compressed import (
 from .config import QUANT_RECORD_KEY
 from .errors import QuantizationError
 from .fingerprint import weights_fingerprint
+from .learned import LEARNED_FILE, learned_names, load_learned, resolve_learned, save_learned
 from .publish import OutputExistsError, atomic_output_dir, atomic_write_text, check_writable_parent
 from .rotation import RECORD_KEY, RotationError, RotationRecord, get_rotation_record, install_online_rotations, rotate_model_
 from .transform_config import TRANSFORM_CONFIG_FILE, embed_transform_config, load_with_compressed_tensors, transform_config_dict
 
 __all__ = [
     "FORMATS",
+    "LEARNED_FILE",
     "RECORD_FILE",
     "TRANSFORM_CONFIG_FILE",
     "load_rotated",
@@ -88,9 +90,14 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 def write_rotation_record(directory: str | os.PathLike, record: RotationRecord) -> Path:
-    """Write ``record`` as ``<directory>/rolora_rotation.json`` atomically; returns the path."""
+    """Write ``record`` as ``<directory>/rolora_rotation.json`` atomically; returns the path.
+
+    A record with learned rotations (:mod:`rolora_plugin.learned`) also gets their matrices beside it, in
+    ``rolora_learned_rotations.safetensors`` (the record holds each matrix's sha256).
+    """
     path = Path(directory) / RECORD_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
+    save_learned(directory, record)
     atomic_write_text(path, json.dumps(record.to_dict(), indent=2, sort_keys=True) + "\n")
     return path
 
@@ -136,6 +143,9 @@ def load_rotated(path: str | os.PathLike, dtype: torch.dtype | None = None, devi
     """
     if dtype is not None:
         kwargs["dtype"] = dtype
+    early = read_rotation_record(path)
+    if early is not None:  # learned matrices are needed to verify the record (the compressed export checks it first)
+        load_learned(path, early)
     quant = verify_compressed_export(path) if is_compressed_export(path) else None
     model = _from_pretrained(path, quant, kwargs)
     record = get_rotation_record(model)
@@ -153,6 +163,7 @@ def load_rotated(path: str | os.PathLike, dtype: torch.dtype | None = None, devi
     file_record = read_rotation_record(path)
     if file_record is not None:
         _require_same(file_record, record, f"{path}/{RECORD_FILE}", f"{path}/config.json")
+    load_learned(path, record, unwrap_peft(model))  # refuses a missing, altered or non-orthogonal learned matrix
     install_online_rotations(model, record)
     if quant is not None:
         from .quant import install_activation_quantizers
@@ -188,7 +199,7 @@ def _rotated_base(base: nn.Module, record: RotationRecord, base_name: str) -> nn
     if base_record is None:
         _check_base_fingerprint(base, record, base_name)
         logger.info("base model %s is not rotated: rotating it with the adapter's record (seed %d)", base_name, record.config.seed)
-        rotate_model_(base, record.config)
+        rotate_model_(base, record.config, learned=resolve_learned(record, {}) if learned_names(record) else None)
         _require_same(get_rotation_record(base), record, f"base model {base_name} rotated from the record", "the adapter record")
     else:
         _require_same(base_record, record, f"base model {base_name}", "the adapter record")
@@ -217,6 +228,8 @@ def _load_adapter_dir(path: Path, record, base_model, dtype) -> tuple[nn.Module,
     if record is not None and file_record is not None:
         _require_same(file_record, record, f"{path}/{RECORD_FILE}", "record=")
     record = record or file_record
+    if file_record is not None:
+        load_learned(path, file_record)
     if record is None:
         raise RotationError(
             f"{path} is a peft adapter without {RECORD_FILE}: nothing says which rotation it was trained in. Pass "
@@ -435,7 +448,8 @@ def quantize_and_export(
             rotated full-precision export or a peft adapter directory with its record: merged first).
         out_dir: the export folder (checked before any work; must not exist or be empty unless ``overwrite``).
         quant_config: :class:`rolora_plugin.QuantConfig` (default W4A4 RTN per channel).
-        calibration: for ``method="gptq"``: ``input_ids`` tensors (batch, seq) or dicts for ``model(**batch)``.
+        calibration: for ``method="gptq"``, the clip searches and a learning ``rotation``: ``input_ids`` tensors
+            (batch, seq) or dicts for ``model(**batch)``.
         rotation: :class:`rolora_plugin.RotationConfig` for an unrotated model (default ``RotationConfig()``); a rotated
             model must carry this very config (None: accept its record).
         tokenizer / overwrite / dtype: as in :func:`merge_and_export`.
@@ -449,7 +463,7 @@ def quantize_and_export(
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
     model, src_dirs = _quantization_source(model_or_dir, dtype)
-    ensure_rotated(model, rotation, progress=progress)
+    ensure_rotated(model, rotation, calibration=calibration, progress=progress)
     quantize_model_(model, quant_config, calibration, progress=progress)
     return merge_and_export(model, out_dir, format=COMPRESSED_FORMAT, tokenizer=_find_tokenizer(tokenizer, *src_dirs), overwrite=overwrite)
 

@@ -121,7 +121,10 @@ class RotationRecord:
 
     def verify(self, transforms: dict[str, OrthogonalTransform] | None = None) -> dict[str, OrthogonalTransform]:
         """Rebuild the rotations from the config and check their checksums; returns them."""
-        transforms = transforms or build_rotations(self.config, self.dims)
+        if not transforms:
+            from .learned import resolve_learned  # learned matrices are not rebuilt from the config but looked up
+
+            transforms = resolve_learned(self, build_rotations(self.config, self.dims))
         rebuilt = {name: t.checksum() for name, t in transforms.items()}
         stored = {name: r["checksum"] for name, r in self.rotations.items()}
         if rebuilt != stored:
@@ -282,12 +285,17 @@ def _untie(model: nn.Module, spec: ArchitectureSpec) -> None:
 # ---------------------------------------------------------------------------------------------- the pass
 
 
-def rotate_model_(model: nn.Module, config: RotationConfig | None = None, *, progress: bool = True) -> RotationRecord:
+def rotate_model_(
+    model: nn.Module, config: RotationConfig | None = None, *, calibration=None, learned: dict | None = None, progress: bool = True
+) -> RotationRecord:
     """Rotate ``model`` in place (RoLoRA / QuaRot rotations); the full-precision function is unchanged.
 
     Args:
         model: a causal LM of a registered family (``model.config.model_type``), possibly already wrapped by peft.
         config: which rotations; default ``RotationConfig()`` = R1 + R4.
+        calibration: ``input_ids`` tensors or dicts; required when ``config.learn`` names rotations to learn
+            (:mod:`rolora_plugin.learned`), unused otherwise.
+        learned: ``{name: OrthogonalTransform}`` already learned (e.g. from a record's file) to apply instead of learning.
         progress: show a tqdm bar over layers.
 
     Returns:
@@ -308,6 +316,10 @@ def rotate_model_(model: nn.Module, config: RotationConfig | None = None, *, pro
     _check_structure(inner, spec, layers, rotation=config)
     cdtype = getattr(torch, config.compute_dtype)
     fingerprint = weights_fingerprint(inner)  # of the weights as given, before any edit
+    if config.learn:  # on the unrotated model, before any edit
+        from .learned import learn_rotations
+
+        transforms = learn_rotations(inner, spec, dims, config, transforms, calibration, given=learned, progress=progress)
 
     if config.r1:
         if not config.untie_embeddings and _is_tied(inner, spec):
@@ -342,6 +354,12 @@ def rotate_model_(model: nn.Module, config: RotationConfig | None = None, *, pro
         },
         base_fingerprint=fingerprint,
     )
+    if config.learn:
+        from .learned import attach_learned, record_entries
+
+        for name, extra in record_entries(transforms, config).items():
+            record.rotations[name].update(extra)
+        attach_learned(inner, transforms, config.learn)
     install_online_rotations(inner, record, transforms)
     setattr(inner.config, RECORD_KEY, record.to_dict())
     get_plugin_manager().hook.rolora_model_rotated(model=model, record=record)
@@ -446,7 +464,7 @@ def check_online_rotations(model: nn.Module) -> None:
         )
 
 
-def ensure_rotated(model: nn.Module, config: RotationConfig | None = None, *, progress: bool = True) -> RotationRecord:
+def ensure_rotated(model: nn.Module, config: RotationConfig | None = None, *, calibration=None, progress: bool = True) -> RotationRecord:
     """Rotate ``model`` unless it is rotated already; the one "rotate or check" step every host path uses.
 
     * not rotated: :func:`rotate_model_` with ``config`` (default ``RotationConfig()``);
@@ -459,7 +477,7 @@ def ensure_rotated(model: nn.Module, config: RotationConfig | None = None, *, pr
     inner = unwrap_peft(model)
     record = get_rotation_record(inner)
     if record is None:
-        return rotate_model_(model, config or RotationConfig(), progress=progress)
+        return rotate_model_(model, config or RotationConfig(), calibration=calibration, progress=progress)
     if config is not None and record.config != config:
         raise RotationError(
             f"the model is already rotated with {record.config}, but {config} was asked for; load the original "

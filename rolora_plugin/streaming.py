@@ -459,6 +459,12 @@ def rotate_checkpoint(
     if not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}")
     config = config or RotationConfig()
+    if config.learn:
+        raise RotationError(
+            f"rotate_checkpoint streams weights and never runs the model, so it cannot learn rotations "
+            f"(RotationConfig.learn={list(config.learn)}): load the model and call rotate_model_(model, config, "
+            "calibration=...), or drop learn for Hadamard rotations"
+        )
     src, out = Path(src_dir), Path(out_dir)
     if not (src / "config.json").is_file():
         raise RotationError(f"{src} has no config.json; pass a folder written by save_pretrained")

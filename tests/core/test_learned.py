@@ -1,0 +1,221 @@
+"""Learned rotations (rolora_plugin.learned): exactness, orthogonality, objective, record round trip, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rolora_plugin import RotationConfig, RotationError, get_rotation_record, rotate_model_
+from rolora_plugin.architectures import ModelDims, get_architecture
+from rolora_plugin.export import LEARNED_FILE, RECORD_FILE, load_rotated, merge_and_export, quantize_and_export
+from rolora_plugin.learned import ORTHOGONALITY_TOL, collect_sites, learn_rotations, load_learned, orthogonality_error, rotation_objective
+from rolora_plugin.quant import QuantConfig
+from rolora_plugin.rotation import build_rotations
+from tests.helpers import F64_NORM_RTOL, float64_norms, logits, random_ids, rel_err, tiny_model
+
+FAST = dict(learn_steps=4, learn_tokens=32, learn_lr=3e-3)
+
+
+def _calib(n=2, seq=16):
+    return [random_ids(batch=1, seq=seq, seed=100 + k) for k in range(n)]
+
+
+def _learned(model, learn=("r1",), **kw):
+    cfg = RotationConfig(r2=True, learn=learn, **{**FAST, **kw})
+    return rotate_model_(model, cfg, calibration=_calib(), progress=False)
+
+
+def _outlier_model(dtype=torch.float32):
+    """Tiny llama whose residual stream has a few large channels (as real LLMs do), untied."""
+    model = tiny_model("llama", dtype=dtype, tie=False)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, :3] *= 30.0
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
+def test_learned_r1_r2_float64_exact(family):
+    ids = random_ids()
+    model = tiny_model(family, dtype=torch.float64)
+    with float64_norms(model):
+        ref = logits(model, ids)
+        record = _learned(model, learn=("r1", "r2"))
+        assert rel_err(logits(model, ids), ref) <= F64_NORM_RTOL
+    assert record.rotations["r1"]["learned"] and record.rotations["r2"]["learned"]
+    assert record.rotations["r1"]["description"].startswith("learned-r1(")
+
+
+def test_learned_r1_stock_norms_float64():
+    ids = random_ids()
+    model = tiny_model("llama", dtype=torch.float64)
+    ref = logits(model, ids)
+    _learned(model)
+    assert rel_err(logits(model, ids), ref) <= 1e-6  # stock norms compute in float32
+
+
+def test_learned_matrices_orthogonal_and_not_the_hadamard_start():
+    model = _outlier_model()
+    record = _learned(model, learn=("r1", "r2"), learn_steps=30)
+    transforms = record.verify()
+    start = build_rotations(record.config, record.dims)
+    for name in ("r1", "r2"):
+        m = transforms[name].dense
+        assert m.dtype == torch.float64 and orthogonality_error(m) <= ORTHOGONALITY_TOL
+        assert not torch.equal(m, start[name].matrix())
+
+
+def test_objective_decreases_on_outlier_channels():
+    model = _outlier_model()
+    spec, dims = get_architecture(model), ModelDims.from_config(model.config)
+    cfg = RotationConfig(learn=("r1",), learn_steps=30, learn_tokens=32, learn_lr=3e-3)
+    start = build_rotations(cfg, dims)
+    learned = learn_rotations(model, spec, dims, cfg, start, _calib(), progress=False)
+    quant = QuantConfig.preset(cfg.learn_quant)
+    sites = collect_sites(model, spec, cfg, _calib(), torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = rotation_objective(sites, {"r1": start["r1"].matrix().float()}, quant).item()
+        after = rotation_objective(sites, {"r1": learned["r1"].dense.float()}, quant).item()
+    assert after < 0.95 * before
+
+
+def test_same_seed_bit_identical_other_seed_differs():
+    mats = []
+    for seed in (0, 0, 1):
+        record = _learned(_outlier_model(), seed=seed)
+        mats.append(record.verify()["r1"].dense)
+    assert torch.equal(mats[0], mats[1]) and not torch.equal(mats[0], mats[2])
+
+
+def test_missing_calibration_refused_before_any_edit():
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RotationError, match="calibration"):
+        rotate_model_(model, RotationConfig(learn=("r1",)), progress=False)
+    assert get_rotation_record(model) is None
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    model = _outlier_model()
+    _learned(model, learn=("r1", "r2"))
+    ids = random_ids()
+    out = merge_and_export(model, tmp_path_factory.mktemp("learned") / "export")
+    return out, logits(model, ids), ids
+
+
+def test_export_round_trip_same_logits(export_dir):
+    out, ref, ids = export_dir
+    assert (out / LEARNED_FILE).is_file() and (out / RECORD_FILE).is_file()
+    loaded = load_rotated(out)
+    assert rel_err(logits(loaded, ids), ref) <= 1e-6  # reload picks another attention kernel: float32 rounding only
+    record = get_rotation_record(loaded)
+    assert set(loaded._rolora_learned_rotations) == {"r1", "r2"}
+    assert record.verify()["r1"].checksum() == record.rotations["r1"]["checksum"]
+
+
+def _copy(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_tampered_matrix_refused(export_dir, tmp_path):
+    from safetensors.torch import load, save
+
+    out = _copy(export_dir[0], tmp_path / "tampered")
+    tensors = load((out / LEARNED_FILE).read_bytes())
+    tensors["r1"][0, 0] += 1e-9
+    (out / LEARNED_FILE).write_bytes(save(tensors))
+    with pytest.raises(RotationError, match="sha256"):
+        load_rotated(out)
+
+
+def test_missing_matrix_file_refused(export_dir, tmp_path):
+    out = _copy(export_dir[0], tmp_path / "missing")
+    (out / LEARNED_FILE).unlink()
+    with pytest.raises(RotationError, match="missing"):
+        load_rotated(out)
+
+
+def test_non_orthogonal_matrix_refused_even_with_a_matching_sha(export_dir, tmp_path):
+    import hashlib
+
+    from safetensors.torch import load, save
+
+    from rolora_plugin.export import read_rotation_record
+
+    out = _copy(export_dir[0], tmp_path / "skewed")
+    tensors = load((out / LEARNED_FILE).read_bytes())
+    tensors["r1"] = tensors["r1"] * 1.001
+    (out / LEARNED_FILE).write_bytes(save(tensors))
+    record = read_rotation_record(out)
+    record.rotations["r1"]["sha256"] = hashlib.sha256(tensors["r1"].numpy().tobytes()).hexdigest()
+    with pytest.raises(RotationError, match="not orthogonal"):
+        load_learned(out, record)
+
+
+def test_compressed_export_round_trip(tmp_path):
+    model = _outlier_model()
+    ids = random_ids()
+    rot = RotationConfig(r2=True, learn=("r1",), **FAST)
+    out = quantize_and_export(model, tmp_path / "w4a4", QuantConfig(w_bits=4, a_bits=4), calibration=_calib(), rotation=rot, progress=False)
+    assert (out / LEARNED_FILE).is_file()
+    assert rel_err(logits(load_rotated(out), ids), logits(model, ids)) <= 1e-5
+
+
+def test_streaming_refuses_a_learning_config(tmp_path):
+    from rolora_plugin.streaming import rotate_checkpoint
+
+    with pytest.raises(RotationError, match="cannot learn"):
+        rotate_checkpoint(tmp_path / "src", tmp_path / "out", RotationConfig(learn=("r1",)))
+
+
+def test_record_json_marks_learned(export_dir):
+    data = json.loads((export_dir[0] / RECORD_FILE).read_text())
+    assert data["rotations"]["r1"]["learned"] is True and len(data["rotations"]["r1"]["sha256"]) == 64
+    assert "learned" not in data["rotations"]["r4"]
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(learn=("r3",)), "cannot be learned"),
+        (dict(learn="r1"), "list of rotation names"),
+        (dict(learn=("r2",)), "r2=False"),
+        (dict(learn=("r1",), learn_steps=0), "learn_steps"),
+        (dict(learn_tokens=1.5), "learn_tokens"),
+        (dict(learn_layers_per_step=-1), "learn_layers_per_step"),
+        (dict(learn_lr=0.0), "learn_lr"),
+        (dict(learn_lr=True), "learn_lr"),
+        (dict(learn_quant=""), "learn_quant"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RotationConfig(**kwargs)
+
+
+def test_unknown_learn_quant_preset_refused_before_any_edit():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="unknown QuantConfig preset 'w3a3'"):
+        rotate_model_(model, RotationConfig(learn=("r1",), learn_quant="w3a3"), calibration=_calib(), progress=False)
+    assert get_rotation_record(model) is None
+
+
+def test_config_presets_and_round_trip():
+    assert RotationConfig.preset("default") == RotationConfig()
+    cfg = RotationConfig.preset("w4a4", seed=3)
+    assert cfg.seed == 3 and cfg.r1 and cfg.r2 and cfg.r4
+    assert RotationConfig.from_json(RotationConfig(learn=["r1"]).to_json()) == RotationConfig(learn=("r1",))
+    with pytest.raises(ValueError, match="unknown RotationConfig preset"):
+        RotationConfig.preset("w2a2")
