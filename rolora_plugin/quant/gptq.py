@@ -24,7 +24,11 @@ captures the hidden states entering the first decoder layer and the exact keywor
 LM head. Then layer by layer: forward-pre-hooks on each ``nn.Linear`` accumulate ``H`` from the Linear's actual
 input — *after* rolora's online R4 Hadamard, which the MLP prepends to ``down_proj``'s hooks — the linears are
 quantized (in call order with ``true_sequential``: q/k/v, then o, then gate/up, then down, re-running the layer in
-between), and the layer is re-run with quantized weights to produce the next layer's inputs. As in QuaRot, the
+between), and the layer is re-run with quantized weights to produce the next layer's inputs. Mixture-of-Experts
+layers: after the layer's linears, the experts' input and the router's choice are captured
+(:func:`rolora_plugin.quant.moe.routed_inputs`) and each expert gets its own Hessians: ``gate_up_proj[e]`` from the
+tokens routed to ``e``, then ``down_proj[e]`` from ``_apply_gate(X_e · Q(gate_up[e])ᵀ)`` (after the online R4);
+an expert with no routed token is RTN-quantized with a warning. As in QuaRot, the
 Hessians use full-precision activations (activation quantizers are installed after the weights).
 
 Why our own code and not a library (metadata of the current PyPI releases, read with pip): ``auto-gptq`` 0.7.1
@@ -49,6 +53,7 @@ from ..errors import QuantizationError
 from .config import QuantConfig
 from .primitives import OFF_BITS, compute_scales, mse_clip_search, quantize_with_scales
 from .rtn import WeightQuantParams, replace_weight_, rtn_quantize_linear_, set_weight_quant_params_
+from .moe import expert_modules, quantize_expert_rows_, routed_inputs, rtn_expert_, set_routed_token_counts
 from .targets import quantizable_linears
 
 __all__ = [
@@ -339,16 +344,18 @@ def gptq_quantize_model_(model: nn.Module, config: QuantConfig, calibration, *, 
     try:
         with torch.no_grad():
             hidden, calls = capture_layer_inputs(model, layers, batches)
-            errors = _quantize_layers(layers, prefix, targets, hidden, calls, masks, config, progress)
+            experts = expert_modules(model, config)
+            errors = _quantize_layers(layers, prefix, (targets, experts), hidden, calls, masks, config, progress)
     finally:
         model.train(was_training)
     for name in set(targets) - set(errors):  # linears outside the decoder layers that are not skipped
         logger.info("GPTQ: %s is outside the decoder layers; quantized with RTN", name)
         errors[name] = rtn_quantize_linear_(targets[name], config)
-    return {name: errors[name] for name in targets}
+    return {name: errors[name] for name in targets} | {n: v for n, v in errors.items() if n not in targets}
 
 
 def _quantize_layers(layers, prefix, targets, hidden, calls, masks, config, progress) -> dict[str, float]:
+    targets, experts = targets  # ({name: Linear}, {name: MoE experts module})
     errors: dict[str, float] = {}
     for i, layer in enumerate(tqdm(layers, desc="GPTQ layers", disable=not progress, leave=False)):
         where = f"{prefix}.{i}."
@@ -361,6 +368,62 @@ def _quantize_layers(layers, prefix, targets, hidden, calls, masks, config, prog
         for n in set(linears) - {n for s in stages for n in s}:
             logger.warning("GPTQ: %s%s was not called in the layer's forward; quantized with RTN", where, n)
             errors[where + n] = rtn_quantize_linear_(linears[n], config)
+        for name, mod in ((n, m) for n, m in experts.items() if n.startswith(where)):
+            _gptq_experts_(name, mod, _capture_routing(layer, mod, hidden, calls[i], masks), config, errors)
         hidden = _run_layer(layer, hidden, calls[i])
         logger.debug("GPTQ: layer %d done (%d linears in %d stages)", i, len(linears), len(stages))
     return errors
+
+
+# ---------------------------------------------------------------------------------------------- MoE experts
+
+
+def _capture_routing(layer, experts: nn.Module, hidden, calls, masks) -> list:
+    """Per batch ``(x (T, H), top_k_index (T, k), mask (T,) or None)`` entering ``experts``; stops each forward there."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        named = dict(zip(("hidden_states", "top_k_index"), args)) | kwargs
+        seen.append((named["hidden_states"], named["top_k_index"]))
+        raise _StopForward
+
+    handle = experts.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for h, (args, kw) in zip(hidden, calls):
+            try:
+                layer(h, *args, **kw)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return [(x, idx, m.reshape(-1) if m is not None and m.numel() == x.shape[0] else None) for (x, idx), m in zip(seen, masks)]
+
+
+def _gptq_rows(w: torch.Tensor, x: torch.Tensor, config: QuantConfig) -> torch.Tensor:
+    """GPTQ of one expert's [out, in] matrix from its routed inputs x (n, in)."""
+    acc = HessianAccumulator(w.shape[1], w.device)
+    acc.add(x)
+    return gptq_quantize_weight(
+        w, acc.hessian, config.w_bits, group_size=config.w_group_size, sym=config.w_sym, damp=config.gptq_damp,
+        act_order=config.gptq_act_order, block_size=config.gptq_block_size, clip_search=config.clip_search_kwargs(),
+    )  # fmt: skip
+
+
+def _gptq_experts_(name: str, experts: nn.Module, captured: list, config: QuantConfig, errors: dict) -> None:
+    """GPTQ every expert of ``experts`` from the tokens routed to it (RTN with a warning for an expert with none)."""
+    n_exp = experts.gate_up_proj.shape[0]
+    per_batch = [routed_inputs(x, idx, n_exp, m) for x, idx, m in captured]
+    inputs = [torch.cat([b[e] for b in per_batch]) for e in range(n_exp)]
+    set_routed_token_counts(experts, [x.shape[0] for x in inputs])
+    gu, down = experts.gate_up_proj, experts.down_proj
+    before = {p: getattr(experts, p).detach().to(torch.float64).clone() for p in ("gate_up_proj", "down_proj")}
+    for e, x in enumerate(inputs):
+        if x.shape[0] == 0:
+            logger.warning("GPTQ: expert %d of %s received no calibration tokens; falling back to RTN", e, name)
+            rtn_expert_(gu, e, config), rtn_expert_(down, e, config)
+            continue
+        quantize_expert_rows_(gu, e, _gptq_rows(gu.detach()[e], x, config))
+        act = experts._apply_gate(nn.functional.linear(x.to(gu.dtype), gu[e]))  # the down_proj input, after R4
+        quantize_expert_rows_(down, e, _gptq_rows(down.detach()[e], act, config))
+    for p, w0 in before.items():
+        errors[f"{name}.{p}"] = ((getattr(experts, p).detach().to(torch.float64) - w0).norm() / w0.norm().clamp_min(1e-300)).item()

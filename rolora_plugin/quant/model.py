@@ -8,6 +8,9 @@ is registered normally (not prepended), so it runs *after* rolora's online R4 Ha
 as the hardware would. KV-cache quantization fake-quantizes keys and values per head and token inside the
 attention function (after RoPE and after R3) through :func:`rolora_plugin.online.add_attention_transform`.
 
+Mixture-of-Experts experts (fused 3-D parameters, not ``nn.Linear``) are quantized per expert by :mod:`.moe`
+(weights per expert and output channel/group; their inputs per token, the down_proj input after the online R4).
+
 What was done is stored as a :class:`QuantizationRecord` dict under ``model.config.rolora_quant``
 (:data:`rolora_plugin.config.QUANT_RECORD_KEY`); :func:`install_activation_quantizers` re-installs the runtime
 quantizers of a loaded checkpoint from it.
@@ -31,6 +34,14 @@ from ..online import add_attention_transform, attention_transforms, remove_atten
 from .calibration import check_calibration, search_activation_clips
 from .config import QuantConfig
 from .gptq import gptq_quantize_model_
+from .moe import (
+    check_experts,
+    expert_modules,
+    install_expert_activation_quantizers,
+    remove_expert_activation_quantizers,
+    routed_token_counts,
+    rtn_quantize_experts_,
+)
 from .primitives import OFF_BITS, quantize_activation
 from .rtn import rtn_quantize_linear_
 from .targets import quantizable_linears
@@ -95,7 +106,9 @@ class QuantizationRecord:
 
     ``weight_error`` maps each quantized linear to ``‖W - Q(W)‖_F / ‖W‖_F``; ``a_clip_ratios`` maps a linear to
     the activation clip ratio searched for it (``QuantConfig.a_clip_search``); linears not in it use
-    ``config.a_clip_ratio``.
+    ``config.a_clip_ratio``. ``experts`` names the MoE experts modules quantized (:mod:`.moe`; their weight errors
+    are under ``<name>.gate_up_proj`` / ``<name>.down_proj``); ``expert_tokens`` (GPTQ) maps each to the number of
+    calibration tokens routed to every expert.
     """
 
     config: QuantConfig
@@ -104,6 +117,8 @@ class QuantizationRecord:
     kv_layers: int = 0
     weight_error: dict = field(default_factory=dict)
     a_clip_ratios: dict = field(default_factory=dict)
+    experts: list = field(default_factory=list)
+    expert_tokens: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict:
@@ -174,7 +189,9 @@ def _check_linear(name: str, lin: nn.Linear, config: QuantConfig, embed_ptrs: se
 
 
 def _rtn_weights(model: nn.Module, config: QuantConfig, linears: dict, calibration, progress: bool) -> dict:
-    return {name: rtn_quantize_linear_(lin, config) for name, lin in linears.items()}
+    errors = {name: rtn_quantize_linear_(lin, config) for name, lin in linears.items()}
+    errors.update(rtn_quantize_experts_(expert_modules(model, config), config))  # MoE: per expert
+    return errors
 
 
 def _gptq_weights(model: nn.Module, config: QuantConfig, linears: dict, calibration, progress: bool) -> dict:
@@ -222,10 +239,13 @@ def quantize_model_(model: nn.Module, config: QuantConfig | None = None, calibra
     config = config or QuantConfig()
     linears, skipped = quantizable_linears(model, config)
     _check_model(model, config, linears)
+    experts = expert_modules(model, config)
+    check_experts(experts, config)
     calibration = check_calibration(model, calibration)
-    record = QuantizationRecord(config=config, quantized=list(linears), skipped=skipped)
+    record = QuantizationRecord(config=config, quantized=list(linears), skipped=skipped, experts=list(experts))
     if config.w_bits < OFF_BITS:
         record.weight_error = WEIGHT_HANDLERS[config.method](model, config, linears, calibration, progress)
+        record.expert_tokens = routed_token_counts(experts)
     searched = {n: lin for n, lin in linears.items() if config.activation_bits(n) < OFF_BITS}
     if config.a_clip_search and searched:
         bits = {n: config.activation_bits(n) for n in searched}
@@ -255,6 +275,7 @@ def install_activation_quantizers(model: nn.Module, record: QuantizationRecord) 
             lin = model.get_submodule(name)
             hook = ActivationQuantizer(bits, cfg.a_sym, record.a_clip_ratios.get(name, cfg.a_clip_ratio))
             lin.__dict__[_ACT_ATTR] = (hook, lin.register_forward_pre_hook(hook))
+    install_expert_activation_quantizers(model, record.experts, cfg, record.a_clip_ratios)
     record.kv_layers = _install_kv_quantizers(model, cfg) if cfg.kv_bits < OFF_BITS else 0
 
 
@@ -269,6 +290,7 @@ def _install_kv_quantizers(model: nn.Module, cfg: QuantConfig) -> int:
 
 def remove_activation_quantizers(model: nn.Module) -> None:
     """Remove every activation / KV quantizer installed by rolora (weights stay as they are)."""
+    remove_expert_activation_quantizers(model)
     for module in model.modules():
         entry = module.__dict__.pop(_ACT_ATTR, None)
         if entry is not None:
