@@ -1,0 +1,384 @@
+"""Helpers of benchmarks/finetune_table.py: one cached fine-tune run (train → merge → FP / W4A4 evaluations).
+
+A run is fixed by a :class:`RunSettings`; everything it produces goes under ``$ROLORA_CACHE/bench/finetune_table``:
+
+* ``runs/<key>.train.json`` — training log: loss per step, curves (held-out task loss FP and fake-quant W4A4,
+  BoolQ-passage perplexity FP, every ``eval_every`` steps), wall seconds;
+* ``models/<key>/`` — the merged model (``merge_and_export`` for RoLoRA, ``merge_and_unload`` for LoRA), kept
+  only until every evaluation of the run is cached;
+* ``runs/<key>.<setting>.json`` — one evaluation (``fp``, ``rtn`` = W4A4 RTN, ``gptq`` = ``QuantConfig.preset
+  ("w4a4")``): held-out task loss, BoolQ-passage perplexity, the 7-task average (+ per-task scores, stderr).
+
+Each JSON is written atomically (:mod:`rolora_plugin.publish`) as soon as its stage ends, so an interrupted
+invocation loses at most the stage it was in and a re-run continues from the cache.
+
+Methods: ``lora`` (peft LoRA), ``rolora`` (+ ``RoLoRACallback``: R1+R4 before the optimizer exists, merge in the
+rotated basis), ``lora-qat`` / ``rolora-qat`` (the same with W4A4 fake-quant weights ``W + sBA`` and per-token
+activations of every decoder linear in the forward from step 0, straight-through gradients; QATConfig defaults).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rolora_plugin.publish import atomic_output_dir, atomic_write_text
+
+__all__ = [
+    "EVAL_SETTINGS",
+    "METHODS",
+    "TARGETS",
+    "RunSettings",
+    "cache_dir",
+    "chance_level",
+    "docs_for_stderr",
+    "load_cached",
+    "run_one",
+]
+
+logger = logging.getLogger("finetune_table")
+METHODS = {"lora": (False, False), "rolora": (True, False), "lora-qat": (False, True), "rolora-qat": (True, True)}
+TARGETS = {"qv": ["q_proj", "v_proj"], "all-linear": "all-linear"}
+EVAL_SETTINGS = ("fp", "rtn", "gptq")
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything that determines one run's numbers (its cache key). ``seed``: LoRA init, data order, rotation."""
+
+    method: str
+    targets: str
+    seed: int
+    steps: int = 200
+    lr: float = 5e-4
+    batch_size: int = 4
+    max_len: int = 96
+    rank: int = 16
+    alpha: int = 16
+    n_heldout: int = 64
+    eval_every: int = 25
+    ppl_chunks: int = 8
+    ppl_seq_len: int = 256
+    calib_chunks: int = 8
+    calib_seq_len: int = 256
+    task_limit: int = 160
+    curve_ppl_chunks: int = 4
+    curve_heldout_batches: int = 4
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {sorted(METHODS)}")
+        if self.targets not in TARGETS:
+            raise ValueError(f"unknown target set {self.targets!r}; choose from {sorted(TARGETS)}")
+        if self.steps < 1 or self.eval_every < 1:
+            raise ValueError(f"steps and eval_every must be >= 1, got {self.steps} and {self.eval_every}")
+
+    def train_key(self) -> str:
+        """Hash of the fields that determine training (evaluation sizes excluded)."""
+        skip = {"ppl_chunks", "ppl_seq_len", "calib_chunks", "calib_seq_len", "task_limit"}
+        return _digest({k: v for k, v in dataclasses.asdict(self).items() if k not in skip})
+
+    def eval_key(self, setting: str) -> str:
+        return _digest({"train": self.train_key(), "setting": setting, "ppl": [self.ppl_chunks, self.ppl_seq_len],
+                        "calib": [self.calib_chunks, self.calib_seq_len] if setting == "gptq" else None,
+                        "tasks": self.task_limit})  # fmt: skip
+
+    def label(self) -> str:
+        return f"{self.method}/{self.targets}/seed{self.seed}"
+
+
+def _digest(data: dict) -> str:
+    text = json.dumps({"v": CACHE_VERSION, **data}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    """``$FT_TABLE_CACHE`` if set (tests), else ``$ROLORA_CACHE/bench/finetune_table`` (``~/.cache/rolora-plugin/...``
+    without the variable)."""
+    from rolora_plugin.app.assets import cache_root
+
+    override = os.environ.get("FT_TABLE_CACHE")
+    return Path(override) if override else cache_root() / "bench" / "finetune_table"
+
+
+def _train_path(s: RunSettings) -> Path:
+    return cache_dir() / "runs" / f"{s.train_key()}.train.json"
+
+
+def _eval_path(s: RunSettings, setting: str) -> Path:
+    return cache_dir() / "runs" / f"{s.eval_key(setting)}.{setting}.json"
+
+
+def _model_dir(s: RunSettings) -> Path:
+    return cache_dir() / "models" / s.train_key()
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True, allow_nan=False) + "\n")
+
+
+def load_cached(s: RunSettings, settings=EVAL_SETTINGS) -> dict:
+    """``{"train": dict | None, "fp"/"rtn"/"gptq": dict | None}`` from the cache, nothing computed."""
+    return {"train": _read(_train_path(s)), **{k: _read(_eval_path(s, k)) for k in settings}}
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+
+
+def docs_for_stderr(target: float, n_tasks: int) -> int:
+    """Documents per task so the standard error of an ``n_tasks``-task average is ≤ ``target`` (fraction) for any
+    accuracies: ``SE(avg) = sqrt(Σ p_i(1-p_i)/n) / T ≤ 0.5 / sqrt(T n)`` ⇒ ``n ≥ 1 / (4 T target²)``."""
+    return math.ceil(1.0 / (4 * n_tasks * target**2))
+
+
+def chance_level(limit: int) -> float:
+    """Mean over the 7 tasks of the mean of ``1 / n_choices`` over each task's first ``limit`` documents (the
+    documents lm-eval scores): the accuracy of uniform guessing, from the data."""
+    from datasets import load_from_disk
+
+    from rolora_plugin.app.evaluate import PAPER_TASKS, task_data_dirs
+
+    counters = {"boolq": lambda d: 2, "piqa": lambda d: 2, "winogrande": lambda d: 2,
+                "hellaswag": lambda d: len(d["endings"]), "arc_easy": lambda d: len(d["choices"]["text"]),
+                "arc_challenge": lambda d: len(d["choices"]["text"]), "openbookqa": lambda d: len(d["choices"]["text"])}  # fmt: skip
+    per_task = []
+    for task, folder in task_data_dirs(PAPER_TASKS).items():
+        ds = load_from_disk(str(folder))
+        docs = ds.select(range(min(limit, len(ds))))
+        per_task.append(sum(1.0 / counters[task](d) for d in docs) / len(docs))
+    return sum(per_task) / len(per_task)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+class Data:
+    """Tokenizer, train rows, held-out batches, perplexity chunks (eval and curve), calibration chunks."""
+
+    def __init__(self, s: RunSettings):
+        from rolora_plugin.app.assets import (
+            calibration_chunks,
+            instruction_pairs,
+            load_smollm2,
+            pad_collate,
+            text_chunks,
+            tokenize_pairs,
+        )
+
+        _, self.tok = load_smollm2(torch.float32)
+        pairs = instruction_pairs("sciq", seed=0)  # one fixed split for every seed: seeds vary init and order
+        held = tokenize_pairs(self.tok, pairs[: s.n_heldout], s.max_len)
+        self.train = tokenize_pairs(self.tok, pairs[s.n_heldout :], s.max_len)
+        self.heldout = [pad_collate(held[i : i + 4], self.tok.pad_token_id) for i in range(0, len(held), 4)]
+        self.chunks = text_chunks(self.tok, s.ppl_chunks, s.ppl_seq_len)
+        self.curve_chunks = self.chunks[: s.curve_ppl_chunks]
+        self.curve_heldout = self.heldout[: s.curve_heldout_batches]
+        self.calibration = calibration_chunks(self.tok, s.calib_chunks, s.calib_seq_len)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def _curve_callback(data: Data, every: int, sink: list):
+    """Every ``every`` steps (and before step 1): held-out loss FP and fake-quant W4A4, BoolQ ppl FP."""
+    from transformers import TrainerCallback
+
+    from rolora_plugin.metrics import mean_loss, perplexity
+    from rolora_plugin.quant import fake_quantized
+    from rolora_plugin.training_config import fake_quant_config
+
+    def measure(model, step: int) -> None:
+        t0 = time.perf_counter()
+        with fake_quantized(model, None):  # under QAT: full precision for this measurement
+            row = {"step": step, "heldout_fp": mean_loss(model, data.curve_heldout),
+                   "ppl_fp": perplexity(model, data.curve_chunks, progress=False)}  # fmt: skip
+        with fake_quantized(model, fake_quant_config()):
+            row["heldout_w4a4"] = mean_loss(model, data.curve_heldout)
+        row["seconds"] = time.perf_counter() - t0
+        sink.append(row)
+
+    class Curves(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            measure(model, 0)
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step % every == 0 or state.global_step == state.max_steps:
+                measure(model, state.global_step)
+
+    return Curves()
+
+
+def _plain_qat_callback():
+    """QAT for the unrotated LoRA runs: the same fake-quant forward RoLoRACallback installs (QATConfig defaults)."""
+    from transformers import TrainerCallback
+
+    from rolora_plugin.quant import enable_fake_quant_
+    from rolora_plugin.training_config import QATConfig
+
+    qat = QATConfig(enabled=True)
+
+    class PlainQAT(TrainerCallback):
+        handle = None
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if self.handle is None:
+                self.handle = enable_fake_quant_(model, qat.quant, qat.targets)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.handle is not None:
+                self.handle.remove()
+                self.handle = None
+
+    return PlainQAT()
+
+
+def _callbacks(s: RunSettings) -> list:
+    from rolora_plugin import RoLoRACallback, RotationConfig
+    from rolora_plugin.training_config import RoLoRAConfig
+
+    rotate, qat = METHODS[s.method]
+    if rotate:
+        cfg = RoLoRAConfig(rotation=RotationConfig(seed=s.seed), monitor={"every_n_steps": 0}, qat={"enabled": qat})
+        return [RoLoRACallback(cfg)]
+    return [_plain_qat_callback()] if qat else []
+
+
+def _train(s: RunSettings, data: Data, workdir: Path):
+    """The fine-tune; returns (trainer, curves). Optimizer as examples/hf_trainer_rolora.py (AdamW, cosine)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    from rolora_plugin.app.assets import load_smollm2, pad_collate
+
+    model, tok = load_smollm2(torch.float32)
+    set_seed(s.seed)  # the same LoRA init for the four methods at one seed
+    lora = LoraConfig(r=s.rank, lora_alpha=s.alpha, target_modules=TARGETS[s.targets], lora_dropout=0.0, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lora)
+    curves: list = []
+    args = TrainingArguments(
+        output_dir=str(workdir), max_steps=s.steps, per_device_train_batch_size=s.batch_size, learning_rate=s.lr,
+        lr_scheduler_type="cosine", warmup_steps=min(10, s.steps // 10), logging_steps=1, save_strategy="no",
+        report_to=[], use_cpu=True, disable_tqdm=True, seed=s.seed, data_seed=s.seed, weight_decay=0.0,
+        dataloader_num_workers=0,
+    )  # fmt: skip
+    callbacks = _callbacks(s) + [_curve_callback(data, s.eval_every, curves)]
+    trainer = Trainer(model=peft_model, args=args, train_dataset=data.train, callbacks=callbacks,
+                      data_collator=lambda feats: pad_collate(feats, tok.pad_token_id))  # fmt: skip
+    trainer.train()
+    return trainer, curves
+
+
+def _merge(s: RunSettings, trainer, tok) -> None:
+    """Publish the merged model at ``models/<key>`` (RoLoRA: verified merge in the rotated basis)."""
+    from rolora_plugin.export import merge_and_export
+
+    target = _model_dir(s)
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if METHODS[s.method][0]:
+        merge_and_export(trainer.model, target, tokenizer=tok, inplace=True)
+        return
+    with atomic_output_dir(target) as tmp:
+        trainer.model.merge_and_unload().save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+
+def _train_stage(s: RunSettings, data: Data) -> dict:
+    import tempfile
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    with tempfile.TemporaryDirectory(prefix="ft-table-") as work:
+        trainer, curves = _train(s, data, Path(work))
+    losses = [(r["step"], r["loss"]) for r in trainer.state.log_history if "loss" in r]
+    if not all(math.isfinite(v) for _, v in losses):
+        raise RuntimeError(f"{s.label()}: training loss is not finite; lower the learning rate")
+    _merge(s, trainer, data.tok)
+    return {"settings": dataclasses.asdict(s), "losses": losses, "curves": curves, "seconds": time.perf_counter() - t0,
+            "cpu_seconds": time.process_time() - c0}
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+def _load_merged(s: RunSettings):
+    from transformers import AutoModelForCausalLM
+
+    from rolora_plugin.export import load_rotated
+
+    path = _model_dir(s)
+    if METHODS[s.method][0]:
+        return load_rotated(path, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _eval_stage(s: RunSettings, data: Data, setting: str) -> dict:
+    from rolora_plugin.app.evaluate import evaluate_tasks
+    from rolora_plugin.metrics import mean_loss, perplexity
+    from rolora_plugin.quant import QuantConfig, quantize_model_
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    model = _load_merged(s)
+    if setting == "rtn":
+        quantize_model_(model, QuantConfig(w_bits=4, a_bits=4), progress=False)
+    elif setting == "gptq":
+        quantize_model_(model, QuantConfig.preset("w4a4"), calibration=list(data.calibration.split(1)), progress=False)
+    row = {"heldout_loss": mean_loss(model, data.heldout), "ppl": perplexity(model, data.chunks, progress=False)}
+    if s.task_limit:
+        tasks = evaluate_tasks(model, data.tok, limit=s.task_limit)
+        row.update(avg=tasks["average"], scores=tasks["scores"], stderr=tasks["stderr"])
+        row["avg_stderr"] = math.sqrt(sum(v * v for v in tasks["stderr"].values())) / len(tasks["stderr"])
+    row["seconds"], row["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
+    return row
+
+
+def run_one(s: RunSettings, data_cache: dict, settings=EVAL_SETTINGS) -> dict:
+    """Train (if not cached), then each missing evaluation; returns :func:`load_cached`'s dict, complete."""
+    have = load_cached(s, settings)
+    missing = [k for k in settings if have[k] is None]
+    if have["train"] is not None and not missing:
+        return have
+    data = _data(s, data_cache)
+    if have["train"] is None or (missing and not (_model_dir(s) / "config.json").is_file()):
+        logger.info("%s: training %d steps", s.label(), s.steps)
+        have["train"] = _train_stage(s, data)
+        _write(_train_path(s), have["train"])
+    for setting in missing:
+        logger.info("%s: evaluating %s", s.label(), setting)
+        have[setting] = _eval_stage(s, data, setting)
+        _write(_eval_path(s, setting), have[setting])
+    if all(have[k] is not None for k in EVAL_SETTINGS):
+        shutil.rmtree(_model_dir(s), ignore_errors=True)  # every number of this run is cached
+    return have
+
+
+def _data(s: RunSettings, data_cache: dict) -> Data:
+    key = (s.n_heldout, s.max_len, s.ppl_chunks, s.ppl_seq_len, s.calib_chunks, s.calib_seq_len, s.curve_ppl_chunks,
+           s.curve_heldout_batches)
+    if key not in data_cache:
+        data_cache[key] = Data(s)
+    return data_cache[key]
+
+
+def threads() -> int:
+    """torch threads: ``$FT_THREADS`` or 2 (this machine's cores)."""
+    return int(os.environ.get("FT_THREADS", "2"))

@@ -1,0 +1,267 @@
+"""LoRA vs RoLoRA vs their W4A4 QAT variants on SmolLM2-135M: several seeds, FP and W4A4 after merge (issue 15).
+
+    python benchmarks/finetune_table.py                      # the full table (resumes from the cache)
+    python benchmarks/finetune_table.py --quick              # ≤ 20 min on 2 CPU cores: 1 seed, q/v, 20 steps
+    python benchmarks/finetune_table.py --only lora,rolora --seeds 0 --targets qv   # build it piecewise
+
+Every run (method × target set × seed) is trained once and cached by its settings under
+``$ROLORA_CACHE/bench/finetune_table`` (see ``benchmarks/_finetune.py``); a re-run continues where an interrupted
+one stopped and prints the table from the cache. After merge each run is evaluated in FP, at W4A4 RTN and at
+``QuantConfig.preset("w4a4")`` (GPTQ + clip searches, 8×256 BoolQ calibration tokens): held-out SciQ response
+loss, BoolQ-passage perplexity, and the 7-task zero-shot average (lm-eval) at ``--task-limit`` documents per task
+(default: the smallest count with a standard error of the average ≤ 1.5 points for any accuracies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _finetune as ft
+from _common import append_results, machine
+
+SE_TARGET = 0.015  # standard error of the 7-task average, as a fraction
+N_TASKS = 7
+QUICK = {"steps": 20, "eval_every": 10, "task_limit": 10, "n_heldout": 16, "ppl_chunks": 4, "calib_chunks": 4,
+         "curve_ppl_chunks": 1, "curve_heldout_batches": 2}
+GOAL_RECOVERY, GOAL_PPL_RATIO, GOAL_FP_GAP = 0.85, 1.3, 0.01
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="1 seed, q/v, 20 steps, 10 documents per task")
+    p.add_argument("--only", default=",".join(ft.METHODS), help="comma-separated methods: " + ", ".join(ft.METHODS))
+    p.add_argument("--targets", default=None, help="comma-separated target sets: qv, all-linear (default both; --quick: qv)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; --quick: 0)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 200; --quick 20)")
+    p.add_argument("--lr", type=float, default=5e-4, help="learning rate of every run in this invocation")
+    p.add_argument("--task-limit", type=int, default=None, help="documents per task (0 = skip the tasks)")
+    p.add_argument("--cached-only", action="store_true", help="print the table from the cache, train nothing")
+    p.add_argument("--report-dir", type=Path, default=Path("rolora_report_finetune"), help="where the curves PNG goes")
+    p.add_argument("--no-append", action="store_true", help="do not append the table to benchmarks/RESULTS.md")
+    return p.parse_args(argv)
+
+
+def _csv(text: str, valid=None) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in items if valid is not None and x not in valid]
+    if bad or not items:
+        raise SystemExit(f"invalid value(s) {bad or text!r}; choose from {sorted(valid)}")
+    return items
+
+
+def planned(args) -> list[ft.RunSettings]:
+    """The runs of this invocation, in the order they are trained (seed-major: each seed's table fills first)."""
+    size = dict(QUICK) if args.quick else {}
+    if args.steps:
+        size["steps"] = args.steps
+    size["task_limit"] = args.task_limit if args.task_limit is not None else size.get("task_limit", ft.docs_for_stderr(SE_TARGET, N_TASKS))
+    targets = _csv(args.targets or ("qv" if args.quick else "qv,all-linear"), ft.TARGETS)
+    seeds = [int(x) for x in _csv(args.seeds or ("0" if args.quick else "0,1,2"))]
+    methods = _csv(args.only, ft.METHODS)
+    return [ft.RunSettings(method=m, targets=t, seed=s, lr=args.lr, **size) for s in seeds for t in targets for m in methods]
+
+
+# ---------------------------------------------------------------------------------------------- table
+
+
+def _stat(values: list[float], fmt: str, scale: float = 1.0) -> str:
+    values = [v * scale for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return format(values[0], fmt)
+    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
+
+
+def _values(runs: list[dict], setting: str, key: str) -> list[float]:
+    return [r[setting][key] for r in runs if r.get(setting) and r[setting].get(key) is not None]
+
+
+def _mean(runs: list[dict], setting: str, key: str) -> float | None:
+    vals = _values(runs, setting, key)
+    return statistics.mean(vals) if vals else None
+
+
+def grouped(results: list[tuple[ft.RunSettings, dict]]) -> dict[tuple[str, str], list[dict]]:
+    groups: dict = {}
+    for s, r in results:
+        groups.setdefault((s.method, s.targets), []).append(r)
+    return groups
+
+
+def table(groups: dict) -> str:
+    head = ("| method | targets | seeds | held-out loss FP | ppl FP | avg FP | held-out W4A4 RTN | ppl W4A4 RTN | avg W4A4 RTN "
+            "| held-out W4A4 GPTQ | ppl W4A4 GPTQ | avg W4A4 GPTQ | train s |")  # fmt: skip
+    lines = [head, "|" + "---|" * 13]
+    for (method, targets), runs in groups.items():
+        cells = [method, targets, str(sum(r["train"] is not None for r in runs))]
+        for setting in ft.EVAL_SETTINGS:
+            cells += [_stat(_values(runs, setting, "heldout_loss"), ".3f"), _stat(_values(runs, setting, "ppl"), ".2f"),
+                      _stat(_values(runs, setting, "avg"), ".1f", 100)]  # fmt: skip
+        cells.append(_stat([r["train"]["seconds"] for r in runs if r["train"]], ".0f"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _recovery(runs: list[dict], setting: str, chance: float) -> float | None:
+    fp, q = _mean(runs, "fp", "avg"), _mean(runs, setting, "avg")
+    if fp is None or q is None or fp <= chance:
+        return None
+    return (q - chance) / (fp - chance)
+
+
+def _mark(ok: bool | None) -> str:
+    return "not measured" if ok is None else ("**met**" if ok else "**not met**")
+
+
+def _fmt(x, f=".1%") -> str:
+    return "-" if x is None else format(x, f)
+
+
+def goal_lines(groups: dict, chance: float) -> list[str]:
+    """The issue's goals per target set, each marked met / not met (or not measured)."""
+    out = []
+    for targets in dict.fromkeys(t for _, t in groups):
+        g = {m: groups.get((m, targets), []) for m in ft.METHODS}
+        rec = {m: {k: _recovery(g[m], k, chance) for k in ("rtn", "gptq")} for m in ft.METHODS}
+        best = [v for m in ("rolora", "rolora-qat") for v in rec[m].values() if v is not None]
+        shown = "; ".join(f"{m} RTN {_fmt(rec[m]['rtn'])} / GPTQ {_fmt(rec[m]['gptq'])}" for m in ft.METHODS)
+        out.append(f"- [{targets}] recovery (avg_W4A4 − chance)/(avg_FP − chance) ≥ 85% for RoLoRA (+QAT): "
+                   f"{_mark(max(best) >= GOAL_RECOVERY if best else None)} — {shown}")  # fmt: skip
+        ratios = {k: _ratio(g["rolora-qat"], k) for k in ("rtn", "gptq")}
+        ok = min(r for r in ratios.values() if r is not None) <= GOAL_PPL_RATIO if any(ratios.values()) else None
+        out.append(f"- [{targets}] RoLoRA+QAT W4A4 ppl / own FP ppl ≤ 1.3×: {_mark(ok)} — RTN {_fmt(ratios['rtn'], '.2f')}×, "
+                   f"GPTQ {_fmt(ratios['gptq'], '.2f')}×")  # fmt: skip
+        out.append(_fp_gap_line(targets, g["lora"], g["rolora"]))
+    return out
+
+
+def _ratio(runs: list[dict], setting: str) -> float | None:
+    q, fp = _mean(runs, setting, "ppl"), _mean(runs, "fp", "ppl")
+    return q / fp if q is not None and fp else None
+
+
+def _fp_gap_line(targets: str, lora: list[dict], rolora: list[dict]) -> str:
+    lp, rp = _mean(lora, "fp", "ppl"), _mean(rolora, "fp", "ppl")
+    if lp is None or rp is None:
+        return f"- [{targets}] FP: RoLoRA within 1% of LoRA on BoolQ ppl and within noise on the average: not measured"
+    gap = rp / lp - 1
+    la, ra = _mean(lora, "fp", "avg"), _mean(rolora, "fp", "avg")
+    se = [_mean(x, "fp", "avg_stderr") for x in (lora, rolora)]
+    noise = 2 * math.sqrt(sum(v * v for v in se)) if None not in se else None
+    avg_ok = None if la is None or ra is None or noise is None else abs(ra - la) <= noise
+    avg_text = "-" if avg_ok is None else f"{100 * (ra - la):+.1f} points (2·SE of the difference {100 * noise:.1f})"
+    return (f"- [{targets}] FP: RoLoRA ppl within 1% of LoRA: {_mark(abs(gap) <= GOAL_FP_GAP)} ({rp:.2f} vs {lp:.2f}, "
+            f"{gap:+.1%}); task average within noise: {_mark(avg_ok)} ({avg_text})")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- curves
+
+
+def plot_curves(results: list[tuple[ft.RunSettings, dict]], path: Path) -> Path | None:
+    """Training loss, held-out loss FP and fake-quant W4A4 vs step (the first seed/target set of each method),
+    and BoolQ ppl against held-out loss along training (forgetting vs task fit), in one PNG."""
+    from rolora_plugin.app.plots import agg_pyplot, save_figure, smoothed
+
+    first = {}
+    for s, r in results:
+        if r["train"] is not None:
+            first.setdefault(s.method, (s, r["train"]))
+    if not first:
+        return None
+    fig, axes = agg_pyplot().subplots(2, 2, figsize=(11, 7.5), layout="constrained")
+    for method, (s, train) in first.items():
+        steps, losses = zip(*train["losses"])
+        axes[0, 0].plot(steps, smoothed(list(losses), 10), label=method)
+        c = train["curves"]
+        axes[0, 1].plot([r["step"] for r in c], [r["heldout_fp"] for r in c], marker="o", label=method)
+        axes[1, 0].plot([r["step"] for r in c], [r["heldout_w4a4"] for r in c], marker="o", label=method)
+        axes[1, 1].plot([r["heldout_fp"] for r in c], [r["ppl_fp"] for r in c], marker="o", label=method)
+    titles = [("training loss (trailing mean of 10)", "step", "loss"), ("held-out task loss, FP", "step", "loss"),
+              ("held-out task loss, fake-quant W4A4", "step", "loss"),
+              ("forgetting vs task fit (FP, along training)", "held-out task loss", "BoolQ-passage ppl")]  # fmt: skip
+    for ax, (title, xl, yl) in zip(axes.flat, titles):
+        ax.set(title=title, xlabel=xl, ylabel=yl)
+        ax.legend(fontsize=8)
+    axes[1, 0].set_yscale("log")
+    s0 = next(iter(first.values()))[0]
+    fig.suptitle(f"SmolLM2-135M, SciQ, {s0.targets}, seed {s0.seed}, {s0.steps} steps, lr {s0.lr:g}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def collect(runs: list[ft.RunSettings], cached_only: bool) -> list[tuple[ft.RunSettings, dict]]:
+    data_cache: dict = {}
+    out = []
+    for i, s in enumerate(runs):
+        if cached_only:
+            out.append((s, ft.load_cached(s)))
+            continue
+        ft.logger.info("run %d/%d: %s", i + 1, len(runs), s.label())
+        out.append((s, ft.run_one(s, data_cache)))
+    return out
+
+
+def compute_seconds(results, key: str = "seconds") -> float:
+    """Sum of the cached stage times (training + every evaluation) of the runs in the table: wall ``seconds`` or
+    process ``cpu_seconds`` (all threads; on a loaded machine the better measure of the work done)."""
+    return sum(r[k].get(key, 0.0) for _, r in results for k in ("train", *ft.EVAL_SETTINGS) if r.get(k))
+
+
+def report(args, runs, results, wall: float) -> str:
+    limit = runs[0].task_limit
+    chance = ft.chance_level(limit) if limit else float("nan")
+    groups = grouped(results)
+    done = sum(all(r.get(k) for k in ("train", *ft.EVAL_SETTINGS)) for _, r in results)
+    worst_se = 0.5 / math.sqrt(N_TASKS * limit) if limit else float("nan")
+    measured = [r[k]["avg_stderr"] for _, r in results for k in ft.EVAL_SETTINGS if r.get(k) and "avg_stderr" in r[k]]
+    s0 = runs[0]
+    lines = [
+        (f"Setup: SmolLM2-135M-Instruct, SciQ pairs (loss on the response), {s0.steps} steps × {s0.batch_size} × ≤ {s0.max_len} "
+        f"tokens, LoRA r={s0.rank} α={s0.alpha}, AdamW lr {s0.lr:g} cosine; seeds vary LoRA init, data order and the "
+        f"rotation. Held-out: {s0.n_heldout} SciQ pairs; ppl: {s0.ppl_chunks}×{s0.ppl_seq_len} BoolQ-passage tokens; "
+        f"GPTQ = `QuantConfig.preset('w4a4')` on the merged model as it is (LoRA unrotated, RoLoRA R1+R4), "
+        f"calibration {s0.calib_chunks}×{s0.calib_seq_len} tokens from the end of the BoolQ stream."),
+        (f"7-task average: {limit} documents per task ({N_TASKS * limit} in all); worst-case standard error of the "
+        f"average 0.5/sqrt(7·{limit}) = {100 * worst_se:.2f} points (goal ≤ {100 * SE_TARGET:.1f}); measured from "
+        f"lm-eval's per-task stderr: {_stat(measured, '.2f', 100)} points. Chance level (mean 1/choices over the "
+        f"scored documents) {100 * chance:.1f}."),
+        (f"Runs complete: {done}/{len(runs)}. Compute of what ran (sum of cached stage times): "
+        f"{compute_seconds(results) / 60:.1f} min wall, {compute_seconds(results, 'cpu_seconds') / 60:.1f} min CPU "
+        f"(both threads); this invocation {wall / 60:.1f} min wall."),
+        "", table(groups), "", "Goals:", *goal_lines(groups, chance),
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for noisy in ("transformers", "lm_eval", "datasets", "httpx", "rolora_plugin"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = parse_args(argv)
+    torch.set_num_threads(ft.threads())
+    runs = planned(args)
+    t0 = time.perf_counter()
+    results = collect(runs, args.cached_only)
+    text = report(args, runs, results, time.perf_counter() - t0)
+    png = plot_curves(results, args.report_dir / "finetune_curves.png")
+    print(text)
+    print(f"\ncurves: {png}\nmachine: {machine()}")
+    if not args.no_append and not args.cached_only:
+        append_results("Fine-tune table: LoRA / RoLoRA / +QAT W4A4 (benchmarks/finetune_table.py)", text + f"\n\nCurves: `{png}`")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Real fine-tune table at reduced size (benchmarks/_finetune.py): SmolLM2-135M, SciQ, q/v, a few steps.
+
+Asserts only robust facts: after the same fine-tune RoLoRA's W4A4 RTN perplexity is below LoRA's (rotation
+removes the outliers that wreck 4-bit activations, ~35× at 200 steps), and the W4A4 QAT runs train (finite loss at
+every step, finite held-out loss after merge). The issue's goals (recovery ≥ 85%, FP parity) are benchmarks in
+benchmarks/RESULTS.md, never asserted here. The runs go to a temporary cache (``FT_TABLE_CACHE``).
+"""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.real
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+SIZE = {"targets": "qv", "seed": 0, "steps": 4, "eval_every": 2, "batch_size": 2, "max_len": 64, "n_heldout": 8,
+        "ppl_chunks": 2, "ppl_seq_len": 128, "task_limit": 0, "curve_ppl_chunks": 1, "curve_heldout_batches": 1}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    pytest.importorskip("peft")
+    from rolora_plugin.app.assets import smollm2_ready
+
+    if not smollm2_ready():
+        from rolora_plugin.app.assets import smollm2_gguf
+
+        smollm2_gguf()  # clear AssetError with the pip command if the model package is missing
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FT_TABLE_CACHE", str(tmp_path_factory.mktemp("ft_table")))
+    import _finetune as ft
+
+    data: dict = {}
+    plan = {"lora": ("rtn",), "rolora": ("rtn",), "rolora-qat": ("fp",), "lora-qat": ("fp",)}
+    try:
+        yield {m: ft.run_one(ft.RunSettings(method=m, **SIZE), data, settings) for m, settings in plan.items()}
+    finally:
+        mp.undo()
+
+
+def test_rolora_w4a4_rtn_perplexity_below_lora(runs):
+    lora, rolora = runs["lora"]["rtn"]["ppl"], runs["rolora"]["rtn"]["ppl"]
+    assert rolora < lora, (rolora, lora)
+
+
+@pytest.mark.parametrize("method", ["lora-qat", "rolora-qat"])
+def test_qat_runs_train(runs, method):
+    run = runs[method]
+    losses = [v for _, v in run["train"]["losses"]]
+    assert len(losses) == SIZE["steps"] and all(math.isfinite(v) for v in losses), losses
+    assert math.isfinite(run["fp"]["heldout_loss"]), run["fp"]
+    curves = run["train"]["curves"]
+    assert [r["step"] for r in curves] == [0, 2, 4], curves
+    assert all(math.isfinite(r["heldout_w4a4"]) for r in curves), curves
