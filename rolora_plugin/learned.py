@@ -22,7 +22,8 @@ Method: **Cayley parametrisation** ``R = R0 · (I − S)⁻¹(I + S)``, ``S = A 
 iterate is orthogonal by construction (no retraction schedule, any optimiser works, one d×d solve per step, cheap
 next to the d×rows products); the SpinQuant paper uses Cayley SGD on the Stiefel manifold for the same reason; a
 re-parametrisation keeps it to plain Adam. Each step uses the terms of ``learn_layers_per_step`` random layers
-(stochastic, seeded). At the end ``R`` is recomputed in float64 and projected on the orthogonal group (polar factor
+and, per site, ``ROWS_PER_STEP`` random weight rows (stochastic, seeded; rows are independent under per-channel
+weight quantization, so the subsampled term is unbiased). At the end ``R`` is recomputed in float64 and projected on the orthogonal group (polar factor
 ``U Vᴴ`` of its SVD), so ``‖RᵀR − I‖ ≤ 1e-10``; if the full objective did not decrease, the Hadamard start is kept.
 
 The learned matrix becomes an ``OrthogonalTransform(n, dense=R, pow2=1, exact=False, description="learned-r1(...)")``
@@ -72,6 +73,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 LEARNED_FILE = "rolora_learned_rotations.safetensors"
 ORTHOGONALITY_TOL = 1e-10  # max |RᵀR − I| accepted for a stored matrix (float64)
+ROWS_PER_STEP = 512  # weight rows (output channels) per site and training step: an unbiased subsample
 _ATTR = "_rolora_learned_rotations"
 _REGISTRY: dict[str, OrthogonalTransform] = {}  # checksum -> learned transform (content-addressed)
 
@@ -155,11 +157,14 @@ def _quantize_weight(w: torch.Tensor, quant) -> torch.Tensor:
     return ste_quantize(w.reshape(w.shape[0], -1, g), quant.w_bits, quant.w_sym).reshape(w.shape)
 
 
-def rotation_objective(sites, rotations: dict[str, torch.Tensor], quant, *, detached_scales: bool = False) -> torch.Tensor:
+def rotation_objective(sites, rotations: dict[str, torch.Tensor], quant, *, detached_scales: bool = False, rows=None) -> torch.Tensor:
     """``Σ ‖Q_a(x R) Q_w(w R)ᵀ − x wᵀ‖² / ‖x wᵀ‖²`` over ``sites`` (differentiable in the rotations).
 
     ``detached_scales``: use :func:`~rolora_plugin.quant.primitives.quantize_activation` / ``quantize_weight`` with
     ``ste=True`` (scales detached) instead of :func:`ste_quantize`; same value, other gradient.
+    ``rows``: ``{site index: row indices}``: only those weight rows (output channels) enter that site's term, scaled
+    by ``rows_total / rows_kept``. Per-channel weight quantization keeps rows independent, so a random subset is an
+    unbiased estimate of the full term at a fraction of the cost (the training steps use it).
     """
     from .quant.primitives import quantize_activation, quantize_weight
 
@@ -170,13 +175,16 @@ def rotation_objective(sites, rotations: dict[str, torch.Tensor], quant, *, deta
         qa = lambda t: ste_quantize(t, quant.a_bits, quant.a_sym, quant.a_clip_ratio)  # noqa: E731
         qw = lambda t: _quantize_weight(t, quant)  # noqa: E731
     total = torch.zeros((), dtype=torch.float32)
-    for s in sites:
+    for k, s in enumerate(sites):
         r = rotations.get(s.rotation)
         if r is None:
             continue
         rot = (lambda t: t @ r) if s.rotation == "r1" else (lambda t: _blockwise(t, r))
-        xq, wq = qa(rot(s.x)), qw(rot(s.w))
-        total = total + (xq @ wq.T - s.ref).pow(2).sum() / s.energy
+        idx = None if rows is None else rows.get(k)
+        w, ref = (s.w, s.ref) if idx is None else (s.w[idx], s.ref[:, idx])
+        xq, wq = qa(rot(s.x)), qw(rot(w))
+        weight = 1.0 if idx is None else s.w.shape[0] / len(idx)
+        total = total + (xq @ wq.T - ref).pow(2).sum() * (weight / s.energy)
     return total
 
 
@@ -336,8 +344,10 @@ def _optimise(sites, starts: dict, params: dict, quant, config, g: torch.Generat
     bar = tqdm(range(config.learn_steps), desc="learning rotations", disable=not progress, leave=False)
     for _ in bar:
         chosen = set(torch.randperm(n_layers, generator=g)[:per_step].tolist())
+        batch = [s for s in sites if s.layer in chosen]
+        rows = {k: torch.randperm(s.w.shape[0], generator=g)[:ROWS_PER_STEP] for k, s in enumerate(batch)}
         rots = {n: r0[n] @ cayley(_skew(params[n])) for n in params}
-        loss = rotation_objective([s for s in sites if s.layer in chosen], rots, quant)
+        loss = rotation_objective(batch, rots, quant, rows=rows)
         opt.zero_grad()
         loss.backward()
         opt.step()

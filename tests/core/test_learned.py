@@ -219,3 +219,30 @@ def test_config_presets_and_round_trip():
     assert RotationConfig.from_json(RotationConfig(learn=["r1"]).to_json()) == RotationConfig(learn=("r1",))
     with pytest.raises(ValueError, match="unknown RotationConfig preset"):
         RotationConfig.preset("w2a2")
+
+
+def test_hf_save_hook_writes_the_matrices_beside_the_record(tmp_path):
+    from rolora_plugin.integrations.hf_trainer import install_save_hook
+
+    model = _outlier_model()
+    _learned(model)
+    install_save_hook(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / LEARNED_FILE).is_file() and (tmp_path / "ckpt" / RECORD_FILE).is_file()
+    assert load_learned(tmp_path / "ckpt", get_rotation_record(model))["r1"].checksum() == get_rotation_record(model).rotations["r1"]["checksum"]
+
+
+def test_adapter_on_the_unrotated_base_merges_with_the_stored_matrix(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from rolora_plugin.export import write_rotation_record
+    from tests.helpers import lora
+
+    ids = random_ids()
+    _outlier_model().save_pretrained(tmp_path / "base")
+    peft_model = lora(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), "all-linear")
+    record = _learned(peft_model)
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    write_rotation_record(tmp_path / "adapter", record)
+    out = merge_and_export(tmp_path / "adapter", tmp_path / "export")  # the base is rotated with the stored R1
+    assert rel_err(logits(load_rotated(out), ids), logits(peft_model, ids)) <= 1e-5
