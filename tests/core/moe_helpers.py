@@ -7,6 +7,9 @@ dense MLP (``mlp_only_layers``) so a mixed model is covered too.
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import torch
 
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
@@ -35,11 +38,19 @@ def tiny_moe_config(family: str, *, experts=4, top_k=2, layers=2, vocab=101, imp
 
 
 def tiny_moe(family: str = "mixtral", *, dtype=torch.float32, seed=0, impl="batched_mm", **kw):
-    """A tiny MoE causal LM with random weights, router, experts and non-trivial norm weights.
+    """A tiny MoE causal LM with random weights, router, experts and non-trivial norm weights (a fresh copy of a
+    cached build, so parametrized tests do not pay for construction each time).
 
     ``impl`` is the experts implementation (``batched_mm`` works in every dtype, ``grouped_mm`` not in float64).
     """
+    return copy.deepcopy(_build(family, dtype, seed, impl, tuple(sorted(kw.items()))))
+
+
+@functools.lru_cache(maxsize=32)
+def _build(family, dtype, seed, impl, kw):
     from transformers import AutoModelForCausalLM
+
+    kw = dict(kw)
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_moe_config(family, impl=impl, **kw)).to(dtype).eval()

@@ -16,6 +16,7 @@ from rolora_plugin.rotation import missing_online_rotations
 from tests.core.moe_helpers import MOE_FAMILIES, tiny_moe
 from tests.helpers import F64_NORM_RTOL, TRANSFORM_RTOL, float64_norms, logits, random_ids, rel_err
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: fastest (and polite) on one thread
 COMBOS = [c for c in itertools.product([False, True], repeat=4) if any(c)]
 
 
@@ -171,3 +172,43 @@ def test_lora_changes_the_experts_and_bad_target_parameters_are_refused():
         from tests.helpers import tiny_model
 
         map_target_parameters(tiny_model("llama"), "experts")
+
+
+# ---------------------------------------------------------------------------------------------- host paths
+
+
+def test_hf_trainer_callback_rotates_and_trains_a_moe_with_expert_lora(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from rolora_plugin.callbacks import RoLoRACallback
+    from rolora_plugin.training_config import MonitorConfig, RoLoRAConfig
+
+    ids = random_ids()
+    model = _moe_lora(tiny_moe("qwen2_moe"))
+    ref = logits(model, ids)
+    data = [{"input_ids": row, "labels": row.clone()} for row in random_ids(batch=8, seed=3)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+                             logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)  # fmt: skip
+    callback = RoLoRACallback(RoLoRAConfig(monitor=MonitorConfig(every_n_steps=0)))
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+    assert rel_err(logits(model, ids), ref) <= 1e-5  # rotated at init, adapters included, function unchanged
+    before = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert all(not torch.equal(v, before[k]) for k, v in model.state_dict().items() if "lora_" in k)  # experts too
+    model.eval()
+    unmerged = logits(model, ids)
+    assert rel_err(logits(model.merge_and_unload(), ids), unmerged) <= 1e-5
+
+
+def test_merge_export_and_load_rotated_moe(tmp_path):
+    from rolora_plugin.export import load_rotated, merge_and_export
+
+    ids = random_ids()
+    model = _moe_lora(tiny_moe("mixtral"))
+    rotate_model_(model, RotationConfig(r2=True), progress=False)
+    out = merge_and_export(model, tmp_path / "export")
+    loaded = load_rotated(out)
+    assert missing_online_rotations(loaded) == []
+    assert rel_err(logits(loaded, ids), logits(model, ids)) <= 1e-5

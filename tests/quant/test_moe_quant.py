@@ -19,6 +19,9 @@ from tests.core.moe_helpers import MOE_FAMILIES, tiny_moe
 from tests.helpers import logits, random_ids, rel_err, tiny_llava
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: fastest (and polite) on one thread
+
+
 def _experts(model):
     return {i: base_experts(layer.mlp.experts) for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")}
 
