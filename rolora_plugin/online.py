@@ -131,12 +131,19 @@ def check_experts_implementation(experts: nn.Module) -> None:
         )
 
 
-def _gate_with_transforms(experts: nn.Module, gate_up_out: torch.Tensor) -> torch.Tensor:
-    """``act(gate) * up`` of the class (shape (S, 2I) → (S, I)), then every installed transform in order."""
-    out = type(experts)._apply_gate(experts, gate_up_out)
-    for fn in experts.__dict__[_GATE_TABLE].values():
-        out = fn(out)
-    return out
+class _GateWithTransforms:
+    """Instance-level ``experts._apply_gate``: the class's ``act(gate) * up`` ((S, 2I) → (S, I)), then every
+    installed transform in order. A module-level class (not a bound function), so the model still pickles."""
+
+    def __init__(self, experts: nn.Module):
+        self.experts = experts
+
+    def __call__(self, gate_up_out: torch.Tensor) -> torch.Tensor:
+        experts = self.experts
+        out = type(experts)._apply_gate(experts, gate_up_out)
+        for fn in experts.__dict__[_GATE_TABLE].values():
+            out = fn(out)
+        return out
 
 
 def _check_hook(experts, args):
@@ -147,8 +154,6 @@ def add_expert_gate_transform(experts: nn.Module, name: str, fn: Callable, *, fi
     """Run ``fn`` (shape (S, I) → (S, I)) on every expert's down_proj input (see module doc); ``first=True``
     puts it before the transforms already installed (R4 must precede an activation quantizer). An ``nn.Module``
     ``fn`` becomes the child ``rolora_gate_<name>`` so it follows device moves."""
-    import types
-
     if not hasattr(type(experts), "_apply_gate"):
         raise RuntimeError(f"{type(experts).__name__} has no _apply_gate (not a transformers experts module)")
     check_experts_implementation(experts)
@@ -161,7 +166,7 @@ def add_expert_gate_transform(experts: nn.Module, name: str, fn: Callable, *, fi
     if first:
         table.move_to_end(name, last=False)
     if _GATE_HOOK not in experts.__dict__:
-        experts._apply_gate = types.MethodType(_gate_with_transforms, experts)
+        experts.__dict__["_apply_gate"] = _GateWithTransforms(experts)
         experts.__dict__[_GATE_HOOK] = experts.register_forward_pre_hook(_check_hook)
 
 
