@@ -150,8 +150,8 @@ def describe(args, results: dict, total: float) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--learn", nargs="+", default=["r1"], choices=["r1", "r2"])
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--layers-per-step", type=int, default=8)
     p.add_argument("--quants", nargs="+", default=list(QUANTS), choices=QUANTS)

@@ -75,8 +75,8 @@ class RotationConfig(ConfigMixin):
     compute_dtype: str = "float64"
     untie_embeddings: bool = True
     learn: tuple = ()
-    learn_steps: int = 100
-    learn_lr: float = 2e-3
+    learn_steps: int = 60
+    learn_lr: float = 3e-3
     learn_tokens: int = 256
     learn_layers_per_step: int = 8
     learn_quant: str = "w4a4"
@@ -107,7 +107,7 @@ class RotationConfig(ConfigMixin):
             if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "learn_layers_per_step" else 1):
                 raise ValueError(f"RotationConfig.{name} must be a positive int (learn_layers_per_step: 0 = all layers), got {v!r}")
         if isinstance(self.learn_lr, bool) or not isinstance(self.learn_lr, (int, float)) or not 0 < self.learn_lr < 1:
-            raise ValueError(f"RotationConfig.learn_lr must be a float in (0, 1), e.g. 2e-3, got {self.learn_lr!r}")
+            raise ValueError(f"RotationConfig.learn_lr must be a float in (0, 1), e.g. 3e-3, got {self.learn_lr!r}")
         self.learn_lr = float(self.learn_lr)
         if not isinstance(self.learn_quant, str) or not self.learn_quant:
             # the name itself is checked against QuantConfig's presets when learning starts (quant.config imports this module)

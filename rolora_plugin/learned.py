@@ -10,10 +10,13 @@ the learned R1 minimises the relative output error summed over layers and sites:
     L(R) = Σ_sites ‖Q_a(X̂ R) · Q_w(W' R)ᵀ − X̂ W'ᵀ‖² / ‖X̂ W'ᵀ‖²
 
 where a site concatenates the readers of one norm (``W' = [W_q; W_k; W_v] diag(g)``: per-row weight quantization
-makes this the sum over the three linears), ``Q_a`` is per-token and ``Q_w`` per-channel (or per-group) RTN with the
-straight-through estimator (:func:`~rolora_plugin.quant.primitives.quantize_activation` /
-:func:`~rolora_plugin.quant.primitives.quantize_weight` with ``ste=True``), bits and symmetry from
-``QuantConfig.preset(config.learn_quant)``. R2 (one head-wise rotation shared by all layers, as the Hadamard R2 is)
+makes this the sum over the three linears), ``Q_a`` is per-token and ``Q_w`` per-channel (or per-group) RTN on the
+grid of :mod:`rolora_plugin.quant.primitives` (same forward values), bits and symmetry from
+``QuantConfig.preset(config.learn_quant)``. The gradient is straight-through for ``round`` only: the scales
+(``max|x|/qmax``, or ``(max − min)/qmax``) stay in the graph (:func:`ste_quantize`), because a rotation acts mainly on
+each row's range. With the scales detached (``quantize_activation(..., ste=True)``) Adam *raised* the objective on a
+tiny model with outlier channels at every learning rate tried (0.063 → 0.065–0.078, 30 steps); with them it fell
+(0.063 → 0.043), and on SmolLM2-135M by 17% (2.569 → 2.135, 60 steps). R2 (one head-wise rotation shared by all layers, as the Hadamard R2 is)
 uses the o_proj site: ``Q_a(X_o B) Q_w(W_o B)ᵀ`` vs ``X_o W_oᵀ`` with ``B = I_heads ⊗ R2``. Not in the objective:
 the output-side (row) rotation of the writers (o_proj, down_proj) and of v_proj, and GPTQ's error feedback.
 
@@ -23,8 +26,8 @@ iterate is orthogonal by construction (no retraction schedule, any optimiser wor
 next to the d×rows products); the SpinQuant paper uses Cayley SGD on the Stiefel manifold for the same reason; a
 re-parametrisation keeps it to plain Adam. Each step uses the terms of ``learn_layers_per_step`` random layers
 and, per site, ``ROWS_PER_STEP`` random weight rows (stochastic, seeded; rows are independent under per-channel
-weight quantization, so the subsampled term is unbiased). At the end ``R`` is recomputed in float64 and projected on the orthogonal group (polar factor
-``U Vᴴ`` of its SVD), so ``‖RᵀR − I‖ ≤ 1e-10``; if the full objective did not decrease, the Hadamard start is kept.
+weight quantization, so the subsampled term is unbiased). At the end ``R`` is recomputed in float64 and projected on
+the orthogonal group (polar factor ``U Vᴴ`` of its SVD), so ``‖RᵀR − I‖ ≤ 1e-10``; if the full objective did not decrease, the Hadamard start is kept.
 
 The learned matrix becomes an ``OrthogonalTransform(n, dense=R, pow2=1, exact=False, description="learned-r1(...)")``
 so every weight edit and checksum works unchanged. It travels with the model: in memory attached to it
@@ -136,7 +139,7 @@ def ste_quantize(x: torch.Tensor, bits: int, sym: bool, clip_ratio: float = 1.0)
     (same forward values), differentiable *through the scale*: ``s = c·max|x| / qmax`` (sym) or
     ``s = c·(max − min) / qmax`` (asym) stays in the graph and only ``round`` is straight-through (LSQ / SpinQuant's
     quantizer). With the scale detached (``quantize_activation(ste=True)``) the gradient ignores that a rotation
-    changes each row's range, and on the objective here it does not descend (measured: tests/core/test_learned.py)."""
+    changes each row's range, and on the objective here it does not descend (module docstring)."""
     from .quant.primitives import OFF_BITS, quant_range
 
     if bits >= OFF_BITS:

@@ -246,3 +246,16 @@ def test_adapter_on_the_unrotated_base_merges_with_the_stored_matrix(tmp_path):
     write_rotation_record(tmp_path / "adapter", record)
     out = merge_and_export(tmp_path / "adapter", tmp_path / "export")  # the base is rotated with the stored R1
     assert rel_err(logits(load_rotated(out), ids), logits(peft_model, ids)) <= 1e-5
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_objective_quantizer_matches_the_library_forward(sym):
+    from rolora_plugin.learned import ste_quantize
+    from rolora_plugin.quant import quantize_activation
+
+    x = torch.randn(64, 48, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 3
+    x[:, 5] *= 20
+    assert torch.allclose(ste_quantize(x, 4, sym), quantize_activation(x, 4, sym), rtol=0, atol=1e-12)
+    x.requires_grad_(True)
+    ste_quantize(x, 4, sym).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
