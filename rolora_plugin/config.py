@@ -93,6 +93,10 @@ class RotationConfig(ConfigMixin):
             raise ValueError("RotationConfig: every rotation is off (r1=r2=r3=r4=False); enable at least one")
         self._check_learning()
 
+    def to_dict(self) -> dict:
+        """The fields as JSON-ready values (``learn`` as a list, as it comes back from JSON)."""
+        return {**super().to_dict(), "learn": list(self.learn)}
+
     def _check_learning(self):
         if isinstance(self.learn, str) or not all(isinstance(n, str) for n in self.learn):
             raise ValueError(f"RotationConfig.learn must be a list of rotation names from {list(LEARNABLE)}, e.g. ['r1'], got {self.learn!r}")
