@@ -51,9 +51,9 @@ from tqdm.auto import tqdm
 from ..architectures import get_architecture
 from ..errors import QuantizationError
 from .config import QuantConfig
+from .moe import expert_modules, quantize_expert_rows_, routed_inputs, rtn_expert_, set_routed_token_counts
 from .primitives import OFF_BITS, compute_scales, mse_clip_search, quantize_with_scales
 from .rtn import WeightQuantParams, replace_weight_, rtn_quantize_linear_, set_weight_quant_params_
-from .moe import expert_modules, quantize_expert_rows_, routed_inputs, rtn_expert_, set_routed_token_counts
 from .targets import quantizable_linears
 
 __all__ = [

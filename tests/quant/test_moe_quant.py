@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from rolora_plugin import RotationConfig, rotate_model_
+from rolora_plugin import rotate_model_
 from rolora_plugin.errors import QuantizationError
 from rolora_plugin.moe import base_experts
 from rolora_plugin.online import add_expert_gate_transform, expert_gate_transforms
