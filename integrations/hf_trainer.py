@@ -62,7 +62,7 @@ from ..distributed import is_zero3_partitioned, world_size
 from ..errors import RotationError
 from ..export import RECORD_FILE, _check_out_dir, merge_and_export, read_rotation_record, write_rotation_record
 from ..monitor import BatchCapture, monitor_metrics
-from ..quant import enable_fake_quant_
+from ..quant import ALL_LINEAR, enable_fake_quant_, fused_expert_modules
 from ..rotation import ensure_rotated, get_rotation_record
 from ..training_config import RoLoRAConfig
 from .deepspeed import check_rank_agreement, export_merged_zero3
@@ -209,6 +209,13 @@ class RoLoRACallback(TrainerCallback):
             self._check_resumed(resumed_checkpoint(args, state))
         if self.config.monitor.enabled and self.eval_batches is None and self._monitor_batches is None:
             self._capture = BatchCapture(model, self.config.monitor.num_batches)
+        if self.config.qat.enabled and self.config.qat.targets == ALL_LINEAR and fused_expert_modules(model):
+            raise ValueError(
+                f"QAT (qat.enabled) fake-quantizes nn.Linear layers only; this MoE model's fused experts (e.g. "
+                f"{fused_expert_modules(model)[0]}) would train in full precision under a W{self.config.qat.quant.w_bits}"
+                f"A{self.config.qat.quant.a_bits} label. Turn QAT off, or set qat.targets to attention leaves "
+                "(e.g. ['q_proj', 'k_proj', 'v_proj', 'o_proj']) for a partial, labelled QAT."
+            )
 
     def _check_resumed(self, checkpoint: Path | None) -> None:
         saved = read_rotation_record(checkpoint) if checkpoint is not None else None

@@ -26,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -35,10 +36,11 @@ from ._peft import unwrap_peft
 from .architectures import get_architecture
 from .kurtosis import activation_stats, layer_index, leaf_name
 from .metrics import as_batch, eval_mode, mean_loss
-from .quant import fake_quantized
+from .quant import fake_quantized, fused_expert_modules
 
 __all__ = ["BatchCapture", "activation_metrics", "fake_quant_eval_metrics", "measured_kinds", "monitor_metrics"]
 
+logger = logging.getLogger(__name__)
 _KEEP = ("input_ids", "attention_mask", "labels")
 
 
@@ -101,9 +103,22 @@ def monitor_metrics(model: nn.Module, batches: list, monitor) -> dict[str, float
     with eval_mode(model):
         if monitor.activation_stats:
             out.update(activation_metrics(model, batches, monitor.layers))
-        if monitor.fake_quant_eval:
+        if monitor.fake_quant_eval and not _skip_fake_quant_eval(model):
             out.update(fake_quant_eval_metrics(model, batches, monitor.quant))
     return out
+
+
+def _skip_fake_quant_eval(model: nn.Module) -> bool:
+    """MoE experts are not reached by fake quant (see :func:`~rolora_plugin.quant.fused_expert_modules`): the
+    W4A4 eval loss is left out rather than logged under a wrong label (warned once per model)."""
+    moe = fused_expert_modules(model)
+    if moe and not getattr(model, "_rolora_warned_moe_monitor", False):
+        logger.warning(
+            "monitor: no fake-quant eval loss for this MoE model (fused experts, e.g. %s, cannot be fake-quantized "
+            "during training); activation statistics are still logged", moe[0]
+        )
+        model.__dict__["_rolora_warned_moe_monitor"] = True
+    return bool(moe)
 
 
 class BatchCapture:

@@ -47,7 +47,7 @@ from .primitives import (
     quantize_with_scales,
     weight_scales,
 )
-from .qat import ALL_LINEAR, FakeQuantHandle, enable_fake_quant_, fake_quant_active, fake_quantized
+from .qat import ALL_LINEAR, FakeQuantHandle, enable_fake_quant_, fake_quant_active, fake_quantized, fused_expert_modules
 from .rtn import WeightQuantParams, replace_weight_, rtn_quantize_linear_, weight_quant_params
 from .targets import is_skipped, quantizable_linears
 
@@ -76,6 +76,7 @@ __all__ = [
     "fake_quantize_activation",
     "fake_quantize_weight",
     "fake_quantized",
+    "fused_expert_modules",
     "get_quantization_record",
     "gptq_quantize_model_",
     "gptq_quantize_weight",

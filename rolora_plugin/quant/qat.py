@@ -26,7 +26,7 @@ from ..architectures import get_architecture
 from ..distributed import is_partitioned
 from .primitives import quantize_activation, quantize_weight
 
-__all__ = ["ALL_LINEAR", "FakeQuantHandle", "enable_fake_quant_", "fake_quant_active", "fake_quantized"]
+__all__ = ["ALL_LINEAR", "FakeQuantHandle", "enable_fake_quant_", "fake_quant_active", "fake_quantized", "fused_expert_modules"]
 
 logger = logging.getLogger(__name__)
 ALL_LINEAR = "all-linear"
@@ -150,6 +150,27 @@ def _check_fake_quant_target(name: str, module: nn.Module) -> None:
         raise ValueError(f"{name} is a {type(module).__name__}; fake quant supports nn.Linear and peft lora.Linear")
 
 
+def fused_expert_modules(model: nn.Module) -> list[str]:
+    """Qualified names of the fused MoE experts modules of ``model`` (bare or peft): fake quant cannot reach them."""
+    inner = unwrap_peft(model)
+    spec = get_architecture(inner)
+    if spec.experts is None:
+        return []
+    return [f"{spec.layers}.{i}.{spec.experts}" for i, layer in enumerate(spec.decoder_layers(inner)) if spec.is_moe_layer(layer)]
+
+
+def _refuse_fused_experts(model: nn.Module) -> None:
+    """A W4A4 fake-quant forward that leaves MoE experts in full precision would be mislabelled: refuse it."""
+    moe = fused_expert_modules(model)
+    if moe:
+        raise ValueError(
+            f"fake-quant training/evaluation (QAT, the W4A4 monitor) covers nn.Linear layers only; this model's fused "
+            f"MoE experts ({len(moe)} layers, e.g. {moe[0]}) would stay in full precision and the result would not "
+            "be W4A4. Evaluate W4A4 with rolora_plugin.quant.quantize_model_ (it quantizes every expert), or pass "
+            "targets=[...] (e.g. attention leaves) for a labelled partial fake quant."
+        )
+
+
 class FakeQuantHandle:
     """Returned by :func:`enable_fake_quant_`: ``set_config(cfg)`` swaps bits (None = bypass), ``remove()`` undoes."""
 
@@ -190,6 +211,8 @@ def enable_fake_quant_(model: nn.Module, config, targets=ALL_LINEAR) -> FakeQuan
     if fake_quant_active(model):
         raise RuntimeError("fake quant is already enabled on this model; remove the existing handle first")
     modules = _fake_quant_targets(model, targets)
+    if config is not None and targets == ALL_LINEAR:
+        _refuse_fused_experts(model)
     if not modules:
         raise ValueError(f"fake quant: no target module matches {targets!r} (no LoRA layers yet?)")
     for name, m in modules.items():

@@ -4,6 +4,7 @@ on every expert for each experts implementation that takes it, refusals, LoRA on
 from __future__ import annotations
 
 import itertools
+import logging
 
 import pytest
 import torch
@@ -200,6 +201,39 @@ def test_hf_trainer_callback_rotates_and_trains_a_moe_with_expert_lora(tmp_path)
     model.eval()
     unmerged = logits(model, ids)
     assert rel_err(logits(model.merge_and_unload(), ids), unmerged) <= 1e-5
+
+
+def _moe_trainer(tmp_path, config, max_steps=2):
+    from transformers import Trainer, TrainingArguments
+
+    from rolora_plugin.callbacks import RoLoRACallback
+
+    model = _moe_lora(tiny_moe("qwen2_moe"))
+    data = [{"input_ids": row, "labels": row.clone()} for row in random_ids(batch=8, seed=3)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4,
+                             logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)  # fmt: skip
+    return model, Trainer(model=model, args=args, train_dataset=data, callbacks=[RoLoRACallback(config)])
+
+
+def test_qat_on_a_moe_is_refused_before_training_and_the_monitor_leaves_out_the_w4a4_loss(tmp_path, caplog):
+    """Fake quant reaches nn.Linear layers only: W4A4 QAT would leave the experts in full precision under a W4A4
+    label (refused at train begin, before any step); the monitor logs no W4A4 eval loss for an MoE (warned)."""
+    from rolora_plugin.training_config import MonitorConfig, QATConfig, RoLoRAConfig
+
+    model, trainer = _moe_trainer(tmp_path / "qat", RoLoRAConfig(qat=QATConfig(enabled=True), monitor=MonitorConfig(every_n_steps=0)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="fused experts"):
+        trainer.train()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert trainer.state.global_step == 0
+
+    _, trainer = _moe_trainer(tmp_path / "monitor", RoLoRAConfig(monitor=MonitorConfig(every_n_steps=1, num_batches=1)))
+    with caplog.at_level(logging.WARNING, logger="rolora_plugin.monitor"):
+        trainer.train()
+    logged = {k for e in trainer.state.log_history for k in e}
+    assert any(k.startswith("rolora/kurtosis/") for k in logged)  # activation statistics still logged
+    assert not any(k.startswith("rolora/eval_loss_w") for k in logged)
+    assert sum("no fake-quant eval loss for this MoE model" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_merge_export_and_load_rotated_moe(tmp_path):

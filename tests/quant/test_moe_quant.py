@@ -143,3 +143,22 @@ def test_w4a4_on_a_rotated_moe_stays_close_to_full_precision(method):
     record = quantize_model_(model, QuantConfig(method=method), calibration=calib, progress=False)
     assert record.experts and (method == "rtn") == (record.expert_tokens == {})
     assert rel_err(logits(model, ids), ref) < 1.0  # W4A4 noise, not a broken model
+
+
+def test_fake_quant_w4a4_refuses_fused_experts_it_cannot_quantize():
+    """QAT / the W4A4 monitor fake-quantize nn.Linear layers only: on an MoE that would leave every expert in full
+    precision under a W4A4 label, so all-linear fake quant is refused; listed leaves and the FP bypass still work."""
+    from rolora_plugin.quant import enable_fake_quant_, fake_quantized
+
+    model = tiny_moe("qwen2_moe")
+    ids = random_ids(101, 1, 8)
+    ref = logits(model, ids)
+    with pytest.raises(ValueError, match="fused MoE experts"):
+        enable_fake_quant_(model, QuantConfig())
+    assert torch.equal(logits(model, ids), ref)  # nothing was installed
+    with fake_quantized(model, None):
+        assert torch.equal(logits(model, ids), ref)
+    handle = enable_fake_quant_(model, QuantConfig(), targets=["q_proj", "v_proj"])
+    assert set(n.rsplit(".", 1)[-1] for n in handle.modules) == {"q_proj", "v_proj"}
+    assert not torch.equal(logits(model, ids), ref)
+    handle.remove()
