@@ -128,6 +128,11 @@ def _spec_for(hf_config) -> ArchitectureSpec:
             f"streaming rotation reads text-family checkpoints; {spec.name} checkpoints store their language tower "
             "under legacy tensor names. Rotate it in memory with rolora_plugin.rotate_model_."
         )
+    if spec.experts is not None:
+        raise UnsupportedArchitectureError(
+            f"streaming rotation does not handle Mixture-of-Experts checkpoints yet ({spec.name}: transformers saves "
+            "the fused experts as one tensor per expert on disk). Rotate it in memory with rolora_plugin.rotate_model_."
+        )
     return spec
 
 

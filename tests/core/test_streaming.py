@@ -304,6 +304,15 @@ def test_refuses_an_unsupported_family_with_the_in_memory_message(tmp_path):
     _nothing_written(tmp_path / "out")
 
 
+def test_refuses_a_moe_checkpoint_clearly_and_writes_nothing(tmp_path):
+    from tests.core.moe_helpers import tiny_moe
+
+    tiny_moe("mixtral").save_pretrained(tmp_path / "src")
+    with pytest.raises(UnsupportedArchitectureError, match="Mixture-of-Experts.*rotate_model_"):
+        rotate_checkpoint(tmp_path / "src", tmp_path / "out", progress=False)
+    _nothing_written(tmp_path / "out")
+
+
 def test_refuses_widths_without_construction_when_fallback_is_off(tmp_path):
     src = _ckpt(tmp_path, intermediate=172)  # 172 = 4·43: no Hadamard construction known
     config = RotationConfig(allow_fallback=False)
