@@ -44,6 +44,7 @@ from .learned import LEARNED_FILE
 from .publish import atomic_write_text
 from .quant.model import QuantizationRecord
 from .quant.primitives import OFF_BITS
+from .quant.qat import fused_expert_modules
 from .quant.rtn import WeightQuantParams, set_weight_quant_params_, weight_quant_params
 from .rotation import RotationRecord
 from .transform_config import TRANSFORMS_FILE, require_compressed_tensors, stored_transform_weights, transform_config_dict
@@ -194,10 +195,21 @@ class CompressedExport:
     transform_weights: dict = field(default_factory=dict)  # stored transform matrices (transforms.safetensors)
 
 
+def _refuse_fused_experts(model: nn.Module) -> None:
+    experts = fused_expert_modules(model)
+    if experts:
+        raise QuantizationError(
+            f"format='compressed-tensors' packs nn.Linear weights; this MoE model's fused experts (e.g. {experts[0]}, "
+            "3-D parameters) have no compressed-tensors layout here yet. Export it in full precision "
+            "(merge_and_export(..., format='fp')) and quantize after loading (load_rotated + quantize_model_)."
+        )
+
+
 def prepare_compressed(model: nn.Module, record: QuantizationRecord, rotation: RotationRecord) -> CompressedExport:
     """Pack every quantized linear of ``model`` (the state dict to save) and build its ``quantization_config``."""
     require_compressed_tensors()
     _check_exportable(record)
+    _refuse_fused_experts(model)
     transform = transform_config_dict(rotation, stored=True)
     qconfig = quantization_config_dict(record, rotation.dims.head_dim, transform, _targets_for(model, record))
     scheme = _scheme_of(qconfig)

@@ -331,6 +331,17 @@ def test_unquantized_or_unexportable_models_are_refused_and_nothing_is_written(t
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_quantized_moe_is_refused_clearly_and_nothing_is_written(tmp_path):
+    from tests.core.moe_helpers import tiny_moe
+
+    model = tiny_moe("qwen2_moe")
+    rotate_model_(model, RotationConfig(), progress=False)
+    quantize_model_(model, QuantConfig(), progress=False)
+    with pytest.raises(QuantizationError, match="fused experts.*format='fp'"):
+        merge_and_export(model, tmp_path / "a", format=CT)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_weights_changed_after_quantization_are_refused(tmp_path):
     model = _quantized()
     with torch.no_grad():
