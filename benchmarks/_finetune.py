@@ -50,6 +50,7 @@ logger = logging.getLogger("finetune_table")
 METHODS = {"lora": (False, False), "rolora": (True, False), "lora-qat": (False, True), "rolora-qat": (True, True)}
 TARGETS = {"qv": ["q_proj", "v_proj"], "all-linear": "all-linear"}
 EVAL_SETTINGS = ("fp", "rtn", "gptq")
+LR_SCALES = ("none", "norm-rms")
 CACHE_VERSION = 1
 
 
@@ -75,18 +76,22 @@ class RunSettings:
     task_limit: int = 160
     curve_ppl_chunks: int = 4
     curve_heldout_batches: int = 4
+    lr_scale: str = "none"
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {sorted(METHODS)}")
         if self.targets not in TARGETS:
             raise ValueError(f"unknown target set {self.targets!r}; choose from {sorted(TARGETS)}")
+        if self.lr_scale not in LR_SCALES or (self.lr_scale != "none" and not METHODS[self.method][0]):
+            raise ValueError(f"lr_scale must be one of {LR_SCALES} ('norm-rms' only for the rotating methods), got {self.lr_scale!r}")
         if self.steps < 1 or self.eval_every < 1:
             raise ValueError(f"steps and eval_every must be >= 1, got {self.steps} and {self.eval_every}")
 
     def train_key(self) -> str:
-        """Hash of the fields that determine training (evaluation sizes excluded)."""
-        skip = {"ppl_chunks", "ppl_seq_len", "calib_chunks", "calib_seq_len", "task_limit"}
+        """Hash of the fields that determine training (evaluation sizes excluded; ``lr_scale`` only when set, so
+        the keys of runs made before it existed stay valid)."""
+        skip = {"ppl_chunks", "ppl_seq_len", "calib_chunks", "calib_seq_len", "task_limit"} | ({"lr_scale"} if self.lr_scale == "none" else set())
         return _digest({k: v for k, v in dataclasses.asdict(self).items() if k not in skip})
 
     def eval_key(self, setting: str) -> str:
@@ -95,7 +100,8 @@ class RunSettings:
                         "tasks": self.task_limit})  # fmt: skip
 
     def label(self) -> str:
-        return f"{self.method}/{self.targets}/seed{self.seed}"
+        scale = "" if self.lr_scale == "none" else f"/lr×{self.lr_scale}"
+        return f"{self.method}/{self.targets}/seed{self.seed}/lr{self.lr:g}{scale}"
 
 
 def _digest(data: dict) -> str:
@@ -281,10 +287,57 @@ def _train(s: RunSettings, data: Data, workdir: Path):
         dataloader_num_workers=0,
     )  # fmt: skip
     callbacks = _callbacks(s) + [_curve_callback(data, s.eval_every, curves)]
-    trainer = Trainer(model=peft_model, args=args, train_dataset=data.train, callbacks=callbacks,
+    trainer_cls = _norm_scaled_trainer(Trainer, _norm_rms_scales(model)) if s.lr_scale == "norm-rms" else Trainer
+    trainer = trainer_cls(model=peft_model, args=args, train_dataset=data.train, callbacks=callbacks,
                       data_collator=lambda feats: pad_collate(feats, tok.pad_token_id))  # fmt: skip
     trainer.train()
     return trainer, curves
+
+
+def _norm_rms_scales(model) -> dict[tuple[int, str], float]:
+    """``{(layer, linear leaf name): rms(g)}`` of the RMSNorm weight ``g`` that R1 folds into that linear's input
+    (attention inputs: the input norm; MLP inputs: the post-attention norm). Read *before* rotation.
+
+    Why: without rotation LoRA A sees ``x̂ ⊙ g``; after folding, RoLoRA's A sees ``x̂ Q`` (rms ≈ 1), so the same
+    Adam step changes the function by about ``1 / rms(g)`` more (SmolLM2: rms(g) 0.04–0.42). Scaling the learning
+    rate of that linear's LoRA factors by ``rms(g)`` matches the step size per layer."""
+    from rolora_plugin.architectures import get_architecture, get_submodule
+
+    spec = get_architecture(model)
+    scales = {}
+    for i, layer in enumerate(spec.decoder_layers(model)):
+        for norm, readers in ((spec.input_norm, spec.attention_inputs()), (spec.post_attention_norm, spec.mlp_inputs())):
+            g = get_submodule(layer, norm).weight.detach().double() + spec.norm_offset
+            for path in readers:
+                scales[(i, path.rsplit(".", 1)[-1])] = float(g.pow(2).mean().sqrt())
+    return scales
+
+
+def _norm_scaled_trainer(trainer_cls, scales: dict):
+    """A Trainer whose AdamW (the Trainer's defaults, weight decay 0) puts each LoRA factor in a group with
+    ``lr · scales[(layer, linear)]`` (1 for linears without a folded norm); the scheduler keeps the ratios."""
+    import re
+
+    pattern = re.compile(r"layers\.(\d+)\..*?(\w+)\.lora_[AB]\.")
+
+    def scale_of(name: str) -> float:
+        m = pattern.search(name)
+        return scales.get((int(m.group(1)), m.group(2)), 1.0) if m else 1.0
+
+    class NormScaledTrainer(trainer_cls):
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                groups: dict[float, list] = {}
+                for n, p in (model or self.model).named_parameters():
+                    if p.requires_grad:
+                        groups.setdefault(scale_of(n), []).append(p)
+                a = self.args
+                self.optimizer = torch.optim.AdamW([{"params": ps, "lr": a.learning_rate * k} for k, ps in groups.items()],
+                                                   lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon,
+                                                   weight_decay=0.0)  # fmt: skip
+            return self.optimizer
+
+    return NormScaledTrainer
 
 
 def _merge(s: RunSettings, trainer, tok) -> None:
@@ -366,7 +419,7 @@ def run_one(s: RunSettings, data_cache: dict, settings=EVAL_SETTINGS) -> dict:
         logger.info("%s: evaluating %s", s.label(), setting)
         have[setting] = _eval_stage(s, data, setting)
         _write(_eval_path(s, setting), have[setting])
-    if all(have[k] is not None for k in EVAL_SETTINGS):
+    if all(_read(_eval_path(s, k)) is not None for k in EVAL_SETTINGS):
         shutil.rmtree(_model_dir(s), ignore_errors=True)  # every number of this run is cached
     return have
 

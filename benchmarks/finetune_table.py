@@ -43,7 +43,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; --quick: 0)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 200; --quick 20)")
     p.add_argument("--lr", type=float, default=5e-4, help="learning rate of every run in this invocation")
+    p.add_argument("--lr-scale", choices=ft.LR_SCALES, default="none",
+                   help="RoLoRA runs: 'norm-rms' scales each linear's LoRA learning rate by rms of the norm folded into it")
     p.add_argument("--task-limit", type=int, default=None, help="documents per task (0 = skip the tasks)")
+    p.add_argument("--evals", default=",".join(ft.EVAL_SETTINGS), help="evaluations after merge: fp, rtn, gptq")
     p.add_argument("--cached-only", action="store_true", help="print the table from the cache, train nothing")
     p.add_argument("--report-dir", type=Path, default=Path("rolora_report_finetune"), help="where the curves PNG goes")
     p.add_argument("--no-append", action="store_true", help="do not append the table to benchmarks/RESULTS.md")
@@ -67,7 +70,8 @@ def planned(args) -> list[ft.RunSettings]:
     targets = _csv(args.targets or ("qv" if args.quick else "qv,all-linear"), ft.TARGETS)
     seeds = [int(x) for x in _csv(args.seeds or ("0" if args.quick else "0,1,2"))]
     methods = _csv(args.only, ft.METHODS)
-    return [ft.RunSettings(method=m, targets=t, seed=s, lr=args.lr, **size) for s in seeds for t in targets for m in methods]
+    scale = {m: args.lr_scale if ft.METHODS[m][0] else "none" for m in methods}
+    return [ft.RunSettings(method=m, targets=t, seed=s, lr=args.lr, lr_scale=scale[m], **size) for s in seeds for t in targets for m in methods]
 
 
 # ---------------------------------------------------------------------------------------------- table
@@ -94,7 +98,8 @@ def _mean(runs: list[dict], setting: str, key: str) -> float | None:
 def grouped(results: list[tuple[ft.RunSettings, dict]]) -> dict[tuple[str, str], list[dict]]:
     groups: dict = {}
     for s, r in results:
-        groups.setdefault((s.method, s.targets), []).append(r)
+        method = s.method if s.lr_scale == "none" else f"{s.method} (lr×{s.lr_scale})"
+        groups.setdefault((method, s.targets), []).append(r)
     return groups
 
 
@@ -202,16 +207,15 @@ def plot_curves(results: list[tuple[ft.RunSettings, dict]], path: Path) -> Path 
 # ---------------------------------------------------------------------------------------------- main
 
 
-def collect(runs: list[ft.RunSettings], cached_only: bool) -> list[tuple[ft.RunSettings, dict]]:
+def collect(runs: list[ft.RunSettings], cached_only: bool, evals: tuple[str, ...]) -> list[tuple[ft.RunSettings, dict]]:
+    """Train every run first, then one evaluation setting at a time over all runs (fp, rtn, gptq), so an
+    invocation cut short leaves the most comparable partial table; returns what the cache holds."""
     data_cache: dict = {}
-    out = []
-    for i, s in enumerate(runs):
-        if cached_only:
-            out.append((s, ft.load_cached(s)))
-            continue
-        ft.logger.info("run %d/%d: %s", i + 1, len(runs), s.label())
-        out.append((s, ft.run_one(s, data_cache)))
-    return out
+    for phase in () if cached_only else ("train", *evals):
+        for i, s in enumerate(runs):
+            ft.logger.info("%s %d/%d: %s", phase, i + 1, len(runs), s.label())
+            ft.run_one(s, data_cache, () if phase == "train" else (phase,))
+    return [(s, ft.load_cached(s)) for s in runs]
 
 
 def compute_seconds(results, key: str = "seconds") -> float:
@@ -254,7 +258,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(ft.threads())
     runs = planned(args)
     t0 = time.perf_counter()
-    results = collect(runs, args.cached_only)
+    results = collect(runs, args.cached_only, tuple(_csv(args.evals, ft.EVAL_SETTINGS)))
     text = report(args, runs, results, time.perf_counter() - t0)
     png = plot_curves(results, args.report_dir / "finetune_curves.png")
     print(text)

@@ -1,7 +1,7 @@
 """Real fine-tune table at reduced size (benchmarks/_finetune.py): SmolLM2-135M, SciQ, q/v, a few steps.
 
 Asserts only robust facts: after the same fine-tune RoLoRA's W4A4 RTN perplexity is below LoRA's (rotation
-removes the outliers that wreck 4-bit activations, ~35× at 200 steps), and the W4A4 QAT runs train (finite loss at
+removes the outliers that wreck 4-bit activations: ~35× at 200 steps, ~5× at this size), and the W4A4 QAT runs train (finite loss at
 every step, finite held-out loss after merge). The issue's goals (recovery ≥ 85%, FP parity) are benchmarks in
 benchmarks/RESULTS.md, never asserted here. The runs go to a temporary cache (``FT_TABLE_CACHE``).
 """
@@ -16,8 +16,8 @@ pytestmark = pytest.mark.real
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-SIZE = {"targets": "qv", "seed": 0, "steps": 4, "eval_every": 2, "batch_size": 2, "max_len": 64, "n_heldout": 8,
-        "ppl_chunks": 2, "ppl_seq_len": 128, "task_limit": 0, "curve_ppl_chunks": 1, "curve_heldout_batches": 1}
+SIZE = {"targets": "qv", "seed": 0, "steps": 2, "eval_every": 1, "batch_size": 2, "max_len": 64, "n_heldout": 4,
+        "ppl_chunks": 1, "ppl_seq_len": 64, "task_limit": 0, "curve_ppl_chunks": 1, "curve_heldout_batches": 1}
 
 
 @pytest.fixture(scope="module")
@@ -53,5 +53,5 @@ def test_qat_runs_train(runs, method):
     assert len(losses) == SIZE["steps"] and all(math.isfinite(v) for v in losses), losses
     assert math.isfinite(run["fp"]["heldout_loss"]), run["fp"]
     curves = run["train"]["curves"]
-    assert [r["step"] for r in curves] == [0, 2, 4], curves
+    assert [r["step"] for r in curves] == list(range(SIZE["steps"] + 1)), curves
     assert all(math.isfinite(r["heldout_w4a4"]) for r in curves), curves
