@@ -124,7 +124,7 @@ class RotationConfig(ConfigMixin):
         * ``"default"``: ``RotationConfig()`` (R1 + R4, Hadamard).
         * ``"w4a4"``: R1 + R2 + R4, Hadamard: what measured best for W4A4 with ``QuantConfig.preset("w4a4")`` on
           SmolLM2. A learned R1 (``learn=("r1",)``) lowered the calibration objective by 17% but moved perplexity
-          only within the spread of calibration draws (BoolQ 1.88× → 1.85× FP, SciQ 1.91× → 1.96×; two draws,
+          only within the spread of calibration draws (BoolQ 1.88× → 1.85× FP, SciQ 1.90× → 1.96×; two draws,
           benchmarks/learned_rotation.py, benchmarks/RESULTS.md), so learning stays opt-in.
 
         Example::
