@@ -14,7 +14,8 @@ LEARNABLE = ("r1", "r2")  # rotations rolora_plugin.learned can optimise on cali
 # name -> RotationConfig fields; "w4a4" measured in benchmarks/learned_rotation.py and benchmarks/RESULTS.md
 ROTATION_PRESETS = {
     "default": {},
-    "w4a4": dict(r2=True),
+    "w4a4": dict(r2=True, learn=("r1", "r2")),  # needs calibration= in rotate_model_
+    "w4a4-hadamard": dict(r2=True),  # the same rotations without learning (no calibration data needed)
 }
 
 
@@ -122,10 +123,11 @@ class RotationConfig(ConfigMixin):
         """A named rotation recipe, optionally with some fields overridden (mirrors :meth:`QuantConfig.preset`).
 
         * ``"default"``: ``RotationConfig()`` (R1 + R4, Hadamard).
-        * ``"w4a4"``: R1 + R2 + R4, Hadamard: what measured best for W4A4 with ``QuantConfig.preset("w4a4")`` on
-          SmolLM2. A learned R1 (``learn=("r1",)``) lowered the calibration objective by 17% but moved perplexity
-          only within the spread of calibration draws (BoolQ 1.88× → 1.85× FP, SciQ 1.90× → 1.96×; two draws,
-          benchmarks/learned_rotation.py, benchmarks/RESULTS.md), so learning stays opt-in.
+        * ``"w4a4"``: R1 + R2 + R4 with R1 and R2 **learned** (needs ``calibration=`` in ``rotate_model_``): with
+          ``QuantConfig.preset("w4a4")`` on SmolLM2 BoolQ 1.88× → 1.76× FP (the calibration text; ranges over two
+          calibration draws do not overlap), SciQ 1.90× → 1.91× (no change); learned R1 alone: 1.85× / 1.96×
+          (benchmarks/learned_rotation.py, benchmarks/RESULTS.md).
+        * ``"w4a4-hadamard"``: the same rotations, Hadamard, no calibration data needed.
 
         Example::
 

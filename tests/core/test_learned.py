@@ -215,7 +215,8 @@ def test_unknown_learn_quant_preset_refused_before_any_edit():
 def test_config_presets_and_round_trip():
     assert RotationConfig.preset("default") == RotationConfig()
     cfg = RotationConfig.preset("w4a4", seed=3)
-    assert cfg.seed == 3 and cfg.r1 and cfg.r2 and cfg.r4
+    assert cfg.seed == 3 and cfg.r1 and cfg.r2 and cfg.r4 and cfg.learn == ("r1", "r2")
+    assert RotationConfig.preset("w4a4-hadamard") == RotationConfig(r2=True)
     assert RotationConfig.from_json(RotationConfig(learn=["r1"]).to_json()) == RotationConfig(learn=("r1",))
     with pytest.raises(ValueError, match="unknown RotationConfig preset"):
         RotationConfig.preset("w2a2")
