@@ -76,6 +76,11 @@ class ArchitectureSpec:
     def mlp_inputs(self) -> tuple[str, ...]:
         return (self.gate_up_proj,) if self.gate_up_proj else (self.gate_proj, self.up_proj)
 
+    def norm_gain(self, norm: nn.Module, dtype=torch.float64) -> torch.Tensor:
+        """The per-channel gain ``g`` an RMSNorm multiplies by, in ``dtype``: ``weight`` (Llama-style) or
+        ``1 + weight`` (Gemma, :attr:`norm_offset`). Folding moves ``g`` into the norm's readers."""
+        return norm.weight.detach().to(dtype) + self.norm_offset
+
     def is_moe_layer(self, layer: nn.Module) -> bool:
         """True if ``layer`` holds fused experts at :attr:`experts` (an MoE layer of an MoE family)."""
         return self.experts is not None and _has_submodule(layer, self.experts)

@@ -254,19 +254,13 @@ def collect_sites(model: nn.Module, spec: ArchitectureSpec, config, calibration,
     return _build_sites(layers, spec, config, sampler.rows)
 
 
-def _norm_gain(norm: nn.Module, spec: ArchitectureSpec) -> torch.Tensor:
-    """The gain ``g`` of an RMSNorm, ``weight`` or ``1 + weight`` (Gemma): rolora_plugin.rotation's ``_norm_gain`` in
-    float32 (not imported from there: rotation imports this module)."""
-    return norm.weight.detach().float() + spec.norm_offset
-
-
 def _build_sites(layers, spec: ArchitectureSpec, config, rows: dict) -> list[_Site]:
     sites = []
     for i, layer in enumerate(layers):
         take = lambda key: torch.cat(rows[(i, key)])[: config.learn_tokens]  # noqa: E731
         if "r1" in config.learn:
             for key, norm_path, readers in (("attn", spec.input_norm, spec.attention_inputs()), ("mlp", spec.post_attention_norm, spec.mlp_inputs())):
-                gain = _norm_gain(get_submodule(layer, norm_path), spec)
+                gain = spec.norm_gain(get_submodule(layer, norm_path), torch.float32)
                 sites.append(_site(i, "r1", take(key), _weights(layer, readers, gain)))
         if "r2" in config.learn:
             sites.append(_site(i, "r2", take("o"), _weights(layer, (spec.o_proj,), None)))

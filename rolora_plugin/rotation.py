@@ -368,8 +368,8 @@ def rotate_model_(
 
 
 def _norm_gain(norm: nn.Module, spec: ArchitectureSpec, cdtype) -> torch.Tensor:
-    """The per-channel gain ``g`` the norm multiplies by: ``weight`` (Llama-style) or ``1 + weight`` (Gemma)."""
-    return norm.weight.detach().to(cdtype) + spec.norm_offset
+    """The per-channel gain ``g`` the norm multiplies by (:meth:`ArchitectureSpec.norm_gain`)."""
+    return spec.norm_gain(norm, cdtype)
 
 
 def _reset_norm(norm: nn.Module, spec: ArchitectureSpec) -> None:

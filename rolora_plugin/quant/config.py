@@ -147,8 +147,10 @@ class QuantConfig(ConfigMixin):
           (:mod:`rolora_plugin.quant.calibration`). Measured on SmolLM2-135M after R1+R2+R4 (4×256 eval tokens,
           8×256 calibration): symmetric activations 2.68× FP, asymmetric 2.06×, asymmetric + clip search 1.84×
           (BoolQ passages; SciQ 2.55 / 2.04 / 1.93×); benchmarks/RESULTS.md has the side-by-side with llm-compressor.
-          Needs ``calibration=`` in :func:`~rolora_plugin.quant.quantize_model_` and a rotated model
-          (R1+R2+R4: ``RotationConfig.preset("w4a4")``) to be useful.
+          Needs ``calibration=`` in :func:`~rolora_plugin.quant.quantize_model_` and a rotated model to be useful:
+          ``RotationConfig.preset("w4a4")`` (R1+R2 learned on calibration data + R4: 1.76× BoolQ / 1.91× SciQ over
+          two calibration draws) or ``RotationConfig.preset("w4a4-hadamard")`` (Hadamard R1+R2+R4, no calibration:
+          1.88× / 1.90×).
         * ``"w4a4kv4"``: the same and a 4-bit (asymmetric, per head and token) KV cache; rotate with R3 too.
         * ``"w4a4-gate-up-a8"``: a **mixed** setting, not W4A4: the w4a4 recipe with the MLP inputs (gate_proj,
           up_proj) at 8-bit activations, the kind that dominates the 4-bit activation error on SmolLM2.
