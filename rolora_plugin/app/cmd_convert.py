@@ -200,16 +200,17 @@ def cmd_quantize(args) -> int:
     require_modules({"compressed_tensors": EXPORT_EXTRA_PIP}, "rolora quantize")
     src, config_dir, rotated = _quantize_source(args)
     out = check_new_output_dir(args.out_dir, "OUT_DIR")
-    if rotated and args.seed is not None:
-        raise CLIError(f"{args.source!r} is already rotated: its record fixes the rotation; drop --seed")
+    for flag, value in (("--seed", args.seed), ("--rotation", args.rotation)):
+        if rotated and value is not None:
+            raise CLIError(f"{args.source!r} is already rotated: its record fixes the rotation; drop {flag}")
     with config_errors("quantization"):
         quant = QuantConfig.preset(args.recipe)
+    rotation = None if rotated else RotationConfig.preset(args.rotation or "w4a4", seed=args.seed or 0)
     tok = load_tokenizer(src) or (load_tokenizer(config_dir) if config_dir != src else None)
     calib = None
-    if quant.method == "gptq" or quant.a_clip_search:
+    if quant.method == "gptq" or quant.a_clip_search or (rotation is not None and rotation.learn):
         vocab = load_model_config(config_dir).get_text_config().vocab_size
         calib = load_calibration(args.calibration, tok, args.calib_chunks, args.seq_len, vocab, str(src))
-    rotation = None if rotated else RotationConfig(seed=args.seed or 0)
     quantize_and_export(str(src), out, quant, calibration=calib, rotation=rotation, tokenizer=tok, dtype=getattr(torch, args.dtype))
     print(f"quantized {src} ({args.recipe}) -> {out} (compressed-tensors)")
     return 0

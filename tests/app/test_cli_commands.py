@@ -194,6 +194,9 @@ def test_quantize_exports_compressed_tensors_that_eval_labels_by_their_record(wo
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
     assert config["rolora_quant"]["config"]["method"] == "gptq"
+    rotations = config["rolora"]["rotations"]  # default rotation preset w4a4: R1, R2 learned on the calibration data
+    assert {k for k, v in rotations.items() if v.get("learned")} == {"r1", "r2"} and "r4" in rotations
+    assert (out / "rolora_learned_rotations.safetensors").is_file()
     capsys.readouterr()
     assert main(["-q", "eval", str(out), "--ppl-chunks", "1", "--seq-len", "32", "--json", str(work / "q.json")]) == 0
     assert json.loads((work / "q.json").read_text())["setting"] == "W4A4"
@@ -203,6 +206,18 @@ def test_quantize_exports_compressed_tensors_that_eval_labels_by_their_record(wo
     assert main(["-q", "export", str(out), str(again), "--format", "compressed-tensors"]) == 0
     a, b = _tensors(out), _tensors(again)
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_quantize_rotation_preset_without_learning_needs_no_calibration_and_rotated_sources_refuse_it(work, tiny_dir, rotated_dir, capsys):
+    out = work / "w8a8-hadamard"
+    assert main(["-q", "quantize", str(tiny_dir), str(out), "--recipe", "w8a8", "--rotation", "w4a4-hadamard",
+                 "--calibration", "none-needed"]) == 0  # fmt: skip
+    rotations = json.loads((out / "config.json").read_text())["rolora"]["rotations"]
+    assert set(rotations) == {"r1", "r2", "r4"} and not any(v.get("learned") for v in rotations.values())
+    capsys.readouterr()
+    assert main(["-q", "quantize", str(rotated_dir), str(work / "x"), "--rotation", "w4a4"]) == EXIT_BAD_INPUT
+    assert "drop --rotation" in capsys.readouterr().err
+    assert not (work / "x").exists()
 
 
 def test_quantize_w8a8_needs_no_calibration(work, rotated_dir):
