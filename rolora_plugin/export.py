@@ -144,8 +144,9 @@ def load_rotated(path: str | os.PathLike, dtype: torch.dtype | None = None, devi
     if dtype is not None:
         kwargs["dtype"] = dtype
     early = read_rotation_record(path)
-    if early is not None:  # learned matrices are needed to verify the record (the compressed export checks it first)
-        load_learned(path, early)
+    # learned matrices are needed to verify the record (the compressed export checks it first); the registry holds
+    # them weakly, so keep a reference until they are attached to the loaded model below
+    _learned = load_learned(path, early) if early is not None else {}
     quant = verify_compressed_export(path) if is_compressed_export(path) else None
     model = _from_pretrained(path, quant, kwargs)
     record = get_rotation_record(model)
@@ -228,8 +229,7 @@ def _load_adapter_dir(path: Path, record, base_model, dtype) -> tuple[nn.Module,
     if record is not None and file_record is not None:
         _require_same(file_record, record, f"{path}/{RECORD_FILE}", "record=")
     record = record or file_record
-    if file_record is not None:
-        load_learned(path, file_record)
+    _learned = load_learned(path, file_record) if file_record is not None else {}  # alive until the base holds them
     if record is None:
         raise RotationError(
             f"{path} is a peft adapter without {RECORD_FILE}: nothing says which rotation it was trained in. Pass "

@@ -44,6 +44,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +79,10 @@ LEARNED_FILE = "rolora_learned_rotations.safetensors"
 ORTHOGONALITY_TOL = 1e-10  # max |RᵀR − I| accepted for a stored matrix (float64)
 ROWS_PER_STEP = 512  # weight rows (output channels) per site and training step: an unbiased subsample
 _ATTR = "_rolora_learned_rotations"
-_REGISTRY: dict[str, OrthogonalTransform] = {}  # checksum -> learned transform (content-addressed)
+# checksum -> learned transform (content-addressed). Weak values: an entry lives as long as a model (its
+# ``_rolora_learned_rotations`` attribute) or a caller holds the transform, so a long-running process that learns or
+# loads many models does not keep every matrix (134 MB at width 4096 in float64) forever.
+_REGISTRY: "weakref.WeakValueDictionary[str, OrthogonalTransform]" = weakref.WeakValueDictionary()
 
 
 # ---------------------------------------------------------------------------------------------- maths

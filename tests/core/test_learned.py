@@ -81,11 +81,24 @@ def test_objective_decreases_on_outlier_channels():
 
 
 def test_same_seed_bit_identical_other_seed_differs():
-    mats = []
+    mats, models = [], []
     for seed in (0, 0, 1):
-        record = _learned(_outlier_model(), seed=seed)
+        models.append(_outlier_model())  # the learned matrix lives with its model (a record alone cannot rebuild it)
+        record = _learned(models[-1], seed=seed)
         mats.append(record.verify()["r1"].dense)
     assert torch.equal(mats[0], mats[1]) and not torch.equal(mats[0], mats[2])
+
+
+def test_a_learned_matrix_is_not_kept_after_its_model_is_gone():
+    import gc
+
+    model = _outlier_model()
+    record = _learned(model)
+    assert record.verify()["r1"].description.startswith("learned-r1")
+    del model
+    gc.collect()
+    with pytest.raises(RotationError, match="not loaded in this process"):
+        record.verify()
 
 
 def test_missing_calibration_refused_before_any_edit():
