@@ -157,17 +157,23 @@ def add_expert_gate_transform(experts: nn.Module, name: str, fn: Callable, *, fi
     if not hasattr(type(experts), "_apply_gate"):
         raise RuntimeError(f"{type(experts).__name__} has no _apply_gate (not a transformers experts module)")
     check_experts_implementation(experts)
-    table = experts.__dict__.setdefault(_GATE_TABLE, OrderedDict())
-    if name in table:
-        raise RuntimeError(f"expert gate transform {name!r} is already installed on {type(experts).__name__}")
-    if isinstance(fn, nn.Module):
-        experts.add_module(f"rolora_gate_{name}", fn)
-    table[name] = fn
-    if first:
-        table.move_to_end(name, last=False)
+    _add_named_transform(experts, _GATE_TABLE, "rolora_gate_", name, fn, first, "expert gate transform")
     if _GATE_HOOK not in experts.__dict__:
         experts.__dict__["_apply_gate"] = _GateWithTransforms(experts)
         experts.__dict__[_GATE_HOOK] = experts.register_forward_pre_hook(_check_hook)
+
+
+def _add_named_transform(owner: nn.Module, table_attr: str, prefix: str, name: str, fn: Callable, first: bool, what: str) -> None:
+    """Put ``fn`` in ``owner``'s ordered transform table ``table_attr`` (at the front if ``first``); an ``nn.Module``
+    ``fn`` also becomes the child ``<prefix><name>`` so it follows device moves. A name is installed once."""
+    table = owner.__dict__.setdefault(table_attr, OrderedDict())
+    if name in table:
+        raise RuntimeError(f"{what} {name!r} is already installed on {type(owner).__name__}")
+    if isinstance(fn, nn.Module):
+        owner.add_module(f"{prefix}{name}", fn)
+    table[name] = fn
+    if first:
+        table.move_to_end(name, last=False)
 
 
 def expert_gate_transforms(experts: nn.Module) -> tuple[str, ...]:
@@ -200,14 +206,7 @@ def add_attention_transform(attn: nn.Module, name: str, fn: Callable, config=Non
     ``nn.Module`` it is registered as a child ``rolora_<name>`` so it follows device moves.
     ``config`` is the model config whose ``_attn_implementation`` gets wrapped (default: ``attn.config``).
     """
-    table = attn.__dict__.setdefault(_ATTN_TABLE, OrderedDict())
-    if name in table:
-        raise RuntimeError(f"attention transform {name!r} is already installed on {type(attn).__name__}")
-    if isinstance(fn, nn.Module):
-        attn.add_module(f"rolora_{name}", fn)
-    table[name] = fn
-    if first:
-        table.move_to_end(name, last=False)
+    _add_named_transform(attn, _ATTN_TABLE, "rolora_", name, fn, first, "attention transform")
     _wrap_attention_implementation(config if config is not None else attn.config, attn)
 
 
