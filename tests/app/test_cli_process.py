@@ -1,9 +1,9 @@
 """The ``rolora`` command as a real process (issue 12): races at the output path, SIGTERM/SIGKILL, resumable
 training, the offline environment before any Hugging Face import, missing extras, logs around progress bars.
 
-The races are made deterministic with one fault injection: the child process waits, right before the final
-rename into place (``rolora_plugin.publish.publish_path``), for a "go" file from the test; everything else is the
-unmodified command.
+The races are made deterministic with two fault injections: the child process waits, right before the final
+rename into place (``rolora_plugin.publish.publish_path``), for a "go" file from the test; a killed training run
+waits right after its Trainer saved checkpoint-2 completely. Everything else is the unmodified command.
 """
 
 from __future__ import annotations
@@ -148,7 +148,31 @@ def _adapter_weights(run: Path) -> dict:
     return load_file(str(run / "adapter" / "adapter_model.safetensors"))
 
 
-_KILLABLE_TRAIN = "import sys; from rolora_plugin.app.cli import main; sys.exit(main(sys.argv[1:]))"
+# argv[1]: a marker file; argv[2:]: the rolora command line. The second fault injection: right after the Trainer
+# has saved checkpoint-2 completely, the child touches the marker and waits to be stopped, so the test's signal
+# always lands at the same point (polling for files let a descheduled test kill it at step 8 or mid-checkpoint).
+_KILLABLE_TRAIN = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from rolora_plugin.app.runtime import set_offline_environment
+
+    set_offline_environment()  # as the CLI does, before transformers is imported
+    import transformers
+
+    marker, real = Path(sys.argv[1]), transformers.Trainer._save_checkpoint
+
+    def save_then_wait(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        if self.state.global_step == 2:
+            marker.touch()
+            time.sleep(600)
+
+    transformers.Trainer._save_checkpoint = save_then_wait
+    from rolora_plugin.app.cli import main
+    sys.exit(main(sys.argv[2:]))
+    """
+)
 
 
 @pytest.fixture(scope="module")
@@ -166,15 +190,17 @@ def test_killed_training_resumes_bit_exactly(sig, tiny_dir, tmp_path, capsys, un
     cfg = _train_config(tmp_path, tiny_dir)
     reference = uninterrupted
     ckpts = tmp_path / "run.checkpoints"
-    proc = _start(_KILLABLE_TRAIN, "-q", "train", cfg, "--max-steps", "400")  # long enough to be stopped mid-run
-    _wait_for(lambda: (ckpts / "checkpoint-2" / "rolora_rotation.json").is_file(), proc)
+    marker = tmp_path / "checkpoint-2-saved"
+    proc = _start(_KILLABLE_TRAIN, marker, "-q", "train", cfg, "--max-steps", "400")  # stopped mid-run
+    _wait_for(marker.exists, proc)
+    assert (ckpts / "checkpoint-2" / "rolora_rotation.json").is_file()
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == (-9 if sig == signal.SIGKILL else 143), err
     if sig == signal.SIGTERM:
         assert "--resume" in _last_line(err) and str(ckpts) in _last_line(err)
     assert not (tmp_path / "run").exists() and _leftovers(tmp_path, "run") == []
-    assert (ckpts / "checkpoint-2").is_dir()
+    assert (ckpts / "checkpoint-2").is_dir() and not (ckpts / "checkpoint-4").exists()  # stopped where it waited
 
     capsys.readouterr()
     assert main(["-q", "train", str(cfg)]) == EXIT_BAD_INPUT  # leftovers are never silently discarded
