@@ -297,6 +297,7 @@ def learn_rotations(
             "rotate_model_(model, config, calibration=[input_ids tensors or dicts]) (or drop learn for Hadamard rotations)"
         )
     quant = quant or QuantConfig.preset(config.learn_quant)  # an unknown preset name fails here, before any edit
+    _refuse_moe(model, spec, config)
     calibration = check_calibration(model, calibration)
     g = torch.Generator(device="cpu").manual_seed(derive_seed(config.seed, "learn"))
     sites = collect_sites(model, spec, config, calibration, g)
@@ -315,6 +316,16 @@ def learn_rotations(
         out[n] = learned_transform(m, _description(n, config, transforms[n]) + ("" if m is not starts.get(n) else "[start kept]"))
         _REGISTRY[out[n].checksum()] = out[n]
     return out
+
+
+def _refuse_moe(model: nn.Module, spec: ArchitectureSpec, config) -> None:
+    """R1's objective has a site per norm reader; fused MoE experts (3-D, routed) have none yet."""
+    if "r1" in config.learn and spec.experts is not None and any(spec.is_moe_layer(x) for x in spec.decoder_layers(model)):
+        raise RotationError(
+            f"learning R1 is not supported for Mixture-of-Experts models yet ({spec.name}: the fused experts read the "
+            "residual stream through routed 3-D weights the objective does not model); use Hadamard R1 "
+            "(RotationConfig.preset('w4a4-hadamard')) or learn=('r2',)"
+        )
 
 
 def _given(config, transforms: dict, given: dict) -> dict:

@@ -273,3 +273,25 @@ def test_objective_quantizer_matches_the_library_forward(sym):
     x.requires_grad_(True)
     ste_quantize(x, 4, sym).sum().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_learning_r1_on_a_moe_is_refused_before_any_edit():
+    from tests.core.moe_helpers import tiny_moe
+
+    model = tiny_moe("mixtral")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RotationError, match="Mixture-of-Experts"):
+        rotate_model_(model, RotationConfig(learn=("r1",), **FAST), calibration=_calib(), progress=False)
+    assert get_rotation_record(model) is None
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_learning_r2_on_a_moe_keeps_the_function():
+    from tests.core.moe_helpers import tiny_moe
+
+    model = tiny_moe("mixtral", dtype=torch.float64)
+    ids = random_ids()
+    ref = logits(model, ids)
+    record = rotate_model_(model, RotationConfig(r2=True, learn=("r2",), **FAST), calibration=_calib(), progress=False)
+    assert record.rotations["r2"]["learned"] and not record.rotations["r1"].get("learned")
+    assert rel_err(logits(model, ids), ref) <= 1e-6  # float64, stock norms (as the MoE rotation tests)
