@@ -92,7 +92,10 @@ class RunSettings:
         """Hash of the fields that determine training (evaluation sizes excluded; ``lr_scale`` only when set, so
         the keys of runs made before it existed stay valid)."""
         skip = {"ppl_chunks", "ppl_seq_len", "calib_chunks", "calib_seq_len", "task_limit"} | ({"lr_scale"} if self.lr_scale == "none" else set())
-        return _digest({k: v for k, v in dataclasses.asdict(self).items() if k not in skip})
+        fields_ = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        if self.lr_scale != "none":  # the library's re-parametrisation (the first experiment used optimizer groups)
+            fields_["lr_scale_impl"] = "RoLoRAConfig.lora_lr_scale"
+        return _digest(fields_)
 
     def eval_key(self, setting: str) -> str:
         return _digest({"train": self.train_key(), "setting": setting, "ppl": [self.ppl_chunks, self.ppl_seq_len],
@@ -263,7 +266,8 @@ def _callbacks(s: RunSettings) -> list:
 
     rotate, qat = METHODS[s.method]
     if rotate:
-        cfg = RoLoRAConfig(rotation=RotationConfig(seed=s.seed), monitor={"every_n_steps": 0}, qat={"enabled": qat})
+        cfg = RoLoRAConfig(rotation=RotationConfig(seed=s.seed), monitor={"every_n_steps": 0}, qat={"enabled": qat},
+                           lora_lr_scale=s.lr_scale)  # fmt: skip
         return [RoLoRACallback(cfg)]
     return [_plain_qat_callback()] if qat else []
 
@@ -287,57 +291,10 @@ def _train(s: RunSettings, data: Data, workdir: Path):
         dataloader_num_workers=0,
     )  # fmt: skip
     callbacks = _callbacks(s) + [_curve_callback(data, s.eval_every, curves)]
-    trainer_cls = _norm_scaled_trainer(Trainer, _norm_rms_scales(model)) if s.lr_scale == "norm-rms" else Trainer
-    trainer = trainer_cls(model=peft_model, args=args, train_dataset=data.train, callbacks=callbacks,
+    trainer = Trainer(model=peft_model, args=args, train_dataset=data.train, callbacks=callbacks,
                       data_collator=lambda feats: pad_collate(feats, tok.pad_token_id))  # fmt: skip
     trainer.train()
     return trainer, curves
-
-
-def _norm_rms_scales(model) -> dict[tuple[int, str], float]:
-    """``{(layer, linear leaf name): rms(g)}`` of the RMSNorm weight ``g`` that R1 folds into that linear's input
-    (attention inputs: the input norm; MLP inputs: the post-attention norm). Read *before* rotation.
-
-    Why: without rotation LoRA A sees ``x̂ ⊙ g``; after folding, RoLoRA's A sees ``x̂ Q`` (rms ≈ 1), so the same
-    Adam step changes the function by about ``1 / rms(g)`` more (SmolLM2: rms(g) 0.04–0.42). Scaling the learning
-    rate of that linear's LoRA factors by ``rms(g)`` matches the step size per layer."""
-    from rolora_plugin.architectures import get_architecture, get_submodule
-
-    spec = get_architecture(model)
-    scales = {}
-    for i, layer in enumerate(spec.decoder_layers(model)):
-        for norm, readers in ((spec.input_norm, spec.attention_inputs()), (spec.post_attention_norm, spec.mlp_inputs())):
-            g = get_submodule(layer, norm).weight.detach().double() + spec.norm_offset
-            for path in readers:
-                scales[(i, path.rsplit(".", 1)[-1])] = float(g.pow(2).mean().sqrt())
-    return scales
-
-
-def _norm_scaled_trainer(trainer_cls, scales: dict):
-    """A Trainer whose AdamW (the Trainer's defaults, weight decay 0) puts each LoRA factor in a group with
-    ``lr · scales[(layer, linear)]`` (1 for linears without a folded norm); the scheduler keeps the ratios."""
-    import re
-
-    pattern = re.compile(r"layers\.(\d+)\..*?(\w+)\.lora_[AB]\.")
-
-    def scale_of(name: str) -> float:
-        m = pattern.search(name)
-        return scales.get((int(m.group(1)), m.group(2)), 1.0) if m else 1.0
-
-    class NormScaledTrainer(trainer_cls):
-        def create_optimizer(self, model=None):
-            if self.optimizer is None:
-                groups: dict[float, list] = {}
-                for n, p in (model or self.model).named_parameters():
-                    if p.requires_grad:
-                        groups.setdefault(scale_of(n), []).append(p)
-                a = self.args
-                self.optimizer = torch.optim.AdamW([{"params": ps, "lr": a.learning_rate * k} for k, ps in groups.items()],
-                                                   lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon,
-                                                   weight_decay=0.0)  # fmt: skip
-            return self.optimizer
-
-    return NormScaledTrainer
 
 
 def _merge(s: RunSettings, trainer, tok) -> None:

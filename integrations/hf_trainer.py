@@ -63,6 +63,7 @@ from ..errors import RotationError
 from ..export import RECORD_FILE, _check_out_dir, merge_and_export, read_rotation_record, write_rotation_record
 from ..monitor import BatchCapture, monitor_metrics
 from ..quant import ALL_LINEAR, enable_fake_quant_, fused_expert_modules
+from ..lora import scale_lora_lr_
 from ..rotation import ensure_rotated, get_rotation_record
 from ..training_config import RoLoRAConfig
 from .deepspeed import check_rank_agreement, export_merged_zero3
@@ -177,6 +178,13 @@ class RoLoRACallback(TrainerCallback):
         """Rotate ``model`` unless it is rotated (:func:`~rolora_plugin.rotation.ensure_rotated`); install or
         remove the save hook as ``config.export.save_rotation_record`` says; check the export target early."""
         record = ensure_rotated(model, self.config.rotation)
+        if self.config.lora_lr_scale != "none":
+            if not is_peft_model(model):
+                raise ValueError(
+                    f"RoLoRAConfig.lora_lr_scale={self.config.lora_lr_scale!r} scales LoRA layers, but the Trainer's model "
+                    "is not a peft model; attach LoRA (get_peft_model) before the Trainer, or set lora_lr_scale='none'"
+                )
+            scale_lora_lr_(model, self.config.lora_lr_scale)  # before the Trainer builds its optimizer
         if self.config.export.save_rotation_record:
             install_save_hook(model)
         else:
@@ -202,6 +210,12 @@ class RoLoRACallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.record is None:  # attached after Trainer.__init__
+            if self.config.lora_lr_scale != "none" and getattr(args, "deepspeed", None):
+                raise ValueError(
+                    "RoLoRAConfig.lora_lr_scale edits the LoRA factors, which DeepSpeed has already copied into its "
+                    "optimizer when a callback attached after Trainer(...) runs; pass RoLoRACallback in "
+                    "Trainer(callbacks=[...]) so it runs in on_init_end, before DeepSpeed starts"
+                )
             self.prepare_model(model)
         if world_size() > 1:  # collective: every rank runs the callback
             check_rank_agreement(self.record)

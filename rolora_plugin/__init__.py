@@ -20,7 +20,7 @@ from .export import load_rotated, merge_and_export, quantize_and_export
 from .hadamard import NoHadamardError, OrthogonalTransform, build_transform, hadamard_transform, hadamard_transform_ref
 from .hookspecs import hookimpl
 from .learned import load_learned
-from .lora import get_rolora_peft_model, map_target_modules, map_target_parameters, rolora_lora_config
+from .lora import get_rolora_peft_model, map_target_modules, map_target_parameters, rolora_lora_config, scale_lora_lr_
 from .quant import (
     QuantConfig,
     QuantizationError,
@@ -67,6 +67,7 @@ __all__ = [
     "load_rotated",
     "map_target_modules",
     "map_target_parameters",
+    "scale_lora_lr_",
     "merge_and_export",
     "quantize_activation",
     "quantize_and_export",

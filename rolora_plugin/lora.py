@@ -44,9 +44,10 @@ from typing import Iterable
 
 from torch import nn
 
-from .architectures import get_architecture
+from .architectures import get_architecture, get_submodule
 from .config import RotationConfig
 from ._peft import lora_layer_names, unwrap_peft
+from .training_config import LR_SCALES
 from .rotation import check_online_rotations, ensure_rotated, get_rotation_record, missing_online_rotations
 
 __all__ = [
@@ -59,6 +60,8 @@ __all__ = [
     "lora_layer_names",
     "check_online_rotations",
     "missing_online_rotations",
+    "LR_SCALES",
+    "scale_lora_lr_",
 ]
 
 logger = logging.getLogger(__name__)
@@ -166,3 +169,99 @@ def get_rolora_peft_model(model: nn.Module, lora_config, rotation: RotationConfi
 
     ensure_rotated(model, rotation)
     return get_peft_model(model, lora_config, **kwargs)
+
+
+def scale_lora_lr_(model: nn.Module, mode: str = "norm-rms") -> dict[str, float]:
+    """Give each LoRA layer of a rotated model the step size it had before the norm was folded (``"norm-rms"``).
+
+    Why. Without rotation a reader's LoRA ``A`` sees the norm output ``x̂ ⊙ g``; R1 folds ``g`` into the frozen
+    weight, so after rotation ``A`` sees ``x̂ R1`` with rms ≈ 1. ``rms(g)`` is small in trained LLMs (SmolLM2-135M:
+    0.04–0.42), so the same optimizer step moves the rotated model's function about ``1 / rms(g)`` times further:
+    RoLoRA then fits the task faster and forgets more general text (``benchmarks/RESULTS.md``, issue 15).
+
+    How. For the LoRA layer of every reader of a folded norm (attention inputs: the input norm; MLP inputs: the
+    post-attention norm) with ``k = rms(g)`` from the rotation record, the factors are re-parametrised
+    ``A ← A / k``, ``B ← B / k`` and the scaling ``s ← s k²`` (``lora_alpha`` too, and ``alpha_pattern`` of the peft
+    config so a saved adapter reloads with it). ``s k² (B/k)(A/k) = s B A``: the model's function is unchanged, but
+    an optimizer whose step is invariant to the gradient's scale (Adam, AdamW, Adafactor without relative steps...)
+    now moves ``A`` and ``B`` by ``k`` times its learning rate, i.e. exactly a per-layer learning rate ``k · lr``
+    up to Adam's ``eps``. Differences from per-group learning rates: AdamW's decoupled weight decay stays at
+    ``lr · wd`` (a group rate would make it ``k · lr · wd``), and gradient clipping sees ``k ×`` smaller gradients
+    of these factors. With SGD the effective rate would be ``k² · lr``. Other LoRA layers (``o_proj``, ``down_proj``: no folded norm) are untouched.
+
+    Works in every host because it edits the model, not the optimizer: call it after rotation and after peft
+    attached the adapters, before the optimizer is created (``RoLoRAConfig(lora_lr_scale="norm-rms")`` does it in
+    :class:`rolora_plugin.RoLoRACallback`). Idempotent: a layer already scaled is left as it is.
+
+    Args:
+        model: a peft ``PeftModel`` of a rotated dense model whose record holds ``norm_rms`` (written by
+            :func:`rolora_plugin.rotate_model_` or :func:`rolora_plugin.streaming.rotate_checkpoint` with R1).
+        mode: ``"norm-rms"`` (or ``"none"``: nothing is done).
+
+    Returns:
+        ``{qualified LoRA layer name: k}`` of the layers scaled by this call.
+
+    Raises:
+        ValueError: unknown ``mode``, no LoRA layers, an MoE model, DoRA adapters.
+        RotationError: the model is not rotated, or its record has no ``norm_rms`` (no R1, an older version).
+    """
+    import re
+
+    import torch
+
+    from ._peft import is_lora_layer, uses_dora
+    from .distributed import gather_params
+    from .errors import RotationError
+
+    if mode not in LR_SCALES:
+        raise ValueError(f"lora_lr_scale must be one of {LR_SCALES}, got {mode!r}")
+    if mode == "none":
+        return {}
+    inner = unwrap_peft(model)
+    record = get_rotation_record(inner)
+    if record is None or record.norm_rms is None:
+        raise RotationError(
+            "lora_lr_scale='norm-rms' needs the rms of the norms R1 folded, read at rotation time, and this model's "
+            + ("record has none (rotated without R1, or by an older rolora-plugin): rotate the "
+               "original weights with rotate_model_ (R1 on)" if record is not None else "is not rotated: rotate it first (rotate_model_ or RoLoRACallback)")
+        )
+    spec = get_architecture(inner)
+    layers = spec.decoder_layers(inner)
+    if any(spec.is_moe_layer(layer) for layer in layers):
+        raise ValueError(f"lora_lr_scale='norm-rms' is not supported for Mixture-of-Experts models ({spec.name}); use 'none'")
+    if len(record.norm_rms) != len(layers):
+        raise RotationError(f"rotation record has norm_rms for {len(record.norm_rms)} layers but the model has {len(layers)}")
+    names = {id(m): n for n, m in inner.named_modules()}
+    configs = getattr(model, "peft_config", None) or {}
+    scaled, patterns = {}, {}
+    for layer, (k_in, k_mlp) in zip(layers, record.norm_rms):
+        for k, readers in ((k_in, spec.attention_inputs()), (k_mlp, spec.mlp_inputs())):
+            for path in readers:
+                module = get_submodule(layer, path)
+                if not is_lora_layer(module) or getattr(module, "_rolora_lr_scale", None) is not None:
+                    continue
+                if uses_dora(module):
+                    raise ValueError(f"{names[id(module)]}: lora_lr_scale does not support DoRA (its magnitude vector has its own step); use 'none'")
+                key = re.escape(names[id(module)])
+                # an adapter loaded from a saved, already scaled one carries our alpha_pattern key: not again
+                todo = [n for n in module.lora_A if key not in (getattr(configs.get(n), "alpha_pattern", None) or {})]
+                params = [p for n in todo for p in (module.lora_A[n].weight, module.lora_B[n].weight)]
+                with torch.no_grad(), gather_params(params):
+                    for n in todo:
+                        module.lora_A[n].weight.div_(k)
+                        module.lora_B[n].weight.div_(k)
+                        module.scaling[n] *= k * k
+                        module.lora_alpha[n] *= k * k
+                        patterns.setdefault(n, {})[key] = module.lora_alpha[n]
+                module._rolora_lr_scale = k
+                if todo:
+                    scaled[names[id(module)]] = k
+    if not scaled and not any(getattr(m, "_rolora_lr_scale", None) for m in inner.modules()):
+        raise ValueError("lora_lr_scale='norm-rms' found no LoRA layer on a folded-norm reader (q/k/v, gate/up); attach the adapters first")
+    for adapter, found in patterns.items():  # ours first: peft takes the first matching key
+        if adapter in configs:
+            configs[adapter].alpha_pattern = {**found, **(configs[adapter].alpha_pattern or {})}
+    if scaled:
+        ks = list(scaled.values())
+        logger.info("lora_lr_scale='norm-rms': %d LoRA layers, step scale %.3g–%.3g", len(ks), min(ks), max(ks))
+    return scaled

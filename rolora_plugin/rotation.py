@@ -62,7 +62,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
-_RECORD_KEYS = {"format_version", "family", "config", "dims", "rotations", "base_fingerprint"}
+_RECORD_KEYS = {"format_version", "family", "config", "dims", "rotations", "base_fingerprint", "norm_rms"}
 _CHUNK_ELEMENTS = 1 << 22  # rows/cols processed at once in the compute dtype (32 MiB in float64)
 
 
@@ -80,6 +80,10 @@ class RotationRecord:
     rotations: dict = field(default_factory=dict)  # name -> {width, description, exact, checksum}
     format_version: int = FORMAT_VERSION
     base_fingerprint: str | None = None  # rolora_plugin.fingerprint of the weights before rotation (None: older record)
+    # per decoder layer [rms(g_input_norm), rms(g_post_attention_norm)] of the norm gains R1 folded into their readers
+    # (None: no R1 or an older record). Not part of the rotation's identity (compare=False): it
+    # only feeds rolora_plugin.lora.scale_lora_lr_, so records with and without it describe the same basis.
+    norm_rms: list | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict:
         out = {
@@ -91,6 +95,8 @@ class RotationRecord:
         }
         if self.base_fingerprint is not None:
             out["base_fingerprint"] = self.base_fingerprint
+        if self.norm_rms is not None:
+            out["norm_rms"] = self.norm_rms
         return out
 
     @classmethod
@@ -113,6 +119,7 @@ class RotationRecord:
                 dims=ModelDims(**data["dims"]),
                 rotations=dict(data["rotations"]),
                 base_fingerprint=fingerprint,
+                norm_rms=_checked_norm_rms(data.get("norm_rms")),
             )
         except RotationError:
             raise
@@ -133,6 +140,18 @@ class RotationRecord:
                 f"{rebuilt}); the record was edited or written by an incompatible version"
             )
         return transforms
+
+
+def _checked_norm_rms(value) -> list | None:
+    if value is None:
+        return None
+    ok = isinstance(value, list) and all(
+        isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, (int, float)) and 0 < v < float("inf") for v in pair)
+        for pair in value
+    )
+    if not ok:
+        raise RotationError(f"rotation record: norm_rms must be a list of [input, post-attention] positive floats per layer, got {value!r}")
+    return [[float(a), float(b)] for a, b in value]
 
 
 def get_rotation_record(model_or_config) -> RotationRecord | None:
@@ -329,8 +348,11 @@ def rotate_model_(
         with gather_params(list(embed.parameters())):
             _rotate_embedding(embed, cdtype, transforms["r1"].apply)
 
+    norm_rms = [] if config.r1 else None
     for layer in tqdm(layers, desc="rotating layers", disable=not progress, leave=False):
         with gather_params(list(layer.parameters())):
+            if config.r1:  # read before the fold resets the gains
+                norm_rms.append([_rms(_norm_gain(get_submodule(layer, n), spec, torch.float64)) for n in (spec.input_norm, spec.post_attention_norm)])
             _rotate_layer(layer, spec, dims, transforms, cdtype)
 
     for path in spec.residual_writers if config.r1 else ():  # e.g. a VLM projector: its output is residual stream
@@ -353,6 +375,7 @@ def rotate_model_(
             for name, t in transforms.items()
         },
         base_fingerprint=fingerprint,
+        norm_rms=norm_rms,
     )
     if config.learn:
         from .learned import attach_learned, record_entries
@@ -365,6 +388,10 @@ def rotate_model_(
     get_plugin_manager().hook.rolora_model_rotated(model=model, record=record)
     logger.info("rotated %s (%s): %s", type(inner).__name__, spec.name, {k: v["description"] for k, v in record.rotations.items()})
     return record
+
+
+def _rms(gain: torch.Tensor) -> float:
+    return float(gain.double().pow(2).mean().sqrt())
 
 
 def _norm_gain(norm: nn.Module, spec: ArchitectureSpec, cdtype) -> torch.Tensor:

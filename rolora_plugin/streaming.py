@@ -74,6 +74,7 @@ from .rotation import (
     _check_structure,
     _norm_gain,
     _reset_norm,
+    _rms,
     _rotate_embedding,
     _rotate_layer,
     _rotate_linear,
@@ -408,6 +409,7 @@ def _prepare(src: Path, config: RotationConfig, dtype, progress: bool) -> _Job:
     try:
         _check_tensors(ckpt, skeleton, names)
         fingerprint = _check_and_fingerprint(ckpt, params, progress)
+        norm_rms = _norm_rms(ckpt, spec, len(spec.decoder_layers(skeleton))) if config.r1 else None
     except BaseException:
         ckpt.close()
         raise
@@ -417,8 +419,17 @@ def _prepare(src: Path, config: RotationConfig, dtype, progress: bool) -> _Job:
         dims=dims,
         rotations={n: {"width": t.n, "description": t.description, "exact": t.exact, "checksum": t.checksum()} for n, t in transforms.items()},
         base_fingerprint=fingerprint,
+        norm_rms=norm_rms,
     )
     return _Job(ckpt, hf_config, skeleton, units, record, untied=bool(config.r1 and tied))
+
+
+def _norm_rms(ckpt: _Checkpoint, spec: ArchitectureSpec, n_layers: int) -> list[list[float]]:
+    """``RotationRecord.norm_rms`` as ``rotate_model_`` records it: rms of each layer's two folded gains."""
+    return [
+        [_rms(ckpt.read(f"{spec.layers}.{i}.{norm}.weight").to(torch.float64) + spec.norm_offset) for norm in (spec.input_norm, spec.post_attention_norm)]
+        for i in range(n_layers)
+    ]
 
 
 def _check_output(out: Path, src: Path, overwrite: bool) -> None:

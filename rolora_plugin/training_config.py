@@ -20,6 +20,8 @@ from .config import ConfigMixin, RotationConfig
 from .quant.config import QuantConfig
 from .quant.primitives import OFF_BITS
 
+LR_SCALES = ("none", "norm-rms")  # RoLoRAConfig.lora_lr_scale (rolora_plugin.lora.scale_lora_lr_)
+
 __all__ = ["RoLoRAConfig", "MonitorConfig", "QATConfig", "ExportConfig", "fake_quant_config"]
 
 _TARGETS = ("all-linear", "lora")
@@ -239,12 +241,17 @@ class RoLoRAConfig:
             already rotated model must carry this very config.
         monitor / qat / export: see :class:`MonitorConfig`, :class:`QATConfig`, :class:`ExportConfig`
             (dicts are accepted and converted).
+        lora_lr_scale: ``"none"`` (default) or ``"norm-rms"``: after rotating, give each LoRA layer that reads a
+            folded norm the step size it had before the fold, i.e. a per-layer learning rate ``rms(g) · lr`` under
+            Adam-type optimizers (:func:`rolora_plugin.lora.scale_lora_lr_`; needs a peft model, R1, a dense
+            family). Closes most of RoLoRA's full-precision gap to LoRA on general text (benchmarks/RESULTS.md).
     """
 
     rotation: RotationConfig | None = None
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     qat: QATConfig = field(default_factory=QATConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    lora_lr_scale: str = "none"
 
     def __post_init__(self):
         if isinstance(self.rotation, dict):
@@ -257,10 +264,13 @@ class RoLoRAConfig:
                 setattr(self, name, cls.from_dict(value))
             elif not isinstance(value, cls):
                 raise ValueError(f"RoLoRAConfig.{name} must be a {cls.__name__} or a dict, got {type(value).__name__}")
+        if self.lora_lr_scale not in LR_SCALES:
+            raise ValueError(f"RoLoRAConfig.lora_lr_scale must be one of {LR_SCALES}, got {self.lora_lr_scale!r}")
 
     def to_dict(self) -> dict:
         out = {name: getattr(self, name).to_dict() for name in _SECTIONS}
         out["rotation"] = self.rotation.to_dict() if self.rotation is not None else None
+        out["lora_lr_scale"] = self.lora_lr_scale
         return out
 
     @classmethod

@@ -19,7 +19,7 @@ This module imports pydantic and rolora_plugin only (never axolotl).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -52,6 +52,9 @@ class RoLoRAOptions(BaseModel):
     monitor: MonitorConfig = Field(default_factory=MonitorConfig, description="quantization-aware monitor (MonitorConfig)")
     qat: QATConfig = Field(default_factory=QATConfig, description="fake-quant training (QATConfig)")
     export: RoLoRAExportArgs = Field(default_factory=RoLoRAExportArgs)
+    lora_lr_scale: Literal["none", "norm-rms"] = Field(
+        default="none", description="'norm-rms': per-layer LoRA step matched to the folded norm (RoLoRAConfig.lora_lr_scale)"
+    )
 
     @field_validator("rotation", "monitor", "qat", mode="before")
     @classmethod
@@ -72,7 +75,7 @@ class RoLoRAOptions(BaseModel):
     def to_rolora_config(self) -> RoLoRAConfig:
         """The :class:`RoLoRAConfig` of the callback (the merged export is done by the plugin, from disk)."""
         export = ExportConfig(save_rotation_record=self.export.save_rotation_record, merged_output_dir=None)
-        return RoLoRAConfig(rotation=self.rotation, monitor=self.monitor, qat=self.qat, export=export)
+        return RoLoRAConfig(rotation=self.rotation, monitor=self.monitor, qat=self.qat, export=export, lora_lr_scale=self.lora_lr_scale)
 
 
 class RoLoRAArgs(BaseModel):

@@ -50,6 +50,8 @@ def test_args_build_the_callback_config(pydantic):
     assert cfg.rotation == RotationConfig(seed=3, r2=True)
     assert cfg.qat.enabled and cfg.qat.start_step == 5 and cfg.monitor.every_n_steps == 50
     assert cfg.export.merged_output_dir is None and options.export.merge  # the plugin exports from disk itself
+    assert cfg.lora_lr_scale == "none"
+    assert RoLoRAArgs(rolora={"lora_lr_scale": "norm-rms"}).rolora.to_rolora_config().lora_lr_scale == "norm-rms"
 
 
 @pytest.mark.parametrize(
@@ -62,6 +64,7 @@ def test_args_build_the_callback_config(pydantic):
         ({"qat": {"a_clip_ratio": 2.0}}, "QATConfig.a_clip_ratio must be in (0, 1]"),
         ({"export": {"merge": "maybe"}}, "rolora.export.merge"),
         ({"monitr": {}}, "rolora.monitr"),
+        ({"lora_lr_scale": "rms"}, "lora_lr_scale"),
     ],
 )
 def test_args_errors_say_what_to_fix(pydantic, section, message):

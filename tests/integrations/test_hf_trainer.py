@@ -373,3 +373,38 @@ def test_adapter_state_export_path_matches_the_live_model(tmp_path):
     ids = random_ids()
     with torch.no_grad():
         assert rel_err(load_rotated(tmp_path / "merged")(ids).logits, peft_model(ids).logits) <= FP32_FUNCTION_RTOL
+
+
+# ---------------------------------------------------------------------------------------------- lora_lr_scale
+
+
+def test_lora_lr_scale_in_the_callback_scales_before_the_optimizer_and_resumes(tmp_path):
+    """lora_lr_scale='norm-rms': the factors are scaled in on_init_end (function unchanged), the run trains, and a
+    resume from step 3 reproduces the uninterrupted run (the re-applied scaling matches the checkpoint's factors)."""
+    model = tiny_model("llama")
+    peft_model = _peft(model)
+    ids = random_ids()
+    with torch.no_grad():
+        before = peft_model(input_ids=ids).logits
+    trainer = _trainer(peft_model, tmp_path / "a", [_callback(lora_lr_scale="norm-rms")], save_strategy="steps", save_steps=3)
+    q = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q._rolora_lr_scale == get_rotation_record(model).norm_rms[0][0]
+    assert not hasattr(peft_model.base_model.model.model.layers[0].self_attn.o_proj, "_rolora_lr_scale")
+    with torch.no_grad():
+        assert rel_err(peft_model(input_ids=ids).logits, before) <= FP32_FUNCTION_RTOL
+    trainer.train()
+    losses = _losses(trainer)
+    assert losses[-1] < losses[0]
+    expected = _adapter_state(peft_model)
+
+    resumed = _peft(tiny_model("llama"))
+    again = _trainer(resumed, tmp_path / "a", [_callback(lora_lr_scale="norm-rms")], save_strategy="no")
+    again.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+    got = _adapter_state(resumed)
+    for k in expected:
+        assert rel_err(got[k], expected[k]) <= FP32_FUNCTION_RTOL, k
+
+
+def test_lora_lr_scale_without_a_peft_model_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="not a peft model"):
+        _trainer(tiny_model("llama"), tmp_path, [_callback(lora_lr_scale="norm-rms")])
