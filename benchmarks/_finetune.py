@@ -361,8 +361,10 @@ def _eval_stage(s: RunSettings, data: Data, setting: str) -> dict:
     return row
 
 
-def run_one(s: RunSettings, data_cache: dict, settings=EVAL_SETTINGS) -> dict:
-    """Train (if not cached), then each missing evaluation; returns :func:`load_cached`'s dict, complete."""
+def run_one(s: RunSettings, data_cache: dict, settings=EVAL_SETTINGS, keep_model: bool = False) -> dict:
+    """Train (if not cached), then each missing evaluation; returns :func:`load_cached`'s dict, complete. The merged
+    model is deleted once every evaluation at these settings is cached, unless ``keep_model`` (e.g. when the run
+    is evaluated at a cheaper size first and the 7-task average is to follow)."""
     have = load_cached(s, settings)
     missing = [k for k in settings if have[k] is None]
     if have["train"] is not None and not missing:
@@ -376,7 +378,7 @@ def run_one(s: RunSettings, data_cache: dict, settings=EVAL_SETTINGS) -> dict:
         logger.info("%s: evaluating %s", s.label(), setting)
         have[setting] = _eval_stage(s, data, setting)
         _write(_eval_path(s, setting), have[setting])
-    if all(_read(_eval_path(s, k)) is not None for k in EVAL_SETTINGS):
+    if not keep_model and all(_read(_eval_path(s, k)) is not None for k in EVAL_SETTINGS):
         shutil.rmtree(_model_dir(s), ignore_errors=True)  # every number of this run is cached
     return have
 

