@@ -159,12 +159,18 @@ class RoLoRACallback(TrainerCallback):
         allow_unverified_resume: resume from a checkpoint without ``rolora_rotation.json`` (or one this callback
             cannot locate) with a warning instead of a :class:`~rolora_plugin.RotationError`. Only for
             checkpoints known to be trained in this very rotation: an adapter trained in another basis is wrong.
+        calibration: ``input_ids`` tensors or dicts for a rotation config that learns rotations
+            (``RotationConfig.preset("w4a4")``, ``learn=...``): the rotations are learned on them in ``on_init_end``,
+            before the optimizer exists. Dropped once used. A resumed run learns again from the same data and seed
+            (deterministic) and the checkpoint's record, learned matrices' checksums included, must match.
     """
 
-    def __init__(self, config: RoLoRAConfig | dict | None = None, eval_batches=None, *, allow_unverified_resume: bool = False):
+    def __init__(self, config: RoLoRAConfig | dict | None = None, eval_batches=None, *, allow_unverified_resume: bool = False,
+                 calibration=None):  # fmt: skip
         if isinstance(config, dict):
             config = RoLoRAConfig.from_dict(config)
         self.config = config or RoLoRAConfig()
+        self.calibration = calibration
         self.eval_batches = eval_batches
         self.allow_unverified_resume = allow_unverified_resume
         self.record = None
@@ -177,7 +183,8 @@ class RoLoRACallback(TrainerCallback):
     def prepare_model(self, model: nn.Module):
         """Rotate ``model`` unless it is rotated (:func:`~rolora_plugin.rotation.ensure_rotated`); install or
         remove the save hook as ``config.export.save_rotation_record`` says; check the export target early."""
-        record = ensure_rotated(model, self.config.rotation)
+        record = ensure_rotated(model, self.config.rotation, calibration=self.calibration)
+        self.calibration = None  # used (or not needed): do not keep it alive for the whole run
         if self.config.lora_lr_scale != "none":
             if not is_peft_model(model):
                 raise ValueError(

@@ -294,7 +294,8 @@ def learn_rotations(
     if calibration is None:
         raise RotationError(
             f"RotationConfig(learn={list(config.learn)}) learns rotations on calibration data: pass "
-            "rotate_model_(model, config, calibration=[input_ids tensors or dicts]) (or drop learn for Hadamard rotations)"
+            "rotate_model_(model, config, calibration=[input_ids tensors or dicts]) or RoLoRACallback(config, "
+            "calibration=[...]) (or drop learn for Hadamard rotations)"
         )
     quant = quant or QuantConfig.preset(config.learn_quant)  # an unknown preset name fails here, before any edit
     _refuse_moe(model, spec, config)

@@ -408,3 +408,42 @@ def test_lora_lr_scale_in_the_callback_scales_before_the_optimizer_and_resumes(t
 def test_lora_lr_scale_without_a_peft_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not a peft model"):
         _trainer(tiny_model("llama"), tmp_path, [_callback(lora_lr_scale="norm-rms")])
+
+
+# ---------------------------------------------------------------------------------------------- learned rotations
+
+
+def test_learned_rotations_from_the_callback_with_calibration_and_resume(tmp_path):
+    """RoLoRACallback(calibration=...) learns R1 in on_init_end (function unchanged), checkpoints carry the learned
+    matrices, and a resume with the same calibration learns the same matrix, so the record check passes."""
+    from rolora_plugin.learned import LEARNED_FILE
+
+    rot = RotationConfig(learn=("r1",), learn_steps=4, learn_tokens=32, learn_lr=3e-3)
+    calib = [random_ids(seed=7), random_ids(seed=8)]
+    peft_model = _peft(tiny_model("llama"))
+    ids = random_ids()
+    with torch.no_grad():
+        before = peft_model(input_ids=ids).logits
+    callback = _callback(rotation=rot)
+    callback.calibration = calib
+    trainer = _trainer(peft_model, tmp_path / "a", [callback], save_strategy="steps", save_steps=3)
+    record = get_rotation_record(peft_model.base_model.model)
+    assert record.rotations["r1"].get("learned")
+    assert callback.calibration is None
+    with torch.no_grad():
+        assert rel_err(peft_model(input_ids=ids).logits, before) <= FP32_FUNCTION_RTOL
+    trainer.train()
+    assert (tmp_path / "a" / "checkpoint-3" / LEARNED_FILE).is_file()
+
+    from rolora_plugin.callbacks import RoLoRACallback
+
+    again = RoLoRACallback(RoLoRAConfig(rotation=rot, monitor=NO_MONITOR), calibration=calib)
+    resumed = _peft(tiny_model("llama"))
+    _trainer(resumed, tmp_path / "a", [again], save_strategy="no").train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+    assert get_rotation_record(resumed.base_model.model) == record
+
+
+def test_learning_rotation_config_without_calibration_says_how(tmp_path):
+    rot = RotationConfig(learn=("r1",), learn_steps=4)
+    with pytest.raises(RotationError, match="calibration="):
+        _trainer(_peft(tiny_model("llama")), tmp_path, [_callback(rotation=rot)])
