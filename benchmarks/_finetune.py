@@ -1,12 +1,15 @@
 """Helpers of benchmarks/finetune_table.py: one cached fine-tune run (train → merge → FP / W4A4 evaluations).
 
-A run is fixed by a :class:`RunSettings`; everything it produces goes under ``$ROLORA_CACHE/bench/finetune_table``:
+A run is fixed by a :class:`RunSettings`. Its numbers are small JSON files kept *in the repository*, under
+``benchmarks/results/finetune_table/`` (committed: the table is built over several sessions, and a machine's user
+cache does not outlive its session); its merged model is large and goes to the user cache,
+``$ROLORA_CACHE/bench/finetune_table/models``. ``$FT_TABLE_CACHE`` (tests) puts both under one folder.
 
-* ``runs/<key>.train.json`` — training log: loss per step, curves (held-out task loss FP and fake-quant W4A4,
+* ``<key>.train.json`` — training log: loss per step, curves (held-out task loss FP and fake-quant W4A4,
   BoolQ-passage perplexity FP, every ``eval_every`` steps), wall seconds;
 * ``models/<key>/`` — the merged model (``merge_and_export`` for RoLoRA, ``merge_and_unload`` for LoRA), kept
   only until every evaluation of the run is cached;
-* ``runs/<key>.<setting>.json`` — one evaluation (``fp``, ``rtn`` = W4A4 RTN, ``gptq`` = ``QuantConfig.preset
+* ``<key>.<setting>.json`` — one evaluation (``fp``, ``rtn`` = W4A4 RTN, ``gptq`` = ``QuantConfig.preset
   ("w4a4")``): held-out task loss, BoolQ-passage perplexity, the 7-task average (+ per-task scores, stderr).
 
 Each JSON is written atomically (:mod:`rolora_plugin.publish`) as soon as its stage ends, so an interrupted
@@ -14,7 +17,10 @@ invocation loses at most the stage it was in and a re-run continues from the cac
 
 Methods: ``lora`` (peft LoRA), ``rolora`` (+ ``RoLoRACallback``: R1+R4 before the optimizer exists, merge in the
 rotated basis), ``lora-qat`` / ``rolora-qat`` (the same with W4A4 fake-quant weights ``W + sBA`` and per-token
-activations of every decoder linear in the forward from step 0, straight-through gradients; QATConfig defaults).
+activations of every decoder linear in the forward from step 0, straight-through gradients; QATConfig defaults),
+and the control ``lora-posthoc``: the ``lora`` run itself (same training, same cached model), rotated R1+R4 with
+the run's seed *after* merge, then evaluated — the same function as LoRA in FP, rotated like RoLoRA at W4A4, so
+it separates what training in the rotated basis does from what the rotation does.
 """
 
 from __future__ import annotations
@@ -47,7 +53,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger("finetune_table")
-METHODS = {"lora": (False, False), "rolora": (True, False), "lora-qat": (False, True), "rolora-qat": (True, True)}
+# method -> (trained through RoLoRACallback in the rotated basis, W4A4 QAT); POSTHOC: method -> the run it reuses
+METHODS = {"lora": (False, False), "rolora": (True, False), "lora-qat": (False, True), "rolora-qat": (True, True),
+           "lora-posthoc": (False, False)}  # fmt: skip
+POSTHOC = {"lora-posthoc": "lora"}
 TARGETS = {"qv": ["q_proj", "v_proj"], "all-linear": "all-linear"}
 EVAL_SETTINGS = ("fp", "rtn", "gptq")
 LR_SCALES = ("none", "norm-rms")
@@ -91,6 +100,8 @@ class RunSettings:
     def train_key(self) -> str:
         """Hash of the fields that determine training (evaluation sizes excluded; ``lr_scale`` only when set, so
         the keys of runs made before it existed stay valid)."""
+        if self.method in POSTHOC:  # the very run it rotates afterwards: one training, one model
+            return dataclasses.replace(self, method=POSTHOC[self.method]).train_key()
         skip = {"ppl_chunks", "ppl_seq_len", "calib_chunks", "calib_seq_len", "task_limit"} | ({"lr_scale"} if self.lr_scale == "none" else set())
         fields_ = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         if self.lr_scale != "none":  # the library's re-parametrisation (the first experiment used optimizer groups)
@@ -100,7 +111,7 @@ class RunSettings:
     def eval_key(self, setting: str) -> str:
         return _digest({"train": self.train_key(), "setting": setting, "ppl": [self.ppl_chunks, self.ppl_seq_len],
                         "calib": [self.calib_chunks, self.calib_seq_len] if setting == "gptq" else None,
-                        "tasks": self.task_limit})  # fmt: skip
+                        "tasks": self.task_limit, **({"post_rotation": "R1+R4"} if self.method in POSTHOC else {})})  # fmt: skip
 
     def label(self) -> str:
         scale = "" if self.lr_scale == "none" else f"/lr×{self.lr_scale}"
@@ -112,21 +123,30 @@ def _digest(data: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+RESULTS_DIR = Path(__file__).resolve().parent / "results" / "finetune_table"
+
+
 def cache_dir() -> Path:
-    """``$FT_TABLE_CACHE`` if set (tests), else ``$ROLORA_CACHE/bench/finetune_table`` (``~/.cache/rolora-plugin/...``
-    without the variable)."""
+    """Where the merged models go: ``$FT_TABLE_CACHE`` if set (tests), else ``$ROLORA_CACHE/bench/finetune_table``
+    (``~/.cache/rolora-plugin/...`` without the variable)."""
     from rolora_plugin.app.assets import cache_root
 
     override = os.environ.get("FT_TABLE_CACHE")
     return Path(override) if override else cache_root() / "bench" / "finetune_table"
 
 
+def runs_dir() -> Path:
+    """Where the per-run JSON goes: ``$FT_TABLE_CACHE/runs`` if set, else :data:`RESULTS_DIR` (in the repository)."""
+    override = os.environ.get("FT_TABLE_CACHE")
+    return Path(override) / "runs" if override else RESULTS_DIR
+
+
 def _train_path(s: RunSettings) -> Path:
-    return cache_dir() / "runs" / f"{s.train_key()}.train.json"
+    return runs_dir() / f"{s.train_key()}.train.json"
 
 
 def _eval_path(s: RunSettings, setting: str) -> Path:
-    return cache_dir() / "runs" / f"{s.eval_key(setting)}.{setting}.json"
+    return runs_dir() / f"{s.eval_key(setting)}.{setting}.json"
 
 
 def _model_dir(s: RunSettings) -> Path:
@@ -338,7 +358,12 @@ def _load_merged(s: RunSettings):
     path = _model_dir(s)
     if METHODS[s.method][0]:
         return load_rotated(path, dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if s.method in POSTHOC:
+        from rolora_plugin import RotationConfig, rotate_model_
+
+        rotate_model_(model, RotationConfig(seed=s.seed))  # what RoLoRACallback applies before training, now after
+    return model
 
 
 def _eval_stage(s: RunSettings, data: Data, setting: str) -> dict:
@@ -372,15 +397,21 @@ def run_one(s: RunSettings, data_cache: dict, settings=EVAL_SETTINGS, keep_model
     data = _data(s, data_cache)
     if have["train"] is None or (missing and not (_model_dir(s) / "config.json").is_file()):
         logger.info("%s: training %d steps", s.label(), s.steps)
-        have["train"] = _train_stage(s, data)
+        have["train"] = _train_stage(dataclasses.replace(s, method=POSTHOC.get(s.method, s.method)), data)
         _write(_train_path(s), have["train"])
     for setting in missing:
         logger.info("%s: evaluating %s", s.label(), setting)
         have[setting] = _eval_stage(s, data, setting)
         _write(_eval_path(s, setting), have[setting])
-    if not keep_model and all(_read(_eval_path(s, k)) is not None for k in EVAL_SETTINGS):
-        shutil.rmtree(_model_dir(s), ignore_errors=True)  # every number of this run is cached
+    if not keep_model and all(_read(_eval_path(r, k)) is not None for r in _sharing(s) for k in EVAL_SETTINGS):
+        shutil.rmtree(_model_dir(s), ignore_errors=True)  # every number of this model is cached
     return have
+
+
+def _sharing(s: RunSettings) -> list[RunSettings]:
+    """The runs evaluated from ``s``'s merged model: itself, and LoRA's post-hoc-rotated control (or its base)."""
+    base = POSTHOC.get(s.method, s.method)
+    return [dataclasses.replace(s, method=m) for m in (base, *(p for p, b in POSTHOC.items() if b == base))]
 
 
 def _data(s: RunSettings, data_cache: dict) -> Data:

@@ -2,7 +2,8 @@
 
 Asserts only robust facts: after the same fine-tune RoLoRA's W4A4 RTN perplexity is below LoRA's (rotation
 removes the outliers that wreck 4-bit activations: ~35× at 200 steps, ~5× at this size), and the W4A4 QAT runs train (finite loss at
-every step, finite held-out loss after merge). The issue's goals (recovery ≥ 85%, FP parity) are benchmarks in
+every step, finite held-out loss after merge), and the post-hoc control is LoRA's own run rotated after merge
+(one training; the same FP function; W4A4 RTN perplexity below LoRA's). The issue's goals (recovery ≥ 85%, FP parity) are benchmarks in
 benchmarks/RESULTS.md, never asserted here. The runs go to a temporary cache (``FT_TABLE_CACHE``).
 """
 
@@ -34,7 +35,7 @@ def runs(tmp_path_factory):
     import _finetune as ft
 
     data: dict = {}
-    plan = {"lora": ("rtn",), "rolora": ("rtn",), "rolora-qat": ("fp",), "lora-qat": ("fp",)}
+    plan = {"lora": ("fp", "rtn"), "lora-posthoc": ("fp", "rtn"), "rolora": ("rtn",), "rolora-qat": ("fp",), "lora-qat": ("fp",)}
     try:
         yield {m: ft.run_one(ft.RunSettings(method=m, **SIZE), data, settings) for m, settings in plan.items()}
     finally:
@@ -55,3 +56,15 @@ def test_qat_runs_train(runs, method):
     curves = run["train"]["curves"]
     assert [r["step"] for r in curves] == list(range(SIZE["steps"] + 1)), curves
     assert all(math.isfinite(r["heldout_w4a4"]) for r in curves), curves
+
+
+def test_posthoc_control_is_the_lora_run_rotated(runs):
+    lora, post = runs["lora"], runs["lora-posthoc"]
+    import _finetune as ft
+
+    assert ft.RunSettings(method="lora-posthoc", **SIZE).train_key() == ft.RunSettings(method="lora", **SIZE).train_key()
+    assert [list(x) for x in post["train"]["losses"]] == [list(x) for x in lora["train"]["losses"]]  # not trained again
+    assert post["train"]["settings"]["method"] == "lora"
+    assert math.isclose(post["fp"]["ppl"], lora["fp"]["ppl"], rel_tol=1e-3), (post["fp"], lora["fp"])
+    assert math.isclose(post["fp"]["heldout_loss"], lora["fp"]["heldout_loss"], rel_tol=1e-3)
+    assert post["rtn"]["ppl"] < lora["rtn"]["ppl"]  # rotated at W4A4: the outliers are gone
