@@ -164,6 +164,27 @@ def goal_lines(groups: dict, chance: float, limit: int = 0) -> list[str]:
     return out
 
 
+def control_lines(groups: dict) -> list[str]:
+    """The post-hoc control beside RoLoRA (and its lr-scaled variant): the same rotation, applied to LoRA's trained
+    model instead of before training, so any difference is what training in the rotated basis does."""
+    out = []
+    for targets in dict.fromkeys(t for _, t in groups):
+        post = groups.get(("lora-posthoc", targets))
+        if not post:
+            continue
+        for name in ("rolora", "rolora (lr×norm-rms)"):
+            runs = groups.get((name, targets))
+            if not runs:
+                continue
+            cells = []
+            for setting, label in (("fp", "FP"), ("rtn", "W4A4 RTN"), ("gptq", "W4A4 GPTQ")):
+                a, b = _mean(post, setting, "ppl"), _mean(runs, setting, "ppl")
+                if a is not None and b is not None:
+                    cells.append(f"{label} ppl {a:.2f} vs {b:.2f} ({b / a - 1:+.1%})")
+            out.append(f"- [{targets}] lora-posthoc vs {name}: " + ("; ".join(cells) or "not measured"))
+    return out
+
+
 def _ratio(runs: list[dict], setting: str) -> float | None:
     q, fp = _mean(runs, setting, "ppl"), _mean(runs, "fp", "ppl")
     return q / fp if q is not None and fp else None
@@ -193,7 +214,7 @@ def plot_curves(results: list[tuple[ft.RunSettings, dict]], path: Path) -> Path 
 
     first = {}
     for s, r in results:
-        if r["train"] is not None:
+        if r["train"] is not None and s.method not in ft.POSTHOC:  # a post-hoc control's curves are its base run's
             first.setdefault(_method_label(s), (s, r["train"]))
     if not first:
         return None
@@ -261,6 +282,9 @@ def report(args, runs, results, wall: float) -> str:
         f"(both threads); this invocation {wall / 60:.1f} min wall."),
         "", table(groups), "", "Goals:", *goal_lines(groups, chance, limit),
     ]  # fmt: skip
+    controls = control_lines(groups)
+    if controls:
+        lines += ["", "Control (LoRA trained unrotated, rotated R1+R4 after merge; means over the seeds present):", *controls]
     return "\n".join(lines)
 
 
