@@ -45,8 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; --quick: 0)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 200; --quick 20)")
     p.add_argument("--lr", type=float, default=5e-4, help="learning rate of every run in this invocation")
-    p.add_argument("--lr-scale", choices=ft.LR_SCALES, default="none",
-                   help="RoLoRA runs: 'norm-rms' scales each linear's LoRA learning rate by rms of the norm folded into it")
+    p.add_argument("--lr-scale", default="none",
+                   help="RoLoRA runs, comma-separated: 'none', 'norm-rms' (scales each linear's LoRA learning rate by rms "
+                        "of the norm folded into it); 'none,norm-rms' runs both")  # fmt: skip
     p.add_argument("--task-limit", type=int, default=None, help="documents per task (0 = skip the tasks)")
     p.add_argument("--evals", default=",".join(ft.EVAL_SETTINGS), help="evaluations after merge: fp, rtn, gptq")
     p.add_argument("--cached-only", action="store_true", help="print the table from the cache, train nothing")
@@ -74,8 +75,9 @@ def planned(args) -> list[ft.RunSettings]:
     targets = _csv(args.targets or ("qv" if args.quick else "qv,all-linear"), ft.TARGETS)
     seeds = [int(x) for x in _csv(args.seeds or ("0" if args.quick else "0,1,2"))]
     methods = _csv(args.only, ft.METHODS)
-    scale = {m: args.lr_scale if ft.METHODS[m][0] else "none" for m in methods}
-    return [ft.RunSettings(method=m, targets=t, seed=s, lr=args.lr, lr_scale=scale[m], **size) for s in seeds for t in targets for m in methods]
+    scales = _csv(args.lr_scale, ft.LR_SCALES)
+    return [ft.RunSettings(method=m, targets=t, seed=s, lr=args.lr, lr_scale=k, **size)
+            for s in seeds for t in targets for m in methods for k in (scales if ft.METHODS[m][0] else ["none"])]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- table
@@ -87,7 +89,7 @@ def _stat(values: list[float], fmt: str, scale: float = 1.0) -> str:
         return "-"
     if len(values) == 1:
         return format(values[0], fmt)
-    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
+    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt.replace('+', ''))}"
 
 
 def _values(runs: list[dict], setting: str, key: str) -> list[float]:
@@ -183,6 +185,38 @@ def control_lines(groups: dict) -> list[str]:
                     cells.append(f"{label} ppl {a:.2f} vs {b:.2f} ({b / a - 1:+.1%})")
             out.append(f"- [{targets}] lora-posthoc vs {name}: " + ("; ".join(cells) or "not measured"))
     return out
+
+
+def frontier_gap(lora_curves: list[dict], other_curves: list[dict]) -> list[float]:
+    """``ppl_other / ppl_LoRA(same held-out loss) − 1`` at each of ``other``'s curve points after step 0 whose
+    held-out loss lies inside LoRA's range, LoRA's ppl interpolated linearly along its own curve (sorted by
+    held-out loss): is a run's extra forgetting the price of more task fit (gap ≈ 0: the same frontier, further
+    along) or a worse trade (gap > 0 at equal task fit)?"""
+    ref = sorted((r["heldout_fp"], r["ppl_fp"]) for r in lora_curves)
+    out = []
+    for r in other_curves:
+        x = r["heldout_fp"]
+        if r["step"] == 0 or not ref[0][0] <= x <= ref[-1][0]:
+            continue
+        for (x0, y0), (x1, y1) in zip(ref, ref[1:]):
+            if x0 <= x <= x1:
+                y = y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+                out.append(r["ppl_fp"] / y - 1)
+                break
+    return out
+
+
+def frontier_lines(results: list[tuple[ft.RunSettings, dict]]) -> list[str]:
+    """Per target set and method, the frontier gap against the LoRA run of the same seed, over seeds and points."""
+    lora = {(s.targets, s.seed): r["train"] for s, r in results if s.method == "lora" and r["train"]}
+    gaps: dict = {}
+    for s, r in results:
+        base = lora.get((s.targets, s.seed))
+        if s.method in ("lora", *ft.POSTHOC) or not r["train"] or base is None:
+            continue
+        gaps.setdefault((_method_label(s), s.targets), []).extend(frontier_gap(base["curves"], r["train"]["curves"]))
+    return [f"- [{t}] {m}: BoolQ ppl {_stat(g, '+.1%')} vs LoRA at the same held-out task loss ({len(g)} curve points)"
+            for (m, t), g in gaps.items() if g]  # fmt: skip
 
 
 def _ratio(runs: list[dict], setting: str) -> float | None:
@@ -285,6 +319,10 @@ def report(args, runs, results, wall: float) -> str:
     controls = control_lines(groups)
     if controls:
         lines += ["", "Control (LoRA trained unrotated, rotated R1+R4 after merge; means over the seeds present):", *controls]
+    frontier = frontier_lines(results)
+    if frontier:
+        lines += ["", "Forgetting at equal task fit (training curves: FP ppl on the curve chunks, interpolated along the "
+                  "same seed's LoRA curve; mean ± std over points and seeds):", *frontier]  # fmt: skip
     return "\n".join(lines)
 
 
