@@ -60,6 +60,7 @@ POSTHOC = {"lora-posthoc": "lora"}
 TARGETS = {"qv": ["q_proj", "v_proj"], "all-linear": "all-linear"}
 EVAL_SETTINGS = ("fp", "rtn", "gptq")
 LR_SCALES = ("none", "norm-rms")
+OPTIMIZERS = {"adamw": {}, "sgd": {"optim": "sgd", "optim_args": "momentum=0.9"}}  # TrainingArguments fields
 CACHE_VERSION = 1
 
 
@@ -86,6 +87,7 @@ class RunSettings:
     curve_ppl_chunks: int = 4
     curve_heldout_batches: int = 4
     lr_scale: str = "none"
+    optimizer: str = "adamw"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -94,6 +96,8 @@ class RunSettings:
             raise ValueError(f"unknown target set {self.targets!r}; choose from {sorted(TARGETS)}")
         if self.lr_scale not in LR_SCALES or (self.lr_scale != "none" and not METHODS[self.method][0]):
             raise ValueError(f"lr_scale must be one of {LR_SCALES} ('norm-rms' only for the rotating methods), got {self.lr_scale!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {sorted(OPTIMIZERS)}")
         if self.steps < 1 or self.eval_every < 1:
             raise ValueError(f"steps and eval_every must be >= 1, got {self.steps} and {self.eval_every}")
 
@@ -102,7 +106,8 @@ class RunSettings:
         the keys of runs made before it existed stay valid)."""
         if self.method in POSTHOC:  # the very run it rotates afterwards: one training, one model
             return dataclasses.replace(self, method=POSTHOC[self.method]).train_key()
-        skip = {"ppl_chunks", "ppl_seq_len", "calib_chunks", "calib_seq_len", "task_limit"} | ({"lr_scale"} if self.lr_scale == "none" else set())
+        skip = {"ppl_chunks", "ppl_seq_len", "calib_chunks", "calib_seq_len", "task_limit"}
+        skip |= {k for k, default in (("lr_scale", "none"), ("optimizer", "adamw")) if getattr(self, k) == default}
         fields_ = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         if self.lr_scale != "none":  # the library's re-parametrisation (the first experiment used optimizer groups)
             fields_["lr_scale_impl"] = "RoLoRAConfig.lora_lr_scale"
@@ -115,7 +120,8 @@ class RunSettings:
 
     def label(self) -> str:
         scale = "" if self.lr_scale == "none" else f"/lr×{self.lr_scale}"
-        return f"{self.method}/{self.targets}/seed{self.seed}/lr{self.lr:g}{scale}"
+        optim = "" if self.optimizer == "adamw" else f"/{self.optimizer}"
+        return f"{self.method}/{self.targets}/seed{self.seed}/lr{self.lr:g}{scale}{optim}"
 
 
 def _digest(data: dict) -> str:
@@ -293,7 +299,9 @@ def _callbacks(s: RunSettings) -> list:
 
 
 def _train(s: RunSettings, data: Data, workdir: Path):
-    """The fine-tune; returns (trainer, curves). Optimizer as examples/hf_trainer_rolora.py (AdamW, cosine)."""
+    """The fine-tune; returns (trainer, curves). Optimizer as examples/hf_trainer_rolora.py (AdamW, cosine), or
+    ``optimizer="sgd"``: SGD with momentum 0.9 (the FP-gap control: under SGD the rotation drops out of the
+    trajectory and only the folded gain acts, tests/core/test_lora_geometry.py)."""
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments, set_seed
 
@@ -308,7 +316,7 @@ def _train(s: RunSettings, data: Data, workdir: Path):
         output_dir=str(workdir), max_steps=s.steps, per_device_train_batch_size=s.batch_size, learning_rate=s.lr,
         lr_scheduler_type="cosine", warmup_steps=min(10, s.steps // 10), logging_steps=1, save_strategy="no",
         report_to=[], use_cpu=True, disable_tqdm=True, seed=s.seed, data_seed=s.seed, weight_decay=0.0,
-        dataloader_num_workers=0,
+        dataloader_num_workers=0, **OPTIMIZERS[s.optimizer],
     )  # fmt: skip
     callbacks = _callbacks(s) + [_curve_callback(data, s.eval_every, curves)]
     trainer = Trainer(model=peft_model, args=args, train_dataset=data.train, callbacks=callbacks,

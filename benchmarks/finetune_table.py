@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr-scale", default="none",
                    help="RoLoRA runs, comma-separated: 'none', 'norm-rms' (scales each linear's LoRA learning rate by rms "
                         "of the norm folded into it); 'none,norm-rms' runs both")  # fmt: skip
+    p.add_argument("--optimizer", choices=sorted(ft.OPTIMIZERS), default="adamw",
+                   help="adamw (default) or sgd (momentum 0.9; give it its own --lr, e.g. 0.1)")
     p.add_argument("--task-limit", type=int, default=None, help="documents per task (0 = skip the tasks)")
     p.add_argument("--evals", default=",".join(ft.EVAL_SETTINGS), help="evaluations after merge: fp, rtn, gptq")
     p.add_argument("--cached-only", action="store_true", help="print the table from the cache, train nothing")
@@ -76,7 +78,7 @@ def planned(args) -> list[ft.RunSettings]:
     seeds = [int(x) for x in _csv(args.seeds or ("0" if args.quick else "0,1,2"))]
     methods = _csv(args.only, ft.METHODS)
     scales = _csv(args.lr_scale, ft.LR_SCALES)
-    return [ft.RunSettings(method=m, targets=t, seed=s, lr=args.lr, lr_scale=k, **size)
+    return [ft.RunSettings(method=m, targets=t, seed=s, lr=args.lr, lr_scale=k, optimizer=args.optimizer, **size)
             for s in seeds for t in targets for m in methods for k in (scales if ft.METHODS[m][0] else ["none"])]  # fmt: skip
 
 
@@ -109,7 +111,8 @@ def grouped(results: list[tuple[ft.RunSettings, dict]]) -> dict[tuple[str, str],
 
 
 def _method_label(s: ft.RunSettings) -> str:
-    return s.method if s.lr_scale == "none" else f"{s.method} (lr×{s.lr_scale})"
+    extra = [f"lr×{s.lr_scale}"] * (s.lr_scale != "none") + [f"{s.optimizer} lr {s.lr:g}"] * (s.optimizer != "adamw")
+    return s.method + (f" ({', '.join(extra)})" if extra else "")
 
 
 def table(groups: dict) -> str:
@@ -160,10 +163,16 @@ def goal_lines(groups: dict, chance: float, limit: int = 0) -> list[str]:
         out.append(f"- [{targets}] RoLoRA+QAT W4A4 ppl / own FP ppl ≤ 1.3×: {_mark(ok)} — RTN {_fmt(ratios['rtn'], '.2f')}×, "
                    f"GPTQ {_fmt(ratios['gptq'], '.2f')}×")  # fmt: skip
         out.append(_fp_gap_line(targets, g["lora"], g["rolora"]))
-        scaled = groups.get(("rolora (lr×norm-rms)", targets))
-        if scaled:
-            out.append(_fp_gap_line(targets, g["lora"], scaled, "RoLoRA with lora_lr_scale='norm-rms'"))
+        for label, t in groups:  # the variants (lr scale, optimizer) against the LoRA runs trained the same way
+            if t == targets and label.startswith("rolora (") and groups.get((_lora_label(label), t)):
+                out.append(_fp_gap_line(targets, groups[(_lora_label(label), t)], groups[(label, t)], label))
     return out
+
+
+def _lora_label(label: str) -> str:
+    """The LoRA group a RoLoRA variant compares with: the same optimizer, no lr scale (a RoLoRA-only option)."""
+    extras = [e for e in label[label.index("(") + 1 : -1].split(", ") if not e.startswith("lr×")] if "(" in label else []
+    return "lora" + (f" ({', '.join(extras)})" if extras else "")
 
 
 def control_lines(groups: dict) -> list[str]:
@@ -174,7 +183,7 @@ def control_lines(groups: dict) -> list[str]:
         post = groups.get(("lora-posthoc", targets))
         if not post:
             continue
-        for name in ("rolora", "rolora (lr×norm-rms)"):
+        for name in ("rolora", "rolora (lr×norm-rms)"):  # AdamW runs: the control is AdamW-trained LoRA
             runs = groups.get((name, targets))
             if not runs:
                 continue
@@ -207,11 +216,12 @@ def frontier_gap(lora_curves: list[dict], other_curves: list[dict]) -> list[floa
 
 
 def frontier_lines(results: list[tuple[ft.RunSettings, dict]]) -> list[str]:
-    """Per target set and method, the frontier gap against the LoRA run of the same seed, over seeds and points."""
-    lora = {(s.targets, s.seed): r["train"] for s, r in results if s.method == "lora" and r["train"]}
+    """Per target set and method, the frontier gap against the LoRA run of the same seed, optimizer and learning
+    rate, over seeds and points."""
+    lora = {(s.targets, s.seed, s.optimizer, s.lr): r["train"] for s, r in results if s.method == "lora" and r["train"]}
     gaps: dict = {}
     for s, r in results:
-        base = lora.get((s.targets, s.seed))
+        base = lora.get((s.targets, s.seed, s.optimizer, s.lr))
         if s.method in ("lora", *ft.POSTHOC) or not r["train"] or base is None:
             continue
         gaps.setdefault((_method_label(s), s.targets), []).extend(frontier_gap(base["curves"], r["train"]["curves"]))
