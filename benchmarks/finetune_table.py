@@ -120,6 +120,8 @@ def table(groups: dict) -> str:
             "| held-out W4A4 GPTQ | ppl W4A4 GPTQ | avg W4A4 GPTQ | train s |")  # fmt: skip
     lines = [head, "|" + "---|" * 13]
     for (method, targets), runs in groups.items():
+        if "(" in method and not any(r["train"] for r in runs):
+            continue  # a variant (lr scale, optimizer) not run for this method: no row of dashes
         cells = [method, targets, str(sum(r["train"] is not None for r in runs))]
         for setting in ft.EVAL_SETTINGS:
             cells += [_stat(_values(runs, setting, "heldout_loss"), ".3f"), _stat(_values(runs, setting, "ppl"), ".2f"),
