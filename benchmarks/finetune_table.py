@@ -264,21 +264,26 @@ def plot_curves(results: list[tuple[ft.RunSettings, dict]], path: Path) -> Path 
             first.setdefault(_method_label(s), (s, r["train"]))
     if not first:
         return None
-    fig, axes = agg_pyplot().subplots(2, 2, figsize=(11, 7.5), layout="constrained")
+    fig, axes = agg_pyplot().subplots(2, 3, figsize=(16, 7.5), layout="constrained")
     for method, (s, train) in first.items():
         steps, losses = zip(*train["losses"])
         axes[0, 0].plot(steps, smoothed(list(losses), 10), label=method)
         c = train["curves"]
         axes[0, 1].plot([r["step"] for r in c], [r["heldout_fp"] for r in c], marker="o", label=method)
-        axes[1, 0].plot([r["step"] for r in c], [r["heldout_w4a4"] for r in c], marker="o", label=method)
-        axes[1, 1].plot([r["heldout_fp"] for r in c], [r["ppl_fp"] for r in c], marker="o", label=method)
+        axes[0, 2].plot([r["step"] for r in c], [r["heldout_w4a4"] for r in c], marker="o", label=method)
+        axes[1, 0].plot([r["heldout_fp"] for r in c], [r["ppl_fp"] for r in c], marker="o", label=method)
+        if not ft.METHODS[s.method][1]:  # the QAT runs' large ppl would flatten the others
+            axes[1, 1].plot([r["heldout_fp"] for r in c], [r["ppl_fp"] for r in c], marker="o", label=method)
     titles = [("training loss (trailing mean of 10)", "step", "loss"), ("held-out task loss, FP", "step", "loss"),
               ("held-out task loss, fake-quant W4A4", "step", "loss"),
-              ("forgetting vs task fit (FP, along training)", "held-out task loss", "BoolQ-passage ppl")]  # fmt: skip
+              ("forgetting vs task fit (FP, along training)", "held-out task loss", "BoolQ-passage ppl"),
+              ("the same, runs without QAT", "held-out task loss", "BoolQ-passage ppl")]  # fmt: skip
     for ax, (title, xl, yl) in zip(axes.flat, titles):
         ax.set(title=title, xlabel=xl, ylabel=yl)
-        ax.legend(fontsize=8)
-    axes[1, 0].set_yscale("log")
+        if ax.lines:
+            ax.legend(fontsize=8)
+    axes[0, 2].set_yscale("log")
+    axes[1, 2].set_axis_off()
     s0 = next(iter(first.values()))[0]
     fig.suptitle(f"SmolLM2-135M, SciQ, {s0.targets}, seed {s0.seed}, {s0.steps} steps, lr {s0.lr:g}")
     path.parent.mkdir(parents=True, exist_ok=True)
