@@ -8,10 +8,11 @@ Every run (method × target set × seed) is trained once and its numbers are cac
 ``benchmarks/results/finetune_table/`` (committed with the repository, so a later session continues where an
 earlier one stopped; the merged models go to ``$ROLORA_CACHE/bench/finetune_table/models``, see
 ``benchmarks/_finetune.py``); a re-run continues where an interrupted one stopped and prints the table from the
-cache. ``lora-posthoc`` is a control, not a fine-tune of its own: the ``lora`` run rotated R1+R4 after merge. After merge each run is evaluated in FP, at W4A4 RTN and at
-``QuantConfig.preset("w4a4")`` (GPTQ + clip searches, 8×256 BoolQ calibration tokens): held-out SciQ response
-loss, BoolQ-passage perplexity, and the 7-task zero-shot average (lm-eval) at ``--task-limit`` documents per task
-(default: the smallest count with a standard error of the average ≤ 1.5 points for any accuracies).
+cache. ``lora-posthoc`` is a control, not a fine-tune of its own: the ``lora`` run rotated R1+R4 after merge.
+After merge each run is evaluated in FP, at W4A4 RTN and at ``QuantConfig.preset("w4a4")`` (GPTQ + clip
+searches, 8×256 BoolQ calibration tokens): held-out SciQ response loss, BoolQ-passage perplexity, and the 7-task
+zero-shot average (lm-eval) at ``--task-limit`` documents per task (default: the smallest count with a standard
+error of the average ≤ 1.5 points for any accuracies).
 """
 
 from __future__ import annotations
