@@ -61,6 +61,7 @@ TARGETS = {"qv": ["q_proj", "v_proj"], "all-linear": "all-linear"}
 EVAL_SETTINGS = ("fp", "rtn", "gptq")
 LR_SCALES = ("none", "norm-rms")
 OPTIMIZERS = {"adamw": {}, "sgd": {"optim": "sgd", "optim_args": "momentum=0.9"}}  # TrainingArguments fields
+LORA_COORDS = ("rotated", "unfolded")  # how RoLoRA's A is parametrised (the FP-gap experiment, see _UnfoldGain)
 CACHE_VERSION = 1
 
 
@@ -88,6 +89,7 @@ class RunSettings:
     curve_heldout_batches: int = 4
     lr_scale: str = "none"
     optimizer: str = "adamw"
+    lora_coords: str = "rotated"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -96,6 +98,8 @@ class RunSettings:
             raise ValueError(f"unknown target set {self.targets!r}; choose from {sorted(TARGETS)}")
         if self.lr_scale not in LR_SCALES or (self.lr_scale != "none" and not METHODS[self.method][0]):
             raise ValueError(f"lr_scale must be one of {LR_SCALES} ('norm-rms' only for the rotating methods), got {self.lr_scale!r}")
+        if self.lora_coords not in LORA_COORDS or (self.lora_coords != "rotated" and not METHODS[self.method][0]):
+            raise ValueError(f"lora_coords must be one of {LORA_COORDS} ('unfolded' only for the rotating methods), got {self.lora_coords!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {sorted(OPTIMIZERS)}")
         if self.steps < 1 or self.eval_every < 1:
@@ -107,7 +111,7 @@ class RunSettings:
         if self.method in POSTHOC:  # the very run it rotates afterwards: one training, one model
             return dataclasses.replace(self, method=POSTHOC[self.method]).train_key()
         skip = {"ppl_chunks", "ppl_seq_len", "calib_chunks", "calib_seq_len", "task_limit"}
-        skip |= {k for k, default in (("lr_scale", "none"), ("optimizer", "adamw")) if getattr(self, k) == default}
+        skip |= {k for k, default in (("lr_scale", "none"), ("optimizer", "adamw"), ("lora_coords", "rotated")) if getattr(self, k) == default}
         fields_ = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         if self.lr_scale != "none":  # the library's re-parametrisation (the first experiment used optimizer groups)
             fields_["lr_scale_impl"] = "RoLoRAConfig.lora_lr_scale"
@@ -121,7 +125,8 @@ class RunSettings:
     def label(self) -> str:
         scale = "" if self.lr_scale == "none" else f"/lr×{self.lr_scale}"
         optim = "" if self.optimizer == "adamw" else f"/{self.optimizer}"
-        return f"{self.method}/{self.targets}/seed{self.seed}/lr{self.lr:g}{scale}{optim}"
+        coords = "" if self.lora_coords == "rotated" else f"/A-{self.lora_coords}"
+        return f"{self.method}/{self.targets}/seed{self.seed}/lr{self.lr:g}{scale}{optim}{coords}"
 
 
 def _digest(data: dict) -> str:
@@ -286,6 +291,66 @@ def _plain_qat_callback():
     return PlainQAT()
 
 
+class _RightFactor(torch.nn.Module):
+    """``weight = Â @ M`` for a fixed M (torch parametrisation); ``right_inverse`` gives the initial ``Â``."""
+
+    def __init__(self, m: torch.Tensor):
+        super().__init__()
+        self.register_buffer("m", m)
+        self.register_buffer("m_inv", torch.linalg.inv(m.double()).to(m.dtype))
+
+    def forward(self, x):
+        return x @ self.m
+
+    def right_inverse(self, x):
+        return x @ self.m_inv
+
+
+def _unfold_gain_callback(s: RunSettings):
+    """The FP-gap experiment ``lora_coords="unfolded"``: after RoLoRACallback rotated the model (A' = A diag(g) R),
+    train Â with ``A' = Â Rᵀ diag(g) R`` on every LoRA layer that reads a folded norm. The unrotated equivalent is
+    ``A = Â Rᵀ``, an orthogonal re-parametrisation of LoRA's own A: SGD then follows plain LoRA exactly, while the
+    LoRA branch still reads the rotated activations; under Adam only R's coordinates differ from LoRA. Removed
+    (weights left parametrised) when training ends, before the merge."""
+    from torch.nn.utils import parametrize
+    from transformers import TrainerCallback
+
+    from rolora_plugin import RotationConfig
+    from rolora_plugin._peft import is_lora_layer, unwrap_peft
+    from rolora_plugin.app.assets import load_smollm2
+    from rolora_plugin.architectures import ModelDims, get_architecture, get_submodule
+    from rolora_plugin.rotation import build_rotations
+
+    class UnfoldGain(TrainerCallback):
+        def __init__(self):
+            self.done = []
+
+        def on_init_end(self, args, state, control, model=None, **kwargs):
+            inner = unwrap_peft(model)
+            spec = get_architecture(inner)
+            r = build_rotations(RotationConfig(seed=s.seed), ModelDims.from_config(inner.config))["r1"].matrix(torch.float64)
+            original, _ = load_smollm2(torch.float32)  # the gains before folding
+            for layer, orig in zip(spec.decoder_layers(inner), spec.decoder_layers(original)):
+                for norm_path, readers in ((spec.input_norm, spec.attention_inputs()), (spec.post_attention_norm, spec.mlp_inputs())):
+                    g = get_submodule(orig, norm_path).weight.detach().double()
+                    m = (r.T * g) @ r  # Rᵀ diag(g) R
+                    for path in readers:
+                        mod = get_submodule(layer, path)
+                        if is_lora_layer(mod):
+                            for lin in mod.lora_A.values():
+                                parametrize.register_parametrization(lin, "weight", _RightFactor(m.to(lin.weight.dtype)))
+                                self.done.append(lin)
+            if not self.done:
+                raise RuntimeError("lora_coords='unfolded': no LoRA layer reads a folded norm")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            for lin in self.done:
+                parametrize.remove_parametrizations(lin, "weight", leave_parametrized=True)
+            self.done.clear()
+
+    return UnfoldGain()
+
+
 def _callbacks(s: RunSettings) -> list:
     from rolora_plugin import RoLoRACallback, RotationConfig
     from rolora_plugin.training_config import RoLoRAConfig
@@ -294,7 +359,7 @@ def _callbacks(s: RunSettings) -> list:
     if rotate:
         cfg = RoLoRAConfig(rotation=RotationConfig(seed=s.seed), monitor={"every_n_steps": 0}, qat={"enabled": qat},
                            lora_lr_scale=s.lr_scale)  # fmt: skip
-        return [RoLoRACallback(cfg)]
+        return [RoLoRACallback(cfg)] + ([_unfold_gain_callback(s)] if s.lora_coords == "unfolded" else [])
     return [_plain_qat_callback()] if qat else []
 
 

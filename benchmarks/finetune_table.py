@@ -51,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "of the norm folded into it); 'none,norm-rms' runs both")  # fmt: skip
     p.add_argument("--optimizer", choices=sorted(ft.OPTIMIZERS), default="adamw",
                    help="adamw (default) or sgd (momentum 0.9; give it its own --lr, e.g. 0.1)")
+    p.add_argument("--lora-coords", choices=ft.LORA_COORDS, default="rotated",
+                   help="RoLoRA runs: 'unfolded' trains Â with A' = Â Rᵀ diag(g) R (the FP-gap experiment)")
     p.add_argument("--task-limit", type=int, default=None, help="documents per task (0 = skip the tasks)")
     p.add_argument("--evals", default=",".join(ft.EVAL_SETTINGS), help="evaluations after merge: fp, rtn, gptq")
     p.add_argument("--cached-only", action="store_true", help="print the table from the cache, train nothing")
@@ -79,7 +81,8 @@ def planned(args) -> list[ft.RunSettings]:
     seeds = [int(x) for x in _csv(args.seeds or ("0" if args.quick else "0,1,2"))]
     methods = _csv(args.only, ft.METHODS)
     scales = _csv(args.lr_scale, ft.LR_SCALES)
-    return [ft.RunSettings(method=m, targets=t, seed=s, lr=args.lr, lr_scale=k, optimizer=args.optimizer, **size)
+    return [ft.RunSettings(method=m, targets=t, seed=s, lr=args.lr, lr_scale=k, optimizer=args.optimizer,
+                           lora_coords=args.lora_coords if ft.METHODS[m][0] else "rotated", **size)
             for s in seeds for t in targets for m in methods for k in (scales if ft.METHODS[m][0] else ["none"])]  # fmt: skip
 
 
@@ -113,6 +116,7 @@ def grouped(results: list[tuple[ft.RunSettings, dict]]) -> dict[tuple[str, str],
 
 def _method_label(s: ft.RunSettings) -> str:
     extra = [f"lr×{s.lr_scale}"] * (s.lr_scale != "none") + [f"{s.optimizer} lr {s.lr:g}"] * (s.optimizer != "adamw")
+    extra += [f"A {s.lora_coords}"] * (s.lora_coords != "rotated")
     return s.method + (f" ({', '.join(extra)})" if extra else "")
 
 
@@ -173,8 +177,8 @@ def goal_lines(groups: dict, chance: float, limit: int = 0) -> list[str]:
 
 
 def _lora_label(label: str) -> str:
-    """The LoRA group a RoLoRA variant compares with: the same optimizer, no lr scale (a RoLoRA-only option)."""
-    extras = [e for e in label[label.index("(") + 1 : -1].split(", ") if not e.startswith("lr×")] if "(" in label else []
+    """The LoRA group a RoLoRA variant compares with: the same optimizer, no lr scale or A coordinates (RoLoRA-only)."""
+    extras = [e for e in label[label.index("(") + 1 : -1].split(", ") if not e.startswith(("lr×", "A "))] if "(" in label else []
     return "lora" + (f" ({', '.join(extras)})" if extras else "")
 
 
@@ -186,9 +190,10 @@ def control_lines(groups: dict) -> list[str]:
         post = groups.get(("lora-posthoc", targets))
         if not post:
             continue
-        for name in ("rolora", "rolora (lr×norm-rms)"):  # AdamW runs: the control is AdamW-trained LoRA
+        names = [m for m, t in groups if t == targets and (m == "rolora" or (m.startswith("rolora (") and "sgd" not in m))]
+        for name in names:  # AdamW runs: the control is AdamW-trained LoRA
             runs = groups.get((name, targets))
-            if not runs:
+            if not any(r["train"] for r in runs):
                 continue
             cells = []
             for setting, label in (("fp", "FP"), ("rtn", "W4A4 RTN"), ("gptq", "W4A4 GPTQ")):

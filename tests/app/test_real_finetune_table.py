@@ -68,3 +68,21 @@ def test_posthoc_control_is_the_lora_run_rotated(runs):
     assert math.isclose(post["fp"]["ppl"], lora["fp"]["ppl"], rel_tol=1e-3), (post["fp"], lora["fp"])
     assert math.isclose(post["fp"]["heldout_loss"], lora["fp"]["heldout_loss"], rel_tol=1e-3)
     assert post["rtn"]["ppl"] < lora["rtn"]["ppl"]  # rotated at W4A4: the outliers are gone
+
+
+def test_unfolded_coordinates_follow_plain_lora_under_sgd(tmp_path, monkeypatch):
+    """``lora_coords="unfolded"`` trains Â with A' = Â Rᵀ diag(g) R: the unrotated equivalent is A = Â Rᵀ, an
+    orthogonal re-parametrisation of LoRA's A, so under SGD the rotated model follows plain LoRA step for step,
+    where plain RoLoRA (A' trained directly: A's step preconditioned by diag(1/g²)) does not."""
+    monkeypatch.setenv("FT_TABLE_CACHE", str(tmp_path))
+    import _finetune as ft
+
+    size = {**SIZE, "steps": 3, "optimizer": "sgd", "lr": 0.1}
+    data: dict = {}
+    runs = {name: ft.run_one(ft.RunSettings(**kw, **size), data, ("fp",))
+            for name, kw in {"lora": {"method": "lora"}, "unfolded": {"method": "rolora", "lora_coords": "unfolded"},
+                             "rolora": {"method": "rolora"}}.items()}  # fmt: skip
+    last = {k: r["train"]["curves"][-1]["heldout_fp"] for k, r in runs.items()}
+    assert math.isclose(last["unfolded"], last["lora"], rel_tol=1e-4), last
+    assert abs(last["rolora"] / last["lora"] - 1) > 1e-3, last
+    assert math.isclose(runs["unfolded"]["fp"]["ppl"], runs["lora"]["fp"]["ppl"], rel_tol=1e-4), runs
