@@ -177,7 +177,10 @@ def scale_lora_lr_(model: nn.Module, mode: str = "norm-rms") -> dict[str, float]
     Why. Without rotation a reader's LoRA ``A`` sees the norm output ``x̂ ⊙ g``; R1 folds ``g`` into the frozen
     weight, so after rotation ``A`` sees ``x̂ R1`` with rms ≈ 1. ``rms(g)`` is small in trained LLMs (SmolLM2-135M:
     0.04–0.42), so the same optimizer step moves the rotated model's function about ``1 / rms(g)`` times further:
-    RoLoRA then fits the task faster and forgets more general text (``benchmarks/RESULTS.md``, issue 15).
+    RoLoRA then fits the task faster. Measured (``benchmarks/RESULTS.md``, issue 15; SmolLM2, 200 steps, 3 seeds):
+    this option brings RoLoRA's task fit back to LoRA's but does not close its full-precision perplexity gap
+    (+5.4% vs +4.7% without it) — under AdamW that gap comes from the direction of Adam's steps in the rotated
+    coordinates, not from their size. Off by default for that reason.
 
     How. For the LoRA layer of every reader of a folded norm (attention inputs: the input norm; MLP inputs: the
     post-attention norm) with ``k = rms(g)`` from the rotation record, the factors are re-parametrised
