@@ -1,8 +1,11 @@
-"""Shared helpers for the benchmark scripts: machine description, timing medians, RESULTS.md appends."""
+"""Shared helpers for the benchmark scripts: machine description, timing medians, RESULTS.md appends, per-run
+JSON results kept in the repository."""
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+import json
 import os
 import platform
 import shlex
@@ -14,6 +17,34 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def results_dir(name: str) -> Path:
+    """Where benchmark ``name`` keeps its per-run JSON: ``benchmarks/results/<name>/`` in the repository (committed,
+    so a later session on another machine continues from it and re-prints every number), or
+    ``$ROLORA_BENCH_RESULTS/<name>`` when that is set (tests, scratch runs)."""
+    root = os.environ.get("ROLORA_BENCH_RESULTS")
+    return (Path(root) if root else Path(__file__).resolve().parent / "results") / name
+
+
+def cached_json(directory: Path, key: dict, fn, cached_only: bool = False) -> dict | None:
+    """``fn()`` once per ``key``: its dict (plus the key, the date and the machine) is written atomically to
+    ``directory/<sha256(key)[:16]>.json`` and read back from there on every later call. Returns None when the run
+    is missing and ``cached_only``. A result another process wrote first wins (the write is create-exclusive)."""
+    from rolora_plugin.publish import OutputExistsError, atomic_write_text
+
+    path = Path(directory) / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if cached_only:
+        return None
+    result = {**fn(), "key": key, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        atomic_write_text(path, json.dumps(result, indent=1, sort_keys=True) + "\n", overwrite=False)
+    except OutputExistsError:
+        return json.loads(path.read_text())
+    return result
 
 
 def machine() -> str:

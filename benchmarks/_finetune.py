@@ -172,7 +172,12 @@ def _read(path: Path) -> dict | None:
 
 
 def _write(path: Path, data: dict) -> None:
+    """Write one stage's numbers, stamped with the machine that measured them (the table is built over sessions on
+    different machines; unrotated W4A4 numbers differ between CPUs, see RESULTS.md)."""
+    from _common import machine
+
     path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"machine": machine(), **data}
     atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True, allow_nan=False) + "\n")
 
 

@@ -8,20 +8,18 @@ Rows (ratio of perplexity to FP on BoolQ passages and SciQ support paragraphs, t
 ``benchmarks/peer_llmcompressor.py``, so the numbers compare with its table):
 
 * Hadamard R1+R2+R4 + W4A4 RTN, and Hadamard R1+R2+R3+R4 + ``QuantConfig.preset("w4a4")``: the rows of the peer
-  benchmark, taken from its cache (``$ROLORA_CACHE/peer-bench/runs``; run there when missing). R3 is exact and a
+  benchmark, taken from its results (``benchmarks/results/peer_llmcompressor/``; run there when missing). R3 is exact and a
   no-op without a KV quantizer, so the second is the Hadamard R1+R2+R4 preset result.
 * learned ``--learn`` (R1, optionally R2; the rest Hadamard) + R4 + the same two quantizers: the rotation is learned
   on the same calibration chunks the quantizer uses (``RotationConfig(learn=...)``, :mod:`rolora_plugin.learned`).
 
 Wall: ``rotate_model_`` including the learning ("rotate s") and the whole quantization ("total s"), torch threads
-``--threads``. Each run is cached as JSON under ``$ROLORA_CACHE/bench/learned-rotation/`` keyed by its settings.
+``--threads``. Each run is cached as JSON under ``benchmarks/results/learned_rotation/`` (committed) keyed by its settings.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import os
 import statistics
@@ -40,24 +38,10 @@ QUANTS = ("rtn", "w4a4")
 logger = logging.getLogger("learned_rotation")
 
 
-def cache_dir() -> Path:
-    from rolora_plugin.app.assets import cache_root
-
-    d = cache_root() / "bench" / "learned-rotation"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
 def cached(key: dict, fn, cached_only: bool) -> dict | None:
-    path = cache_dir() / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    if cached_only:
-        return None
-    result = {**fn(), "key": key, "date": time.strftime("%Y-%m-%d %H:%M")}
-    path.with_suffix(".tmp").write_text(json.dumps(result, indent=1))
-    path.with_suffix(".tmp").replace(path)
-    return result
+    from _common import cached_json, results_dir
+
+    return cached_json(results_dir("learned_rotation"), key, fn, cached_only)
 
 
 def quant_config(name: str):

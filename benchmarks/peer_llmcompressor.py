@@ -23,8 +23,9 @@ overlap the evaluation text). Perplexity is ``rolora_plugin.metrics.perplexity``
 the peer's ``sys.path``). Wall time is the quantization (rotation + calibration + weights), not the evaluation, with
 the same ``torch`` thread count on both sides.
 
-Every run's result is cached as JSON under ``$ROLORA_CACHE/peer-bench/runs/`` keyed by its settings (side, recipe and
-its config, draw, token protocol), so an interrupted or repeated invocation only runs what is missing.
+Every run's result is cached as JSON under ``benchmarks/results/peer_llmcompressor/`` keyed by its settings (side,
+recipe and its config, draw, token protocol; committed, so a later session on another machine continues from it),
+so an interrupted or repeated invocation only runs what is missing.
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ logger = logging.getLogger("peer_llmcompressor")
 def cache_dir() -> Path:
     from rolora_plugin.app.assets import cache_root
 
-    d = cache_root() / "peer-bench"
-    (d / "runs").mkdir(parents=True, exist_ok=True)
+    d = cache_root() / "peer-bench"  # token files and the peer's work folder; the results go to the repository
+    d.mkdir(parents=True, exist_ok=True)
     return d
 
 
@@ -95,17 +96,11 @@ def peer_venv() -> Path:
 
 
 def cached_run(key: dict, fn, cached_only: bool = False) -> dict | None:
-    """``fn()`` once per ``key`` (JSON under runs/); the cached result otherwise (None if missing and ``cached_only``)."""
-    path = cache_dir() / "runs" / f"{_digest(key)}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    if cached_only:
-        return None
-    result = {**fn(), "key": key, "date": time.strftime("%Y-%m-%d %H:%M")}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(path)
-    return result
+    """``fn()`` once per ``key`` (JSON under ``benchmarks/results/peer_llmcompressor/``, committed); the cached result
+    otherwise (None if missing and ``cached_only``)."""
+    from _common import cached_json, results_dir
+
+    return cached_json(results_dir("peer_llmcompressor"), key, fn, cached_only)
 
 
 # ---------------------------------------------------------------------------------------------- tokens
