@@ -57,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--seed", type=int, default=0, help="training seed (data, LoRA init)")
     p.add_argument("--rotation-seed", type=int, default=7)
+    p.add_argument("--lora-lr-scale", choices=("none", "norm-rms"), default="none",
+                   help="RoLoRAConfig.lora_lr_scale: 'norm-rms' scales the LoRA factors of folded-norm readers in on_init_end")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     return p.parse_args(argv)
 
@@ -155,6 +157,7 @@ def build_trainer(a: argparse.Namespace, args):
     model = get_peft_model(model, lora)
     rolora = RoLoRAConfig(
         rotation=RotationConfig(seed=a.rotation_seed, r2=True),
+        lora_lr_scale=a.lora_lr_scale,  # under ZeRO-3 the factors are edited inside GatheredParameters
         monitor=MonitorConfig(every_n_steps=0),
         export=ExportConfig(merged_output_dir=str(Path(a.out) / "merged")),  # merged + exported in on_train_end
     )
@@ -178,7 +181,7 @@ def finish(trainer, a: argparse.Namespace) -> dict:
     partitioned = is_zero3_partitioned(model)  # really ZeRO-3 partitioned?
     return {
         "losses": losses, "world_size": trainer.args.world_size, "deepspeed": a.deepspeed,
-        "zero3_partitioned": partitioned, "record": record.to_dict(),
+        "zero3_partitioned": partitioned, "record": record.to_dict(), "lora_lr_scale": a.lora_lr_scale,
     }  # fmt: skip
 
 

@@ -41,9 +41,9 @@ def _run(args: list[str], nproc: int, log: Path, timeout: int = 400) -> subproce
     return proc
 
 
-def _train(tmp: Path, name: str, base: Path, ds_config: str | None) -> Path:
+def _train(tmp: Path, name: str, base: Path, ds_config: str | None, *extra: str) -> Path:
     out = tmp / name
-    args = [str(SCRIPT), "--model", str(base), "--out", str(out)]
+    args = [str(SCRIPT), "--model", str(base), "--out", str(out), *extra]
     if ds_config:
         args += ["--deepspeed", str(REPO / "examples" / "deepspeed" / ds_config)]
     proc = _run(args, 2 if ds_config else 1, tmp / f"{name}.log")
@@ -113,6 +113,32 @@ def test_zero3_two_processes_match_single_process(reference):
 
 def test_zero2_two_processes_match_single_process(reference):
     _check_against_reference(reference, "zero2.json", zero3=False)
+
+
+def test_zero3_lora_lr_scale_matches_single_process(reference):
+    """``lora_lr_scale="norm-rms"`` under ZeRO-3: the factors are scaled inside ``GatheredParameters`` on every rank
+    before DeepSpeed copies them, and the scaled ``lora_alpha`` travels in the adapter's ``alpha_pattern`` through
+    the partitioned save and the export's reload — so training, merge and saved adapter equal one plain process."""
+    tmp, base, unscaled = reference
+    flag = ("--lora-lr-scale", "norm-rms")
+    ref = _train(tmp, "single-norm-rms", base, None, *flag)
+    out = _train(tmp, "zero3-norm-rms", base, "zero3.json", *flag)
+    summary, ref_summary = (json.loads((d / "summary.json").read_text()) for d in (out, ref))
+    assert summary["lora_lr_scale"] == ref_summary["lora_lr_scale"] == "norm-rms" and summary["zero3_partitioned"] is True
+    assert summary["record"] == ref_summary["record"]
+    torch.testing.assert_close(torch.tensor(summary["losses"]), torch.tensor(ref_summary["losses"]), rtol=MERGED_RTOL, atol=0)
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["alpha_pattern"], "the scaled lora_alpha must be saved with the adapter"
+
+    ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(2))
+    merged = _logits(out / "merged", ids)
+    assert rel_err(merged, _logits(ref / "merged", ids)) < MERGED_RTOL
+    assert rel_err(merged, _logits(unscaled / "merged", ids)) > 100 * MERGED_RTOL  # the scaling changed the training
+
+    from rolora_plugin import merge_and_export
+
+    remerged = merge_and_export(out / "adapter", tmp / "zero3-norm-rms-remerged", base_model=str(base))
+    assert rel_err(_logits(remerged, ids), merged) < MERGED_RTOL  # the saved adapter reloads with its scaling
 
 
 DISAGREE_SCRIPT = """
