@@ -316,6 +316,17 @@ def compute_seconds(results, key: str = "seconds") -> float:
     return sum(r[k].get(key, 0.0) for _, r in results for k in ("train", *ft.EVAL_SETTINGS) if r.get(k))
 
 
+def machine_line(results) -> str:
+    """Which machines measured the cached stages of this table (unrotated W4A4 numbers differ between CPUs)."""
+    counts: dict[str, int] = {}
+    for _, r in results:
+        for k in ("train", *ft.EVAL_SETTINGS):
+            if r.get(k):
+                name = r[k].get("machine", "Intel(R) Xeon(R) Processor, 2 cores (not recorded: the stages of 2026-12-02 05:28–08:02 UTC)")
+                counts[name] = counts.get(name, 0) + 1
+    return "Measured on: " + ("; ".join(f"{m} ({n} stages)" for m, n in sorted(counts.items())) or "-") + "."
+
+
 def report(args, runs, results, wall: float) -> str:
     limit = runs[0].task_limit
     chance = ft.chance_level(limit) if limit else float("nan")
@@ -337,6 +348,7 @@ def report(args, runs, results, wall: float) -> str:
         (f"Runs complete: {done}/{len(runs)}. Compute of what ran (sum of cached stage times): "
         f"{compute_seconds(results) / 60:.1f} min wall, {compute_seconds(results, 'cpu_seconds') / 60:.1f} min CPU "
         f"(both threads); this invocation {wall / 60:.1f} min wall."),
+        machine_line(results),
         "", table(groups), "", "Goals:", *goal_lines(groups, chance, limit),
     ]  # fmt: skip
     controls = control_lines(groups)
