@@ -27,13 +27,18 @@ def results_dir(name: str) -> Path:
     return (Path(root) if root else Path(__file__).resolve().parent / "results") / name
 
 
+def digest(obj) -> str:
+    """16 hex digits of the sha256 of ``obj`` as sorted JSON: the file name of a run keyed by its settings."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def cached_json(directory: Path, key: dict, fn, cached_only: bool = False) -> dict | None:
     """``fn()`` once per ``key``: its dict (plus the key, the date and the machine) is written atomically to
     ``directory/<sha256(key)[:16]>.json`` and read back from there on every later call. Returns None when the run
     is missing and ``cached_only``. A result another process wrote first wins (the write is create-exclusive)."""
     from rolora_plugin.publish import OutputExistsError, atomic_write_text
 
-    path = Path(directory) / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json"
+    path = Path(directory) / f"{digest(key)}.json"
     if path.is_file():
         return json.loads(path.read_text())
     if cached_only:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -73,7 +72,9 @@ def cache_dir() -> Path:
 
 
 def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+    from _common import digest
+
+    return digest(obj)
 
 
 def peer_venv() -> Path:
