@@ -20,7 +20,10 @@ rotated basis), ``lora-qat`` / ``rolora-qat`` (the same with W4A4 fake-quant wei
 activations of every decoder linear in the forward from step 0, straight-through gradients; QATConfig defaults),
 and the control ``lora-posthoc``: the ``lora`` run itself (same training, same cached model), rotated R1+R4 with
 the run's seed *after* merge, then evaluated — the same function as LoRA in FP, rotated like RoLoRA at W4A4, so
-it separates what training in the rotated basis does from what the rotation does.
+it separates what training in the rotated basis does from what the rotation does. Reference rows, only on
+request (``--only base,base-posthoc``): ``base`` is the pretrained model, not fine-tuned, and ``base-posthoc`` the
+same rotated R1+R4 with the seed — what the W4A4 recipe itself keeps of a model, the ceiling a fine-tune's
+recovery is read against.
 """
 
 from __future__ import annotations
@@ -42,7 +45,9 @@ from rolora_plugin.publish import atomic_output_dir, atomic_write_text
 
 __all__ = [
     "EVAL_SETTINGS",
+    "DEFAULT_METHODS",
     "METHODS",
+    "NOT_TRAINED",
     "TARGETS",
     "RunSettings",
     "cache_dir",
@@ -55,8 +60,12 @@ __all__ = [
 logger = logging.getLogger("finetune_table")
 # method -> (trained through RoLoRACallback in the rotated basis, W4A4 QAT); POSTHOC: method -> the run it reuses
 METHODS = {"lora": (False, False), "rolora": (True, False), "lora-qat": (False, True), "rolora-qat": (True, True),
-           "lora-posthoc": (False, False)}  # fmt: skip
-POSTHOC = {"lora-posthoc": "lora"}
+           "lora-posthoc": (False, False), "base": (False, False), "base-posthoc": (False, False)}  # fmt: skip
+POSTHOC = {"lora-posthoc": "lora", "base-posthoc": "base"}
+# the reference rows: the pretrained model itself, not fine-tuned (what the W4A4 recipe keeps of a model that no
+# fine-tune has touched; not in the default table)
+NOT_TRAINED = ("base", "base-posthoc")
+DEFAULT_METHODS = tuple(m for m in METHODS if m not in NOT_TRAINED)
 TARGETS = {"qv": ["q_proj", "v_proj"], "all-linear": "all-linear"}
 EVAL_SETTINGS = ("fp", "rtn", "gptq")
 LR_SCALES = ("none", "norm-rms")
@@ -110,6 +119,8 @@ class RunSettings:
         the keys of runs made before it existed stay valid)."""
         if self.method in POSTHOC:  # the very run it rotates afterwards: one training, one model
             return dataclasses.replace(self, method=POSTHOC[self.method]).train_key()
+        if self.method == "base":  # no training: only what fixes the evaluation data (and the post-hoc rotation)
+            return _digest({"method": "base", "seed": self.seed, "n_heldout": self.n_heldout, "max_len": self.max_len})
         skip = {"ppl_chunks", "ppl_seq_len", "calib_chunks", "calib_seq_len", "task_limit"}
         skip |= {k for k, default in (("lr_scale", "none"), ("optimizer", "adamw"), ("lora_coords", "rotated")) if getattr(self, k) == default}
         fields_ = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
@@ -411,9 +422,28 @@ def _merge(s: RunSettings, trainer, tok) -> None:
         tok.save_pretrained(tmp)
 
 
+def _base_stage(s: RunSettings) -> dict:
+    """The "training" of the reference rows: the pretrained model, published where a merged model would go."""
+    from rolora_plugin.app.assets import load_smollm2
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    model, tok = load_smollm2(torch.float32)
+    target = _model_dir(s)
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return {"settings": dataclasses.asdict(s), "losses": [], "curves": [], "seconds": time.perf_counter() - t0,
+            "cpu_seconds": time.process_time() - c0}
+
+
 def _train_stage(s: RunSettings, data: Data) -> dict:
     import tempfile
 
+    if s.method == "base":
+        return _base_stage(s)
     t0, c0 = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory(prefix="ft-table-") as work:
         trainer, curves = _train(s, data, Path(work))

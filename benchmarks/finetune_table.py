@@ -41,7 +41,9 @@ GOAL_RECOVERY, GOAL_PPL_RATIO, GOAL_FP_GAP = 0.85, 1.3, 0.01
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="1 seed, q/v, 20 steps, 10 documents per task")
-    p.add_argument("--only", default=",".join(ft.METHODS), help="comma-separated methods: " + ", ".join(ft.METHODS))
+    p.add_argument("--only", default=",".join(ft.DEFAULT_METHODS),
+                   help="comma-separated methods (default: " + ", ".join(ft.DEFAULT_METHODS) + "; also: "
+                   + ", ".join(ft.NOT_TRAINED) + ", the pretrained model without fine-tune, unrotated / rotated R1+R4)")
     p.add_argument("--targets", default=None, help="comma-separated target sets: qv, all-linear (default both; --quick: qv)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; --quick: 0)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 200; --quick 20)")
@@ -136,8 +138,12 @@ def table(groups: dict) -> str:
     return "\n".join(lines)
 
 
-def _recovery(runs: list[dict], setting: str, chance: float) -> float | None:
+def _recovery(runs: list[dict], setting: str, chance: float, fp_runs: list[dict] | None = None) -> float | None:
+    """Recovery of the FP margin above chance; ``fp_runs``: where the FP average comes from when ``runs`` has none
+    (a post-hoc control: its FP function is its base run's exactly)."""
     fp, q = _mean(runs, "fp", "avg"), _mean(runs, setting, "avg")
+    if fp is None and fp_runs:
+        fp = _mean(fp_runs, "fp", "avg")
     if fp is None or q is None or fp <= chance:
         return None
     return (q - chance) / (fp - chance)
@@ -158,9 +164,10 @@ def goal_lines(groups: dict, chance: float, limit: int = 0) -> list[str]:
     enough = limit >= ft.docs_for_stderr(SE_TARGET, N_TASKS)
     for targets in dict.fromkeys(t for _, t in groups):
         g = {m: groups.get((m, targets), []) for m in ft.METHODS}
-        rec = {m: {k: _recovery(g[m], k, chance) for k in ("rtn", "gptq")} for m in ft.METHODS}
+        rec = {m: {k: _recovery(g[m], k, chance, g.get(ft.POSTHOC.get(m))) for k in ("rtn", "gptq")} for m in ft.METHODS}
         best = [v for m in ("rolora", "rolora-qat") for v in rec[m].values() if v is not None]
-        shown = "; ".join(f"{m} RTN {_fmt(rec[m]['rtn'])} / GPTQ {_fmt(rec[m]['gptq'])}" for m in ft.METHODS)
+        methods = [m for m in ft.METHODS if m in ft.DEFAULT_METHODS or g[m]]  # the reference rows when present
+        shown = "; ".join(f"{m} RTN {_fmt(rec[m]['rtn'])} / GPTQ {_fmt(rec[m]['gptq'])}" for m in methods)
         mark = _mark(max(best) >= GOAL_RECOVERY if best else None) if enough else (
             f"not measured at {limit} documents per task (needs ≥ {ft.docs_for_stderr(SE_TARGET, N_TASKS)} for SE ≤ 1.5 points)")
         out.append(f"- [{targets}] recovery (avg_W4A4 − chance)/(avg_FP − chance) ≥ 85% for RoLoRA (+QAT): "
@@ -266,7 +273,8 @@ def plot_curves(results: list[tuple[ft.RunSettings, dict]], path: Path) -> Path 
 
     first = {}
     for s, r in results:
-        if r["train"] is not None and s.method not in ft.POSTHOC:  # a post-hoc control's curves are its base run's
+        if r["train"] is not None and r["train"]["losses"] and s.method not in ft.POSTHOC:  # a post-hoc control's
+            # curves are its base run's; the not-fine-tuned reference rows have none
             first.setdefault(_method_label(s), (s, r["train"]))
     if not first:
         return None

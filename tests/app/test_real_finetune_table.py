@@ -35,7 +35,8 @@ def runs(tmp_path_factory):
     import _finetune as ft
 
     data: dict = {}
-    plan = {"lora": ("fp", "rtn"), "lora-posthoc": ("fp", "rtn"), "rolora": ("rtn",), "rolora-qat": ("fp",), "lora-qat": ("fp",)}
+    plan = {"lora": ("fp", "rtn"), "lora-posthoc": ("fp", "rtn"), "rolora": ("rtn",), "rolora-qat": ("fp",), "lora-qat": ("fp",),
+            "base": ("fp", "rtn"), "base-posthoc": ("fp", "rtn")}  # fmt: skip
     try:
         yield {m: ft.run_one(ft.RunSettings(method=m, **SIZE), data, settings) for m, settings in plan.items()}
     finally:
@@ -86,3 +87,20 @@ def test_unfolded_coordinates_follow_plain_lora_under_sgd(tmp_path, monkeypatch)
     assert math.isclose(last["unfolded"], last["lora"], rel_tol=1e-4), last
     assert abs(last["rolora"] / last["lora"] - 1) > 1e-3, last
     assert math.isclose(runs["unfolded"]["fp"]["ppl"], runs["lora"]["fp"]["ppl"], rel_tol=1e-4), runs
+
+
+def test_reference_rows_are_the_pretrained_model_and_not_in_the_default_table(runs):
+    """``base`` is SmolLM2 itself (no training stage: no losses; the same FP numbers whatever the training
+    settings), ``base-posthoc`` the same model rotated R1+R4: the same FP function, far better W4A4 RTN."""
+    import _finetune as ft
+    import finetune_table
+
+    base, post = runs["base"], runs["base-posthoc"]
+    assert base["train"]["losses"] == [] and post["train"]["settings"]["method"] == "base"
+    assert ft.RunSettings(method="base", **{**SIZE, "steps": 7, "lr": 1.0}).train_key() == ft.RunSettings(method="base", **SIZE).train_key()
+    assert math.isclose(post["fp"]["ppl"], base["fp"]["ppl"], rel_tol=1e-3), (post["fp"], base["fp"])
+    assert post["rtn"]["ppl"] < base["rtn"]["ppl"], (post["rtn"], base["rtn"])
+    # a rotated fine-tune keeps a W4A4 RTN perplexity of the same order as the rotated pretrained model's
+    assert runs["rolora"]["rtn"]["ppl"] < 3 * post["rtn"]["ppl"], (runs["rolora"]["rtn"], post["rtn"])
+    default = {s.method for s in finetune_table.planned(finetune_table.parse_args([]))}
+    assert default == set(ft.DEFAULT_METHODS) and not default & set(ft.NOT_TRAINED)
