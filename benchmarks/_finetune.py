@@ -411,14 +411,25 @@ def _merge(s: RunSettings, trainer, tok) -> None:
     from rolora_plugin.export import merge_and_export
 
     target = _model_dir(s)
+    if METHODS[s.method][0]:
+        _clear(target)
+        merge_and_export(trainer.model, target, tokenizer=tok, inplace=True)
+        return
+    _publish(trainer.model.merge_and_unload(), tok, target)
+
+
+def _clear(target: Path) -> None:
+    """Make room for a run's model: the folder is a cache entry of this script (a stale one after a crash)."""
     if target.exists():
         shutil.rmtree(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    if METHODS[s.method][0]:
-        merge_and_export(trainer.model, target, tokenizer=tok, inplace=True)
-        return
+
+
+def _publish(model, tok, target: Path) -> None:
+    """Save an (unrotated) model and its tokenizer at ``target``, atomically."""
+    _clear(target)
     with atomic_output_dir(target) as tmp:
-        trainer.model.merge_and_unload().save_pretrained(tmp)
+        model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
 
 
@@ -428,13 +439,7 @@ def _base_stage(s: RunSettings) -> dict:
 
     t0, c0 = time.perf_counter(), time.process_time()
     model, tok = load_smollm2(torch.float32)
-    target = _model_dir(s)
-    if target.exists():
-        shutil.rmtree(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output_dir(target) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+    _publish(model, tok, _model_dir(s))
     return {"settings": dataclasses.asdict(s), "losses": [], "curves": [], "seconds": time.perf_counter() - t0,
             "cpu_seconds": time.process_time() - c0}
 
