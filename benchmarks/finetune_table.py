@@ -1,7 +1,7 @@
 """LoRA vs RoLoRA vs their W4A4 QAT variants on SmolLM2-135M: several seeds, FP and W4A4 after merge (issue 15).
 
     python benchmarks/finetune_table.py                      # the full table (resumes from the cache)
-    python benchmarks/finetune_table.py --quick              # ≤ 20 min on 2 CPU cores: 1 seed, q/v, 20 steps
+    python benchmarks/finetune_table.py --quick              # ≤ 20 min on 2 CPU cores: 1 seed, q/v, 20 steps, 4 methods
     python benchmarks/finetune_table.py --only lora,rolora --seeds 0 --targets qv   # build it piecewise
 
 Every run (method × target set × seed) is trained once and its numbers are cached by its settings as JSON under
@@ -35,14 +35,17 @@ SE_TARGET = 0.015  # standard error of the 7-task average, as a fraction
 N_TASKS = 7
 QUICK = {"steps": 20, "eval_every": 10, "task_limit": 10, "n_heldout": 16, "ppl_chunks": 4, "calib_chunks": 4,
          "curve_ppl_chunks": 1, "curve_heldout_batches": 2}
+QUICK_METHODS = ("lora", "rolora", "lora-qat", "rolora-qat")  # the issue's four; the post-hoc control is in the full table
 GOAL_RECOVERY, GOAL_PPL_RATIO, GOAL_FP_GAP = 0.85, 1.3, 0.01
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="1 seed, q/v, 20 steps, 10 documents per task")
-    p.add_argument("--only", default=",".join(ft.DEFAULT_METHODS),
-                   help="comma-separated methods (default: " + ", ".join(ft.DEFAULT_METHODS) + "; also: "
+    p.add_argument("--quick", action="store_true",
+                   help="1 seed, q/v, 20 steps, 10 documents per task, the four methods (" + ", ".join(QUICK_METHODS) + ")")
+    p.add_argument("--only", default=None,
+                   help="comma-separated methods (default: " + ", ".join(ft.DEFAULT_METHODS) + "; --quick: without the "
+                   "lora-posthoc control; also: "
                    + ", ".join(ft.NOT_TRAINED) + ", the pretrained model without fine-tune, unrotated / rotated R1+R4)")
     p.add_argument("--targets", default=None, help="comma-separated target sets: qv, all-linear (default both; --quick: qv)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; --quick: 0)")
@@ -81,7 +84,7 @@ def planned(args) -> list[ft.RunSettings]:
     size["task_limit"] = args.task_limit if args.task_limit is not None else size.get("task_limit", ft.docs_for_stderr(SE_TARGET, N_TASKS))
     targets = _csv(args.targets or ("qv" if args.quick else "qv,all-linear"), ft.TARGETS)
     seeds = [int(x) for x in _csv(args.seeds or ("0" if args.quick else "0,1,2"))]
-    methods = _csv(args.only, ft.METHODS)
+    methods = _csv(args.only or ",".join(QUICK_METHODS if args.quick else ft.DEFAULT_METHODS), ft.METHODS)
     scales = _csv(args.lr_scale, ft.LR_SCALES)
     return [ft.RunSettings(method=m, targets=t, seed=s, lr=args.lr, lr_scale=k, optimizer=args.optimizer,
                            lora_coords=args.lora_coords if ft.METHODS[m][0] else "rotated", **size)
@@ -138,15 +141,28 @@ def table(groups: dict) -> str:
     return "\n".join(lines)
 
 
-def _recovery(runs: list[dict], setting: str, chance: float, fp_runs: list[dict] | None = None) -> float | None:
-    """Recovery of the FP margin above chance; ``fp_runs``: where the FP average comes from when ``runs`` has none
-    (a post-hoc control: its FP function is its base run's exactly)."""
-    fp, q = _mean(runs, "fp", "avg"), _mean(runs, setting, "avg")
-    if fp is None and fp_runs:
-        fp = _mean(fp_runs, "fp", "avg")
-    if fp is None or q is None or fp <= chance:
-        return None
-    return (q - chance) / (fp - chance)
+def _recovery(runs: list[dict], setting: str, chance: float, fp_runs: list[dict] | None = None) -> list[float]:
+    """Recovery of the FP margin above chance, one value per run (seed) that has both averages: each W4A4 average
+    against the FP average of the *same* run, so seeds evaluated at one setting only never mix into another's
+    mean. ``fp_runs``: where the FP averages come from when ``runs`` has none (a post-hoc control: its FP function
+    is its base run's exactly); both lists are in the same (seed) order."""
+    out = []
+    for k, r in enumerate(runs):
+        fp = (r.get("fp") or {}).get("avg")
+        if fp is None and fp_runs and k < len(fp_runs):
+            fp = (fp_runs[k].get("fp") or {}).get("avg")
+        q = (r.get(setting) or {}).get("avg")
+        if fp is not None and q is not None and fp > chance:
+            out.append((q - chance) / (fp - chance))
+    return out
+
+
+def _fmt_recovery(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1%} (1 seed)"
+    return f"{statistics.mean(values):.1%} ± {statistics.stdev(values):.1%} ({len(values)} seeds)"
 
 
 def _mark(ok: bool | None) -> str:
@@ -165,9 +181,9 @@ def goal_lines(groups: dict, chance: float, limit: int = 0) -> list[str]:
     for targets in dict.fromkeys(t for _, t in groups):
         g = {m: groups.get((m, targets), []) for m in ft.METHODS}
         rec = {m: {k: _recovery(g[m], k, chance, g.get(ft.POSTHOC.get(m))) for k in ("rtn", "gptq")} for m in ft.METHODS}
-        best = [v for m in ("rolora", "rolora-qat") for v in rec[m].values() if v is not None]
+        best = [statistics.mean(v) for m in ("rolora", "rolora-qat") for v in rec[m].values() if v]  # means over seeds
         methods = [m for m in ft.METHODS if m in ft.DEFAULT_METHODS or g[m]]  # the reference rows when present
-        shown = "; ".join(f"{m} RTN {_fmt(rec[m]['rtn'])} / GPTQ {_fmt(rec[m]['gptq'])}" for m in methods)
+        shown = "; ".join(f"{m} RTN {_fmt_recovery(rec[m]['rtn'])} / GPTQ {_fmt_recovery(rec[m]['gptq'])}" for m in methods)
         mark = _mark(max(best) >= GOAL_RECOVERY if best else None) if enough else (
             f"not measured at {limit} documents per task (needs ≥ {ft.docs_for_stderr(SE_TARGET, N_TASKS)} for SE ≤ 1.5 points)")
         out.append(f"- [{targets}] recovery (avg_W4A4 − chance)/(avg_FP − chance) ≥ 85% for RoLoRA (+QAT): "

@@ -44,7 +44,14 @@ class ClipErrorMeter:
     """Forward-pre-hook: accumulates ``Σ‖Q_c(X) Ŵᵀ − X Ŵᵀ‖²`` for each candidate ``c``; passes on ``Q_apply(X)``.
 
     ``errors``: float64 tensor (n_candidates,), summed over every token seen. Work is done in float32.
+
+    By linearity the error is ``‖E_c Ŵᵀ‖²`` with ``E_c = Q_c(X) − X`` (no cancellation between two large products),
+    and the candidates go through one matmul per block of ``max_elements`` input entries. A linear wider at its
+    output than at its input (``out > in``, e.g. gate/up_proj) measures ``Σ_t e_t G e_tᵀ`` with the Gram matrix
+    ``G = ŴᵀŴ`` (in × in, formed once in float64): ``in/out`` of the work.
     """
+
+    max_elements = 1 << 23  # entries of E_c stacked over candidates per matmul (32 MiB in float32)
 
     def __init__(self, lin: nn.Linear, bits: int, sym: bool, candidates, apply_ratio: float = 1.0):
         self.weight = lin.weight
@@ -52,15 +59,29 @@ class ClipErrorMeter:
         self.candidates = tuple(float(c) for c in candidates)
         self.errors = torch.zeros(len(self.candidates), dtype=torch.float64)
         self.tokens = 0
+        self._gram = None  # (key of the weight's storage and version, G)
+
+    def _output_sq_norms(self, e: torch.Tensor) -> torch.Tensor:
+        """``‖e Ŵᵀ‖²`` per leading index of e (k, n, in) → (k,), float64."""
+        w = self.weight.detach()
+        if w.shape[0] > w.shape[1]:
+            key = (w.data_ptr(), w._version)  # a weight edited in place since (or replaced) forms G again
+            if self._gram is None or self._gram[0] != key:
+                wd = w.to(torch.float64)
+                self._gram = (key, (wd.T @ wd).float())
+            y = (e @ self._gram[1]).mul_(e)
+        else:
+            y = F.linear(e, w.float()).pow_(2)
+        return y.sum(dim=(1, 2), dtype=torch.float64)
 
     @torch.no_grad()
     def measure(self, x: torch.Tensor) -> None:
         xf = x.detach().reshape(-1, x.shape[-1]).float()
-        w = self.weight.detach().float()
-        ref = F.linear(xf, w)
-        for k, c in enumerate(self.candidates):
-            diff = F.linear(quantize_activation(xf, self.bits, self.sym, c), w).sub_(ref)
-            self.errors[k] += float(diff.pow_(2).sum())
+        step = max(1, self.max_elements // max(1, xf.numel()))
+        for k0 in range(0, len(self.candidates), step):
+            cands = self.candidates[k0 : k0 + step]
+            e = torch.stack([quantize_activation(xf, self.bits, self.sym, c) for c in cands]).sub_(xf)
+            self.errors[k0 : k0 + len(cands)] += self._output_sq_norms(e).cpu()
         self.tokens += xf.shape[0]
 
     def __call__(self, module, args):

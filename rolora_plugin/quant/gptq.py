@@ -52,7 +52,7 @@ from ..architectures import get_architecture
 from ..errors import QuantizationError
 from .config import QuantConfig
 from .moe import expert_modules, quantize_expert_rows_, routed_inputs, rtn_expert_, set_routed_token_counts
-from .primitives import OFF_BITS, compute_scales, mse_clip_search, quantize_with_scales
+from .primitives import OFF_BITS, compute_scales, mse_clip_search, quant_range, quantize_with_scales
 from .rtn import WeightQuantParams, replace_weight_, rtn_quantize_linear_, set_weight_quant_params_
 from .targets import quantizable_linears
 
@@ -150,20 +150,27 @@ def gptq_quantize_weight(
     Q = torch.zeros_like(W)
     scale = zero = None
     found = static if static is not None else [None] * (cols // g)  # (s, z) per group, original column order
+    group_of = (perm // g).tolist()  # column (permuted order) -> its group, as Python ints for the sweep
+    qmin, qmax = quant_range(bits, sym)
+    diag = torch.diagonal(U).clone()
+    flat = [(sc.reshape(-1), z.reshape(-1)) for sc, z in static] if static is not None else None
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         W1, Err1 = W[:, i1:i2].clone(), torch.zeros_like(W[:, i1:i2])
         for i in range(i2 - i1):
             col = i1 + i
             if static is not None:
-                scale, zero = static[int(perm[col]) // g]
+                scale, zero = flat[group_of[col]]
             elif col % g == 0:
-                scale, zero = found[col // g] = _scales(W1[:, i : i + g], bits, sym, clip_search)
-            q = quantize_with_scales(W1[:, i : i + 1], scale, zero, bits, sym)
-            Q[:, col : col + 1] = q
-            err = (W1[:, i : i + 1] - q) / U[col, col]
-            W1[:, i:] -= err @ U[col : col + 1, col:i2]
-            Err1[:, i : i + 1] = err
+                found[col // g] = _scales(W1[:, i : i + g], bits, sym, clip_search)
+                scale, zero = (t.reshape(-1) for t in found[col // g])
+            w_col = W1[:, i]
+            # quantize_with_scales' ops, inlined (this loop runs once per input column)
+            q = torch.div(w_col, scale).round_().add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)
+            Q[:, col] = q
+            err = w_col.sub(q).div_(diag[col])
+            W1[:, i:].addr_(err, U[col, col:i2], alpha=-1)
+            Err1[:, i] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
     Q = Q[:, torch.argsort(perm)].to(w.dtype)
     if not return_params:

@@ -28,18 +28,39 @@ def _heavy_tailed(n=512, d=64, seed=0):
     return (z / (chi / 2).sqrt()).float()
 
 
-def test_meter_errors_match_a_float64_reference_and_best_is_the_argmin():
-    lin = torch.nn.Linear(64, 32, bias=False)
+def _ref_errors(lin, x, cands, sym=True):
+    w = lin.weight.detach().double()
+    return [float(((quantize_activation(x.double(), 4, sym, c) - x.double()) @ w.T).pow(2).sum()) for c in cands]
+
+
+@pytest.mark.parametrize("out_features", [32, 160], ids=["out<in", "out>in-gram"])
+@pytest.mark.parametrize("max_elements", [1 << 23, 3000], ids=["one-matmul", "candidate-blocks"])
+def test_meter_errors_match_a_float64_reference_and_best_is_the_argmin(out_features, max_elements, monkeypatch):
+    monkeypatch.setattr(ClipErrorMeter, "max_elements", max_elements)
+    lin = torch.nn.Linear(64, out_features, bias=False)
     x = _heavy_tailed()
     cands = (1.0, 0.9, 0.7, 0.5)
     meter = ClipErrorMeter(lin, bits=4, sym=True, candidates=cands)
     meter(lin, (x[:200],))
     meter(lin, (x[200:],))  # accumulated over calls
-    w = lin.weight.detach().double()
-    ref = [float(((quantize_activation(x.double(), 4, True, c) - x.double()) @ w.T).pow(2).sum()) for c in cands]
+    ref = _ref_errors(lin, x, cands)
     torch.testing.assert_close(meter.errors, torch.tensor(ref, dtype=torch.float64), rtol=1e-4, atol=0)
     assert meter.tokens == 512
     assert meter.best() == cands[min(range(4), key=ref.__getitem__)]
+
+
+def test_meter_gram_follows_a_weight_edited_in_place():
+    """The wide-output path caches G = ŴᵀŴ; an in-place edit of the weight between batches must not reuse it."""
+    lin = torch.nn.Linear(16, 48, bias=False)
+    x = _heavy_tailed(64, 16)
+    meter = ClipErrorMeter(lin, 4, True, (1.0, 0.8))
+    meter(lin, (x,))
+    with torch.no_grad():
+        lin.weight.mul_(3.0)
+    meter(lin, (x,))
+    lin.weight.requires_grad_(False)
+    ref = [a / 9.0 + a for a in _ref_errors(lin, x, (1.0, 0.8))]  # first batch measured at 1/3 of the weight
+    torch.testing.assert_close(meter.errors, torch.tensor(ref, dtype=torch.float64), rtol=1e-4, atol=0)
 
 
 def test_meter_passes_on_the_input_quantized_with_the_apply_ratio():
