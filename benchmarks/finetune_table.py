@@ -160,9 +160,7 @@ def _recovery(runs: list[dict], setting: str, chance: float, fp_runs: list[dict]
 def _fmt_recovery(values: list[float]) -> str:
     if not values:
         return "-"
-    if len(values) == 1:
-        return f"{values[0]:.1%} (1 seed)"
-    return f"{statistics.mean(values):.1%} ± {statistics.stdev(values):.1%} ({len(values)} seeds)"
+    return f"{_stat(values, '.1%')} ({len(values)} seed{'s' * (len(values) > 1)})"
 
 
 def _mark(ok: bool | None) -> str:
