@@ -197,6 +197,41 @@ def load_cached(s: RunSettings, settings=EVAL_SETTINGS) -> dict:
     return {"train": _read(_train_path(s)), **{k: _read(_eval_path(s, k)) for k in settings}}
 
 
+RETRAIN_RTOL = 1e-4  # float noise between runs of one model; a different trajectory differs by far more
+
+
+class RetrainMismatch(RuntimeError):
+    """A cached run re-trained (for a missing evaluation) came out as another model: see :func:`check_retrain`."""
+
+
+def _fp_outcome(train: dict) -> list[float]:
+    """What identifies a trained model in its train stage: the per-step losses and the FP curve values (not the
+    timings, and not the fake-quant W4A4 curve, which differs between CPUs for one and the same model)."""
+    curve = [r[k] for r in train["curves"] for k in ("heldout_fp", "ppl_fp")]
+    return [float(v) for _, v in train["losses"]] + curve
+
+
+def check_retrain(cached: dict, new: dict, label: str, files: list[Path]) -> None:
+    """Refuse a re-run of a cached train stage (re-run to recover its merged model for a missing evaluation) that
+    is not the run the cache describes: its evaluations would measure another model than the cached ones, and the
+    table would mix the two silently. W4A4 QAT runs, for one, do not reproduce across CPU types."""
+    a, b = _fp_outcome(cached), _fp_outcome(new)
+    if len(a) == len(b):
+        worst = max((abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b)), default=0.0)
+        if worst <= RETRAIN_RTOL:
+            return
+        what = f"largest relative difference {worst:.2g} in its losses and FP curve"
+    else:
+        what = f"{len(b)} loss/curve values where the cache has {len(a)}"
+    from _common import machine
+
+    raise RetrainMismatch(
+        f"{label}: re-training it to recover its merged model did not reproduce the cached run ({what}; cached on "
+        f"{cached.get('machine', 'an unrecorded machine')}, now on {machine()}), so its new evaluations would not "
+        "describe the cached run. Run the missing evaluations on a machine like the cached one, or delete the run's "
+        "cached stages to rebuild the whole run here: " + " ".join(str(f) for f in files))
+
+
 # ---------------------------------------------------------------------------------------------- statistics
 
 
@@ -510,7 +545,15 @@ def run_one(s: RunSettings, data_cache: dict, settings=EVAL_SETTINGS, keep_model
     data = _data(s, data_cache)
     if have["train"] is None or (missing and not (_model_dir(s) / "config.json").is_file()):
         logger.info("%s: training %d steps", s.label(), s.steps)
-        have["train"] = _train_stage(dataclasses.replace(s, method=POSTHOC.get(s.method, s.method)), data)
+        trained = _train_stage(dataclasses.replace(s, method=POSTHOC.get(s.method, s.method)), data)
+        if have["train"] is not None:
+            try:
+                check_retrain(have["train"], trained, s.label(), _stage_files(s))
+            except RetrainMismatch:
+                shutil.rmtree(_model_dir(s), ignore_errors=True)  # never evaluate the unreproduced model later
+                raise
+            logger.info("%s: re-training reproduced the cached run", s.label())
+        have["train"] = trained
         _write(_train_path(s), have["train"])
     for setting in missing:
         logger.info("%s: evaluating %s", s.label(), setting)
@@ -519,6 +562,16 @@ def run_one(s: RunSettings, data_cache: dict, settings=EVAL_SETTINGS, keep_model
     if not keep_model and all(_read(_eval_path(r, k)) is not None for r in _sharing(s) for k in EVAL_SETTINGS):
         shutil.rmtree(_model_dir(s), ignore_errors=True)  # every number of this model is cached
     return have
+
+
+def _stage_files(s: RunSettings) -> list[Path]:
+    """The cached stages of ``s``'s trained model: its train stage and the evaluations of each run sharing it, at
+    any task limit up to 1000 documents (the evaluation files do not name their train key; this error-path scan
+    hashes the candidates instead)."""
+    limits = {*range(1001), s.task_limit}
+    runs = [dataclasses.replace(r, task_limit=n) for r in _sharing(s) for n in limits]
+    paths = {_eval_path(r, k) for r in runs for k in EVAL_SETTINGS}
+    return [_train_path(s), *sorted(p for p in paths if p.exists())]
 
 
 def _sharing(s: RunSettings) -> list[RunSettings]:

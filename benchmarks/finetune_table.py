@@ -391,7 +391,10 @@ def main(argv=None) -> None:
     torch.set_num_threads(ft.threads())
     runs = planned(args)
     t0 = time.perf_counter()
-    results = collect(runs, args.cached_only, tuple(_csv(args.evals, ft.EVAL_SETTINGS)), args.keep_models)
+    try:
+        results = collect(runs, args.cached_only, tuple(_csv(args.evals, ft.EVAL_SETTINGS)), args.keep_models)
+    except ft.RetrainMismatch as e:  # every stage measured so far is cached; say what to do, no traceback
+        raise SystemExit(f"finetune_table: {e}") from None
     text = report(args, runs, results, time.perf_counter() - t0)
     png = plot_curves(results, args.report_dir / "finetune_curves.png")
     print(text)
