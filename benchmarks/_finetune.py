@@ -211,10 +211,11 @@ def _fp_outcome(train: dict) -> list[float]:
     return [float(v) for _, v in train["losses"]] + curve
 
 
-def check_retrain(cached: dict, new: dict, label: str, files: list[Path]) -> None:
+def check_retrain(cached: dict, new: dict, label: str, files) -> None:
     """Refuse a re-run of a cached train stage (re-run to recover its merged model for a missing evaluation) that
     is not the run the cache describes: its evaluations would measure another model than the cached ones, and the
-    table would mix the two silently. W4A4 QAT runs, for one, do not reproduce across CPU types."""
+    table would mix the two silently. W4A4 QAT runs, for one, do not reproduce across CPU types. ``files``: a
+    callable listing the run's cached stages, for the message (called only on a mismatch)."""
     a, b = _fp_outcome(cached), _fp_outcome(new)
     if len(a) == len(b):
         worst = max((abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b)), default=0.0)
@@ -229,7 +230,7 @@ def check_retrain(cached: dict, new: dict, label: str, files: list[Path]) -> Non
         f"{label}: re-training it to recover its merged model did not reproduce the cached run ({what}; cached on "
         f"{cached.get('machine', 'an unrecorded machine')}, now on {machine()}), so its new evaluations would not "
         "describe the cached run. Run the missing evaluations on a machine like the cached one, or delete the run's "
-        "cached stages to rebuild the whole run here: " + " ".join(str(f) for f in files))
+        "cached stages to rebuild the whole run here: " + " ".join(str(f) for f in files()))
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -548,7 +549,7 @@ def run_one(s: RunSettings, data_cache: dict, settings=EVAL_SETTINGS, keep_model
         trained = _train_stage(dataclasses.replace(s, method=POSTHOC.get(s.method, s.method)), data)
         if have["train"] is not None:
             try:
-                check_retrain(have["train"], trained, s.label(), _stage_files(s))
+                check_retrain(have["train"], trained, s.label(), lambda: _stage_files(s))
             except RetrainMismatch:
                 shutil.rmtree(_model_dir(s), ignore_errors=True)  # never evaluate the unreproduced model later
                 raise
