@@ -13,8 +13,8 @@ where a site concatenates the readers of one norm (``W' = [W_q; W_k; W_v] diag(g
 makes this the sum over the three linears), ``Q_a`` is per-token and ``Q_w`` per-channel (or per-group) RTN on the
 grid of :mod:`rolora_plugin.quant.primitives` (same forward values), bits and symmetry from
 ``QuantConfig.preset(config.learn_quant)``. The gradient is straight-through for ``round`` only: the scales
-(``max|x|/qmax``, or ``(max − min)/qmax``) stay in the graph (:func:`ste_quantize`), because a rotation acts mainly on
-each row's range. With the scales detached (``quantize_activation(..., ste=True)``) Adam *raised* the objective on a
+(``max|x|/qmax``, or ``(max − min)/qmax``) stay in the graph (``fake_quant(..., scale_grad=True)``), because a rotation acts mainly on
+each row's range. With the scales detached (``fake_quant(..., ste=True)``) Adam *raised* the objective on a
 tiny model with outlier channels at every learning rate tried (0.063 → 0.065–0.078, 30 steps); with them it fell
 (0.063 → 0.043), and on SmolLM2-135M by 17% (2.569 → 2.135, 60 steps). R2 (one head-wise rotation shared by all layers, as the Hadamard R2 is)
 uses the o_proj site: ``Q_a(X_o B) Q_w(W_o B)ᵀ`` vs ``X_o W_oᵀ`` with ``B = I_heads ⊗ R2``. Not in the objective:
@@ -134,53 +134,22 @@ def _blockwise(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return (x.reshape(*x.shape[:-1], -1, r.shape[0]) @ r).reshape(x.shape)
 
 
-def _round_ste(x: torch.Tensor) -> torch.Tensor:
-    return x + (torch.round(x) - x).detach()
-
-
-def ste_quantize(x: torch.Tensor, bits: int, sym: bool, clip_ratio: float = 1.0) -> torch.Tensor:
-    """Fake quantization along the last dim with the grid of :func:`~rolora_plugin.quant.primitives.quantize_activation`
-    (same forward values), differentiable *through the scale*: ``s = c·max|x| / qmax`` (sym) or
-    ``s = c·(max − min) / qmax`` (asym) stays in the graph and only ``round`` is straight-through (LSQ / SpinQuant's
-    quantizer). With the scale detached (``quantize_activation(ste=True)``) the gradient ignores that a rotation
-    changes each row's range, and on the objective here it does not descend (module docstring)."""
-    from .quant.primitives import OFF_BITS, quant_range
-
-    if bits >= OFF_BITS:
-        return x
-    qmin, qmax = quant_range(bits, sym)
-    if sym:
-        scale = (x.abs().amax(-1, keepdim=True) * clip_ratio / qmax).clamp_min(1e-12)
-        return torch.clamp(_round_ste(x / scale), qmin, qmax) * scale
-    lo = x.amin(-1, keepdim=True).clamp(max=0) * clip_ratio
-    hi = x.amax(-1, keepdim=True).clamp(min=0) * clip_ratio
-    scale = ((hi - lo) / qmax).clamp_min(1e-12)
-    zero = _round_ste(-lo / scale)
-    return (torch.clamp(_round_ste(x / scale) + zero, qmin, qmax) - zero) * scale
-
-
-def _quantize_weight(w: torch.Tensor, quant) -> torch.Tensor:
-    g = quant.w_group_size or w.shape[1]
-    return ste_quantize(w.reshape(w.shape[0], -1, g), quant.w_bits, quant.w_sym).reshape(w.shape)
-
-
 def rotation_objective(sites, rotations: dict[str, torch.Tensor], quant, *, detached_scales: bool = False, rows=None) -> torch.Tensor:
     """``Σ ‖Q_a(x R) Q_w(w R)ᵀ − x wᵀ‖² / ‖x wᵀ‖²`` over ``sites`` (differentiable in the rotations).
 
-    ``detached_scales``: use :func:`~rolora_plugin.quant.primitives.quantize_activation` / ``quantize_weight`` with
-    ``ste=True`` (scales detached) instead of :func:`ste_quantize`; same value, other gradient.
+    Quantizers: :func:`~rolora_plugin.quant.primitives.fake_quant` with the config's weight / activation specs and
+    ``scale_grad=True`` (scales in the graph, rounding straight-through: LSQ / SpinQuant's quantizer);
+    ``detached_scales``: ``ste=True`` instead (scales detached); same value, other gradient.
     ``rows``: ``{site index: row indices}``: only those weight rows (output channels) enter that site's term, scaled
     by ``rows_total / rows_kept``. Per-channel weight quantization keeps rows independent, so a random subset is an
     unbiased estimate of the full term at a fraction of the cost (the training steps use it).
     """
-    from .quant.primitives import quantize_activation, quantize_weight
+    from .quant.primitives import fake_quant
 
-    if detached_scales:
-        qa = lambda t: quantize_activation(t, quant.a_bits, quant.a_sym, quant.a_clip_ratio, ste=True)  # noqa: E731
-        qw = lambda t: quantize_weight(t, quant.w_bits, quant.w_group_size, quant.w_sym, ste=True)  # noqa: E731
-    else:
-        qa = lambda t: ste_quantize(t, quant.a_bits, quant.a_sym, quant.a_clip_ratio)  # noqa: E731
-        qw = lambda t: _quantize_weight(t, quant)  # noqa: E731
+    mode = {"ste": True} if detached_scales else {"scale_grad": True}
+    a_spec, w_spec = quant.activation_spec(), quant.weight_spec()
+    qa = lambda t: fake_quant(t, a_spec, **mode)  # noqa: E731
+    qw = lambda t: fake_quant(t, w_spec, **mode)  # noqa: E731
     total = torch.zeros((), dtype=torch.float32)
     for k, s in enumerate(sites):
         r = rotations.get(s.rotation)

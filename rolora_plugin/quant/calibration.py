@@ -30,9 +30,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import QuantizationError
-from .primitives import _check_ratio, quantize_activation
+from tqdm.auto import tqdm
 
-__all__ = ["DEFAULT_A_CLIP_CANDIDATES", "ClipErrorMeter", "check_calibration", "search_activation_clips"]
+from .primitives import TensorQuant, _check_ratio, fake_quant
+
+__all__ = ["DEFAULT_A_CLIP_CANDIDATES", "ClipErrorMeter", "check_calibration", "input_amax", "search_activation_clips"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +55,9 @@ class ClipErrorMeter:
 
     max_elements = 1 << 23  # entries of E_c stacked over candidates per matmul (32 MiB in float32)
 
-    def __init__(self, lin: nn.Linear, bits: int, sym: bool, candidates, apply_ratio: float = 1.0):
+    def __init__(self, lin: nn.Linear, spec: TensorQuant, candidates, apply_ratio: float = 1.0):
         self.weight = lin.weight
-        self.bits, self.sym, self.apply_ratio = bits, sym, apply_ratio
+        self.spec, self.apply_ratio = spec, apply_ratio
         self.candidates = tuple(float(c) for c in candidates)
         self.errors = torch.zeros(len(self.candidates), dtype=torch.float64)
         self.tokens = 0
@@ -80,13 +82,13 @@ class ClipErrorMeter:
         step = max(1, self.max_elements // max(1, xf.numel()))
         for k0 in range(0, len(self.candidates), step):
             cands = self.candidates[k0 : k0 + step]
-            e = torch.stack([quantize_activation(xf, self.bits, self.sym, c) for c in cands]).sub_(xf)
+            e = torch.stack([fake_quant(xf, self.spec.with_clip(c)) for c in cands]).sub_(xf)
             self.errors[k0 : k0 + len(cands)] += self._output_sq_norms(e).cpu()
         self.tokens += xf.shape[0]
 
     def __call__(self, module, args):
         self.measure(args[0])
-        return (quantize_activation(args[0], self.bits, self.sym, self.apply_ratio),) + tuple(args[1:])
+        return (fake_quant(args[0], self.spec.with_clip(self.apply_ratio)),) + tuple(args[1:])
 
     def best(self) -> float:
         """The candidate with the smallest error (ties: the larger ratio); 1.0 if nothing was measured."""
@@ -167,11 +169,12 @@ def _batches(calibration, device) -> list[dict]:
 
 
 def search_activation_clips(
-    model: nn.Module, linears: dict, calibration, bits, sym: bool = True, *, candidates=DEFAULT_A_CLIP_CANDIDATES, apply_ratio: float = 1.0
+    model: nn.Module, linears: dict, calibration, specs, *, candidates=DEFAULT_A_CLIP_CANDIDATES, apply_ratio: float = 1.0, progress: bool = False
 ) -> dict[str, float]:
     """``{name: clip ratio}`` for ``linears`` ({name: Linear}), searched on ``calibration`` (see module docstring).
 
-    ``bits``: activation bits, an int or ``{name: bits}`` for every linear (mixed settings).
+    ``specs``: the activation :class:`~rolora_plugin.quant.primitives.TensorQuant`, one for all or ``{name: spec}``
+    for every linear (mixed settings); their clip ratios are replaced by the candidates.
     ``model`` must not have activation quantizers installed (the meters stand in for them); its weights should
     already be quantized, so the error is measured through ``Ŵ``. ``candidates``: ratios in (0, 1]; 1.0 is added
     when missing. Padded tokens of dict batches (``attention_mask``) are measured too; use full rows.
@@ -179,22 +182,44 @@ def search_activation_clips(
     cands = tuple(dict.fromkeys([1.0, *candidates]))
     for c in cands:
         _check_ratio(c, "activation clip candidate")
-    per = bits if isinstance(bits, dict) else dict.fromkeys(linears, bits)
-    meters = {n: ClipErrorMeter(lin, per[n], sym, cands, apply_ratio) for n, lin in linears.items()}
-    handles = [lin.register_forward_pre_hook(meters[n]) for n, lin in linears.items()]
+    per = specs if isinstance(specs, dict) else dict.fromkeys(linears, specs)
+    meters = {n: ClipErrorMeter(lin, per[n], cands, apply_ratio) for n, lin in linears.items()}
+    _run_with_hooks(model, linears, meters, calibration, "activation clip search", progress)
+    ratios = {n: m.best() for n, m in meters.items()}
+    logger.info("activation clip search: ratios %s", _summary(ratios))
+    return ratios
+
+
+def _run_with_hooks(model: nn.Module, linears: dict, hooks: dict, calibration, desc: str, progress: bool) -> None:
+    """One eval forward per calibration batch with ``hooks[name]`` as forward-pre-hook of ``linears[name]``."""
+    handles = [lin.register_forward_pre_hook(hooks[n]) for n, lin in linears.items()]
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for batch in _batches(calibration, next(model.parameters()).device):
+            for batch in tqdm(_batches(calibration, next(model.parameters()).device), desc=desc, disable=not progress, leave=False):
                 model(**batch)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    ratios = {n: m.best() for n, m in meters.items()}
-    logger.info("activation clip search: ratios %s", _summary(ratios))
-    return ratios
+
+
+class _AmaxMeter:
+    def __init__(self):
+        self.amax = torch.zeros((), dtype=torch.float32)
+
+    def __call__(self, module, args):
+        self.amax = torch.maximum(self.amax, args[0].detach().abs().amax().float().cpu())
+
+
+def input_amax(model: nn.Module, linears: dict, calibration, *, progress: bool = False) -> dict[str, torch.Tensor]:
+    """``{name: max|x|}`` of each linear's input over ``calibration`` (after the online R4; activation quantizers
+    of ``model`` are not installed yet, weights already quantized): the NVFP4 ``input_global_scale`` is
+    ``448·6 / max|x|`` (compressed-tensors' ``static_minmax`` observer, as llm-compressor calibrates it)."""
+    meters = {n: _AmaxMeter() for n in linears}
+    _run_with_hooks(model, linears, meters, calibration, "activation ranges", progress)
+    return {n: m.amax for n, m in meters.items()}
 
 
 def _summary(ratios: dict) -> str:

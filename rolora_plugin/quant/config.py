@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 from ..config import ConfigMixin
 from .calibration import DEFAULT_A_CLIP_CANDIDATES
-from .primitives import OFF_BITS, _check_bits, _check_ratio, _is_int
+from .primitives import FORMATS, FP4_GROUP, INT_GRIDS, OFF_BITS, TensorQuant, _check_bits, _check_ratio, _is_int
 
-__all__ = ["QuantConfig", "WEIGHT_METHODS", "QUANT_PRESETS"]
+__all__ = ["QuantConfig", "WEIGHT_METHODS", "QUANT_PRESETS", "SERVABLE_PRESETS"]
 
 WEIGHT_METHODS = ("rtn", "gptq")  # weight quantizers; rolora_plugin.quant.model dispatches on them
 
@@ -24,9 +24,14 @@ QUANT_PRESETS = {
     "w4a4": _W4A4,
     "w4a4kv4": dict(_W4A4, kv_bits=4),
     "w4a4-gate-up-a8": dict(_W4A4, a_bits_for={"gate_proj": 8, "up_proj": 8}),  # mixed: not W4A4
-    "w4a8": dict(_W4A4, a_bits=8, a_sym=True, a_clip_search=False),
-    "w8a8": dict(w_bits=8, a_bits=8),
+    "w4a8": dict(_W4A4, a_bits=8, a_sym=True, a_clip_search=False, int_grid="full"),
+    "w8a8": dict(w_bits=8, a_bits=8, int_grid="full"),
+    # servable W4A4: what a serving engine computes (README "Deploying"; QuantConfig.engine_contract)
+    "w4a4-int": dict(_W4A4, a_sym=True, a_clip_search=False, int_grid="full"),
+    "nvfp4": dict(w_bits=4, a_bits=4, w_format="nvfp4", a_format="nvfp4", method="gptq", w_clip_search=True, w_clip_grid=50, w_clip_max_shrink=0.5),
+    "mxfp4": dict(w_bits=4, a_bits=4, w_format="mxfp4", a_format="mxfp4", method="gptq", w_clip_search=True, w_clip_grid=50, w_clip_max_shrink=0.5),
 }
+SERVABLE_PRESETS = ("w4a4-int", "nvfp4", "mxfp4", "w4a8", "w8a8")
 
 
 @dataclass
@@ -57,6 +62,12 @@ class QuantConfig(ConfigMixin):
             (``H = 2/n · Q(X)ᵀQ(X)``: the activation quantizers are active during GPTQ, so every layer is also
             calibrated on the outputs of already W·A-quantized layers). Off: full-precision activations (QuaRot).
         skip: linears left in high precision, matched by full name, by a dotted suffix or by leaf name.
+        w_format / a_format: ``"int"``, ``"nvfp4"`` (E2M1, groups of 16, FP8 scales, FP32 global scale) or
+            ``"mxfp4"`` (E2M1, groups of 32, power-of-two scales); the FP4 formats fix bits (4), symmetry and group
+            size (set here). NVFP4 activations use a per-linear ``input_global_scale`` calibrated on ``calibration=``.
+        int_grid: symmetric int scale ``max/(2^(b-1)-½)`` (``"full"``: 16 levels at 4 bits, compressed-tensors'
+            definition) or ``max/(2^(b-1)-1)`` (``"narrow"``: 15 levels, rolora's grid before 0.2 and vLLM Humming's).
+        a_group_size: int activations per group of this many columns (None: per token); FP4: the format's group.
     """
 
     w_bits: int = 4
@@ -82,8 +93,13 @@ class QuantConfig(ConfigMixin):
     gptq_true_sequential: bool = True
     gptq_quantized_inputs: bool = False
     skip: tuple = ("lm_head",)
+    w_format: str = "int"
+    a_format: str = "int"
+    int_grid: str = "narrow"
+    a_group_size: int | None = None
 
     def __post_init__(self):
+        self._check_formats()
         for name in ("w_bits", "a_bits", "kv_bits"):
             _check_bits(getattr(self, name), f"QuantConfig.{name}")
         if self.w_group_size is not None and (not _is_int(self.w_group_size) or self.w_group_size < 1):
@@ -109,6 +125,82 @@ class QuantConfig(ConfigMixin):
         if min(self.w_bits, self.a_bits, self.kv_bits) >= OFF_BITS:
             raise ValueError("QuantConfig: w_bits, a_bits and kv_bits are all 16 (off); set at least one below 16")
 
+    def _check_formats(self):
+        for name in ("w_format", "a_format"):
+            fmt = getattr(self, name)
+            if fmt not in FORMATS:
+                raise ValueError(f"QuantConfig.{name} must be one of {FORMATS}, got {fmt!r}")
+        if self.int_grid not in INT_GRIDS:
+            raise ValueError(f"QuantConfig.int_grid must be 'full' (16 levels at 4 bits) or 'narrow' (15), got {self.int_grid!r}")
+        if self.a_group_size is not None and (not _is_int(self.a_group_size) or self.a_group_size < 1):
+            raise ValueError(f"QuantConfig.a_group_size must be a positive int or None (per token), got {self.a_group_size!r}")
+        for kind, fmt in (("w", self.w_format), ("a", self.a_format)):
+            if fmt == "int":
+                continue
+            group = FP4_GROUP[fmt]
+            if getattr(self, f"{kind}_bits") != 4:
+                raise ValueError(f"QuantConfig.{kind}_format={fmt!r} is a 4-bit format; set {kind}_bits=4")
+            if getattr(self, f"{kind}_group_size") not in (None, group):
+                raise ValueError(f"QuantConfig.{kind}_format={fmt!r} uses groups of {group}; leave {kind}_group_size unset (or {group})")
+            setattr(self, f"{kind}_group_size", group)
+            if kind == "w" and not self.w_sym:
+                raise ValueError(f"QuantConfig.w_format={fmt!r} is symmetric; set w_sym=True")
+            if kind == "a" and (not self.a_sym or self.a_clip_search or self.a_clip_ratio != 1.0):
+                raise ValueError(f"QuantConfig.a_format={fmt!r}: activations are symmetric and unclipped (a_sym=True, no a_clip_*)")
+        if self.a_bits_for and self.a_format != "int":
+            raise ValueError("QuantConfig.a_bits_for (mixed activation bits) is for int activations only")
+
+    def weight_spec(self, clip_ratio=1.0) -> TensorQuant:
+        """The :class:`~rolora_plugin.quant.primitives.TensorQuant` of every quantized weight."""
+        return TensorQuant(self.w_format, self.w_bits, self.w_sym, self.int_grid, self.w_group_size, clip_ratio)
+
+    def activation_spec(self, name: str = "", clip_ratio: float | None = None) -> TensorQuant:
+        """The dynamic activation quantizer of linear ``name`` (its ``a_bits_for`` bits; ``clip_ratio`` default ``a_clip_ratio``)."""
+        bits = self.activation_bits(name) if name else self.a_bits
+        clip = self.a_clip_ratio if clip_ratio is None else clip_ratio
+        return TensorQuant(self.a_format, bits, self.a_sym, self.int_grid, self.a_group_size, clip)
+
+    def kv_spec(self) -> TensorQuant:
+        return TensorQuant("int", self.kv_bits, self.kv_sym, self.int_grid, None, self.kv_clip_ratio)
+
+    def engine_contract(self) -> dict:
+        """What a serving engine runs for this config: ``{"servable": bool, "scheme": str, "reasons": [...]}``.
+
+        ``scheme`` is the vLLM 0.34 compressed-tensors scheme class its scheme selection picks for such a checkpoint
+        (benchmarks/vllm_scheme.py checks it with vLLM's own code); ``reasons`` says why a config is not servable
+        (asymmetric or clipped dynamic activations, a 15-level int grid compressed-tensors does not define, a KV
+        cache or mixed bits no engine runs from this format).
+        """
+        reasons = []
+        a_on = self.a_bits < OFF_BITS
+        if a_on and self.a_format == "int":
+            if not self.a_sym:
+                reasons.append("asymmetric dynamic activations (engines take symmetric ones)")
+            if self.a_clip_search or self.a_clip_ratio != 1.0:
+                reasons.append("activation clip ratios (no field in compressed-tensors; engines quantize unclipped)")
+            if self.int_grid != "full":
+                reasons.append("15-level int grid max/(2^(b-1)-1): compressed-tensors defines max/(2^(b-1)-1/2)")
+        if self.kv_bits < OFF_BITS:
+            reasons.append("int KV-cache quantization (vLLM serves FP8 KV caches only)")
+        if self.a_bits_for:
+            reasons.append("mixed activation bits (a_bits_for)")
+        if self.w_format != self.a_format and a_on:
+            reasons.append(f"{self.w_format} weights with {self.a_format} activations")
+        if self.w_format == "int" and not self.w_sym:
+            reasons.append("asymmetric int weights (vLLM's W4A4/W4A8 int schemes take symmetric weights)")
+        return {"servable": not reasons, "scheme": self._scheme_name(), "reasons": reasons}
+
+    def _scheme_name(self) -> str:
+        if self.w_format == "nvfp4":
+            return "CompressedTensorsW4A4Fp4"
+        if self.w_format == "mxfp4":
+            return "CompressedTensorsW4A4MxFp4"
+        if self.a_bits == 4:
+            return "CompressedTensorsWNA4Int"
+        if self.a_bits == 8:
+            return "CompressedTensorsWNA8Int" if self.w_bits == 4 else "CompressedTensorsW8A8Int8"
+        return "CompressedTensorsWNA16" if self.a_bits >= OFF_BITS else "none"
+
     def _check_search_and_gptq(self):
         if self.method not in WEIGHT_METHODS:
             raise ValueError(f"QuantConfig.method must be 'rtn' or 'gptq', got {self.method!r}")
@@ -132,6 +224,8 @@ class QuantConfig(ConfigMixin):
 
     def label(self) -> str:
         """``"W4A4"``, ``"W4A4KV4"``, or for a mixed setting e.g. ``"W4A4 (A8: gate_proj, up_proj)"`` (never plain W4A4)."""
+        if self.w_format != "int" and self.w_format == self.a_format:
+            return self.w_format.upper() + " W4A4"
         text = f"W{self.w_bits}A{self.a_bits}" + (f"KV{self.kv_bits}" if self.kv_bits < OFF_BITS else "")
         if self.a_bits_for:
             text += " (" + "; ".join(f"A{b}: {k}" for k, b in sorted(self.a_bits_for.items())) + ")"
@@ -140,6 +234,18 @@ class QuantConfig(ConfigMixin):
     @classmethod
     def preset(cls, name: str, **overrides) -> "QuantConfig":
         """A named recipe (the best we measured), optionally with some fields overridden.
+
+        **Servable** presets (:data:`SERVABLE_PRESETS`; :meth:`engine_contract` names the vLLM scheme): the numerics
+        are the compressed-tensors format's definition, so its reference forward and vLLM compute this model.
+
+        * ``"w4a4-int"``: int4 symmetric weights per channel (GPTQ + weight clip search), int4 **symmetric dynamic
+          per-token** activations on compressed-tensors' 16-level grid (``int_grid="full"``), no activation clip.
+          vLLM: ``CompressedTensorsWNA4Int`` (Humming kernels; its dynamic int4 activation scale is max/7, 15
+          levels: it computes the ``int_grid="narrow"`` model, see README "Deploying").
+        * ``"nvfp4"`` / ``"mxfp4"``: FP4 weights and activations (GPTQ with group-scale clip search), vLLM
+          ``CompressedTensorsW4A4Fp4`` / ``CompressedTensorsW4A4MxFp4``.
+
+        The research recipe ``"w4a4"`` is **not servable** (asymmetric, clipped activations): no engine runs it.
 
         * ``"w4a4"``: every linear but lm_head at 4-bit weights (per channel, symmetric) and 4-bit per-token
           **asymmetric** activations (16 levels over ``[min, max]`` of each token); GPTQ with a per-row weight clip
@@ -154,7 +260,7 @@ class QuantConfig(ConfigMixin):
         * ``"w4a4kv4"``: the same and a 4-bit (asymmetric, per head and token) KV cache; rotate with R3 too.
         * ``"w4a4-gate-up-a8"``: a **mixed** setting, not W4A4: the w4a4 recipe with the MLP inputs (gate_proj,
           up_proj) at 8-bit activations, the kind that dominates the 4-bit activation error on SmolLM2.
-        * ``"w4a8"``: GPTQ 4-bit weights, 8-bit activations. ``"w8a8"``: RTN, 8/8 bits.
+        * ``"w4a8"``: GPTQ 4-bit weights, 8-bit symmetric activations. ``"w8a8"``: RTN, 8/8 bits (both on the full grid: servable).
 
         Example::
 

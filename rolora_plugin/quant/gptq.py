@@ -52,7 +52,7 @@ from ..architectures import get_architecture
 from ..errors import QuantizationError
 from .config import QuantConfig
 from .moe import expert_modules, quantize_expert_rows_, routed_inputs, rtn_expert_, set_routed_token_counts
-from .primitives import OFF_BITS, compute_scales, mse_clip_search, quant_range, quantize_with_scales
+from .primitives import OFF_BITS, TensorQuant, clip_search as _clip_search, compute_qparams, nvfp4_global_scale, quant_range, quantize_with_params
 from .rtn import WeightQuantParams, replace_weight_, rtn_quantize_linear_, set_weight_quant_params_
 from .targets import quantizable_linears
 
@@ -103,18 +103,24 @@ def _prepare(w: torch.Tensor, hessian: torch.Tensor, damp: float):
     return W, H, damp * torch.mean(torch.diag(H))
 
 
-def _scales(W: torch.Tensor, bits: int, sym: bool, clip_search: dict | None):
+def _scales(W: torch.Tensor, spec: TensorQuant, clip_search: dict | None, global_scale):
     """Per-row (s, z), each (rows, 1), for the columns of W (rows, k), with optional clip search."""
-    ratio = mse_clip_search(W, bits, None, sym, **clip_search).reshape(-1, 1) if clip_search else 1.0
-    return compute_scales(W, bits, sym, ratio)
+    if clip_search:
+        ratio = _clip_search(W, TensorQuant(**{**spec.__dict__, "group_size": None}), global_scale=global_scale, **clip_search)
+        spec = spec.with_clip(ratio.reshape(-1, 1))
+    return compute_qparams(W, spec, global_scale=global_scale)
 
 
-def _static_scales(W: torch.Tensor, bits: int, group_size: int | None, sym: bool, clip_search):
+def _static_scales(W: torch.Tensor, spec: TensorQuant, clip_search, global_scale):
     """Scales of every group before any update: lists of (s, z) per group (one entry when per channel)."""
-    g = group_size or W.shape[1]
+    g = spec.group_size or W.shape[1]
     if W.shape[1] % g:
-        raise ValueError(f"group_size {group_size} does not divide the input width {W.shape[1]}")
-    return [_scales(W[:, i : i + g], bits, sym, clip_search) for i in range(0, W.shape[1], g)]
+        raise ValueError(f"group_size {spec.group_size} does not divide the input width {W.shape[1]}")
+    return [_scales(W[:, i : i + g], spec, clip_search, global_scale) for i in range(0, W.shape[1], g)]
+
+
+def _spec_of(bits, group_size, sym, spec):
+    return spec if spec is not None else TensorQuant("int", bits, sym, "narrow", group_size)
 
 
 def gptq_quantize_weight(
@@ -129,18 +135,25 @@ def gptq_quantize_weight(
     block_size: int = 128,
     clip_search: dict | None = None,
     return_params: bool = False,
+    spec: TensorQuant | None = None,
 ):
     """GPTQ-quantize a weight: w (out, in), hessian (in, in) → fake-quantized ``Ŵ`` (out, in), w's dtype/device.
 
-    ``clip_search``: None, or keyword arguments of :func:`rolora_plugin.quant.mse_clip_search` (grid, max_shrink,
-    norm). See the module docstring for the update rule and the group / act-order choices.
-    ``return_params=True`` returns ``(Ŵ, s, z)`` with the scales and zero points actually used, each
-    (out, n_groups) in the compute dtype, such that ``Ŵ = (clamp(round(Ŵ / s) + z) − z) · s`` per group (groups in
-    the original column order, also with act-order: static groups).
+    ``spec``: the weight's :class:`~rolora_plugin.quant.primitives.TensorQuant` (any format; it overrides
+    ``bits``/``group_size``/``sym``, which describe a narrow-grid int spec when it is None). NVFP4's per-tensor global
+    scale is taken from ``w`` before any update and stays fixed. ``clip_search``: None, or keyword arguments of
+    :func:`~rolora_plugin.quant.primitives.clip_search` (grid, max_shrink, norm). See the module docstring for the
+    update rule and the group / act-order choices. ``return_params=True`` returns ``(Ŵ, s, z, G)`` with the
+    (effective) scales and zero points actually used, each (out, n_groups) in the compute dtype, such that
+    ``Ŵ = Q(Ŵ; s, z)`` per group (groups in the original column order, also with act-order: static groups), and
+    the NVFP4 global scale G (None for other formats).
     """
+    spec = _spec_of(bits, group_size, sym, spec)
+    group_size = spec.group_size
     W, H, lam = _prepare(w, hessian, damp)
+    gscale = nvfp4_global_scale(W.abs().amax().float()) if spec.format == "nvfp4" else None
     cols = W.shape[1]
-    static = _static_scales(W, bits, group_size, sym, clip_search) if (act_order or group_size is None) else None
+    static = _static_scales(W, spec, clip_search, gscale) if (act_order or group_size is None) else None
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
     H += lam * torch.eye(cols, dtype=H.dtype, device=H.device)
@@ -151,7 +164,7 @@ def gptq_quantize_weight(
     scale = zero = None
     found = static if static is not None else [None] * (cols // g)  # (s, z) per group, original column order
     group_of = (perm // g).tolist()  # column (permuted order) -> its group, as Python ints for the sweep
-    qmin, qmax = quant_range(bits, sym)
+    qmin, qmax = quant_range(spec.bits, spec.sym)
     diag = torch.diagonal(U).clone()
     flat = [(sc.reshape(-1), z.reshape(-1)) for sc, z in static] if static is not None else None
     for i1 in range(0, cols, block):
@@ -162,11 +175,13 @@ def gptq_quantize_weight(
             if static is not None:
                 scale, zero = flat[group_of[col]]
             elif col % g == 0:
-                found[col // g] = _scales(W1[:, i : i + g], bits, sym, clip_search)
+                found[col // g] = _scales(W1[:, i : i + g], spec, clip_search, gscale)
                 scale, zero = (t.reshape(-1) for t in found[col // g])
             w_col = W1[:, i]
-            # quantize_with_scales' ops, inlined (this loop runs once per input column)
-            q = torch.div(w_col, scale).round_().add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)
+            if spec.is_fp4:
+                q = quantize_with_params(w_col, scale, zero, spec)
+            else:  # quantize_with_params' integer ops, inlined (this loop runs once per input column)
+                q = torch.div(w_col, scale).round_().add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)
             Q[:, col] = q
             err = w_col.sub(q).div_(diag[col])
             W1[:, i:].addr_(err, U[col, col:i2], alpha=-1)
@@ -175,28 +190,30 @@ def gptq_quantize_weight(
     Q = Q[:, torch.argsort(perm)].to(w.dtype)
     if not return_params:
         return Q
-    return Q, torch.cat([s for s, _ in found], dim=1), torch.cat([z for _, z in found], dim=1)
+    return Q, torch.cat([s for s, _ in found], dim=1), torch.cat([z for _, z in found], dim=1), gscale
 
 
-def gptq_quantize_weight_ref(w, hessian, bits, *, group_size=None, sym=True, damp=0.01, act_order=False, clip_search=None):
+def gptq_quantize_weight_ref(w, hessian, bits, *, group_size=None, sym=True, damp=0.01, act_order=False, clip_search=None, spec=None):
     """Float64 reference of :func:`gptq_quantize_weight`: unblocked OBS updates with an explicit inverse.
 
     After quantizing column j of the remaining set F: ``W[:, F∖j] −= (w_j − q_j)/[H_F⁻¹]_jj · [H_F⁻¹]_{j,F∖j}`` and
     ``H_{F∖j}⁻¹ = H_F⁻¹ − [H_F⁻¹]_{:,j} [H_F⁻¹]_{j,:} / [H_F⁻¹]_jj`` (Frantar et al. 2022, eq. 2-3). O(in³) memory-light.
     """
+    spec = _spec_of(bits, group_size, sym, spec)
     W, H, lam = _prepare(w.to(torch.float64), hessian, damp)
+    gscale = nvfp4_global_scale(W.abs().amax().float()) if spec.format == "nvfp4" else None
     cols = W.shape[1]
-    static = _static_scales(W, bits, group_size, sym, clip_search) if (act_order or group_size is None) else None
+    static = _static_scales(W, spec, clip_search, gscale) if (act_order or spec.group_size is None) else None
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
     W, H = W[:, perm], H[perm][:, perm] + lam * torch.eye(cols, dtype=torch.float64, device=W.device)
-    Hinv, g = torch.linalg.inv(H), group_size or cols
+    Hinv, g = torch.linalg.inv(H), spec.group_size or cols
     Q = torch.zeros_like(W)
     for j in range(cols):
         if static is not None:
             scale, zero = static[int(perm[j]) // g]
         elif j % g == 0:
-            scale, zero = _scales(W[:, j : j + g], bits, sym, clip_search)
-        Q[:, j : j + 1] = quantize_with_scales(W[:, j : j + 1], scale, zero, bits, sym)
+            scale, zero = _scales(W[:, j : j + g], spec, clip_search, gscale)
+        Q[:, j : j + 1] = quantize_with_params(W[:, j : j + 1], scale, zero, spec)
         d = Hinv[0, 0]
         W[:, j + 1 :] -= (W[:, j : j + 1] - Q[:, j : j + 1]) / d * Hinv[0:1, 1:]
         Hinv = Hinv[1:, 1:] - Hinv[1:, 0:1] @ Hinv[0:1, 1:] / d
@@ -315,13 +332,13 @@ def _quantize_stage(linears: dict, accs: dict, config: QuantConfig, errors: dict
             logger.warning("GPTQ: %s%s received no calibration tokens; falling back to RTN", prefix, name)
             errors[prefix + name] = rtn_quantize_linear_(lin, config)
             continue
-        q, scale, zero = gptq_quantize_weight(
-            lin.weight, acc.hessian, config.w_bits, group_size=config.w_group_size, sym=config.w_sym,
-            damp=config.gptq_damp, act_order=config.gptq_act_order, block_size=config.gptq_block_size,
+        q, scale, zero, gscale = gptq_quantize_weight(
+            lin.weight, acc.hessian, config.w_bits, spec=config.weight_spec(), damp=config.gptq_damp,
+            act_order=config.gptq_act_order, block_size=config.gptq_block_size,
             clip_search=config.clip_search_kwargs(), return_params=True,
         )  # fmt: skip
         errors[prefix + name] = replace_weight_(lin, q)
-        set_weight_quant_params_(lin, WeightQuantParams(config.w_bits, config.w_group_size, config.w_sym, scale, zero))
+        set_weight_quant_params_(lin, WeightQuantParams.of(config, scale, zero, gscale))
 
 
 def _decoder_layers(model: nn.Module):
@@ -411,7 +428,7 @@ def _gptq_rows(w: torch.Tensor, x: torch.Tensor, config: QuantConfig) -> torch.T
     acc = HessianAccumulator(w.shape[1], w.device)
     acc.add(x)
     return gptq_quantize_weight(
-        w, acc.hessian, config.w_bits, group_size=config.w_group_size, sym=config.w_sym, damp=config.gptq_damp,
+        w, acc.hessian, config.w_bits, spec=config.weight_spec(), damp=config.gptq_damp,
         act_order=config.gptq_act_order, block_size=config.gptq_block_size, clip_search=config.clip_search_kwargs(),
     )  # fmt: skip
 

@@ -31,7 +31,7 @@ from ..architectures import get_architecture, get_submodule
 from ..config import QUANT_RECORD_KEY
 from ..errors import QuantizationError
 from ..online import add_attention_transform, attention_transforms, remove_attention_transform
-from .calibration import check_calibration, search_activation_clips
+from .calibration import check_calibration, input_amax, search_activation_clips
 from .config import QuantConfig
 from .gptq import gptq_quantize_model_
 from .moe import (
@@ -42,7 +42,7 @@ from .moe import (
     routed_token_counts,
     rtn_quantize_experts_,
 )
-from .primitives import OFF_BITS, quantize_activation
+from .primitives import OFF_BITS, TensorQuant, fake_quant, nvfp4_global_scale
 from .rtn import rtn_quantize_linear_
 from .targets import quantizable_linears
 
@@ -68,33 +68,33 @@ _KV_NAME = "kv_quant"
 
 
 class ActivationQuantizer:
-    """Forward-pre-hook that fake-quantizes a Linear's first input per token (STE, so it also trains)."""
+    """Forward-pre-hook that fake-quantizes a Linear's first input with ``spec`` (dynamic; STE, so it also trains).
 
-    def __init__(self, bits: int, sym: bool = True, clip_ratio: float = 1.0):
-        self.bits, self.sym, self.clip_ratio = bits, sym, clip_ratio
+    ``global_scale``: NVFP4's calibrated ``input_global_scale`` (None: from each tensor's own max).
+    """
+
+    def __init__(self, spec: TensorQuant, global_scale: float | None = None):
+        self.spec, self.global_scale = spec, global_scale
 
     def __call__(self, module, args):
-        return (quantize_activation(args[0], self.bits, self.sym, self.clip_ratio, ste=True),) + tuple(args[1:])
+        return (fake_quant(args[0], self.spec, ste=True, global_scale=self.global_scale),) + tuple(args[1:])
 
     def __repr__(self) -> str:
-        return f"ActivationQuantizer(bits={self.bits}, sym={self.sym}, clip_ratio={self.clip_ratio})"
+        return f"ActivationQuantizer({self.spec}, global_scale={self.global_scale})"
 
 
 class KVQuantizer(nn.Module):
     """Attention transform ``(q, k, v) → (q, Q(k), Q(v))``: per head and token (over head_dim). No parameters."""
 
-    def __init__(self, bits: int, sym: bool = False, clip_ratio: float = 1.0):
+    def __init__(self, spec: TensorQuant):
         super().__init__()
-        self.bits, self.sym, self.clip_ratio = bits, sym, clip_ratio
+        self.spec = spec
 
     def forward(self, q, k, v):
-        return q, self._quantize(k), self._quantize(v)
-
-    def _quantize(self, t):
-        return quantize_activation(t, self.bits, self.sym, self.clip_ratio, ste=True)
+        return q, fake_quant(k, self.spec, ste=True), fake_quant(v, self.spec, ste=True)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, sym={self.sym}, clip_ratio={self.clip_ratio}"
+        return repr(self.spec)
 
 
 # ---------------------------------------------------------------------------------------------- record
@@ -106,7 +106,8 @@ class QuantizationRecord:
 
     ``weight_error`` maps each quantized linear to ``‖W - Q(W)‖_F / ‖W‖_F``; ``a_clip_ratios`` maps a linear to
     the activation clip ratio searched for it (``QuantConfig.a_clip_search``); linears not in it use
-    ``config.a_clip_ratio``. ``experts`` names the MoE experts modules quantized (:mod:`.moe`; their weight errors
+    ``config.a_clip_ratio``. ``input_global_scales`` (NVFP4 activations) maps a linear to its calibrated per-tensor
+    ``input_global_scale`` (``448·6 / max|x|`` over the calibration data). ``experts`` names the MoE experts modules quantized (:mod:`.moe`; their weight errors
     are under ``<name>.gate_up_proj`` / ``<name>.down_proj``); ``expert_tokens`` (GPTQ) maps each to the number of
     calibration tokens routed to every expert.
     """
@@ -119,6 +120,7 @@ class QuantizationRecord:
     a_clip_ratios: dict = field(default_factory=dict)
     experts: list = field(default_factory=list)
     expert_tokens: dict = field(default_factory=dict)
+    input_global_scales: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict:
@@ -200,10 +202,8 @@ def _gptq_weights(model: nn.Module, config: QuantConfig, linears: dict, calibrat
     if not (config.gptq_quantized_inputs and config.a_bits < OFF_BITS):
         return gptq_quantize_model_(model, config, calibration, progress=progress)
     # activation quantizers registered before GPTQ's Hessian hooks run first: H is taken from Q(X)
-    bits = {n: config.activation_bits(n) for n in linears}
-    handles = [
-        lin.register_forward_pre_hook(ActivationQuantizer(bits[n], config.a_sym, config.a_clip_ratio)) for n, lin in linears.items() if bits[n] < OFF_BITS
-    ]
+    specs = {n: config.activation_spec(n) for n in linears}
+    handles = [lin.register_forward_pre_hook(ActivationQuantizer(specs[n])) for n, lin in linears.items() if not specs[n].off]
     try:
         return gptq_quantize_model_(model, config, calibration, progress=progress)
     finally:
@@ -248,10 +248,18 @@ def quantize_model_(model: nn.Module, config: QuantConfig | None = None, calibra
         record.expert_tokens = routed_token_counts(experts)
     searched = {n: lin for n, lin in linears.items() if config.activation_bits(n) < OFF_BITS}
     if config.a_clip_search and searched:
-        bits = {n: config.activation_bits(n) for n in searched}
+        specs = {n: config.activation_spec(n, 1.0) for n in searched}
         record.a_clip_ratios = search_activation_clips(
-            model, searched, calibration, bits, config.a_sym, candidates=config.a_clip_candidates, apply_ratio=config.a_clip_ratio
+            model, searched, calibration, specs, candidates=config.a_clip_candidates, apply_ratio=config.a_clip_ratio, progress=progress
         )
+    if config.a_format == "nvfp4" and searched:
+        if calibration is None:
+            raise QuantizationError(
+                "NVFP4 activations need a calibrated per-linear input_global_scale: pass calibration=[input_ids ...] "
+                "to quantize_model_ (a few hundred tokens of representative text)"
+            )
+        amax = input_amax(model, searched, calibration, progress=progress)
+        record.input_global_scales = {n: float(nvfp4_global_scale(a)) for n, a in amax.items()}
     install_activation_quantizers(model, record)
     setattr(model.config, QUANT_RECORD_KEY, record.to_dict())
     logger.info(
@@ -270,10 +278,10 @@ def install_activation_quantizers(model: nn.Module, record: QuantizationRecord) 
     cfg = record.config
     remove_activation_quantizers(model)
     for name in record.quantized:
-        bits = cfg.activation_bits(name)
-        if bits < OFF_BITS:
+        spec = cfg.activation_spec(name, record.a_clip_ratios.get(name, cfg.a_clip_ratio))
+        if not spec.off:
             lin = model.get_submodule(name)
-            hook = ActivationQuantizer(bits, cfg.a_sym, record.a_clip_ratios.get(name, cfg.a_clip_ratio))
+            hook = ActivationQuantizer(spec, record.input_global_scales.get(name))
             lin.__dict__[_ACT_ATTR] = (hook, lin.register_forward_pre_hook(hook))
     install_expert_activation_quantizers(model, record.experts, cfg, record.a_clip_ratios)
     record.kv_layers = _install_kv_quantizers(model, cfg) if cfg.kv_bits < OFF_BITS else 0
@@ -283,7 +291,7 @@ def _install_kv_quantizers(model: nn.Module, cfg: QuantConfig) -> int:
     spec = get_architecture(model)
     layers = spec.decoder_layers(model)
     for layer in layers:
-        quantizer = KVQuantizer(cfg.kv_bits, cfg.kv_sym, cfg.kv_clip_ratio)
+        quantizer = KVQuantizer(cfg.kv_spec())
         add_attention_transform(get_submodule(layer, spec.attention), _KV_NAME, quantizer, model.config)
     return len(layers)
 

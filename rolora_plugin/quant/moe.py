@@ -22,7 +22,7 @@ from ..errors import QuantizationError, UnsupportedArchitectureError
 from ..moe import EXPERT_PARAMS, base_experts
 from ..online import add_expert_gate_transform, expert_gate_transforms, remove_expert_gate_transform
 from .config import QuantConfig
-from .primitives import OFF_BITS, mse_clip_search, quantize_activation, quantize_weight
+from .primitives import OFF_BITS, clip_search, fake_quant
 from .targets import is_skipped
 
 __all__ = [
@@ -89,8 +89,9 @@ def quantize_expert_rows_(p: torch.Tensor, e: int, q: torch.Tensor) -> float:
 def _rtn_rows(w: torch.Tensor, config: QuantConfig) -> torch.Tensor:
     """RTN of a 2-D view (rows = output channels), with the config's clip search."""
     search = config.clip_search_kwargs()
-    ratio = mse_clip_search(w, config.w_bits, config.w_group_size, config.w_sym, **search) if search else 1.0
-    return quantize_weight(w, config.w_bits, config.w_group_size, config.w_sym, ratio)
+    spec = config.weight_spec()
+    ratio = clip_search(w, spec, **search) if search else 1.0
+    return fake_quant(w, spec.with_clip(ratio))
 
 
 def rtn_expert_(p: torch.Tensor, e: int, config: QuantConfig) -> float:
@@ -140,17 +141,17 @@ def routed_token_counts(experts: dict[str, nn.Module]) -> dict[str, list[int]]:
 
 
 class TokenQuantizer(nn.Module):
-    """Per-token fake quantization (over the last dim) of a tensor, with straight-through gradients."""
+    """Dynamic fake quantization of a tensor with ``spec`` (over the last dim), with straight-through gradients."""
 
-    def __init__(self, bits: int, sym: bool = True, clip_ratio: float = 1.0):
+    def __init__(self, spec):
         super().__init__()
-        self.bits, self.sym, self.clip_ratio = bits, sym, clip_ratio
+        self.spec = spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quantize_activation(x, self.bits, self.sym, self.clip_ratio, ste=True)
+        return fake_quant(x, self.spec, ste=True)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, sym={self.sym}, clip_ratio={self.clip_ratio}"
+        return repr(self.spec)
 
 
 def _input_hook(quantizer: TokenQuantizer):
@@ -165,12 +166,12 @@ def install_expert_activation_quantizers(model: nn.Module, names: list[str], con
     (``<name>.down_proj``, after the online R4), with ``config.activation_bits`` of those names."""
     for name in names:
         experts = base_experts(model.get_submodule(name))
-        bits_in, bits_down = (config.activation_bits(f"{name}.{p}") for p in EXPERT_PARAMS)
-        if bits_in < OFF_BITS:
-            q = TokenQuantizer(bits_in, config.a_sym, clips.get(f"{name}.gate_up_proj", config.a_clip_ratio))
+        spec_in, spec_down = (config.activation_spec(f"{name}.{p}", clips.get(f"{name}.{p}")) for p in EXPERT_PARAMS)
+        if not spec_in.off:
+            q = TokenQuantizer(spec_in)
             experts.__dict__[_INPUT_HOOK] = experts.register_forward_pre_hook(_input_hook(q))
-        if bits_down < OFF_BITS:
-            q = TokenQuantizer(bits_down, config.a_sym, clips.get(f"{name}.down_proj", config.a_clip_ratio))
+        if not spec_down.off:
+            q = TokenQuantizer(spec_down)
             try:
                 add_expert_gate_transform(experts, _GATE_NAME, q)
             except RuntimeError as e:

@@ -24,7 +24,7 @@ from torch import nn
 from .._peft import active_adapters, base_layer, is_lora_layer, lora_dropouts, unwrap_peft, uses_dora
 from ..architectures import get_architecture
 from ..distributed import is_partitioned
-from .primitives import quantize_activation, quantize_weight
+from .primitives import fake_quant
 
 __all__ = ["ALL_LINEAR", "FakeQuantHandle", "enable_fake_quant_", "fake_quant_active", "fake_quantized", "fused_expert_modules"]
 
@@ -97,8 +97,7 @@ class _FakeQuantState:
         return self._cache[1]
 
     def quantize_weight(self, w: torch.Tensor) -> torch.Tensor:
-        c = self.config
-        return quantize_weight(w, c.w_bits, c.w_group_size, c.w_sym, ste=True)
+        return fake_quant(w, self.config.weight_spec(), ste=True)
 
 
 def _fake_quant_forward(self, x, *args, **kwargs):
@@ -108,7 +107,7 @@ def _fake_quant_forward(self, x, *args, **kwargs):
     if cfg is None:
         return type(self).forward(self, x, *args, **kwargs)
     base = base_layer(self)
-    xq = quantize_activation(x, cfg.a_bits, cfg.a_sym, cfg.a_clip_ratio, ste=True).to(base.weight.dtype)
+    xq = fake_quant(x, cfg.activation_spec(), ste=True).to(base.weight.dtype)
     adapters = active_adapters(self)
     bias = base.bias
     for _, b, s in adapters:

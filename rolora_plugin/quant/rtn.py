@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
-from .primitives import OFF_BITS, mse_clip_search, quantize_with_scales, weight_scales
+from .primitives import OFF_BITS, clip_search, compute_qparams, nvfp4_global_scale, quantize_with_params
 
 __all__ = ["WeightQuantParams", "replace_weight_", "rtn_quantize_linear_", "set_weight_quant_params_", "weight_quant_params"]
 
@@ -42,10 +42,19 @@ class WeightQuantParams:
     sym: bool
     scale: torch.Tensor
     zero: torch.Tensor
+    format: str = "int"
+    global_scale: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.scale.shape != self.zero.shape or self.scale.dim() != 2:
             raise ValueError(f"scale and zero must both be (out, n_groups), got {tuple(self.scale.shape)} and {tuple(self.zero.shape)}")
+        if (self.format == "nvfp4") != (self.global_scale is not None):
+            raise ValueError("an NVFP4 weight has a global scale (and only NVFP4 weights have one)")
+
+    @classmethod
+    def of(cls, config: QuantConfig, scale, zero, global_scale=None) -> "WeightQuantParams":
+        """The params of a weight quantized with ``config.weight_spec()``; scale/zero (out, n_groups)."""
+        return cls(config.w_bits, config.w_group_size, config.w_sym, scale, zero, config.w_format, global_scale)
 
 
 def weight_quant_params(lin: nn.Module) -> WeightQuantParams | None:
@@ -71,15 +80,26 @@ def rtn_quantize_linear_(lin: nn.Linear, config: QuantConfig) -> float:
     if config.w_bits >= OFF_BITS:
         set_weight_quant_params_(lin, None)
         return replace_weight_(lin, w)
-    search = config.clip_search_kwargs()
-    ratio = mse_clip_search(w, config.w_bits, config.w_group_size, config.w_sym, **search) if search else 1.0
-    scale, zero = weight_scales(w, config.w_bits, config.w_group_size, config.w_sym, ratio)  # (out, n_groups, 1)
+    scale, zero, gscale = rtn_params(w, config)  # (out, n_groups, 1)
     grouped = w.reshape(w.shape[0], scale.shape[1], -1)
-    q = quantize_with_scales(grouped, scale, zero, config.w_bits, config.w_sym).reshape(w.shape)
+    q = quantize_with_params(grouped, scale, zero, config.weight_spec()).reshape(w.shape)
     err = replace_weight_(lin, q)
-    params = WeightQuantParams(config.w_bits, config.w_group_size, config.w_sym, scale.squeeze(-1), zero.squeeze(-1))
-    set_weight_quant_params_(lin, params)
+    set_weight_quant_params_(lin, WeightQuantParams.of(config, scale.squeeze(-1), zero.squeeze(-1), gscale))
     return err
+
+
+def rtn_params(w: torch.Tensor, config: QuantConfig):
+    """RTN scales of a weight (out, in) with the config's clip search: ``(s, z, G)``, s/z (out, n_groups, 1); G the
+    NVFP4 global scale from ``max|W|`` (None for other formats)."""
+    spec = config.weight_spec()
+    gscale = nvfp4_global_scale(w.detach().abs().amax().float()) if spec.format == "nvfp4" else None
+    search = config.clip_search_kwargs()
+    grouped = w.detach().reshape(w.shape[0], -1, spec.group_size or w.shape[1])
+    if search:
+        ratio = clip_search(w, spec, global_scale=gscale, **search)
+        spec = spec.with_clip(ratio.reshape(*grouped.shape[:2], 1))
+    scale, zero = compute_qparams(grouped, spec, global_scale=gscale)
+    return scale, zero, gscale
 
 
 def replace_weight_(lin: nn.Linear, q: torch.Tensor) -> float:

@@ -264,15 +264,21 @@ def test_adapter_on_the_unrotated_base_merges_with_the_stored_matrix(tmp_path):
 
 @pytest.mark.parametrize("sym", [True, False])
 def test_objective_quantizer_matches_the_library_forward(sym):
-    from rolora_plugin.learned import ste_quantize
     from rolora_plugin.quant import quantize_activation
+    from rolora_plugin.quant.primitives import TensorQuant, fake_quant
 
     x = torch.randn(64, 48, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 3
     x[:, 5] *= 20
-    assert torch.allclose(ste_quantize(x, 4, sym), quantize_activation(x, 4, sym), rtol=0, atol=1e-12)
+    spec = TensorQuant(bits=4, sym=sym)
+    assert torch.allclose(fake_quant(x, spec, scale_grad=True), quantize_activation(x, 4, sym), rtol=0, atol=1e-12)
     x.requires_grad_(True)
-    ste_quantize(x, 4, sym).sum().backward()
+    fake_quant(x, spec, scale_grad=True).sum().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    # the scale is in the graph: the gradient differs from the detached-scale STE (which is 1 everywhere unclipped)
+    g_scale = x.grad.clone()
+    x.grad = None
+    fake_quant(x, spec, ste=True).sum().backward()
+    assert not torch.allclose(g_scale, x.grad)
 
 
 def test_learning_r1_on_a_moe_is_refused_before_any_edit():
