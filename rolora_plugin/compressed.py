@@ -40,10 +40,10 @@ from torch import nn
 
 from .config import QUANT_RECORD_KEY
 from .errors import QuantizationError, RotationError
-from .learned import LEARNED_FILE
+from .learned import LEGACY_LEARNED_FILE
 from .publish import atomic_write_text
 from .quant.model import QuantizationRecord
-from .quant.primitives import OFF_BITS
+from .quant.primitives import OFF_BITS, round_e4m3
 from .quant.qat import fused_expert_modules
 from .quant.rtn import WeightQuantParams, set_weight_quant_params_, weight_quant_params
 from .rotation import RotationRecord
@@ -58,6 +58,7 @@ __all__ = [
     "model_class",
     "prepare_compressed",
     "quantization_config_dict",
+    "check_servable",
     "tensor_digests",
     "verify_compressed_export",
     "write_compressed",
@@ -74,7 +75,19 @@ _IGNORED_KEYS = ("version",)  # quantization_config keys that do not describe th
 # ---------------------------------------------------------------------------------------------- quantization config
 
 
+_PACK_FORMAT = {"int": "pack-quantized", "nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
+_FP4_PRESET = {"nvfp4": "NVFP4", "mxfp4": "MXFP4"}  # compressed-tensors' own scheme presets define the FP4 args
+
+
+def _fp4_args(fmt: str, kind: str) -> dict:
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    return getattr(preset_name_to_scheme(_FP4_PRESET[fmt], ["Linear"]), kind).model_dump()
+
+
 def _weights_args(cfg) -> dict:
+    if cfg.w_format != "int":
+        return _fp4_args(cfg.w_format, "weights")
     strategy = "channel" if cfg.w_group_size is None else "group"
     return {"num_bits": cfg.w_bits, "type": "int", "symmetric": cfg.w_sym, "strategy": strategy, "group_size": cfg.w_group_size, "dynamic": False}
 
@@ -82,6 +95,34 @@ def _weights_args(cfg) -> dict:
 def _dynamic_args(bits: int, sym: bool, group_size: int | None = None) -> dict:
     strategy = "token" if group_size is None else "group"
     return {"num_bits": bits, "type": "int", "symmetric": sym, "strategy": strategy, "group_size": group_size, "dynamic": True}
+
+
+def _activation_args(cfg) -> dict | None:
+    if cfg.a_bits >= OFF_BITS:
+        return None
+    if cfg.a_format != "int":
+        return _fp4_args(cfg.a_format, "input_activations")
+    return _dynamic_args(cfg.a_bits, cfg.a_sym, cfg.a_group_size)
+
+
+def check_servable(record: QuantizationRecord, not_servable_ok: bool) -> dict:
+    """The record's engine contract (:meth:`QuantConfig.engine_contract`); refuses a non-servable one unless allowed.
+
+    A compressed-tensors checkpoint looks servable to every engine that reads the format; one whose numerics an
+    engine would not reproduce (asymmetric or clipped activations, the 15-level grid, an int KV cache) must be
+    asked for explicitly (``not_servable_ok=True``; the record then says ``"servable": false`` and why).
+    """
+    contract = record.config.engine_contract()
+    if not contract["servable"]:
+        if not not_servable_ok:
+            raise QuantizationError(
+                "this quantization is not servable: " + "; ".join(contract["reasons"]) + ". A compressed-tensors "
+                "checkpoint of it would look servable but vLLM / compressed-tensors would compute another model. Use a "
+                "servable preset (QuantConfig.preset('w4a4-int' | 'nvfp4' | 'mxfp4' | 'w4a8'); CLI --recipe), or "
+                "write it anyway for load_rotated only with not_servable_ok=True (CLI --not-servable-ok)."
+            )
+        logger.warning("writing a NOT servable compressed-tensors checkpoint (%s): only load_rotated computes its numbers", "; ".join(contract["reasons"]))
+    return contract
 
 
 def _check_exportable(record: QuantizationRecord) -> None:
@@ -112,13 +153,13 @@ def quantization_config_dict(record: QuantizationRecord, head_dim: int, transfor
     group = {
         "targets": list(targets),
         "weights": _weights_args(cfg),
-        "input_activations": _dynamic_args(cfg.a_bits, cfg.a_sym) if cfg.a_bits < OFF_BITS else None,
+        "input_activations": _activation_args(cfg),
         "output_activations": None,
-        "format": "pack-quantized",
+        "format": _PACK_FORMAT[cfg.w_format],
     }
     kv = _dynamic_args(cfg.kv_bits, cfg.kv_sym, head_dim) if cfg.kv_bits < OFF_BITS else None
     qc = QuantizationConfig.model_validate(
-        {"config_groups": {_GROUP: group}, "format": "pack-quantized", "quantization_status": "compressed",
+        {"config_groups": {_GROUP: group}, "format": _PACK_FORMAT[cfg.w_format], "quantization_status": "compressed",
          "ignore": sorted(record.skipped), "kv_cache_scheme": kv}
     )  # fmt: skip
     transform = _dumped_transform_config(transform_config)
@@ -162,9 +203,14 @@ def _module_state(name: str, lin: nn.Module, record: QuantizationRecord) -> dict
             f"{name} has no recorded quantization scales (quantized by an older rolora-plugin, or its weight was replaced "
             "after quantize_model_); reload the full-precision model and run quantize_model_ again"
         )
-    if (params.bits, params.group_size, params.sym) != (cfg.w_bits, cfg.w_group_size, cfg.w_sym):
+    if (params.bits, params.group_size, params.sym, params.format) != (cfg.w_bits, cfg.w_group_size, cfg.w_sym, cfg.w_format):
         raise QuantizationError(f"{name} was quantized with {params} but the record says {cfg}; re-run quantize_model_")
-    state = {"weight": lin.weight.detach(), "weight_scale": params.scale.to(lin.weight.device).contiguous()}
+    scale = params.scale.to(lin.weight.device)
+    if params.format == "nvfp4":  # stored: the FP8 group scale S = s·G (exact: s = S/G rounded, S has 3 mantissa bits)
+        gscale = params.global_scale.to(device=scale.device, dtype=torch.float32).reshape(1)
+        state = {"weight": lin.weight.detach(), "weight_scale": round_e4m3(scale.float() * gscale), "weight_global_scale": gscale}
+        return state
+    state = {"weight": lin.weight.detach(), "weight_scale": scale.contiguous()}
     if not cfg.w_sym:
         state["weight_zero_point"] = (params.zero - 2 ** (cfg.w_bits - 1)).to(device=lin.weight.device, dtype=torch.int8)
     return state
@@ -172,15 +218,45 @@ def _module_state(name: str, lin: nn.Module, record: QuantizationRecord) -> dict
 
 def _pack_linear(name: str, lin: nn.Module, record: QuantizationRecord, scheme) -> dict[str, torch.Tensor]:
     """Packed tensors of one linear; raises unless compressed-tensors' decompression gives its weight bit for bit."""
-    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor as Packer
+    from compressed_tensors.compressors import BaseCompressor
 
+    Packer = BaseCompressor.get_value_from_registry(_PACK_FORMAT[record.config.w_format])
     packed = Packer.compress(_module_state(name, lin, record), scheme)
+    if name in record.input_global_scales:  # NVFP4 activations: the calibrated static global scale
+        packed["input_global_scale"] = torch.tensor([record.input_global_scales[name]], dtype=torch.float32)
+    if record.config.w_format != "int":
+        return _checked_fp4(name, lin, record, packed, Packer.decompress(dict(packed), scheme)["weight"])
     back = Packer.decompress(packed, scheme)["weight"].to(lin.weight.dtype)
     if not torch.equal(back, lin.weight.detach()):
         bad = (back != lin.weight.detach()).sum().item()
         raise QuantizationError(
             f"{name}: {bad} weights are not on their quantization grid (changed after quantize_model_?); packing would "
             "change the model. Re-run quantize_model_ on the full-precision model."
+        )
+    return {k: v.detach().cpu().contiguous() for k, v in packed.items()}
+
+
+def fp4_dequantized(packed: torch.Tensor, scale: torch.Tensor, shape) -> torch.Tensor:
+    """Exact float32 FP4 weights ``e2m1 code × s`` from compressed-tensors' packed uint8 codes and the effective scales
+    s (out, n_groups). compressed-tensors 0.20's decompressor returns them rounded to bf16 (its
+    ``unpack_fp4_from_uint8`` dtype); FP4 GEMM kernels use the exact product, so this is what rolora loads."""
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+
+    codes = unpack_fp4_from_uint8(packed, shape[0], shape[1], dtype=torch.float32)
+    return (codes.reshape(shape[0], scale.shape[1], -1) * scale.float().unsqueeze(-1)).reshape(shape)
+
+
+def _checked_fp4(name: str, lin: nn.Module, record: QuantizationRecord, packed: dict, decompressed: torch.Tensor) -> dict:
+    """FP4: the packed codes × our scales give the weight bit for bit, and compressed-tensors' own decompression gives it
+    rounded to its output dtype (bf16), bit for bit; otherwise nothing is written."""
+    params = weight_quant_params(lin)
+    w = lin.weight.detach()
+    exact = fp4_dequantized(packed["weight_packed"], params.scale, tuple(w.shape)).to(w.dtype)
+    if not torch.equal(exact, w) or not torch.equal(decompressed, w.to(decompressed.dtype)):
+        bad = (exact != w).sum().item()
+        raise QuantizationError(
+            f"{name}: {bad} weights are not on their {record.config.w_format} grid (changed after quantize_model_?); packing "
+            "would change the model. Re-run quantize_model_ on the full-precision model."
         )
     return {k: v.detach().cpu().contiguous() for k, v in packed.items()}
 
@@ -193,6 +269,7 @@ class CompressedExport:
     quantization_config: dict  # config.json → quantization_config (less ``version``)
     quant_record: dict  # model.config.rolora_quant as it is (also in config.json), copied into rolora_quantization.json
     transform_weights: dict = field(default_factory=dict)  # stored transform matrices (transforms.safetensors)
+    engine: dict = field(default_factory=dict)  # QuantConfig.engine_contract(): servable?, vLLM scheme, reasons
 
 
 def _refuse_fused_experts(model: nn.Module) -> None:
@@ -205,9 +282,10 @@ def _refuse_fused_experts(model: nn.Module) -> None:
         )
 
 
-def prepare_compressed(model: nn.Module, record: QuantizationRecord, rotation: RotationRecord) -> CompressedExport:
+def prepare_compressed(model: nn.Module, record: QuantizationRecord, rotation: RotationRecord, *, not_servable_ok: bool = False) -> CompressedExport:
     """Pack every quantized linear of ``model`` (the state dict to save) and build its ``quantization_config``."""
     require_compressed_tensors()
+    contract = check_servable(record, not_servable_ok)
     _check_exportable(record)
     _refuse_fused_experts(model)
     transform = transform_config_dict(rotation, stored=True)
@@ -218,7 +296,7 @@ def prepare_compressed(model: nn.Module, record: QuantizationRecord, rotation: R
         packed = _pack_linear(name, model.get_submodule(name), record, scheme)
         del state[f"{name}.weight"]
         state.update({f"{name}.{key}": value for key, value in packed.items()})
-    return CompressedExport(state, qconfig, getattr(model.config, QUANT_RECORD_KEY), stored_transform_weights(rotation, model))
+    return CompressedExport(state, qconfig, getattr(model.config, QUANT_RECORD_KEY), stored_transform_weights(rotation, model), contract)
 
 
 def write_compressed(model: nn.Module, export: CompressedExport, directory: Path) -> None:
@@ -239,7 +317,7 @@ def write_compressed(model: nn.Module, export: CompressedExport, directory: Path
     compressor.update_config(str(directory))
     if export.transform_weights:
         save_file(export.transform_weights, str(directory / TRANSFORMS_FILE), metadata={"format": "pt"})
-    body = {"format_version": _RECORD_VERSION, "quantization": export.quant_record, "tensors": tensor_digests(directory)}
+    body = {"format_version": _RECORD_VERSION, "quantization": export.quant_record, "tensors": tensor_digests(directory), "engine": export.engine}
     atomic_write_text(directory / QUANT_RECORD_FILE, json.dumps(body, indent=2, sort_keys=True) + "\n")
 
 
@@ -249,7 +327,7 @@ def tensor_digests(directory: Path) -> dict[str, str]:
 
     out = {}
     for path in sorted(Path(directory).glob("*.safetensors")):
-        if path.name == LEARNED_FILE:  # learned rotations: verified by their own sha256 in the rotation record
+        if path.name == LEGACY_LEARNED_FILE:  # learned rotations: verified by their own sha256 in the rotation record
             continue
         with safe_open(str(path), "pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
@@ -371,18 +449,39 @@ def _attach_params(model: nn.Module, path: Path, record: QuantizationRecord) -> 
     from safetensors import safe_open
 
     cfg = record.config
-    wanted = {_checkpoint_key(model, f"{name}.{kind}"): f"{name}.{kind}" for name in record.quantized for kind in ("weight_scale", "weight_zero_point")}
+    kinds = ("weight_scale", "weight_zero_point", "weight_global_scale", "weight_packed")
+    wanted = {_checkpoint_key(model, f"{name}.{kind}"): f"{name}.{kind}" for name in record.quantized for kind in kinds}
     tensors = {}
     for file in sorted(path.glob("model*.safetensors")):
         with safe_open(str(file), "pt") as f:
             tensors.update({wanted[k]: f.get_tensor(k) for k in f.keys() if k in wanted})  # noqa: SIM118
     for name in record.quantized:
+        if cfg.w_format != "int":  # exact float32 weights from the codes (the decompressor rounds them to bf16)
+            lin = model.get_submodule(name)
+            params = _fp4_params(cfg, tensors, name)
+            with torch.no_grad():
+                lin.weight.copy_(fp4_dequantized(tensors[f"{name}.weight_packed"], params.scale, tuple(lin.weight.shape)))
+            set_weight_quant_params_(lin, params)
+            continue
         scale = tensors[f"{name}.weight_scale"]
         zero = torch.zeros_like(scale)
         if not cfg.w_sym:
             signed = unpack_from_int32(tensors[f"{name}.weight_zero_point"], cfg.w_bits, scale.shape, packed_dim=0)
             zero = signed.to(scale.dtype) + 2 ** (cfg.w_bits - 1)
         set_weight_quant_params_(model.get_submodule(name), WeightQuantParams(cfg.w_bits, cfg.w_group_size, cfg.w_sym, scale, zero))
+
+
+def _fp4_params(cfg, tensors: dict, name: str) -> WeightQuantParams:
+    """The effective FP4 scales as quantization used them: NVFP4 ``S / G`` (compressed-tensors' order), MXFP4 ``2^(e−127)``."""
+    from compressed_tensors.compressors.mx_utils import decompress_mx_scale
+
+    raw = tensors[f"{name}.weight_scale"]
+    if cfg.w_format == "nvfp4":
+        gscale = tensors[f"{name}.weight_global_scale"].float()
+        scale = raw.float() / gscale
+    else:
+        gscale, scale = None, decompress_mx_scale(raw).float()
+    return WeightQuantParams.of(cfg, scale, torch.zeros_like(scale), gscale)
 
 
 def _checkpoint_key(model: nn.Module, key: str) -> str:

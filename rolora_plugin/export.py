@@ -93,7 +93,7 @@ def write_rotation_record(directory: str | os.PathLike, record: RotationRecord) 
     """Write ``record`` as ``<directory>/rolora_rotation.json`` atomically; returns the path.
 
     A record with learned rotations (:mod:`rolora_plugin.learned`) also gets their matrices beside it, in
-    ``rolora_learned_rotations.safetensors`` (the record holds each matrix's sha256).
+    ``rolora/learned_rotations.safetensors`` (the record holds each matrix's sha256).
     """
     path = Path(directory) / RECORD_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -130,7 +130,7 @@ def _describe(record: RotationRecord) -> str:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def load_rotated(path: str | os.PathLike, dtype: torch.dtype | None = None, device=None, **kwargs) -> nn.Module:
+def load_rotated(path: str | os.PathLike, dtype: torch.dtype | None = None, device=None, *, consumer_arithmetic: bool = False, **kwargs) -> nn.Module:
     """Load a rotated checkpoint (e.g. from :func:`merge_and_export`) with its online rotations rebuilt.
 
     Full-precision export: plain ``AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)``.
@@ -139,7 +139,10 @@ def load_rotated(path: str | os.PathLike, dtype: torch.dtype | None = None, devi
     weights are dequantized exactly by compressed-tensors at load and the activation / KV quantizers of the
     ``rolora_quant`` record are re-installed. In both cases the record in the config is checked against
     ``rolora_rotation.json`` (when present) and :func:`rolora_plugin.install_online_rotations` re-creates the
-    online R4/R3 modules (verifying the record's checksums). Returns the model in eval mode.
+    online R4/R3 modules (verifying the record's checksums). ``consumer_arithmetic=True``: the online rotations
+    compute ``(x @ √n·R) / √n`` in float32 as compressed-tensors and vLLM's dense transform do (:func:`rolora_plugin.online.use_consumer_arithmetic_`),
+    so 4-bit activation codes on a rounding tie round as the consumer's do (what :func:`rolora_plugin.check.check_export`
+    compares against). Returns the model in eval mode.
     """
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -166,6 +169,10 @@ def load_rotated(path: str | os.PathLike, dtype: torch.dtype | None = None, devi
         _require_same(file_record, record, f"{path}/{RECORD_FILE}", f"{path}/config.json")
     load_learned(path, record, unwrap_peft(model))  # refuses a missing, altered or non-orthogonal learned matrix
     install_online_rotations(model, record)
+    if consumer_arithmetic:
+        from .online import use_consumer_arithmetic_
+
+        use_consumer_arithmetic_(model)
     if quant is not None:
         from .quant import install_activation_quantizers
 
@@ -320,6 +327,7 @@ def merge_and_export(
     inplace: bool = False,
     transform_config: str | None = None,
     dtype: torch.dtype | None = None,
+    not_servable_ok: bool = False,
 ) -> Path:
     """Verify the rotation record, merge LoRA in the rotated basis and write a checkpoint atomically.
 
@@ -342,6 +350,9 @@ def merge_and_export(
             loading then needs compressed-tensors) or ``"none"``. ``format="compressed-tensors"``: always
             ``"config"`` (where compressed-tensors and vLLM read it); other values are refused.
         dtype: dtype to load directory sources in.
+        not_servable_ok: ``format="compressed-tensors"`` refuses a quantization no serving engine reproduces
+            (:meth:`rolora_plugin.QuantConfig.engine_contract`: asymmetric or clipped activations, the 15-level
+            grid, an int KV cache) unless this is True; the export record then says ``"servable": false`` and why.
 
     Returns:
         ``Path(out_dir)``.
@@ -353,7 +364,7 @@ def merge_and_export(
     found.verify()
     tok = _find_tokenizer(tokenizer, *src_dirs)
     if format == COMPRESSED_FORMAT:
-        _write_compressed_export(_quantized(model), found, out_dir, tok, overwrite)
+        _write_compressed_export(_quantized(model), found, out_dir, tok, overwrite, not_servable_ok)
     else:
         merged = _merged(model, inplace or bool(src_dirs))  # a model loaded here is ours to merge in place
         ct = transform_config_dict(found) if mode != "none" else None
@@ -419,9 +430,9 @@ def _quantized(model: nn.Module) -> tuple[nn.Module, object]:
     return model, quant
 
 
-def _write_compressed_export(model_and_record, record: RotationRecord, out_dir: Path, tokenizer, overwrite: bool) -> None:
+def _write_compressed_export(model_and_record, record: RotationRecord, out_dir: Path, tokenizer, overwrite: bool, not_servable_ok: bool) -> None:
     model, quant = model_and_record
-    prepared = prepare_compressed(model, quant, record)  # packs and checks every linear before anything is staged
+    prepared = prepare_compressed(model, quant, record, not_servable_ok=not_servable_ok)  # packs and checks every linear before anything is staged
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         write_compressed(model, prepared, tmp)
         if tokenizer is not None:
@@ -440,6 +451,7 @@ def quantize_and_export(
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
     progress: bool = True,
+    not_servable_ok: bool = False,
 ) -> Path:
     """Rotate (unless rotated) → quantize → write a compressed-tensors checkpoint; what ``rolora quantize`` runs.
 
@@ -452,7 +464,7 @@ def quantize_and_export(
             (batch, seq) or dicts for ``model(**batch)``.
         rotation: :class:`rolora_plugin.RotationConfig` for an unrotated model (default ``RotationConfig()``); a rotated
             model must carry this very config (None: accept its record).
-        tokenizer / overwrite / dtype: as in :func:`merge_and_export`.
+        tokenizer / overwrite / dtype / not_servable_ok: as in :func:`merge_and_export`.
 
     Returns:
         ``Path(out_dir)``; ``load_rotated(out_dir)`` gives the quantized model back.
@@ -465,7 +477,9 @@ def quantize_and_export(
     model, src_dirs = _quantization_source(model_or_dir, dtype)
     ensure_rotated(model, rotation, calibration=calibration, progress=progress)
     quantize_model_(model, quant_config, calibration, progress=progress)
-    return merge_and_export(model, out_dir, format=COMPRESSED_FORMAT, tokenizer=_find_tokenizer(tokenizer, *src_dirs), overwrite=overwrite)
+    return merge_and_export(
+        model, out_dir, format=COMPRESSED_FORMAT, tokenizer=_find_tokenizer(tokenizer, *src_dirs), overwrite=overwrite, not_servable_ok=not_servable_ok
+    )
 
 
 def _quantization_source(src, dtype) -> tuple[nn.Module, list]:

@@ -32,7 +32,7 @@ the orthogonal group (polar factor ``U Vᴴ`` of its SVD), so ``‖RᵀR − I�
 The learned matrix becomes an ``OrthogonalTransform(n, dense=R, pow2=1, exact=False, description="learned-r1(...)")``
 so every weight edit and checksum works unchanged. It travels with the model: in memory attached to it
 (``model._rolora_learned_rotations``) and registered by checksum in this process; on disk as
-``rolora_learned_rotations.safetensors`` beside ``rolora_rotation.json`` (:func:`save_learned`), whose record entry
+``rolora/learned_rotations.safetensors`` beside ``rolora_rotation.json`` (:func:`save_learned`), whose record entry
 holds the matrix's sha256; :func:`load_learned` refuses a missing, altered or non-orthogonal file.
 
 Paper: SpinQuant (Liu et al., 2024) for learned rotations under quantization; DartQuant (2025) for learning them
@@ -75,7 +75,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-LEARNED_FILE = "rolora_learned_rotations.safetensors"
+# In a subfolder: a serving engine's loader globs every top-level *.safetensors of a checkpoint as model weights
+# (vLLM then fails on "no module or parameter named 'r1'"). Exports of 0.1 kept it at the top (LEGACY_LEARNED_FILE).
+LEARNED_FILE = "rolora/learned_rotations.safetensors"
+LEGACY_LEARNED_FILE = "rolora_learned_rotations.safetensors"
 ORTHOGONALITY_TOL = 1e-10  # max |RᵀR − I| accepted for a stored matrix (float64)
 ROWS_PER_STEP = 512  # weight rows (output channels) per site and training step: an unbiased subsample
 _ATTR = "_rolora_learned_rotations"
@@ -384,7 +387,7 @@ def resolve_learned(record, transforms: dict) -> dict:
 
 
 def save_learned(directory: str | os.PathLike, record) -> Path | None:
-    """Write the learned matrices of ``record`` as ``<directory>/rolora_learned_rotations.safetensors`` (atomic).
+    """Write the learned matrices of ``record`` as ``<directory>/rolora/learned_rotations.safetensors`` (atomic).
 
     Returns the path, or None when nothing in the record was learned (no file is written then).
     """
@@ -402,7 +405,8 @@ def save_learned(directory: str | os.PathLike, record) -> Path | None:
 
 
 def load_learned(directory: str | os.PathLike, record, model: nn.Module | None = None) -> dict:
-    """Read and verify ``<directory>/rolora_learned_rotations.safetensors`` against ``record``; register the transforms.
+    """Read and verify ``<directory>/rolora/learned_rotations.safetensors`` (older exports: ``rolora_learned_rotations.safetensors``)
+    against ``record``; register the transforms.
 
     Refuses (:class:`RotationError`) a missing file, a matrix whose sha256 differs from the record (tampered), a
     non-orthogonal matrix (``max|RᵀR − I| > 1e-10``) or one whose transform checksum differs. Returns
@@ -412,6 +416,8 @@ def load_learned(directory: str | os.PathLike, record, model: nn.Module | None =
     if not names:
         return {}
     path = Path(directory) / LEARNED_FILE
+    if not path.is_file() and (Path(directory) / LEGACY_LEARNED_FILE).is_file():
+        path = Path(directory) / LEGACY_LEARNED_FILE
     if not path.is_file():
         raise RotationError(f"{path} is missing: the rotation record says {names} were learned and their matrices live in that file; copy it along with the checkpoint")
     from safetensors import SafetensorError

@@ -26,6 +26,7 @@ model's original implementation (sdpa, eager, ...). KV-cache fake quantization p
 
 from __future__ import annotations
 
+import math
 import sys
 from collections import OrderedDict
 from typing import Callable
@@ -37,6 +38,7 @@ from .hadamard import OrthogonalTransform
 
 __all__ = [
     "OnlineHadamard",
+    "use_consumer_arithmetic_",
     "install_down_proj_rotation",
     "remove_online_rotations",
     "add_attention_transform",
@@ -66,10 +68,32 @@ class OnlineHadamard(nn.Module):
         self.width = transform.n
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dense = self.__dict__.get("_consumer_dense")
+        if dense is not None:  # compressed-tensors' own arithmetic: (x @ W) / sqrt(n), W = float32 sqrt(n)·R
+            w, scale = dense
+            return ((x.to(w.dtype) @ w.to(x.device)) / scale).to(x.dtype)
         return self.transform.apply(x)
+
+    def use_consumer_arithmetic_(self, on: bool = True) -> None:
+        """Compute ``x R`` as compressed-tensors' transform module and vLLM's dense path do: ``(x @ W) / √n`` with the
+        stored float32 ``W = √n·R``. Same function up to float rounding; at 4-bit activations a rounding difference
+        of 1e-7 flips codes that sit on a rounding tie, so an export is checked against its consumer in this mode."""
+        if not on:
+            self.__dict__.pop("_consumer_dense", None)
+            return
+        w = (self.transform.matrix(torch.float64) * math.sqrt(self.width)).to(torch.float32)
+        self.__dict__["_consumer_dense"] = (w, torch.tensor(self.width, dtype=torch.float64).sqrt())
 
     def extra_repr(self) -> str:
         return f"width={self.width}, {self.transform.description}"
+
+
+def use_consumer_arithmetic_(model: nn.Module, on: bool = True) -> int:
+    """Switch every online rotation of ``model`` to (or back from) compressed-tensors' dense arithmetic; returns the count."""
+    mods = [m for m in model.modules() if isinstance(m, OnlineHadamard)]
+    for m in mods:
+        m.use_consumer_arithmetic_(on)
+    return len(mods)
 
 
 # ---------------------------------------------------------------------------------------------- R4 (down_proj)

@@ -238,7 +238,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from .cmd_convert import cmd_export, cmd_quantize, cmd_rotate
-    from .cmd_eval import cmd_eval
+    from .cmd_eval import cmd_check, cmd_eval
     from .parser import add_subcommands
 
     p = _Parser(
@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars from transformers")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     handlers = {"demo": cmd_demo, "rotate": cmd_rotate, "eval": cmd_eval, "export": cmd_export, "quantize": cmd_quantize,
-                "train": cmd_train, "assets": cmd_assets}  # fmt: skip
+                "check": cmd_check, "train": cmd_train, "assets": cmd_assets}  # fmt: skip
     for name, parser in add_subcommands(sub).items():
         flags = {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings and a.dest != "help"}
         parser.set_defaults(func=handlers[name], cli_flags=flags)

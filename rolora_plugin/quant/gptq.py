@@ -106,7 +106,7 @@ def _prepare(w: torch.Tensor, hessian: torch.Tensor, damp: float):
 def _scales(W: torch.Tensor, spec: TensorQuant, clip_search: dict | None, global_scale):
     """Per-row (s, z), each (rows, 1), for the columns of W (rows, k), with optional clip search."""
     if clip_search:
-        ratio = _clip_search(W, TensorQuant(**{**spec.__dict__, "group_size": None}), global_scale=global_scale, **clip_search)
+        ratio = _clip_search(W, spec, global_scale=global_scale, **clip_search)  # W is one group wide (or per channel)
         spec = spec.with_clip(ratio.reshape(-1, 1))
     return compute_qparams(W, spec, global_scale=global_scale)
 

@@ -170,6 +170,11 @@ CASES = [
     ("quantize/seed-of-rotated", ["quantize", "{root}/rotated", "{root}/out", "--seed", "3"], "--seed"),
     ("quantize/record-unknown-key", ["quantize", "{root}/rotated-unknown-key", "{root}/out"], "unknown key"),
     ("quantize/recipe", ["quantize", "{root}/tiny", "{root}/out", "--recipe", "w3a3"], "--recipe"),
+    ("quantize/not-servable", ["quantize", "{root}/tiny", "{root}/out", "--recipe", "w4a4"], "--not-servable-ok"),
+    # check
+    ("check/missing", ["check", "{root}/no-such-dir"], "does not exist"),
+    ("check/not-compressed", ["check", "{root}/tiny"], "not a compressed-tensors export"),
+    ("check/chunks-0", ["check", "{root}/tiny", "--chunks", "0"], "--chunks"),
     # train
     ("train/missing-config", ["train", "{root}/no-such.yaml"], "does not exist"),
     ("train/not-json-dataset", lambda r: ["train", train_config(r, "nj", dataset=str(r / "not-json.json"))], "not valid JSON"),

@@ -22,7 +22,7 @@ from rolora_plugin.publish import atomic_output_dir
 from tests.app.fixtures import save_tiny
 from tests.helpers import logits, random_ids, rel_err, tiny_model
 
-SUBCOMMANDS = ("demo", "rotate", "eval", "export", "quantize", "train", "assets")
+SUBCOMMANDS = ("demo", "rotate", "eval", "export", "quantize", "check", "train", "assets")
 FP32_REL = 1e-5  # relative logit tolerance of an exact rotation in float32 (stock RMSNorm computes in float32)
 
 

@@ -196,7 +196,7 @@ def test_quantize_exports_compressed_tensors_that_eval_labels_by_their_record(wo
     assert config["rolora_quant"]["config"]["method"] == "gptq"
     rotations = config["rolora"]["rotations"]  # default rotation preset w4a4: R1, R2 learned on the calibration data
     assert {k for k, v in rotations.items() if v.get("learned")} == {"r1", "r2"} and "r4" in rotations
-    assert (out / "rolora_learned_rotations.safetensors").is_file()
+    assert (out / "rolora" / "learned_rotations.safetensors").is_file() and not list(out.glob("rolora*.safetensors"))
     capsys.readouterr()
     assert main(["-q", "eval", str(out), "--ppl-chunks", "1", "--seq-len", "32", "--json", str(work / "q.json")]) == 0
     assert json.loads((work / "q.json").read_text())["setting"] == "W4A4"

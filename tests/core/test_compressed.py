@@ -86,7 +86,7 @@ def test_w4a4_round_trip_every_family(tmp_path, family, method):
     ids = random_ids()
     model = _quantized(family, W4A4_CONFIGS[method])
     ref = logits(model, ids)
-    out = merge_and_export(model, tmp_path / "w4a4", format=CT)
+    out = merge_and_export(model, tmp_path / "w4a4", format=CT, not_servable_ok=True)
     assert (out / QUANT_RECORD_FILE).is_file() and not (out / "transform_config.json").exists()
     same_attention = load_rotated(out, attn_implementation="eager")  # tiny models run eager attention
     assert rel_err(logits(same_attention, ids), ref) == 0.0
@@ -96,7 +96,7 @@ def test_w4a4_round_trip_every_family(tmp_path, family, method):
 def test_default_attention_round_trip_within_fp32_tolerance(tmp_path):
     ids = random_ids()
     model = _quantized("llama", W4A4_CONFIGS["rtn"])
-    out = merge_and_export(model, tmp_path / "w4a4", format=CT)
+    out = merge_and_export(model, tmp_path / "w4a4", format=CT, not_servable_ok=True)
     assert rel_err(logits(load_rotated(out), ids), logits(model, ids)) <= FP32_RTOL  # sdpa after loading, eager before
 
 
@@ -107,11 +107,11 @@ def test_llava_language_tower_round_trip_and_reexport(tmp_path):
     model, ids, pixels = tiny_llava()
     rotate_model_(model, ALL_ROTATIONS, progress=False)
     quantize_model_(model, QuantConfig(w_sym=False), progress=False)
-    out = merge_and_export(model, tmp_path / "a", format=CT)
+    out = merge_and_export(model, tmp_path / "a", format=CT, not_servable_ok=True)
     loaded = load_rotated(out)
     with torch.no_grad():
         assert rel_err(loaded(input_ids=ids, pixel_values=pixels).logits, model(input_ids=ids, pixel_values=pixels).logits) == 0.0
-    assert tensor_digests(merge_and_export(loaded, tmp_path / "b", format=CT)) == tensor_digests(out)
+    assert tensor_digests(merge_and_export(loaded, tmp_path / "b", format=CT, not_servable_ok=True)) == tensor_digests(out)
 
 
 @pytest.mark.parametrize("name", ["rtn-asym-g32-clip-kv4", "gptq-actorder-g16", "preset-w4a4kv4"])
@@ -120,15 +120,15 @@ def test_round_trip_asymmetric_groups_clip_search_kv_act_order_and_presets(tmp_p
     ids = random_ids()
     config = QuantConfig.preset("w4a4kv4", w_clip_grid=10) if name.startswith("preset") else W4A4_CONFIGS[name]
     model = _quantized("qwen2", config)
-    out = merge_and_export(model, tmp_path / "w4a4", format=CT)
+    out = merge_and_export(model, tmp_path / "w4a4", format=CT, not_servable_ok=True)
     loaded = load_rotated(out, attn_implementation="eager")
     assert rel_err(logits(loaded, ids), logits(model, ids)) == 0.0
     assert json.loads(json.dumps(loaded.config.rolora_quant)) == json.loads(json.dumps(model.config.rolora_quant))
 
 
 def test_reexport_of_a_loaded_export_writes_the_same_tensors(tmp_path):
-    out = merge_and_export(_quantized(config=W4A4_CONFIGS["rtn-asym-g32-clip-kv4"]), tmp_path / "a", format=CT)
-    again = merge_and_export(out, tmp_path / "b", format=CT)  # a directory source: load_rotated, then export
+    out = merge_and_export(_quantized(config=W4A4_CONFIGS["rtn-asym-g32-clip-kv4"]), tmp_path / "a", format=CT, not_servable_ok=True)
+    again = merge_and_export(out, tmp_path / "b", format=CT, not_servable_ok=True)  # a directory source: load_rotated, then export
     assert tensor_digests(again) == tensor_digests(out)
     assert json.loads((again / "config.json").read_text())["quantization_config"] == json.loads((out / "config.json").read_text())["quantization_config"]
 
@@ -137,7 +137,7 @@ def test_quantize_and_export_from_an_original_checkpoint_dir(tmp_path):
     ids = random_ids()
     tiny_model("phi3").save_pretrained(tmp_path / "base")
     config, calib = QuantConfig(method="gptq"), [random_ids(seed=1)]
-    out = quantize_and_export(tmp_path / "base", tmp_path / "w4a4", config, calibration=calib, rotation=ALL_ROTATIONS, progress=False)
+    out = quantize_and_export(tmp_path / "base", tmp_path / "w4a4", config, calibration=calib, rotation=ALL_ROTATIONS, progress=False, not_servable_ok=True)
     from transformers import AutoModelForCausalLM
 
     in_memory = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
@@ -145,7 +145,7 @@ def test_quantize_and_export_from_an_original_checkpoint_dir(tmp_path):
     quantize_model_(in_memory, config, calib, progress=False)
     assert rel_err(logits(load_rotated(out), ids), logits(in_memory, ids)) == 0.0  # both default (sdpa) attention
     with pytest.raises(FileExistsError):  # checked before any work
-        quantize_and_export(tmp_path / "base", out, config, calibration=calib)
+        quantize_and_export(tmp_path / "base", out, config, calibration=calib, not_servable_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------- compressed-tensors itself
@@ -156,7 +156,7 @@ def test_transformers_loads_the_packed_weights_and_decompresses_them_bit_exactly
     from transformers import AutoModelForCausalLM
 
     model = _quantized(config=W4A4_CONFIGS["gptq"], intermediate=96)  # R4 width 96: a stored (Paley) matrix
-    out = merge_and_export(model, tmp_path / "w4a4", format=CT)
+    out = merge_and_export(model, tmp_path / "w4a4", format=CT, not_servable_ok=True)
     ct_model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     names = _quantized_names(model)
@@ -173,7 +173,7 @@ def test_asymmetric_weights_decompress_bit_exactly_with_dequantize_true(tmp_path
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     model = _quantized(config=W4A4_CONFIGS["rtn-asym-g32-clip-kv4"])
-    out = merge_and_export(model, tmp_path / "w4a4", format=CT)
+    out = merge_and_export(model, tmp_path / "w4a4", format=CT, not_servable_ok=True)
     dense, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, quantization_config=CompressedTensorsConfig(dequantize=True))
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     for name in _quantized_names(model):
@@ -186,7 +186,7 @@ def test_compressed_tensors_consumer_reproduces_weights_and_stored_transforms(tm
     matrix): same logits as our model. With activations quantized the grids differ (7 vs 7.5; module doc)."""
     ids = random_ids()
     model = _quantized(family, QuantConfig(a_bits=16), intermediate=intermediate)
-    out = merge_and_export(model, tmp_path / "w4a16", format=CT)
+    out = merge_and_export(model, tmp_path / "w4a16", format=CT, not_servable_ok=True)
     groups = json.loads((out / "config.json").read_text())["quantization_config"]["transform_config"]["config_groups"]
     assert groups["rolora_r4"]["type"] == ("hadamard" if intermediate == 128 else "random-hadamard")
     assert groups["rolora_r3"]["type"] == "hadamard" and groups["rolora_r3"]["head_dim"] == 16
@@ -200,7 +200,7 @@ def test_stored_transform_is_sqrt_n_times_our_matrix(tmp_path):
     from rolora_plugin import get_rotation_record
 
     model = _quantized(intermediate=96)
-    out = merge_and_export(model, tmp_path / "w4a4", format=CT)
+    out = merge_and_export(model, tmp_path / "w4a4", format=CT, not_servable_ok=True)
     stored = load_file(out / TRANSFORMS_FILE)
     assert list(stored) == ["model.layers.0.mlp.down_proj.rolora_r4_input.weight"]  # one per group, shared by its targets
     r4 = get_rotation_record(model).verify()["r4"].matrix(torch.float64)
@@ -208,7 +208,7 @@ def test_stored_transform_is_sqrt_n_times_our_matrix(tmp_path):
 
 
 def test_quantization_config_describes_the_record(tmp_path):
-    out = merge_and_export(_quantized(config=QuantConfig(w_group_size=32, a_sym=False, kv_bits=8)), tmp_path / "q", format=CT)
+    out = merge_and_export(_quantized(config=QuantConfig(w_group_size=32, a_sym=False, kv_bits=8)), tmp_path / "q", format=CT, not_servable_ok=True)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     group = qc["config_groups"]["group_0"]
     assert (qc["quant_method"], qc["format"], qc["quantization_status"], qc["ignore"]) == (CT, "pack-quantized", "compressed", ["lm_head"])
@@ -229,7 +229,7 @@ def test_packed_linears_take_at_most_0_14_of_their_fp32_bytes(tmp_path):
         model = _quantized(config=config, hidden=128, intermediate=256)
         names = _quantized_names(model)
         fp32 = sum(model.get_submodule(n).weight.numel() * 4 for n in names)
-        out = merge_and_export(model, tmp_path / f"g{config.w_group_size}", format=CT)
+        out = merge_and_export(model, tmp_path / f"g{config.w_group_size}", format=CT, not_servable_ok=True)
         with safe_open(str(out / "model.safetensors"), "pt") as f:
             packed = sum(f.get_tensor(k).nbytes for k in f.keys() if k.rsplit(".", 1)[0] in names)
         assert packed <= 0.14 * fp32, (config.w_group_size, packed / fp32)
@@ -239,7 +239,7 @@ def test_packed_linears_take_at_most_0_14_of_their_fp32_bytes(tmp_path):
 
 
 def _export(tmp_path, **kw):
-    return merge_and_export(_quantized(**kw), tmp_path / "w4a4", format=CT)
+    return merge_and_export(_quantized(**kw), tmp_path / "w4a4", format=CT, not_servable_ok=True)
 
 
 def _edit_tensor(path, key, fn):
@@ -320,14 +320,14 @@ def test_unquantized_or_unexportable_models_are_refused_and_nothing_is_written(t
     model = tiny_model("llama")
     rotate_model_(model, RotationConfig(), progress=False)
     with pytest.raises(QuantizationError, match="not quantized"):
-        merge_and_export(model, tmp_path / "a", format=CT)
+        merge_and_export(model, tmp_path / "a", format=CT, not_servable_ok=True)
     with pytest.raises(ValueError, match="format must be one of"):
         merge_and_export(model, tmp_path / "a", format="gguf")
     quantize_model_(model, QuantConfig(w_bits=12, a_bits=4), progress=False)
     with pytest.raises(QuantizationError, match="1-8 bits"):
-        merge_and_export(model, tmp_path / "a", format=CT)
+        merge_and_export(model, tmp_path / "a", format=CT, not_servable_ok=True)
     with pytest.raises(ValueError, match="always writes the transform config"):
-        merge_and_export(_quantized(), tmp_path / "a", format=CT, transform_config="file")
+        merge_and_export(_quantized(), tmp_path / "a", format=CT, not_servable_ok=True, transform_config="file")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -338,7 +338,7 @@ def test_a_quantized_moe_is_refused_clearly_and_nothing_is_written(tmp_path):
     rotate_model_(model, RotationConfig(), progress=False)
     quantize_model_(model, QuantConfig(), progress=False)
     with pytest.raises(QuantizationError, match="fused experts.*format='fp'"):
-        merge_and_export(model, tmp_path / "a", format=CT)
+        merge_and_export(model, tmp_path / "a", format=CT, not_servable_ok=True)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -347,7 +347,7 @@ def test_weights_changed_after_quantization_are_refused(tmp_path):
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight[0, 0] += 1e-3
     with pytest.raises(QuantizationError, match="up_proj: 1 weights are not on their quantization grid"):
-        merge_and_export(model, tmp_path / "a", format=CT)
+        merge_and_export(model, tmp_path / "a", format=CT, not_servable_ok=True)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -356,7 +356,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(export, "write_rotation_record", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
-        merge_and_export(_quantized(), tmp_path / "a", format=CT)
+        merge_and_export(_quantized(), tmp_path / "a", format=CT, not_servable_ok=True)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -381,7 +381,7 @@ def test_smollm2_w4a4_round_trip_and_size(tmp_path):
     quantize_model_(model, QuantConfig(), progress=False)
     ids = text_chunks(tok, 2, 128)
     ref = logits(model, ids)
-    out = merge_and_export(model, tmp_path / "w4a4", format=CT, tokenizer=tok)
+    out = merge_and_export(model, tmp_path / "w4a4", format=CT, not_servable_ok=True, tokenizer=tok)
     assert rel_err(logits(load_rotated(out), ids), ref) <= FP32_RTOL
     names = _quantized_names(model)
     with safe_open(str(out / "model.safetensors"), "pt") as f:
@@ -397,5 +397,5 @@ def test_smollm2_w4a4_round_trip_and_size(tmp_path):
     gptq = load_smollm2()[0]
     rotate_model_(gptq, RotationConfig(), progress=False)
     quantize_model_(gptq, QuantConfig(method="gptq"), list(calibration_chunks(tok, 4, 128).split(2)), progress=False)
-    out = merge_and_export(gptq, tmp_path / "gptq", format=CT)
+    out = merge_and_export(gptq, tmp_path / "gptq", format=CT, not_servable_ok=True)
     assert rel_err(logits(load_rotated(out), ids), logits(gptq, ids)) <= FP32_RTOL
