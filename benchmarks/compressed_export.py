@@ -64,7 +64,7 @@ def _ct_bit_exact(out: Path, model, names: list[str], ids) -> int:
 def _quant_config(args):
     from rolora_plugin import QuantConfig
 
-    return QuantConfig() if args.recipe == "rtn" else QuantConfig.preset("w4a4")
+    return QuantConfig() if args.recipe == "rtn" else QuantConfig.preset(args.recipe)
 
 
 def run(args) -> str:
@@ -96,7 +96,7 @@ def _measure(model, tok, ids, work: Path, args) -> str:
     with torch.no_grad():
         ref = model(ids).logits
     t0 = time.perf_counter()
-    ct = merge_and_export(model, work / "w4a4", format="compressed-tensors", tokenizer=tok)
+    ct = merge_and_export(model, work / "w4a4", format="compressed-tensors", tokenizer=tok, not_servable_ok=args.recipe in ("rtn", "w4a4"))
     t_ct = time.perf_counter() - t0
     t0 = time.perf_counter()
     loaded = load_rotated(ct)
@@ -130,7 +130,7 @@ def _measure(model, tok, ids, work: Path, args) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--recipe", choices=("rtn", "w4a4"), default="rtn")
+    ap.add_argument("--recipe", choices=("rtn", "w4a4", "w4a4-int", "nvfp4", "mxfp4"), default="rtn")
     ap.add_argument("--calib-chunks", type=int, default=8)
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
