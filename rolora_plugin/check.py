@@ -53,9 +53,12 @@ def consumer_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) 
         raise QuantizationError(f"{path} is not a quantized compressed-tensors export (no quantization_config.config_groups)")
     transform = qc.pop("transform_config", None)
     qc.pop("sparsity_config", None)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, attn_implementation="sdpa", quantization_config=CompressedTensorsConfig(dequantize=True)
-    )
+    from .compressed import export_side_keys_expected
+
+    with export_side_keys_expected(path):  # stored transforms / input_global_scale are loaded below, by compressed-tensors' modules
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, attn_implementation="sdpa", quantization_config=CompressedTensorsConfig(dequantize=True)
+        )
     apply_quantization_config(model, QuantizationConfig.model_validate(qc))
     static = {}
     for file in sorted(path.glob("*.safetensors")):
@@ -67,10 +70,10 @@ def consumer_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) 
             if f"{name}.input_global_scale" in static:
                 mod.input_global_scale.data.copy_(static[f"{name}.input_global_scale"])
     if transform:
-        from .transform_config import TRANSFORMS_FILE, _load_transform_weights
+        from .transform_config import _load_transform_weights
 
         apply_transform_config(model, TransformConfig.model_validate(transform))
-        _load_transform_weights(model, path / TRANSFORMS_FILE)
+        _load_transform_weights(model, path)
     return model.eval()
 
 

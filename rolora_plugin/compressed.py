@@ -27,6 +27,7 @@ The ``rolora_quant`` record is authoritative; :func:`rolora_plugin.export.load_r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -47,7 +48,7 @@ from .quant.primitives import OFF_BITS, round_e4m3
 from .quant.qat import fused_expert_modules
 from .quant.rtn import WeightQuantParams, set_weight_quant_params_, weight_quant_params
 from .rotation import RotationRecord
-from .transform_config import TRANSFORMS_FILE, require_compressed_tensors, stored_transform_weights, transform_config_dict
+from .transform_config import require_compressed_tensors, stored_transform_weights, transform_config_dict
 
 __all__ = [
     "COMPRESSED_FORMAT",
@@ -268,7 +269,7 @@ class CompressedExport:
     state_dict: dict  # the model's state dict, each quantized linear's ``weight`` replaced by its packed tensors
     quantization_config: dict  # config.json → quantization_config (less ``version``)
     quant_record: dict  # model.config.rolora_quant as it is (also in config.json), copied into rolora_quantization.json
-    transform_weights: dict = field(default_factory=dict)  # stored transform matrices (transforms.safetensors)
+    transform_weights: dict = field(default_factory=dict)  # stored transform matrices (in the model's weight files)
     engine: dict = field(default_factory=dict)  # QuantConfig.engine_contract(): servable?, vLLM scheme, reasons
 
 
@@ -305,9 +306,10 @@ def write_compressed(model: nn.Module, export: CompressedExport, directory: Path
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig
     from compressed_tensors.transform import TransformConfig
-    from safetensors.torch import save_file
 
-    model.save_pretrained(str(directory), state_dict=export.state_dict)
+    # stored transform matrices go into the model's own weight files (and index): vLLM reads a side file only when the
+    # checkpoint has no safetensors index, and silently leaves the transform uninitialised otherwise
+    model.save_pretrained(str(directory), state_dict={**export.state_dict, **export.transform_weights})
     transform = export.quantization_config["transform_config"]
     qconfig = {k: v for k, v in export.quantization_config.items() if k not in ("transform_config", "sparsity_config")}
     compressor = ModelCompressor(
@@ -315,8 +317,6 @@ def write_compressed(model: nn.Module, export: CompressedExport, directory: Path
         transform_config=TransformConfig.model_validate(transform) if transform else None,
     )
     compressor.update_config(str(directory))
-    if export.transform_weights:
-        save_file(export.transform_weights, str(directory / TRANSFORMS_FILE), metadata={"format": "pt"})
     body = {"format_version": _RECORD_VERSION, "quantization": export.quant_record, "tensors": tensor_digests(directory), "engine": export.engine}
     atomic_write_text(directory / QUANT_RECORD_FILE, json.dumps(body, indent=2, sort_keys=True) + "\n")
 
@@ -431,15 +431,45 @@ def model_class(path: str | os.PathLike):
     return next((c for c in named if c is not None), auto)
 
 
+# Tensors of an export that are not parameters of the dense transformers model: the stored online-transform matrices
+# (loaded into compressed-tensors' transform modules) and NVFP4's static input_global_scale (read by the activation
+# quantizer). Every tensor of an export is checked against its sha256 before loading (verify_compressed_export).
+EXPORT_SIDE_KEYS = (r"\.rolora_r[34]_[a-z_]+\.weight$", r"\.input_global_scale$")
+
+
+@contextlib.contextmanager
+def export_side_keys_expected(path: str | os.PathLike):
+    """While loading ``path`` with transformers, its :data:`EXPORT_SIDE_KEYS` are expected, not "UNEXPECTED" (the
+    model class's ``_keys_to_ignore_on_load_unexpected``, restored afterwards). Yields the concrete model class."""
+    cls = model_class(path)
+    if hasattr(cls, "_model_mapping"):  # an Auto class: the concrete one for this config
+        from transformers import AutoConfig
+
+        cls = cls._model_mapping[type(AutoConfig.from_pretrained(str(path)))]
+    own = cls.__dict__.get("_keys_to_ignore_on_load_unexpected", _ABSENT)
+    cls._keys_to_ignore_on_load_unexpected = [*(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []), *EXPORT_SIDE_KEYS]
+    try:
+        yield cls
+    finally:
+        if own is _ABSENT:
+            del cls._keys_to_ignore_on_load_unexpected
+        else:
+            cls._keys_to_ignore_on_load_unexpected = own
+
+
+_ABSENT = object()
+
+
 def load_compressed(path: str | os.PathLike, record: QuantizationRecord, **kwargs) -> nn.Module:
     """Dense model with the exact dequantized weights (transformers + compressed-tensors' decompression at load),
     each quantized linear carrying its :class:`WeightQuantParams` again; no quantizer or rotation installed yet."""
     from transformers import CompressedTensorsConfig
 
     require_compressed_tensors()
-    with warnings.catch_warnings():  # "the quantization_config from the model will be used": what we ask for
+    with warnings.catch_warnings(), export_side_keys_expected(path) as cls:
+        # "the quantization_config from the model will be used": what we ask for
         warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)
-        model = model_class(path).from_pretrained(str(path), quantization_config=CompressedTensorsConfig(dequantize=True), **kwargs)
+        model = cls.from_pretrained(str(path), quantization_config=CompressedTensorsConfig(dequantize=True), **kwargs)
     _attach_params(model, Path(path), record)
     return model
 

@@ -9,6 +9,13 @@ style) instead of copying its fields. Their flat keys (``w_bits``, ``a_bits``, `
 (``qat: {w_bits: 4, a_bits: 8}``): they fill the held config, whose other fields keep the fake-quant defaults
 (RTN, per channel, symmetric, no clip search, nothing skipped). The same names read back as properties
 (``qat.w_bits == qat.quant.w_bits``). ``to_dict`` writes the nested form.
+
+Both sections also take ``preset=`` (a :data:`~rolora_plugin.quant.QUANT_PRESETS` name; YAML ``qat: {enabled: true,
+preset: nvfp4}``): the held config is then :func:`fake_quant_preset` of it — the preset's *formats* (NVFP4, MXFP4,
+the int grid, bits, symmetry, group sizes), rounded to nearest as the fake-quant forward does. GPTQ and the clip
+searches of a preset are post-training steps: QAT trains for the format, ``quantize_model_`` with the full preset
+runs them after merge. A PTQ preset given as ``quant=QuantConfig.preset("nvfp4")`` is refused with that advice (the
+fake-quant forward would silently skip its GPTQ).
 """
 
 from __future__ import annotations
@@ -17,12 +24,12 @@ import json
 from dataclasses import InitVar, dataclass, field, fields
 
 from .config import ConfigMixin, RotationConfig
-from .quant.config import QuantConfig
+from .quant.config import QUANT_PRESETS, QuantConfig
 from .quant.primitives import OFF_BITS
 
 LR_SCALES = ("none", "norm-rms")  # RoLoRAConfig.lora_lr_scale (rolora_plugin.lora.scale_lora_lr_)
 
-__all__ = ["RoLoRAConfig", "MonitorConfig", "QATConfig", "ExportConfig", "fake_quant_config"]
+__all__ = ["RoLoRAConfig", "MonitorConfig", "QATConfig", "ExportConfig", "fake_quant_config", "fake_quant_preset"]
 
 _TARGETS = ("all-linear", "lora")
 _QAT_ALIASES = ("w_bits", "a_bits", "w_group_size", "w_sym", "a_sym", "a_clip_ratio")
@@ -33,6 +40,34 @@ def fake_quant_config(**fields_) -> QuantConfig:
     """The :class:`QuantConfig` of a fake-quant forward: W4A4 RTN per channel, symmetric, nothing skipped,
     with ``fields_`` (QuantConfig field names) overriding those defaults."""
     return QuantConfig(**{"w_bits": 4, "a_bits": 4, "skip": (), **fields_})
+
+
+# the QuantConfig fields the fake-quant forward implements (quant.qat): what a preset's fake-quant form keeps;
+# kv_bits / a_bits_for are kept too, so that a preset using them is refused by name rather than silently dropped
+_FAKE_QUANT_FIELDS = ("w_bits", "a_bits", "w_group_size", "w_sym", "a_sym", "a_clip_ratio", "w_format", "a_format",
+                      "int_grid", "a_group_size", "kv_bits", "a_bits_for")  # fmt: skip
+
+
+def fake_quant_preset(name: str, **fields_) -> QuantConfig:
+    """The fake-quant form of ``QuantConfig.preset(name)`` (what ``QATConfig(preset=name)`` trains with).
+
+    Keeps what the fake-quant forward computes — formats (``"nvfp4"``, ``"mxfp4"``, int with its grid), bits,
+    symmetry, group sizes, a fixed activation clip ratio — and leaves the rest at :func:`fake_quant_config`'s
+    defaults: weights rounded to nearest, scaled by their max (no GPTQ, no clip search; those are post-training
+    steps, run on the merged model by ``quantize_model_`` with the full preset), nothing skipped. ``fields_``
+    override the result, e.g. ``fake_quant_preset("w4a4-int", a_bits=8)``. NVFP4 activations take a dynamic
+    per-tensor global scale (``448·6 / max|x|`` of each input tensor) where ``quantize_model_`` calibrates a static
+    one per linear.
+
+    Example::
+
+        >>> fake_quant_preset("nvfp4") == QuantConfig(w_format="nvfp4", a_format="nvfp4", skip=())
+        True
+    """
+    if not isinstance(name, str) or name not in QUANT_PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(QUANT_PRESETS)} (QuantConfig.preset names)")
+    preset = QuantConfig.preset(name)
+    return fake_quant_config(**{**{k: getattr(preset, k) for k in _FAKE_QUANT_FIELDS}, **fields_})
 
 
 def _check_int(owner: str, name: str, value, minimum: int) -> None:
@@ -50,23 +85,31 @@ def _check_targets(owner: str, targets):
     return list(targets)
 
 
-def _held_quant(owner: str, quant, aliases: dict) -> QuantConfig:
-    """The section's QuantConfig: ``quant`` (a QuantConfig or its dict) or one built from the flat aliases."""
+def _held_quant(owner: str, quant, aliases: dict, preset=None) -> QuantConfig:
+    """The section's QuantConfig: ``quant`` (a QuantConfig or its dict), or one built from ``preset``
+    (:func:`fake_quant_preset`) and / or the flat aliases (which override the preset's fields)."""
     given = {k: v for k, v in aliases.items() if v is not None}
     _check_aliases(owner, given)
+    if preset is not None and quant is not None:
+        raise ValueError(f"{owner}: give either quant=QuantConfig(...) or preset={preset!r}, not both")
     try:
-        if isinstance(quant, dict):
+        if preset is not None:
+            quant = fake_quant_preset(preset, **given)
+        elif isinstance(quant, dict):
             quant = QuantConfig.from_dict(quant)
         elif quant is None:
             quant = fake_quant_config(**given)
     except ValueError as e:
+        if preset is not None:
+            with_keys = f" with {', '.join(f'{k}={v!r}' for k, v in given.items())}" if given else ""
+            raise ValueError(f"{owner}: preset={preset!r}{with_keys}: {e}") from None
         raise ValueError(f"{owner}.quant: {e}") from None
     if not isinstance(quant, QuantConfig):
         raise ValueError(f"{owner}.quant must be a QuantConfig or a dict of its fields, got {type(quant).__name__}")
     conflicts = sorted(k for k, v in given.items() if getattr(quant, k) != v)  # equal values: e.g. dataclasses.replace
     if conflicts:
         raise ValueError(f"{owner}: give either quant=QuantConfig(...) or the flat keys {conflicts}, not both")
-    _check_fake_quant(owner, quant)
+    _check_fake_quant(owner, quant, preset)
     return quant
 
 
@@ -85,7 +128,7 @@ def _check_aliases(owner: str, given: dict) -> None:
         raise ValueError(f"{owner}: w_bits = a_bits = 16 quantizes nothing; lower the bits")
 
 
-def _check_fake_quant(owner: str, quant: QuantConfig) -> None:
+def _check_fake_quant(owner: str, quant: QuantConfig, preset=None) -> None:
     """Refuse settings the fake-quant forward would silently ignore (it rounds weights to nearest, max-scaled)."""
     ignored = [
         msg for bad, msg in (
@@ -97,8 +140,28 @@ def _check_fake_quant(owner: str, quant: QuantConfig) -> None:
             (quant.gptq_quantized_inputs, "gptq_quantized_inputs=True (a GPTQ option)"),
         ) if bad
     ]  # fmt: skip
-    if ignored:
-        raise ValueError(f"{owner}.quant: the fake-quant forward does not support {'; '.join(ignored)}; use quantize_model_ for those")
+    if not ignored:
+        return
+    if preset is not None:
+        raise ValueError(f"{owner}: preset={preset!r} needs what the fake-quant forward does not do: {'; '.join(ignored)}; "
+                         f"choose a preset without it (e.g. {', '.join(_QAT_PRESETS)})")
+    named = _preset_of(quant)
+    hint = (f"; to train for this preset's format pass preset={named!r} instead of quant= (QAT trains the format, "
+            f"then run quantize_model_ with QuantConfig.preset({named!r}) on the merged model)" if named else
+            f"; to train for a preset's format pass preset=<name> (e.g. {', '.join(_QAT_PRESETS)})")
+    raise ValueError(f"{owner}.quant: the fake-quant forward does not support {'; '.join(ignored)}; use quantize_model_ "
+                     f"for those{hint}")
+
+
+_QAT_PRESETS = ("nvfp4", "mxfp4", "w4a4-int", "w4a8")  # presets whose fake-quant form QAT runs (the servable W4A*)
+
+
+def _preset_of(quant: QuantConfig) -> str | None:
+    """The preset name ``quant`` is (``QuantConfig.preset(name)`` exactly, up to ``skip``), or None."""
+    for name in QUANT_PRESETS:
+        if quant == QuantConfig.preset(name, skip=quant.skip):
+            return name
+    return None
 
 
 def _from_dict(cls, data: dict, aliases: tuple[str, ...]):
@@ -130,7 +193,11 @@ class MonitorConfig(ConfigMixin):
             ``rolora/eval_loss_w<w>a<a>``), the merged-model equivalent of post-training RTN quantization.
         quant: the fake-quant setting of that evaluation (default :func:`fake_quant_config`: W4A4 per channel).
         num_batches: how many eval batches each measurement uses.
-        w_bits / a_bits / w_group_size: flat aliases filling ``quant`` (not together with ``quant``).
+        preset: a :data:`~rolora_plugin.quant.QUANT_PRESETS` name instead of ``quant``: its fake-quant form
+            (:func:`fake_quant_preset`), e.g. ``"nvfp4"`` to watch the NVFP4 loss of an NVFP4 QAT run. The log key
+            is named by the bits (``rolora/eval_loss_w4a4`` for NVFP4 and MXFP4 too).
+        w_bits / a_bits / w_group_size: flat aliases filling ``quant`` (not together with ``quant``; with
+            ``preset`` they override its fields).
     """
 
     every_n_steps: int = 50
@@ -142,18 +209,20 @@ class MonitorConfig(ConfigMixin):
     w_bits: InitVar[int | None] = None
     a_bits: InitVar[int | None] = None
     w_group_size: InitVar[int | None] = None
+    preset: InitVar[str | None] = None
 
-    def __post_init__(self, w_bits, a_bits, w_group_size):
+    def __post_init__(self, w_bits, a_bits, w_group_size, preset):
         _check_int("MonitorConfig", "every_n_steps", self.every_n_steps, 0)
         _check_int("MonitorConfig", "num_batches", self.num_batches, 1)
         for i in self.layers:
             _check_int("MonitorConfig", "layers[]", i, 0)
-        self.quant = _held_quant("MonitorConfig", self.quant, dict(w_bits=w_bits, a_bits=a_bits, w_group_size=w_group_size))
+        aliases = dict(w_bits=w_bits, a_bits=a_bits, w_group_size=w_group_size)
+        self.quant = _held_quant("MonitorConfig", self.quant, aliases, _checked_preset("MonitorConfig", preset))
         self.layers = list(self.layers)
 
     @classmethod
     def from_dict(cls, data: dict) -> "MonitorConfig":
-        return _from_dict(cls, data, _MONITOR_ALIASES)
+        return _from_dict(cls, data, _MONITOR_ALIASES + ("preset",))
 
     @property
     def enabled(self) -> bool:
@@ -171,12 +240,21 @@ class QATConfig(ConfigMixin):
             ``w_bits`` / ``w_group_size`` / ``w_sym`` of the effective weights ``W + sBA`` (scaled by their max, no
             clip), ``a_bits`` / ``a_sym`` / ``a_clip_ratio`` of the per-token activations.
         targets: ``"all-linear"`` (every decoder-layer linear, as a W4A4 deployment), ``"lora"`` or leaf names.
-        w_bits / a_bits / w_group_size / w_sym / a_sym / a_clip_ratio: flat aliases filling ``quant``.
+        preset: a :data:`~rolora_plugin.quant.QUANT_PRESETS` name instead of ``quant`` — train for the format that
+            preset deploys: ``"nvfp4"`` (E2M1 in groups of 16, FP8 group scales, per-tensor global scale; dynamic
+            for activations during QAT), ``"mxfp4"`` (groups of 32, power-of-two scales), ``"w4a4-int"`` (int4 on
+            the 16-level grid), ... Held as :func:`fake_quant_preset` (rounded to nearest; the preset's GPTQ and
+            clip searches run after merge: ``quantize_model_(merged, QuantConfig.preset(name), calibration=...)``).
+            Reads back as the preset name whose fake-quant form ``quant`` is (None for other settings).
+        w_bits / a_bits / w_group_size / w_sym / a_sym / a_clip_ratio: flat aliases filling ``quant`` (with
+            ``preset``: overriding its fields).
 
     Example::
 
         >>> QATConfig(enabled=True, quant=QuantConfig(w_bits=4, a_bits=8, skip=())) == QATConfig(enabled=True, a_bits=8)
         True
+        >>> QATConfig(enabled=True, preset="nvfp4").quant.label()
+        'NVFP4 W4A4'
     """
 
     enabled: bool = False
@@ -189,22 +267,47 @@ class QATConfig(ConfigMixin):
     w_sym: InitVar[bool | None] = None
     a_sym: InitVar[bool | None] = None
     a_clip_ratio: InitVar[float | None] = None
+    preset: InitVar[str | None] = None
 
-    def __post_init__(self, w_bits, a_bits, w_group_size, w_sym, a_sym, a_clip_ratio):
+    def __post_init__(self, w_bits, a_bits, w_group_size, w_sym, a_sym, a_clip_ratio, preset):
         if not isinstance(self.enabled, bool):
             raise ValueError(f"QATConfig.enabled must be True or False, got {self.enabled!r}")
         _check_int("QATConfig", "start_step", self.start_step, 0)
         aliases = dict(w_bits=w_bits, a_bits=a_bits, w_group_size=w_group_size, w_sym=w_sym, a_sym=a_sym, a_clip_ratio=a_clip_ratio)
-        self.quant = _held_quant("QATConfig", self.quant, aliases)
+        self.quant = _held_quant("QATConfig", self.quant, aliases, _checked_preset("QATConfig", preset))
         self.targets = _check_targets("QATConfig", self.targets)
 
     @classmethod
     def from_dict(cls, data: dict) -> "QATConfig":
-        return _from_dict(cls, data, _QAT_ALIASES)
+        return _from_dict(cls, data, _QAT_ALIASES + ("preset",))
+
+
+def _checked_preset(owner: str, preset):
+    """``preset`` as given (None, or a preset name), with an error listing the names otherwise."""
+    if preset is None:
+        return None
+    if not isinstance(preset, str) or preset not in QUANT_PRESETS:
+        raise ValueError(f"{owner}.preset must be one of {sorted(QUANT_PRESETS)} (QuantConfig.preset names), got {preset!r}")
+    return preset
+
+
+def _fake_preset_name(quant: QuantConfig) -> str | None:
+    for name in QUANT_PRESETS:
+        if fake_quant_preset(name, skip=quant.skip) == quant:
+            return name
+    return None
+
+
+def _preset_property(cls):
+    """Read-only ``cls.preset``: the preset whose fake-quant form the held ``quant`` is, else None."""
+    cls.preset = property(lambda self: _fake_preset_name(self.quant), doc="the preset of ``quant`` (read-only), or None")
+    return cls
 
 
 _alias_properties(MonitorConfig, _MONITOR_ALIASES)
 _alias_properties(QATConfig, _QAT_ALIASES)
+_preset_property(MonitorConfig)
+_preset_property(QATConfig)
 
 
 @dataclass

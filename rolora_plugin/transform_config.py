@@ -9,10 +9,12 @@ normalised Sylvester matrix (powers of two only), used only where our matrix is 
 is a submodule ``<target>.<group>_<location>`` whose ``weight`` is a parameter; ``apply_transform_config`` creates
 it (``random-hadamard``: shared by every target of the group) and its forward is ``x @ weight / sqrt(n)`` — the
 same scaling vLLM applies to a loaded transform weight. We store ``weight = sqrt(n) · R`` (``x @ R`` is our online
-rotation), once per group under the first target's name, in ``transforms.safetensors`` (not in
-``model.safetensors``: transformers 5.23 ignores ``transform_config`` at load and would report those keys as
-unexpected). :func:`load_with_compressed_tensors` is the consumer's path: plain load,
-``apply_transform_config``, then the stored weights.
+rotation), once per group under the first target's name (vLLM shares one tensor per group and size the same way),
+**in the model's own weight files** and their index — where vLLM's weight loader looks: it reads a side file only
+when the checkpoint has no safetensors index (0.1 exports wrote ``transforms.safetensors``; still read). transformers
+5.23 ignores ``transform_config`` at load, so those keys are not model parameters there (rolora's loader expects
+them; :func:`load_with_compressed_tensors` / :func:`rolora_plugin.check.consumer_model` load them into the modules
+``apply_transform_config`` creates).
 
 * the full-precision export (``format="fp"``) keeps its older rule: a ``hadamard``-only config or none at all
   (:func:`transform_config_dict`; a warning says when none is written). Its ``q_attn`` / ``k_cache`` locations
@@ -163,7 +165,7 @@ def load_with_compressed_tensors(path: str | os.PathLike, dtype: torch.dtype | N
 
     No rolora code touches the forward: the online rotations come from the export's ``transform_config`` only
     (``config.json``, or ``transform_config.json`` of a full-precision export) and the stored transform weights in
-    ``transforms.safetensors``, applied by compressed-tensors with ``sdpa`` attention (its q/k hooks do not support
+    the model's weight files, applied by compressed-tensors with ``sdpa`` attention (its q/k hooks do not support
     ``eager``). A packed checkpoint goes through compressed-tensors' own quantized forward (its activation grid,
     module doc); ``dequantize=True`` loads it dense instead (``CompressedTensorsConfig(dequantize=True)``: exact weights,
     no activation quantization; transformers 5.23 needs this for asymmetric weights, whose packed zero points its
@@ -188,16 +190,25 @@ def load_with_compressed_tensors(path: str | os.PathLike, dtype: torch.dtype | N
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     get_architecture(model)  # clear error for a family we do not know
     apply_transform_config(model, TransformConfig.model_validate(ct))
-    _load_transform_weights(model, path / TRANSFORMS_FILE)
+    _load_transform_weights(model, path)
     return model.eval()
 
 
-def _load_transform_weights(model: nn.Module, file: Path) -> None:
-    if not file.is_file():
-        return
-    from safetensors.torch import load_file
+def _load_transform_weights(model: nn.Module, path: Path) -> None:
+    """Load the stored transform matrices into the modules ``apply_transform_config`` created: from the model's
+    weight files (exports since 0.2) or ``transforms.safetensors`` (older exports)."""
+    from safetensors import safe_open
 
-    stored = load_file(str(file))
-    unexpected = model.load_state_dict(stored, strict=False).unexpected_keys
+    wanted = {k for k in model.state_dict() if _is_transform_key(k)}
+    stored = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            stored.update({k: f.get_tensor(k) for k in f.keys() if _is_transform_key(k)})  # noqa: SIM118
+    unexpected = sorted(set(stored) - wanted)
     if unexpected:
-        raise RotationError(f"{file} holds transform weights for modules the transform_config did not create: {unexpected}")
+        raise RotationError(f"{path} holds transform weights for modules the transform_config did not create: {unexpected}")
+    model.load_state_dict(stored, strict=False)
+
+
+def _is_transform_key(key: str) -> bool:
+    return any(f".rolora_{r}_" in key for r in ("r3", "r4")) and key.endswith(".weight")

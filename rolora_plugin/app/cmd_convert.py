@@ -205,7 +205,8 @@ def cmd_quantize(args) -> int:
             raise CLIError(f"{args.source!r} is already rotated: its record fixes the rotation; drop {flag}")
     with config_errors("quantization"):
         quant = QuantConfig.preset(args.recipe)
-    rotation = None if rotated else RotationConfig.preset(args.rotation or "w4a4", seed=args.seed or 0)
+    # learned rotations are optimised under the recipe's own format (its QuantConfig preset)
+    rotation = None if rotated else RotationConfig.preset(args.rotation or "w4a4", seed=args.seed or 0, learn_quant=args.recipe)
     tok = load_tokenizer(src) or (load_tokenizer(config_dir) if config_dir != src else None)
     calib = None
     if quant.method == "gptq" or quant.a_clip_search or (rotation is not None and rotation.learn):

@@ -129,8 +129,8 @@ def _add_quantize(sub):
     q.add_argument("--seed", type=int, default=None, help="rotation seed for an unrotated SOURCE (default 0)")
     q.add_argument("--rotation", choices=("w4a4", "w4a4-hadamard", "default"), default=None,
                    help="rotation preset for an unrotated SOURCE (default w4a4: R1+R2 learned on the calibration data "
-                   "+ R4, the best we measured, a few minutes more on CPU; w4a4-hadamard: the same rotations without "
-                   "learning; default: R1+R4)")
+                   "under the --recipe's own format + R4, a few minutes more on CPU; w4a4-hadamard: the same rotations "
+                   "without learning; default: R1+R4)")
     q.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     return "quantize", q
 

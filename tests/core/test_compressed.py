@@ -152,13 +152,16 @@ def test_quantize_and_export_from_an_original_checkpoint_dir(tmp_path):
 
 
 def test_transformers_loads_the_packed_weights_and_decompresses_them_bit_exactly(tmp_path):
-    """Plain from_pretrained with compressed-tensors installed: no missing/unexpected keys; its decompression = ours."""
+    """Plain from_pretrained with compressed-tensors installed: no missing keys, and the only unexpected one is the
+    stored R4 matrix (transformers ignores transform_config; vLLM and compressed-tensors' transforms read it from the
+    model's weight files); its decompression = ours."""
     from transformers import AutoModelForCausalLM
 
     model = _quantized(config=W4A4_CONFIGS["gptq"], intermediate=96)  # R4 width 96: a stored (Paley) matrix
     out = merge_and_export(model, tmp_path / "w4a4", format=CT, not_servable_ok=True)
     ct_model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    assert set(info["unexpected_keys"]) == {"model.layers.0.mlp.down_proj.rolora_r4_input.weight"}
     names = _quantized_names(model)
     assert {n for n, _ in ct_model.named_parameters() if n.endswith("weight_packed")} == {f"{n}.weight_packed" for n in names}
     with torch.no_grad():
@@ -175,7 +178,8 @@ def test_asymmetric_weights_decompress_bit_exactly_with_dequantize_true(tmp_path
     model = _quantized(config=W4A4_CONFIGS["rtn-asym-g32-clip-kv4"])
     out = merge_and_export(model, tmp_path / "w4a4", format=CT, not_servable_ok=True)
     dense, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, quantization_config=CompressedTensorsConfig(dequantize=True))
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    assert all(".rolora_r4_input." in k for k in info["unexpected_keys"])  # the stored R4 matrix only
     for name in _quantized_names(model):
         assert torch.equal(dense.get_submodule(name).weight, model.get_submodule(name).weight), name
 
@@ -190,7 +194,9 @@ def test_compressed_tensors_consumer_reproduces_weights_and_stored_transforms(tm
     groups = json.loads((out / "config.json").read_text())["quantization_config"]["transform_config"]["config_groups"]
     assert groups["rolora_r4"]["type"] == ("hadamard" if intermediate == 128 else "random-hadamard")
     assert groups["rolora_r3"]["type"] == "hadamard" and groups["rolora_r3"]["head_dim"] == 16
-    assert (out / TRANSFORMS_FILE).is_file() == (intermediate != 128)
+    stored = [k for k in _tensors(out / "model.safetensors") if ".rolora_r" in k]  # in the model's own weight file
+    assert stored == (["model.layers.0.mlp.down_proj.rolora_r4_input.weight"] if intermediate != 128 else [])
+    assert not (out / TRANSFORMS_FILE).exists()
     assert rel_err(logits(load_with_compressed_tensors(out), ids), logits(model, ids)) <= FP32_RTOL
 
 
@@ -201,7 +207,7 @@ def test_stored_transform_is_sqrt_n_times_our_matrix(tmp_path):
 
     model = _quantized(intermediate=96)
     out = merge_and_export(model, tmp_path / "w4a4", format=CT, not_servable_ok=True)
-    stored = load_file(out / TRANSFORMS_FILE)
+    stored = {k: v for k, v in load_file(out / "model.safetensors").items() if ".rolora_r" in k}
     assert list(stored) == ["model.layers.0.mlp.down_proj.rolora_r4_input.weight"]  # one per group, shared by its targets
     r4 = get_rotation_record(model).verify()["r4"].matrix(torch.float64)
     assert torch.equal(stored["model.layers.0.mlp.down_proj.rolora_r4_input.weight"], (r4 * 96**0.5).float())
@@ -242,6 +248,13 @@ def _export(tmp_path, **kw):
     return merge_and_export(_quantized(**kw), tmp_path / "w4a4", format=CT, not_servable_ok=True)
 
 
+def _tensors(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())
+
+
 def _edit_tensor(path, key, fn):
     from safetensors.torch import load_file, save_file
 
@@ -274,7 +287,7 @@ def test_tampered_tensors_are_refused_before_loading(tmp_path, monkeypatch, key,
 
 def test_tampered_stored_transform_is_refused(tmp_path):
     out = _export(tmp_path, intermediate=96)
-    _edit_tensor(out / TRANSFORMS_FILE, "model.layers.0.mlp.down_proj.rolora_r4_input.weight", lambda t: -t)
+    _edit_tensor(out / "model.safetensors", "model.layers.0.mlp.down_proj.rolora_r4_input.weight", lambda t: -t)
     with pytest.raises(QuantizationError, match="rolora_r4_input"):
         load_rotated(out)
 
