@@ -17,3 +17,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 "$PY" -c "import triton; print('triton', triton.__version__)" || echo "triton missing: the Hadamard rows time the PyTorch path"
 timeout 480 "$PY" benchmarks/gpu_goals.py "$@"
+# Issue 30: compressed-tensors' own forward (its CUDA/Triton activation quantizers) of int W4A4, NVFP4 and MXFP4 exports
+# against load_rotated on the device (tests/core/test_check.py; record the outcome in RESULTS.md the first time).
+timeout 300 "$PY" -m pytest tests/core/test_check.py -m gpu -q -p no:cacheprovider -rA || echo "FP4 / int W4A4 device check FAILED (see above)"

@@ -40,7 +40,7 @@ __all__ = ["check_export", "consumer_model"]
 logger = logging.getLogger(__name__)
 
 
-def consumer_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
+def consumer_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device=None) -> nn.Module:
     """An export loaded and run by compressed-tensors' own code only (module docstring). Eval mode."""
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
     from compressed_tensors.transform import TransformConfig, apply_transform_config
@@ -74,12 +74,15 @@ def consumer_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) 
 
         apply_transform_config(model, TransformConfig.model_validate(transform))
         _load_transform_weights(model, path)
+    if device is not None:
+        model.to(device)  # on CUDA compressed-tensors quantizes activations with its Triton kernels
     return model.eval()
 
 
 @torch.no_grad()
 def _logits(model: nn.Module, chunks: torch.Tensor) -> torch.Tensor:
-    return torch.cat([model(input_ids=c.unsqueeze(0)).logits.float() for c in chunks])
+    device = next(model.parameters()).device
+    return torch.cat([model(input_ids=c.unsqueeze(0).to(device)).logits.float().cpu() for c in chunks])
 
 
 def _compare(a: torch.Tensor, b: torch.Tensor) -> dict:
@@ -90,18 +93,19 @@ def _compare(a: torch.Tensor, b: torch.Tensor) -> dict:
     }
 
 
-def check_export(path: str | os.PathLike, chunks: torch.Tensor, *, progress: bool = False) -> dict:
+def check_export(path: str | os.PathLike, chunks: torch.Tensor, *, progress: bool = False, device=None) -> dict:
     """Logits of compressed-tensors' forward of ``path`` against ``load_rotated`` on ``chunks`` (n, seq) token ids.
 
     Returns ``{"engine": {...}, "consumer": {rel_err, max_abs_logit_diff, argmax_agreement}, "ppl": {"rolora",
-    "consumer"}, "format": ...}`` and for NVFP4 also ``"bf16_weights"`` (module docstring).
+    "consumer"}, "format": ...}`` and for NVFP4 also ``"bf16_weights"`` (module docstring). ``device``: where both
+    models run (e.g. ``"cuda"``: compressed-tensors' Triton quantization kernels against our PyTorch path).
     """
     from .compressed import QUANT_RECORD_FILE
     from .export import load_rotated
 
     body = json.loads((Path(path) / QUANT_RECORD_FILE).read_text())
-    ours = load_rotated(path, consumer_arithmetic=True, attn_implementation="sdpa")
-    theirs = consumer_model(path)
+    ours = load_rotated(path, consumer_arithmetic=True, attn_implementation="sdpa", device=device)
+    theirs = consumer_model(path, device=device)
     fmt = body["quantization"]["config"].get("w_format", "int")
     a, b = _logits(theirs, chunks), _logits(ours, chunks)
     out = {

@@ -80,3 +80,17 @@ def test_nvfp4_activations_need_calibration_for_their_global_scale():
     model = tiny_model("llama")
     with pytest.raises(QuantizationError, match="input_global_scale"):
         quantize_model_(model, QuantConfig.preset("nvfp4", method="rtn", w_clip_search=False), progress=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["w4a4-int", "nvfp4", "mxfp4"])
+def test_compressed_tensors_cuda_kernels_compute_the_exported_model(tmp_path, preset):
+    """On a GPU compressed-tensors quantizes activations with its Triton kernels (benchmarks/gpu_suite.sh runs this)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from rolora_plugin.check import check_export
+
+    model, out = _export(tmp_path, "llama", preset)
+    r = check_export(out, _chunks(model.config.vocab_size), device="cuda")
+    exact = r["bf16_weights"] if preset == "nvfp4" else r["consumer"]
+    assert exact["argmax_agreement"] == 1.0 and exact["rel_err"] <= 1e-4, r
