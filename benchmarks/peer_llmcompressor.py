@@ -5,6 +5,7 @@ One command, on a fresh machine too (the peer's virtual environment is built on 
     python benchmarks/peer_llmcompressor.py                  # 2 calibration draws, BoolQ + SciQ, appends to RESULTS.md
     python benchmarks/peer_llmcompressor.py --draws 0 --no-append   # one draw, print only
     python benchmarks/peer_llmcompressor.py --cached-only           # the table from what has been run so far
+    python benchmarks/peer_llmcompressor.py --ours fp --peer fp --formats int,nvfp4,mxfp4   # servable formats only
 
 What runs (SmolLM2-135M-Instruct from ``rolora_plugin.app.assets.smollm2_dir``, the same HF folder for both):
 
@@ -15,6 +16,20 @@ What runs (SmolLM2-135M-Instruct from ``rolora_plugin.app.assets.smollm2_dir``, 
   W4A4 recipe, ``SpinQuantModifier`` + ``GPTQModifier`` (its defaults: act-order, one pass per layer). Scheme:
   int4 symmetric weights per output channel, int4 symmetric dynamic per-token activations, every Linear but
   ``lm_head``.
+
+**Servable formats** (issue 30; ``--formats int,nvfp4,mxfp4``, ``--formats none`` skips them), per format:
+
+* **ours**: Hadamard R1+R2+R4 (``RotationConfig(seed=0, r2=True)``) + ``QuantConfig.preset("w4a4-int" | "nvfp4" |
+  "mxfp4")`` (GPTQ); and learned R1+R2 under that format's quantizer, ``RotationConfig.preset("w4a4",
+  learn_quant=<preset>)`` (R4 Hadamard; learned on the quantizer's calibration chunks; ``--no-learned`` skips it).
+* **peer**: ``GPTQModifier(scheme="NVFP4" | "MXFP4", targets="Linear", ignore=["lm_head"])`` (compressed-tensors'
+  preset schemes; int: the W4A4 rows' scheme above, int4 weights per channel, because the preset "W4A4" quantizes
+  weights in groups of 128 and llm-compressor refuses SmolLM2's 576-column linears with it; the SpinQuant int row is
+  the "best" row's run, the same cache entry) after either ``SpinQuantModifier(rotations=["R1", "R2", "R4"],
+  transform_type="random-hadamard")`` or ``QuIPModifier(rotations=["v"], transform_type="random-hadamard",
+  transform_block_size=<the format's group: 16 NVFP4, 32 MXFP4; None = each linear's full input width for int>)``.
+  Both transforms run on draw 0; the better one (lower mean of the per-text ratios to FP) is the peer's best for that
+  format and alone runs the other draws (when draw 0 is not among ``--draws``, both run on every draw).
 
 Both sides read the **same token ids** from one file written here (``torch.save``): evaluation chunks of BoolQ
 passages and of SciQ ``support`` paragraphs (``text_chunks``), and calibration chunks of BoolQ passages taken from
@@ -57,7 +72,31 @@ LABELS = {
     "best": "W4A4 best (ours: R1-R4 + preset w4a4; peer: SpinQuant R1+R2+R4 + GPTQ)",
     "best-kv4": "W4A4KV4 (ours: the same + KV4)",
 }
+# servable formats (issue 30): our QuantConfig preset, the compressed-tensors preset scheme the peer quantizes with
+# (int: None = the scheme of the W4A4 rows above, int4 sym weights per channel + int4 sym dynamic per-token activations,
+# which is the preset "W4A4" with per-channel weights: the preset's weight groups of 128 do not divide SmolLM2's 576
+# columns and llm-compressor refuses it), QuIP's block size (None: each linear's full input width), the goal
+# (perplexity ratio to FP, per text)
+FORMATS = {
+    "int": dict(preset="w4a4-int", scheme=None, block=None, goal=2.0, label="int W4A4 (sym dynamic per-token acts)"),
+    "nvfp4": dict(preset="nvfp4", scheme="NVFP4", block=16, goal=1.25, label="NVFP4"),
+    "mxfp4": dict(preset="mxfp4", scheme="MXFP4", block=32, goal=1.4, label="MXFP4"),
+}
+OURS_FMT = ("had", "learn")
+PEER_FMT = ("spin", "quip")
+FMT_LABELS = {
+    "had": "ours: Hadamard R1+R2+R4 + GPTQ preset",
+    "learn": "ours: learned R1+R2 (+R4) + GPTQ preset",
+    "spin": "peer: SpinQuant R1+R2+R4 + GPTQ scheme",
+    "quip": "peer: QuIP v + GPTQ scheme",
+}
 logger = logging.getLogger("peer_llmcompressor")
+
+
+def format_recipe(recipe: str) -> tuple[str, str] | None:
+    """``("nvfp4", "had")`` for a servable-format row such as ``"nvfp4-had"``; None for the W4A4 rows above."""
+    fmt, _, how = recipe.partition("-")
+    return (fmt, how) if fmt in FORMATS and how in OURS_FMT + PEER_FMT else None
 
 
 # ---------------------------------------------------------------------------------------------- cache and venv
@@ -150,6 +189,11 @@ def our_configs(recipe: str):
 
     r124 = RotationConfig(seed=0, r2=True)
     best_rot = RotationConfig(seed=0, r2=True, r3=True)
+    if format_recipe(recipe):  # servable format rows, e.g. "nvfp4-had", "int-learn"
+        fmt, how = format_recipe(recipe)
+        preset = FORMATS[fmt]["preset"]
+        rot = {"had": r124, "learn": RotationConfig.preset("w4a4", learn_quant=preset)}[how]
+        return rot, QuantConfig.preset(preset)
     return {
         "fp": (None, None),
         "rtn": (None, QuantConfig(w_bits=4, a_bits=4)),
@@ -182,10 +226,10 @@ def run_ours(recipe: str, tokens: dict, draw: int) -> dict:
     rot, quant = our_configs(recipe)
     model, _ = load_smollm2()
     t0 = time.perf_counter()
+    calib = list(tokens["calib"][str(draw)].split(4))
     if rot is not None:
-        rotate_model_(model, rot, progress=False)
+        rotate_model_(model, rot, calibration=calib if rot.learn else None, progress=False)
     if quant is not None:
-        calib = list(tokens["calib"][str(draw)].split(4))
         quantize_model_(model, quant, calibration=calib, progress=False)
     wall = time.perf_counter() - t0
     out = {"ppl": {s: perplexity(model, c, progress=False) for s, c in tokens["eval"].items()}, "wall_s": wall}
@@ -226,6 +270,16 @@ def peer_recipe(recipe: str):
     spin = SpinQuantModifier(rotations=["R1", "R2", "R4"], transform_type="random-hadamard")
     rtn = QuantizationModifier(config_groups={"g0": scheme}, ignore=["lm_head"])
     gptq = GPTQModifier(config_groups={"g0": scheme}, ignore=["lm_head"])
+    if format_recipe(recipe):  # servable format rows: "<format>-spin" / "<format>-quip"
+        from llmcompressor.modifiers.transform import QuIPModifier
+
+        fmt, how = format_recipe(recipe)
+        f = FORMATS[fmt]
+        transform = spin if how == "spin" else QuIPModifier(rotations=["v"], transform_type="random-hadamard",
+                                                            transform_block_size=f["block"], ignore=["lm_head"])  # fmt: skip
+        if f["scheme"] is None:  # int: the W4A4 rows' scheme (the preset "W4A4" has weight groups of 128: refused on 576 columns)
+            return [transform, gptq]
+        return [transform, GPTQModifier(scheme=f["scheme"], targets="Linear", ignore=["lm_head"])]
     return {"fp": None, "rtn": [rtn], "rot-rtn": [spin, rtn], "best": [spin, gptq]}[recipe]
 
 
@@ -280,6 +334,16 @@ def run_peer(recipe: str, token_path: Path, draw: int, threads: int) -> dict:
 
 
 def peer_key(recipe: str, proto: dict, draw: int, threads: int) -> dict:
+    if format_recipe(recipe):  # servable format rows (a new key shape; the rows above keep theirs)
+        fmt, how = format_recipe(recipe)
+        f = FORMATS[fmt]
+        if f["scheme"] is None and how == "spin":  # the same modifiers as the "best" row: the same run, its cache entry
+            return peer_key("best", proto, draw, threads)
+        transform = (dict(modifier="SpinQuantModifier", rotations=["R1", "R2", "R4"], type="random-hadamard") if how == "spin"
+                     else dict(modifier="QuIPModifier", rotations=["v"], type="random-hadamard", block=f["block"]))  # fmt: skip
+        scheme = f"preset {f['scheme']}, targets Linear, lm_head FP" if f["scheme"] else peer_key("best", proto, draw, threads)["scheme"]
+        return dict(side="peer", recipe=recipe, spec=PEER_SPEC, scheme=scheme,
+                    transform=transform, method="GPTQModifier defaults", draw=draw, proto=proto, threads=threads)  # fmt: skip
     return dict(side="peer", recipe=recipe, spec=PEER_SPEC, scheme="w4a4 int sym, channel / token dynamic, lm_head FP",
                 draw=draw if recipe != "fp" else None, proto=proto, threads=threads)  # fmt: skip
 
@@ -318,6 +382,60 @@ def table(results: dict, draws) -> str:
     return "\n".join(lines)
 
 
+def _ratios(results: dict, side: str, recipe: str, draws) -> list[dict]:
+    """Per draw run of ``recipe``: ``{source: ppl / FP ppl}`` (runs or FP missing: left out)."""
+    fp = results.get((side, "fp", None))
+    runs = [results.get((side, recipe, d)) for d in draws]
+    return [] if fp is None else [{s: r["ppl"][s] / fp["ppl"][s] for s in SOURCES} for r in runs if r is not None]
+
+
+def peer_choice(results: dict, fmt: str) -> str | None:
+    """The peer's better transform for ``fmt`` on draw 0 (lower mean of the per-text ratios); None until both ran."""
+    scores = {}
+    for how in PEER_FMT:
+        r = _ratios(results, "peer", f"{fmt}-{how}", [0])
+        if not r:
+            return None
+        scores[how] = statistics.mean(r[0].values())
+    return min(scores, key=scores.get)
+
+
+def format_table(results: dict, draws, formats) -> str:
+    """Markdown: per servable format our two recipes and the peer's two; ppl / that side's FP per text, mean
+    [min–max] over the draws run; the goal and whether it is met (every text ≤ goal and below the peer's best)."""
+    head = "| format | recipe | draws | BoolQ ×FP | SciQ ×FP | wall s | goal ×FP | goal met |"
+    lines = [head, "|---" * 8 + "|"]
+    for side in ("ours", "peer"):
+        fp = results.get((side, "fp", None))
+        if fp:
+            lines.append(f"| FP32 | {side} | – | {fp['ppl']['boolq']:.2f} ppl | {fp['ppl']['sciq']:.2f} ppl | – | – | – |")
+    for fmt in formats:
+        f = FORMATS[fmt]
+        best = peer_choice(results, fmt)
+        peer_best = {s: statistics.mean(x[s] for x in _ratios(results, "peer", f"{fmt}-{best}", draws)) for s in SOURCES} if best else None
+        for side, hows in (("ours", OURS_FMT), ("peer", PEER_FMT)):
+            for how in hows:
+                recipe = f"{fmt}-{how}"
+                ratios = _ratios(results, side, recipe, draws)
+                walls = [results[(side, recipe, d)]["wall_s"] for d in draws if (side, recipe, d) in results]
+                run = [str(d) for d in draws if (side, recipe, d) in results]
+                cells = [_stats([x[s] for x in ratios]) if ratios else "-" for s in SOURCES]
+                label = FMT_LABELS[how] + (" (**peer's best**, picked on draw 0)" if side == "peer" and how == best else "")
+                if side == "ours" and ratios:
+                    means = {s: statistics.mean(x[s] for x in ratios) for s in SOURCES}
+                    under = all(means[s] <= f["goal"] for s in SOURCES)
+                    ahead = None if peer_best is None else all(means[s] < peer_best[s] for s in SOURCES)
+                    met = ("met" if under and ahead else "**not met**") + (
+                        f" (≤ goal: {'yes' if under else 'no'}; ahead of peer's best: "
+                        f"{'?' if ahead is None else 'yes' if ahead else 'no'}; draws {len(ratios)}/{len(draws)})")
+                else:
+                    met = "–"
+                goal = f"≤ {f['goal']}" if side == "ours" else "–"
+                wall = (f"{statistics.mean(walls):.0f}" + (f" [{min(walls):.0f}–{max(walls):.0f}]" if len(walls) > 1 else "")) if walls else "-"
+                lines.append(f"| {f['label']} | {label} | {','.join(run) or '-'} | " + " | ".join(cells) + f" | {wall} | {goal} | {met} |")
+    return "\n".join(lines)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--draws", type=int, nargs="+", default=[0, 1], help="calibration draws (disjoint BoolQ slices)")
@@ -328,10 +446,18 @@ def parse_args(argv=None):
     p.add_argument("--sides", nargs="+", default=["ours", "peer"], choices=["ours", "peer"])
     p.add_argument("--ours", nargs="+", default=list(OURS), choices=OURS)
     p.add_argument("--peer", nargs="+", default=list(PEER), choices=PEER)
+    p.add_argument("--formats", default="int,nvfp4,mxfp4",
+                   help="servable formats side by side, comma separated from int,nvfp4,mxfp4 ('none': skip them)")  # fmt: skip
+    p.add_argument("--no-learned", action="store_true", help="skip our learned-rotation rows of the servable formats")
     p.add_argument("--no-append", action="store_true")
     p.add_argument("--cached-only", action="store_true", help="table from the cached runs only; run nothing")
     p.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.formats = [] if args.formats.strip().lower() in ("", "none") else [f.strip() for f in args.formats.split(",")]
+    bad = [f for f in args.formats if f not in FORMATS]
+    if bad:
+        p.error(f"--formats: unknown {bad}; choose from {list(FORMATS)} or 'none'")
+    return args
 
 
 def main(argv=None) -> None:
@@ -366,12 +492,53 @@ def main(argv=None) -> None:
                 continue
             results[(side, recipe, draw)] = res
             print(f"{side:4s} {recipe:8s} draw {draw}: ppl {res['ppl']} wall {res['wall_s']:.0f}s", flush=True)
+    run_formats(args, proto, tokens, path, results)
     body = describe(args, results, time.time() - t0)
     print(body)
     if not args.no_append:
         from _common import append_results
 
         append_results("W4A4 side by side: ours vs llm-compressor 0.14 (benchmarks/peer_llmcompressor.py)", body)
+
+
+def run_formats(args, proto: dict, tokens: dict, path: Path, results: dict) -> None:
+    """The servable-format rows, draw by draw (draw 0 first: it picks the peer's transform for the later draws)."""
+    if not args.formats:
+        return
+    only = args.cached_only
+
+    def one(side, recipe, d):
+        try:  # a failed run is reported and left uncached; the others go on
+            if side == "ours":
+                res = cached_run(our_key(recipe, proto, d, args.threads), lambda: run_ours(recipe, tokens, d), only)
+            else:
+                res = cached_run(peer_key(recipe, proto, d, args.threads), lambda: run_peer(recipe, path, d, args.threads), only)
+        except Exception as exc:  # noqa: BLE001
+            logger.exception("%s %s draw %s failed", side, recipe, d)
+            print(f"{side:4s} {recipe:12s} draw {d}: FAILED ({type(exc).__name__}: {exc})", flush=True)
+            return
+        if res is None:
+            print(f"{side:4s} {recipe:12s} draw {d}: not cached yet (skipped)", flush=True)
+            return
+        results[(side, recipe, d)] = res
+        print(f"{side:4s} {recipe:12s} draw {d}: ppl {res['ppl']} wall {res['wall_s']:.0f}s", flush=True)
+
+    for side in ("ours", "peer"):  # the ratios need each side's FP
+        if side in args.sides and (side, "fp", None) not in results:
+            res = cached_run((our_key if side == "ours" else peer_key)("fp", proto, 0, args.threads),
+                             lambda: run_ours("fp", tokens, 0) if side == "ours" else run_peer("fp", path, 0, args.threads), only)  # fmt: skip
+            if res is not None:
+                results[(side, "fp", None)] = res
+    for d in args.draws:  # per draw: Hadamard and peer rows of every format first, then the (slower) learned ones
+        for fmt in args.formats:
+            if "ours" in args.sides:
+                one("ours", f"{fmt}-had", d)
+            if "peer" in args.sides:
+                choice = peer_choice(results, fmt) if 0 in args.draws else None
+                for how in PEER_FMT if (d == 0 or choice is None) else [choice]:
+                    one("peer", f"{fmt}-{how}", d)
+        for fmt in args.formats if "ours" in args.sides and not args.no_learned else []:
+            one("ours", f"{fmt}-learn", d)
 
 
 def describe(args, results: dict, total: float) -> str:
@@ -384,6 +551,9 @@ def describe(args, results: dict, total: float) -> str:
         f"[min–max] over the draws. Wall: rotation + calibration + quantization, torch threads {args.threads} both sides. "
         f"Peer: {versions or PEER_SPEC}. Load average at the end {load:.1f} (2 shared cores). This invocation {total:.0f} s "
         f"(cached runs cost nothing).\n\n" + table(results, args.draws)
+        + ("\n\nServable formats (issue 30): cells ppl / that side's FP per text, mean [min–max] over the draws run; "
+           "goal met = both texts' means ≤ goal and below the peer's best for that format.\n\n"
+           + format_table(results, args.draws, args.formats) if args.formats else "")
     )
 
 
