@@ -139,7 +139,8 @@ def cmd_export(args) -> int:
     tok = load_tokenizer(src) or (load_tokenizer(base) if base else None)
     from .. import merge_and_export
 
-    merge_and_export(str(src), str(out), format=args.format, base_model=str(base) if base else None, tokenizer=tok)
+    merge_and_export(str(src), str(out), format=args.format, base_model=str(base) if base else None, tokenizer=tok,
+                     not_servable_ok=args.not_servable_ok)  # fmt: skip
     print(f"merged and exported {src} -> {out}")
     return 0
 

@@ -65,12 +65,18 @@ def _stored_quantization(src: Path, config, args) -> dict | None:
     record = getattr(config, QUANT_RECORD_KEY, None)
     if not record:
         return None
+    from ..quant import QuantConfig
+
     q = record.get("config", {})
-    setting = f"W{q.get('w_bits', 16)}A{q.get('a_bits', 16)}" + (f"KV{q['kv_bits']}" if q.get("kv_bits", 16) < 16 else "")
+    with config_errors("the checkpoint's quantization record"):
+        cfg = QuantConfig.from_dict(q)
+    setting = cfg.label()
     if args.w_bits < 16 or args.a_bits < 16:
         raise CLIError(f"{args.model_dir!r} is quantized already ({setting}, {q.get('method')}); evaluate it without "
                        "--w-bits/--a-bits, or pass the full-precision model")  # fmt: skip
-    return {"setting": setting, "method": q.get("method"), "quantized_in": "checkpoint"}
+    contract = cfg.engine_contract()
+    served = f"yes: vLLM {contract['scheme']}" if contract["servable"] else "NO (research recipe): " + "; ".join(contract["reasons"])
+    return {"setting": setting, "method": q.get("method"), "quantized_in": "checkpoint", "servable": served}
 
 
 def _check_eval_options(args) -> None:
@@ -185,6 +191,8 @@ def evaluate_dir(model, tok, args, *, quant=None, chunks=None, calib=None) -> di
 
 def format_eval_table(results: dict) -> str:
     rows = [("model", results["model"]), ("setting", results["setting"] + (f" ({results['method']})" if results.get("method") else ""))]
+    if results.get("servable"):
+        rows.append(("servable", results["servable"]))
     if "perplexity" in results:
         rows.append(("perplexity", f"{results['perplexity']:.3f}"))
     tasks = results.get("tasks")

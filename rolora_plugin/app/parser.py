@@ -102,6 +102,8 @@ def _add_export(sub):
     x.add_argument("--format", choices=("fp", "compressed-tensors"), default="fp",
                    help="fp (default): standard safetensors; compressed-tensors: re-export a model that is already "
                    "quantized (a `rolora quantize` output); to quantize, use `rolora quantize`")
+    x.add_argument("--not-servable-ok", action="store_true",
+                   help="with --format compressed-tensors: re-export a research recipe (w4a4, w4a4kv4) no engine reproduces")
     return "export", x
 
 

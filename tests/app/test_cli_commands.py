@@ -199,7 +199,17 @@ def test_quantize_exports_compressed_tensors_that_eval_labels_by_their_record(wo
     assert (out / "rolora" / "learned_rotations.safetensors").is_file() and not list(out.glob("rolora*.safetensors"))
     capsys.readouterr()
     assert main(["-q", "eval", str(out), "--ppl-chunks", "1", "--seq-len", "32", "--json", str(work / "q.json")]) == 0
-    assert json.loads((work / "q.json").read_text())["setting"] == "W4A4"
+    evaluated = json.loads((work / "q.json").read_text())
+    assert evaluated["setting"] == "W4A4" and evaluated["servable"] == "yes: vLLM CompressedTensorsWNA4Int"
+    research = work / "research"
+    assert main(["-q", "quantize", str(tiny_dir), str(research), "--calibration", str(calib), "--recipe", "w4a4"]) == EXIT_BAD_INPUT
+    assert "--not-servable-ok" in capsys.readouterr().err and not research.exists()
+    assert main(["-q", "quantize", str(tiny_dir), str(research), "--calibration", str(calib), "--recipe", "w4a4",
+                 "--rotation", "w4a4-hadamard", "--not-servable-ok"]) == 0  # fmt: skip
+    assert main(["-q", "eval", str(research), "--ppl-chunks", "1", "--seq-len", "32", "--json", str(work / "r.json")]) == 0
+    assert json.loads((work / "r.json").read_text())["servable"].startswith("NO (research recipe): asymmetric")
+    assert main(["-q", "export", str(research), str(work / "re"), "--format", "compressed-tensors"]) == EXIT_BAD_INPUT
+    assert main(["-q", "export", str(research), str(work / "re"), "--format", "compressed-tensors", "--not-servable-ok"]) == 0
     assert main(["-q", "eval", str(out), "--w-bits", "4", "--ppl-chunks", "1"]) == EXIT_BAD_INPUT
     assert "quantized already" in capsys.readouterr().err
     again = work / "w4a4-again"
