@@ -65,6 +65,11 @@ class RotationConfig(ConfigMixin):
         learn_layers_per_step: layers whose objective terms enter one step (random subset, seeded); 0: all.
         learn_quant: name of the :meth:`rolora_plugin.QuantConfig.preset` whose bit widths / symmetry the
             learning objective fake-quantizes with.
+        block_size: None (full-width Hadamards), or a power of two b: R1 and R4 become **block-diagonal**
+            Hadamards ``I ⊗ H_b`` (R1 with random signs), each block mixing b consecutive channels only — matched to
+            an FP4 format's group (16 NVFP4, 32 MXFP4) it flattens each quantization group without moving
+            magnitude between groups (MR-GPTQ, arXiv 2509.23202). The online R4 is then compressed-tensors'
+            ``hadamard`` with ``head_dim=b`` (vLLM routes NVFP4 + such a small input transform to fused kernels).
     """
 
     seed: int = 0
@@ -81,6 +86,7 @@ class RotationConfig(ConfigMixin):
     learn_tokens: int = 256
     learn_layers_per_step: int = 8
     learn_quant: str = "w4a4"
+    block_size: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
@@ -92,6 +98,11 @@ class RotationConfig(ConfigMixin):
             raise ValueError(f"RotationConfig.compute_dtype must be 'float64' or 'float32', got {self.compute_dtype!r}")
         if not (self.r1 or self.r2 or self.r3 or self.r4):
             raise ValueError("RotationConfig: every rotation is off (r1=r2=r3=r4=False); enable at least one")
+        b = self.block_size
+        if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 2 or b & (b - 1)):
+            raise ValueError(f"RotationConfig.block_size must be None or a power of two >= 2 (e.g. 16 for NVFP4, 32 for MXFP4), got {b!r}")
+        if b is not None and self.learn:
+            raise ValueError("RotationConfig.block_size: learned rotations are dense; use block_size=None with learn=..., or learn=()")
         self._check_learning()
 
     def to_dict(self) -> dict:

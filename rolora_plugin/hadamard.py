@@ -37,6 +37,7 @@ __all__ = [
     "sylvester",
     "paley",
     "find_hadamard_order",
+    "build_block_transform",
     "build_transform",
     "hadamard_transform",
     "hadamard_transform_ref",
@@ -454,6 +455,20 @@ class OrthogonalTransform:
         if self.dense is not None:
             h.update(self.dense.detach().cpu().to(torch.float64).numpy().tobytes())
         return h.hexdigest()[:16]
+
+
+def build_block_transform(n: int, block: int, *, random_signs: bool = False, seed: int = 0) -> OrthogonalTransform:
+    """``R = diag(s) · (I_{n/b} ⊗ H_b) / sqrt(b)``: a block-diagonal Sylvester Hadamard (blocks of ``b`` consecutive
+    channels), optionally with random signs seeded like :func:`build_transform`. ``b`` a power of two dividing ``n``."""
+    if block < 2 or block & (block - 1) or n % block:
+        raise ValueError(f"block size {block} must be a power of two that divides the width {n}")
+    dense = torch.eye(n // block, dtype=torch.float64) if n > block else None
+    signs = None
+    if random_signs:
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        signs = torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
+    desc = ("diag(±1)·" if random_signs else "") + (f"identity{n // block}⊗" if n > block else "") + f"sylvester{block}"
+    return OrthogonalTransform(n=n, dense=dense, pow2=block, signs=signs, exact=True, description=desc)
 
 
 def build_transform(

@@ -69,9 +69,12 @@ class OnlineHadamard(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dense = self.__dict__.get("_consumer_dense")
-        if dense is not None:  # compressed-tensors' own arithmetic: (x @ W) / sqrt(n), W = float32 sqrt(n)·R
+        if dense is not None:  # compressed-tensors' own arithmetic: (x @ W) / sqrt(n), W = float32 sqrt(n)·R (per block)
             w, scale = dense
-            return ((x.to(w.dtype) @ w.to(x.device)) / scale).to(x.dtype)
+            xw = x.to(w.dtype)
+            if w.shape[0] < xw.shape[-1]:  # block-diagonal I ⊗ H_b: the b×b matrix on every block (its _multihead_matmul)
+                return ((xw.unflatten(-1, (-1, w.shape[0])) @ w.to(x.device)).flatten(-2) / scale).to(x.dtype)
+            return ((xw @ w.to(x.device)) / scale).to(x.dtype)
         return self.transform.apply(x)
 
     def use_consumer_arithmetic_(self, on: bool = True) -> None:
@@ -81,8 +84,12 @@ class OnlineHadamard(nn.Module):
         if not on:
             self.__dict__.pop("_consumer_dense", None)
             return
-        w = (self.transform.matrix(torch.float64) * math.sqrt(self.width)).to(torch.float32)
-        self.__dict__["_consumer_dense"] = (w, torch.tensor(self.width, dtype=torch.float64).sqrt())
+        t = self.transform
+        eye = t.dense is not None and t.signs is None and torch.equal(t.dense, torch.eye(t.dense.shape[0], dtype=t.dense.dtype))
+        n = t.pow2 if eye else self.width  # block-diagonal Sylvester: the consumer holds one b×b block
+        r = t.matrix(torch.float64)[:n, :n] if eye else t.matrix(torch.float64)
+        w = (r * math.sqrt(n)).to(torch.float32)
+        self.__dict__["_consumer_dense"] = (w, torch.tensor(n, dtype=torch.float64).sqrt())
 
     def extra_repr(self) -> str:
         return f"width={self.width}, {self.transform.description}"

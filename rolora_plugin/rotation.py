@@ -34,7 +34,7 @@ from .config import QUANT_RECORD_KEY, RECORD_KEY, RotationConfig
 from .distributed import gather_params
 from .errors import RotationError
 from .fingerprint import weights_fingerprint
-from .hadamard import OrthogonalTransform, build_transform, derive_seed
+from .hadamard import OrthogonalTransform, build_block_transform, build_transform, derive_seed
 from .moe import check_attention_clip, check_moe_layer, has_moe_online, install_moe_online, moe_rotations, rotate_moe_mlp
 from .online import (
     QKRotation,
@@ -166,14 +166,22 @@ def build_rotations(config: RotationConfig, dims: ModelDims) -> dict[str, Orthog
     fb = config.allow_fallback
     seed = config.seed
     out = {}
+    block = config.block_size
+    if block is not None:
+        for name, width in (("hidden", dims.hidden), ("intermediate", dims.intermediate)):
+            if width % block:
+                raise RotationError(f"RotationConfig.block_size={block} does not divide the {name} width {width}; choose a power of two that divides it")
     if config.r1:
-        out["r1"] = build_transform(dims.hidden, random_signs=True, seed=derive_seed(seed, "r1"), allow_fallback=fb)
+        out["r1"] = (
+            build_block_transform(dims.hidden, block, random_signs=True, seed=derive_seed(seed, "r1")) if block
+            else build_transform(dims.hidden, random_signs=True, seed=derive_seed(seed, "r1"), allow_fallback=fb)
+        )  # fmt: skip
     if config.r2:
         out["r2"] = build_transform(dims.head_dim, random_signs=True, seed=derive_seed(seed, "r2"), allow_fallback=fb)
     if config.r3:
         out["r3"] = build_transform(dims.head_dim, seed=derive_seed(seed, "r3"), allow_fallback=fb)
     if config.r4:
-        out["r4"] = build_transform(dims.intermediate, seed=derive_seed(seed, "r4"), allow_fallback=fb)
+        out["r4"] = build_block_transform(dims.intermediate, block) if block else build_transform(dims.intermediate, seed=derive_seed(seed, "r4"), allow_fallback=fb)
     out.update(moe_rotations(config, dims))  # MoE: r4_experts / r4_shared of their own widths
     return out
 

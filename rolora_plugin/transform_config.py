@@ -70,6 +70,15 @@ def _is_sylvester(t) -> bool:
     return t.dense is None and t.signs is None and t.pow2 == t.n
 
 
+def block_of(t) -> int | None:
+    """b when the transform is ``I ⊗ H_b`` (block-diagonal Sylvester, no signs): compressed-tensors' ``hadamard``
+    with ``head_dim=b`` applies exactly that (one b×b matrix on every block of b channels); else None."""
+    if t.signs is not None or t.dense is None or t.pow2 == t.n:
+        return None
+    eye = torch.eye(t.dense.shape[0], dtype=t.dense.dtype)
+    return t.pow2 if torch.equal(t.dense, eye) else None
+
+
 def _scheme(location_targets: list[tuple[str, str]], head_dim: int | None = None, kind: str = "hadamard") -> dict:
     apply = [{"targets": [target], "location": loc, "inverse": False, "ignore": []} for loc, target in location_targets]
     return {"type": kind, "apply": apply, "randomize": False, "requires_grad": False, "head_dim": head_dim}
@@ -102,7 +111,9 @@ def transform_config_dict(record: RotationRecord, *, stored: bool = False) -> di
     """
     groups, unsupported = {}, []
     for name, t, locations, head_dim in _online_groups(record):
-        exact = _is_sylvester(t)
+        block = block_of(t)
+        exact = _is_sylvester(t) or block is not None
+        head_dim = block if block is not None else head_dim
         groups[name] = _scheme(locations, head_dim, "hadamard" if exact or not stored else "random-hadamard")
         unsupported += [] if exact or stored else [f"{name.removeprefix('rolora_')} ({t.description})"]
     if unsupported:
@@ -135,7 +146,7 @@ def stored_transform_weights(record: RotationRecord, model: nn.Module) -> dict[s
 
     out = {}
     for name, t, locations, _ in _online_groups(record):
-        if _is_sylvester(t):
+        if _is_sylvester(t) or block_of(t) is not None:
             continue
         location, target = locations[0]
         first = next(iter(match_named_modules(model, [target])), None)

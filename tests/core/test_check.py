@@ -94,3 +94,23 @@ def test_compressed_tensors_cuda_kernels_compute_the_exported_model(tmp_path, pr
     r = check_export(out, _chunks(model.config.vocab_size), device="cuda")
     exact = r["bf16_weights"] if preset == "nvfp4" else r["consumer"]
     assert exact["argmax_agreement"] == 1.0 and exact["rel_err"] <= 1e-4, r
+
+
+@pytest.mark.parametrize("preset, block", [("nvfp4", 16), ("mxfp4", 32)])
+def test_block_diagonal_rotations_export_as_hadamard_head_dim_and_the_consumer_computes_them(tmp_path, preset, block):
+    from rolora_plugin.check import check_export
+
+    model = tiny_model("llama")
+    ids = random_ids(model.config.vocab_size, seed=9)
+    with torch.no_grad():
+        ref = model(ids).logits
+    rotate_model_(model, RotationConfig(r2=True, block_size=block), progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, rtol=1e-5, atol=1e-5)  # still exact in full precision
+    quantize_model_(model, QuantConfig.preset(preset), [random_ids(model.config.vocab_size, seed=s) for s in (1, 2)], progress=False)
+    out = merge_and_export(model, tmp_path / "blocks", format=CT)
+    group = json.loads((out / "config.json").read_text())["quantization_config"]["transform_config"]["config_groups"]["rolora_r4"]
+    assert (group["type"], group["head_dim"]) == ("hadamard", block)  # compressed-tensors' own block Hadamard, no stored matrix
+    r = check_export(out, _chunks(model.config.vocab_size))
+    exact = r["bf16_weights"] if preset == "nvfp4" else r["consumer"]
+    assert exact["rel_err"] <= 1e-4 and exact["argmax_agreement"] == 1.0
