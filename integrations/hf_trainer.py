@@ -12,7 +12,9 @@ What it does, and when (verified with transformers 5.23):
   When resuming, the ``rolora_rotation.json`` of the checkpoint actually resumed (:func:`resumed_checkpoint`)
   must match the model's rotation, else :class:`rolora_plugin.RotationError`; a checkpoint without the file is
   refused too unless ``allow_unverified_resume=True``.
-* ``on_step_begin``: switches QAT on from ``qat.start_step`` (:func:`rolora_plugin.quant.enable_fake_quant_`).
+* ``on_step_begin``: switches QAT on from ``qat.start_step`` (:func:`rolora_plugin.quant.enable_fake_quant_`), in
+  the format ``qat.quant`` names: int (default W4A4), or NVFP4 / MXFP4 with ``QATConfig(preset="nvfp4")``; the
+  FP4 group sizes are checked against every target's width in ``on_train_begin``.
 * ``on_step_end`` every ``monitor.every_n_steps``: :func:`rolora_plugin.monitor.monitor_metrics` (activation
   kurtosis / max-abs summaries, eval loss in full precision and fake-quantized, default W4A4), then asks the
   Trainer to log; ``on_log`` adds them to that log entry (``state.log_history`` and the ``logs`` dict that
@@ -43,6 +45,9 @@ here lazily). Example::
     from rolora_plugin.training_config import RoLoRAConfig, QATConfig
     trainer = Trainer(model=peft_model, args=args, train_dataset=ds,
                       callbacks=[RoLoRACallback(RoLoRAConfig(qat=QATConfig(enabled=True, start_step=100)))])
+
+    # NVFP4 QAT (the format Blackwell serves); after training: quantize_model_(merged, QuantConfig.preset("nvfp4"), ...)
+    RoLoRACallback(RoLoRAConfig(qat=QATConfig(enabled=True, preset="nvfp4")))
 """
 
 from __future__ import annotations
@@ -57,12 +62,13 @@ from pathlib import Path
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from .._peft import is_peft_model, unwrap_peft
+from .._peft import base_layer, is_peft_model, unwrap_peft
 from ..distributed import is_zero3_partitioned, world_size
 from ..errors import RotationError
 from ..export import RECORD_FILE, _check_out_dir, merge_and_export, read_rotation_record, write_rotation_record
 from ..monitor import BatchCapture, monitor_metrics
 from ..quant import ALL_LINEAR, enable_fake_quant_, fused_expert_modules
+from ..quant.qat import _fake_quant_targets as fake_quant_targets
 from ..lora import scale_lora_lr_
 from ..rotation import ensure_rotated, get_rotation_record
 from ..training_config import RoLoRAConfig
@@ -233,10 +239,12 @@ class RoLoRACallback(TrainerCallback):
         if self.config.qat.enabled and self.config.qat.targets == ALL_LINEAR and fused_expert_modules(model):
             raise ValueError(
                 f"QAT (qat.enabled) fake-quantizes nn.Linear layers only; this MoE model's fused experts (e.g. "
-                f"{fused_expert_modules(model)[0]}) would train in full precision under a W{self.config.qat.quant.w_bits}"
-                f"A{self.config.qat.quant.a_bits} label. Turn QAT off, or set qat.targets to attention leaves "
+                f"{fused_expert_modules(model)[0]}) would train in full precision under a {self.config.qat.quant.label()} "
+                "label. Turn QAT off, or set qat.targets to attention leaves "
                 "(e.g. ['q_proj', 'k_proj', 'v_proj', 'o_proj']) for a partial, labelled QAT."
             )
+        if self.config.qat.enabled:
+            _check_group_widths(model, self.config.qat)
 
     def _check_resumed(self, checkpoint: Path | None) -> None:
         saved = read_rotation_record(checkpoint) if checkpoint is not None else None
@@ -269,7 +277,7 @@ class RoLoRACallback(TrainerCallback):
         if qat.enabled and self._qat is None and state.global_step >= qat.start_step:
             quant = qat.quant
             self._qat = enable_fake_quant_(model, quant, qat.targets)
-            logger.info("QAT on from step %d: W%dA%d on %d linears", state.global_step, quant.w_bits, quant.a_bits, len(self._qat.modules))
+            logger.info("QAT on from step %d: %s on %d linears", state.global_step, quant.label(), len(self._qat.modules))
 
     # -- monitor ---------------------------------------------------------------------------------------------
     def on_step_end(self, args, state, control, model=None, eval_dataloader=None, **kwargs):
@@ -331,6 +339,24 @@ class RoLoRACallback(TrainerCallback):
             export_merged_zero3(model, self.record, out_dir, is_main=is_main, tokenizer=tokenizer, overwrite=overwrite)
         elif is_main:
             merge_and_export(model, out_dir, tokenizer=tokenizer, overwrite=overwrite)
+
+
+def _check_group_widths(model: nn.Module, qat) -> None:
+    """Refuse, before the first step, a QAT group size (NVFP4: 16, MXFP4: 32, or ``w_group_size``) that does not
+    divide the input width of a target linear (the fake-quant forward would fail at its first call)."""
+    quant = qat.quant
+    groups = {g for g in (quant.w_group_size, quant.a_group_size) if g}
+    if not groups:
+        return
+    for name, module in fake_quant_targets(model, qat.targets).items():
+        width = base_layer(module).in_features
+        bad = sorted(g for g in groups if width % g)
+        if bad:
+            raise ValueError(
+                f"QAT in {quant.label()} quantizes in groups of {bad[0]} input columns, which does not divide the "
+                f"input width {width} of {name}; choose qat.targets without it (e.g. attention leaves), or "
+                "a format whose groups fit (the int presets with per-channel weights, e.g. preset: w4a4-int)"
+            )
 
 
 def add_rolora_callback(trainer, callback: RoLoRACallback | None = None) -> RoLoRACallback:

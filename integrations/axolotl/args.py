@@ -11,8 +11,13 @@ with their ``from_dict`` so the checks and messages are the same as in Python. E
     rolora:
       rotation: {seed: 0, r2: true}        # R1 + R2 + R4 (r1/r4 default on)
       monitor: {every_n_steps: 50}         # kurtosis + W4A4 fake-quant eval loss in the training logs
-      qat: {enabled: false}
+      qat: {enabled: false}                # {enabled: true, preset: nvfp4}: NVFP4 QAT (also mxfp4, w4a4-int, ...)
       export: {merge: true}                # <output_dir>/rolora-merged after training
+
+``qat`` / ``monitor`` take the flat keys (``w_bits``, ``a_bits``, ...), a nested ``quant:`` mapping, or ``preset:``
+(a ``QuantConfig.preset`` name: QAT trains in that preset's format, e.g. NVFP4; GPTQ / clip searches of the preset
+are post-training steps, run on the merged export: ``rolora quantize ... --recipe nvfp4``). A bad value fails the
+config validation with the library's message, e.g. ``rolora.qat: QATConfig.preset must be one of [...]``.
 
 This module imports pydantic and rolora_plugin only (never axolotl).
 """
@@ -50,7 +55,9 @@ class RoLoRAOptions(BaseModel):
 
     rotation: RotationConfig = Field(default_factory=RotationConfig, description="rotations and seed (RotationConfig)")
     monitor: MonitorConfig = Field(default_factory=MonitorConfig, description="quantization-aware monitor (MonitorConfig)")
-    qat: QATConfig = Field(default_factory=QATConfig, description="fake-quant training (QATConfig)")
+    qat: QATConfig = Field(
+        default_factory=QATConfig, description="fake-quant training (QATConfig; e.g. {enabled: true, preset: nvfp4})"
+    )
     export: RoLoRAExportArgs = Field(default_factory=RoLoRAExportArgs)
     lora_lr_scale: Literal["none", "norm-rms"] = Field(
         default="none", description="'norm-rms': per-layer LoRA step matched to the folded norm (RoLoRAConfig.lora_lr_scale)"

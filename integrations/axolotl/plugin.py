@@ -19,8 +19,9 @@ Hook order (Axolotl 0.19) and what each hook does here:
 * ``pre_lora_load`` / ``post_lora_load``: maps ``lora_target_modules`` onto the family's rotated linears (e.g.
   ``q_proj`` → Phi-3's fused ``qkv_proj``), restores the user's value afterwards, and checks that the online
   rotations survived peft's wrapping.
-* ``add_callbacks_pre_trainer``: adds :class:`~rolora_plugin.integrations.hf_trainer.RoLoRACallback` (monitor, QAT, and
-  ``rolora_rotation.json`` next to every checkpoint); the model is already rotated, so it does not rotate again.
+* ``add_callbacks_pre_trainer``: adds :class:`~rolora_plugin.integrations.hf_trainer.RoLoRACallback` (monitor, QAT —
+  int W4A4 by default, NVFP4 / MXFP4 with ``qat: {enabled: true, preset: nvfp4}`` — and ``rolora_rotation.json``
+  next to every checkpoint); the model is already rotated, so it does not rotate again.
 * ``post_train`` (called twice by Axolotl: after ``trainer.train()`` and after the final save) and
   ``post_train_unload``: once the final model is saved in ``output_dir``, rank 0 exports the merged model with
   its rotation record to ``<output_dir>/rolora-merged`` — exactly once (idempotent). The export reads the saved
@@ -121,6 +122,10 @@ class RoLoRAPlugin(BasePlugin):
             return []
         from ..hf_trainer import RoLoRACallback  # imports transformers: only once Axolotl builds the trainer
 
+        qat = options.qat
+        if qat.enabled:
+            LOG.info("rolora: QAT in %s from step %d on %s%s", qat.quant.label(), qat.start_step, qat.targets,
+                     f" (preset {qat.preset}: quantize the merged export with that preset)" if qat.preset else "")
         return [RoLoRACallback(options.to_rolora_config())]
 
     # -- after training ------------------------------------------------------------------------------------------
