@@ -10,7 +10,10 @@ cache does not outlive its session); its merged model is large and goes to the u
 * ``models/<key>/`` — the merged model (``merge_and_export`` for RoLoRA, ``merge_and_unload`` for LoRA), kept
   only until every evaluation of the run is cached;
 * ``<key>.<setting>.json`` — one evaluation (``fp``, ``rtn`` = W4A4 RTN, ``gptq`` = ``QuantConfig.preset
-  ("w4a4")``): held-out task loss, BoolQ-passage perplexity, the 7-task average (+ per-task scores, stderr).
+  ("w4a4")``; issue 30, on request: ``nvfp4-rtn`` / ``mxfp4-rtn`` = ``QuantConfig.preset(fmt)`` at RTN without
+  clip search, ``nvfp4-gptq`` / ``mxfp4-gptq`` = ``QuantConfig.preset(fmt)``; NVFP4's activation global scales
+  calibrated on the GPTQ calibration chunks): held-out task loss, BoolQ-passage perplexity, the 7-task average
+  (+ per-task scores, stderr).
 
 Each JSON is written atomically (:mod:`rolora_plugin.publish`) as soon as its stage ends, so an interrupted
 invocation loses at most the stage it was in and a re-run continues from the cache.
@@ -18,7 +21,8 @@ invocation loses at most the stage it was in and a re-run continues from the cac
 Methods: ``lora`` (peft LoRA), ``rolora`` (+ ``RoLoRACallback``: R1+R4 before the optimizer exists, merge in the
 rotated basis), ``lora-qat`` / ``rolora-qat`` (the same with W4A4 fake-quant weights ``W + sBA`` and per-token
 activations of every decoder linear in the forward from step 0, straight-through gradients; QATConfig defaults),
-and the control ``lora-posthoc``: the ``lora`` run itself (same training, same cached model), rotated R1+R4 with
+``rolora-qat-nvfp4`` / ``rolora-qat-mxfp4`` (issue 30: RoLoRA + QAT in the FP4 format, ``QATConfig(preset=fmt)``;
+not in the default table, evaluated by default at FP and the format's RTN / GPTQ), and the control ``lora-posthoc``: the ``lora`` run itself (same training, same cached model), rotated R1+R4 with
 the run's seed *after* merge, then evaluated — the same function as LoRA in FP, rotated like RoLoRA at W4A4, so
 it separates what training in the rotated basis does from what the rotation does. Reference rows, only on
 request (``--only base,base-posthoc``): ``base`` is the pretrained model, not fine-tuned, and ``base-posthoc`` the
@@ -44,7 +48,12 @@ import torch
 from rolora_plugin.publish import atomic_output_dir, atomic_write_text
 
 __all__ = [
+    "ALL_SETTINGS",
     "EVAL_SETTINGS",
+    "FP4_METHODS",
+    "FP4_SETTINGS",
+    "default_settings",
+    "eval_quant",
     "DEFAULT_METHODS",
     "METHODS",
     "NOT_TRAINED",
@@ -58,16 +67,23 @@ __all__ = [
 ]
 
 logger = logging.getLogger("finetune_table")
-# method -> (trained through RoLoRACallback in the rotated basis, W4A4 QAT); POSTHOC: method -> the run it reuses
+# method -> (trained through RoLoRACallback in the rotated basis, QAT: False, True = int W4A4 (QATConfig defaults)
+# or the FP4 preset it trains in); POSTHOC: method -> the run it reuses
 METHODS = {"lora": (False, False), "rolora": (True, False), "lora-qat": (False, True), "rolora-qat": (True, True),
-           "lora-posthoc": (False, False), "base": (False, False), "base-posthoc": (False, False)}  # fmt: skip
+           "lora-posthoc": (False, False), "base": (False, False), "base-posthoc": (False, False),
+           "rolora-qat-nvfp4": (True, "nvfp4"), "rolora-qat-mxfp4": (True, "mxfp4")}  # fmt: skip
 POSTHOC = {"lora-posthoc": "lora", "base-posthoc": "base"}
 # the reference rows: the pretrained model itself, not fine-tuned (what the W4A4 recipe keeps of a model that no
 # fine-tune has touched; not in the default table)
 NOT_TRAINED = ("base", "base-posthoc")
-DEFAULT_METHODS = tuple(m for m in METHODS if m not in NOT_TRAINED)
+FP4_METHODS = tuple(m for m, (_, qat) in METHODS.items() if isinstance(qat, str))  # issue 30, on request
+DEFAULT_METHODS = tuple(m for m in METHODS if m not in NOT_TRAINED + FP4_METHODS)
 TARGETS = {"qv": ["q_proj", "v_proj"], "all-linear": "all-linear"}
-EVAL_SETTINGS = ("fp", "rtn", "gptq")
+EVAL_SETTINGS = ("fp", "rtn", "gptq")  # the default evaluations (int W4A4)
+FP4_FORMATS = ("nvfp4", "mxfp4")
+FP4_SETTINGS = tuple(f"{fmt}-{m}" for fmt in FP4_FORMATS for m in ("rtn", "gptq"))  # on request (--evals, --fp4)
+ALL_SETTINGS = EVAL_SETTINGS + FP4_SETTINGS
+CALIBRATED = ("gptq", "nvfp4-rtn", "nvfp4-gptq", "mxfp4-gptq")  # evaluations that read the calibration chunks
 LR_SCALES = ("none", "norm-rms")
 OPTIMIZERS = {"adamw": {}, "sgd": {"optim": "sgd", "optim_args": "momentum=0.9"}}  # TrainingArguments fields
 LORA_COORDS = ("rotated", "unfolded")  # how RoLoRA's A is parametrised (the FP-gap experiment, see _UnfoldGain)
@@ -130,7 +146,7 @@ class RunSettings:
 
     def eval_key(self, setting: str) -> str:
         return _digest({"train": self.train_key(), "setting": setting, "ppl": [self.ppl_chunks, self.ppl_seq_len],
-                        "calib": [self.calib_chunks, self.calib_seq_len] if setting == "gptq" else None,
+                        "calib": [self.calib_chunks, self.calib_seq_len] if setting in CALIBRATED else None,
                         "tasks": self.task_limit, **({"post_rotation": "R1+R4"} if self.method in POSTHOC else {})})  # fmt: skip
 
     def label(self) -> str:
@@ -192,8 +208,29 @@ def _write(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True, allow_nan=False) + "\n")
 
 
-def load_cached(s: RunSettings, settings=EVAL_SETTINGS) -> dict:
-    """``{"train": dict | None, "fp"/"rtn"/"gptq": dict | None}`` from the cache, nothing computed."""
+def default_settings(method: str) -> tuple[str, ...]:
+    """The evaluations a run of ``method`` is made for: :data:`EVAL_SETTINGS`, or for an FP4 QAT method FP and its
+    own format at RTN and GPTQ."""
+    qat = METHODS[method][1]
+    return ("fp", f"{qat}-rtn", f"{qat}-gptq") if isinstance(qat, str) else EVAL_SETTINGS
+
+
+def eval_quant(setting: str):
+    """The :class:`~rolora_plugin.quant.QuantConfig` of an evaluation setting (None for ``fp``)."""
+    from rolora_plugin.quant import QuantConfig
+
+    if setting == "fp":
+        return None
+    if setting == "rtn":
+        return QuantConfig(w_bits=4, a_bits=4)
+    if setting == "gptq":
+        return QuantConfig.preset("w4a4")
+    fmt, method = setting.split("-")
+    return QuantConfig.preset(fmt) if method == "gptq" else QuantConfig.preset(fmt, method="rtn", w_clip_search=False)
+
+
+def load_cached(s: RunSettings, settings=ALL_SETTINGS) -> dict:
+    """``{"train": dict | None, "fp"/"rtn"/"gptq"/...: dict | None}`` from the cache, nothing computed."""
     return {"train": _read(_train_path(s)), **{k: _read(_eval_path(s, k)) for k in settings}}
 
 
@@ -290,13 +327,14 @@ class Data:
 # ---------------------------------------------------------------------------------------------- training
 
 
-def _curve_callback(data: Data, every: int, sink: list):
-    """Every ``every`` steps (and before step 1): held-out loss FP and fake-quant W4A4, BoolQ ppl FP."""
+def _curve_callback(data: Data, every: int, sink: list, fp4: str | None = None):
+    """Every ``every`` steps (and before step 1): held-out loss FP and fake-quant W4A4, BoolQ ppl FP; with ``fp4``
+    (an FP4 QAT run) also the held-out loss fake-quantized in that format (``heldout_<fmt>``)."""
     from transformers import TrainerCallback
 
     from rolora_plugin.metrics import mean_loss, perplexity
     from rolora_plugin.quant import fake_quantized
-    from rolora_plugin.training_config import fake_quant_config
+    from rolora_plugin.training_config import fake_quant_config, fake_quant_preset
 
     def measure(model, step: int) -> None:
         t0 = time.perf_counter()
@@ -305,6 +343,9 @@ def _curve_callback(data: Data, every: int, sink: list):
                    "ppl_fp": perplexity(model, data.curve_chunks, progress=False)}  # fmt: skip
         with fake_quantized(model, fake_quant_config()):
             row["heldout_w4a4"] = mean_loss(model, data.curve_heldout)
+        if fp4:
+            with fake_quantized(model, fake_quant_preset(fp4)):
+                row[f"heldout_{fp4}"] = mean_loss(model, data.curve_heldout)
         row["seconds"] = time.perf_counter() - t0
         sink.append(row)
 
@@ -409,7 +450,8 @@ def _callbacks(s: RunSettings) -> list:
 
     rotate, qat = METHODS[s.method]
     if rotate:
-        cfg = RoLoRAConfig(rotation=RotationConfig(seed=s.seed), monitor={"every_n_steps": 0}, qat={"enabled": qat},
+        qat_cfg = {"enabled": True, "preset": qat} if isinstance(qat, str) else {"enabled": qat}  # FP4: QATConfig(preset=)
+        cfg = RoLoRAConfig(rotation=RotationConfig(seed=s.seed), monitor={"every_n_steps": 0}, qat=qat_cfg,
                            lora_lr_scale=s.lr_scale)  # fmt: skip
         return [RoLoRACallback(cfg)] + ([_unfold_gain_callback(s)] if s.lora_coords == "unfolded" else [])
     return [_plain_qat_callback()] if qat else []
@@ -435,7 +477,8 @@ def _train(s: RunSettings, data: Data, workdir: Path):
         report_to=[], use_cpu=True, disable_tqdm=True, seed=s.seed, data_seed=s.seed, weight_decay=0.0,
         dataloader_num_workers=0, **OPTIMIZERS[s.optimizer],
     )  # fmt: skip
-    callbacks = _callbacks(s) + [_curve_callback(data, s.eval_every, curves)]
+    fp4 = METHODS[s.method][1] if isinstance(METHODS[s.method][1], str) else None
+    callbacks = _callbacks(s) + [_curve_callback(data, s.eval_every, curves, fp4)]
     trainer = Trainer(model=peft_model, args=args, train_dataset=data.train, callbacks=callbacks,
                       data_collator=lambda feats: pad_collate(feats, tok.pad_token_id))  # fmt: skip
     trainer.train()
@@ -518,14 +561,14 @@ def _load_merged(s: RunSettings):
 def _eval_stage(s: RunSettings, data: Data, setting: str) -> dict:
     from rolora_plugin.app.evaluate import evaluate_tasks
     from rolora_plugin.metrics import mean_loss, perplexity
-    from rolora_plugin.quant import QuantConfig, quantize_model_
+    from rolora_plugin.quant import quantize_model_
 
     t0, c0 = time.perf_counter(), time.process_time()
     model = _load_merged(s)
-    if setting == "rtn":
-        quantize_model_(model, QuantConfig(w_bits=4, a_bits=4), progress=False)
-    elif setting == "gptq":
-        quantize_model_(model, QuantConfig.preset("w4a4"), calibration=list(data.calibration.split(1)), progress=False)
+    quant = eval_quant(setting)
+    if quant is not None:
+        calibration = list(data.calibration.split(1)) if setting in CALIBRATED else None
+        quantize_model_(model, quant, calibration=calibration, progress=False)
     row = {"heldout_loss": mean_loss(model, data.heldout), "ppl": perplexity(model, data.chunks, progress=False)}
     if s.task_limit:
         tasks = evaluate_tasks(model, data.tok, limit=s.task_limit)
@@ -560,7 +603,8 @@ def run_one(s: RunSettings, data_cache: dict, settings=EVAL_SETTINGS, keep_model
         logger.info("%s: evaluating %s", s.label(), setting)
         have[setting] = _eval_stage(s, data, setting)
         _write(_eval_path(s, setting), have[setting])
-    if not keep_model and all(_read(_eval_path(r, k)) is not None for r in _sharing(s) for k in EVAL_SETTINGS):
+    wanted = [(s, k) for k in settings] + [(r, k) for r in _sharing(s) for k in default_settings(r.method)]
+    if not keep_model and all(_read(_eval_path(r, k)) is not None for r, k in wanted):
         shutil.rmtree(_model_dir(s), ignore_errors=True)  # every number of this model is cached
     return have
 
@@ -571,7 +615,7 @@ def _stage_files(s: RunSettings) -> list[Path]:
     hashes the candidates instead)."""
     limits = {*range(1001), s.task_limit}
     runs = [dataclasses.replace(r, task_limit=n) for r in _sharing(s) for n in limits]
-    paths = {_eval_path(r, k) for r in runs for k in EVAL_SETTINGS}
+    paths = {_eval_path(r, k) for r in runs for k in ALL_SETTINGS}
     return [_train_path(s), *sorted(p for p in paths if p.exists())]
 
 

@@ -3,6 +3,7 @@
     python benchmarks/finetune_table.py                      # the full table (resumes from the cache)
     python benchmarks/finetune_table.py --quick              # ≤ 20 min on 2 CPU cores: 1 seed, q/v, 20 steps, 4 methods
     python benchmarks/finetune_table.py --only lora,rolora --seeds 0 --targets qv   # build it piecewise
+    python benchmarks/finetune_table.py --quick --fp4       # issue 30: lora, rolora, rolora-qat-nvfp4 at NVFP4
 
 Every run (method × target set × seed) is trained once and its numbers are cached by its settings as JSON under
 ``benchmarks/results/finetune_table/`` (committed with the repository, so a later session continues where an
@@ -13,6 +14,13 @@ After merge each run is evaluated in FP, at W4A4 RTN and at ``QuantConfig.preset
 searches, 8×256 BoolQ calibration tokens): held-out SciQ response loss, BoolQ-passage perplexity, and the 7-task
 zero-shot average (lm-eval) at ``--task-limit`` documents per task (default: the smallest count with a standard
 error of the average ≤ 1.5 points for any accuracies).
+
+FP4 (issue 30), on request: ``--evals`` also takes ``nvfp4-rtn``, ``nvfp4-gptq``, ``mxfp4-rtn``, ``mxfp4-gptq``
+(``QuantConfig.preset(fmt)`` after merge, at RTN without clip search or as the preset with GPTQ; calibration as
+``gptq``), and ``--only`` the methods ``rolora-qat-nvfp4`` / ``rolora-qat-mxfp4`` (RoLoRA trained with
+``QATConfig(preset=fmt)``). ``--fp4`` = methods lora, rolora, rolora-qat-nvfp4 and evaluations fp, nvfp4-rtn,
+nvfp4-gptq (each overridable). The FP4 table and its goal (RoLoRA+QAT in NVFP4 recovers ≥ 95% of the FP margin;
+LoRA vs RoLoRA at NVFP4 RTN beside it) are printed whenever FP4 evaluations are cached for the runs asked for.
 """
 
 from __future__ import annotations
@@ -37,6 +45,9 @@ QUICK = {"steps": 20, "eval_every": 10, "task_limit": 10, "n_heldout": 16, "ppl_
          "curve_ppl_chunks": 1, "curve_heldout_batches": 2}
 QUICK_METHODS = ("lora", "rolora", "lora-qat", "rolora-qat")  # the issue's four; the post-hoc control is in the full table
 GOAL_RECOVERY, GOAL_PPL_RATIO, GOAL_FP_GAP = 0.85, 1.3, 0.01
+FP4_TABLE_METHODS = ("lora", "rolora", "rolora-qat-nvfp4")  # --fp4 (issue 30)
+FP4_EVALS = ("fp", "nvfp4-rtn", "nvfp4-gptq")
+GOAL_FP4_RECOVERY = 0.95  # issue 30: RoLoRA+QAT in NVFP4, 7-task average, 3 seeds
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,13 +70,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-coords", choices=ft.LORA_COORDS, default="rotated",
                    help="RoLoRA runs: 'unfolded' trains Â with A' = Â Rᵀ diag(g) R (the FP-gap experiment)")
     p.add_argument("--task-limit", type=int, default=None, help="documents per task (0 = skip the tasks)")
-    p.add_argument("--evals", default=",".join(ft.EVAL_SETTINGS), help="evaluations after merge: fp, rtn, gptq")
+    p.add_argument("--evals", default=None,
+                   help="evaluations after merge: fp, rtn, gptq (default), and on request " + ", ".join(ft.FP4_SETTINGS)
+                   + " (--fp4: " + ",".join(FP4_EVALS) + ")")
+    p.add_argument("--fp4", action="store_true",
+                   help="issue 30's FP4 rows: methods " + ",".join(FP4_TABLE_METHODS) + " and evaluations "
+                   + ",".join(FP4_EVALS) + " unless --only / --evals say otherwise")
     p.add_argument("--cached-only", action="store_true", help="print the table from the cache, train nothing")
     p.add_argument("--keep-models", action="store_true",
                    help="keep the merged models after their evaluations (to evaluate them at another size later)")
     p.add_argument("--report-dir", type=Path, default=Path("rolora_report_finetune"), help="where the curves PNG goes")
     p.add_argument("--no-append", action="store_true", help="do not append the table to benchmarks/RESULTS.md")
     return p.parse_args(argv)
+
+
+def evals(args) -> tuple[str, ...]:
+    """The evaluations of this invocation: ``--evals``, else FP + NVFP4 with ``--fp4``, else fp, rtn, gptq."""
+    default = FP4_EVALS if getattr(args, "fp4", False) else ft.EVAL_SETTINGS
+    return tuple(_csv(args.evals or ",".join(default), ft.ALL_SETTINGS))
 
 
 def _csv(text: str, valid=None) -> list[str]:
@@ -84,7 +106,8 @@ def planned(args) -> list[ft.RunSettings]:
     size["task_limit"] = args.task_limit if args.task_limit is not None else size.get("task_limit", ft.docs_for_stderr(SE_TARGET, N_TASKS))
     targets = _csv(args.targets or ("qv" if args.quick else "qv,all-linear"), ft.TARGETS)
     seeds = [int(x) for x in _csv(args.seeds or ("0" if args.quick else "0,1,2"))]
-    methods = _csv(args.only or ",".join(QUICK_METHODS if args.quick else ft.DEFAULT_METHODS), ft.METHODS)
+    default = FP4_TABLE_METHODS if getattr(args, "fp4", False) else QUICK_METHODS if args.quick else ft.DEFAULT_METHODS
+    methods = _csv(args.only or ",".join(default), ft.METHODS)
     scales = _csv(args.lr_scale, ft.LR_SCALES)
     return [ft.RunSettings(method=m, targets=t, seed=s, lr=args.lr, lr_scale=k, optimizer=args.optimizer,
                            lora_coords=args.lora_coords if ft.METHODS[m][0] else "rotated", **size)
@@ -180,7 +203,7 @@ def goal_lines(groups: dict, chance: float, limit: int = 0) -> list[str]:
         g = {m: groups.get((m, targets), []) for m in ft.METHODS}
         rec = {m: {k: _recovery(g[m], k, chance, g.get(ft.POSTHOC.get(m))) for k in ("rtn", "gptq")} for m in ft.METHODS}
         best = [statistics.mean(v) for m in ("rolora", "rolora-qat") for v in rec[m].values() if v]  # means over seeds
-        methods = [m for m in ft.METHODS if m in ft.DEFAULT_METHODS or g[m]]  # the reference rows when present
+        methods = [m for m in ft.METHODS if m in ft.DEFAULT_METHODS or any(r.get("rtn") or r.get("gptq") for r in g[m])]
         shown = "; ".join(f"{m} RTN {_fmt_recovery(rec[m]['rtn'])} / GPTQ {_fmt_recovery(rec[m]['gptq'])}" for m in methods)
         mark = _mark(max(best) >= GOAL_RECOVERY if best else None) if enough else (
             f"not measured at {limit} documents per task (needs ≥ {ft.docs_for_stderr(SE_TARGET, N_TASKS)} for SE ≤ 1.5 points)")
@@ -201,6 +224,58 @@ def _lora_label(label: str) -> str:
     """The LoRA group a RoLoRA variant compares with: the same optimizer, no lr scale or A coordinates (RoLoRA-only)."""
     extras = [e for e in label[label.index("(") + 1 : -1].split(", ") if not e.startswith(("lr×", "A "))] if "(" in label else []
     return "lora" + (f" ({', '.join(extras)})" if extras else "")
+
+
+def fp4_table(groups: dict, chance: float) -> str:
+    """The FP4 rows (issue 30): per method, FP and each FP4 evaluation cached for it, with the per-seed recovery."""
+    settings = [k for k in ft.FP4_SETTINGS if any(r.get(k) for runs in groups.values() for r in runs)]
+    head = "| method | targets | seeds | ppl FP | avg FP | " + " | ".join(
+        f"held-out {_fp4_label(k)} | ppl {_fp4_label(k)} | avg {_fp4_label(k)} | recovery {_fp4_label(k)}" for k in settings) + " |"
+    lines = [head, "|" + "---|" * (5 + 4 * len(settings))]
+    for (method, targets), runs in groups.items():
+        if not any(r.get(k) for r in runs for k in settings):
+            continue
+        cells = [method, targets, str(sum(r["train"] is not None for r in runs)), _stat(_values(runs, "fp", "ppl"), ".2f"),
+                 _stat(_values(runs, "fp", "avg"), ".1f", 100)]  # fmt: skip
+        for k in settings:
+            cells += [_stat(_values(runs, k, "heldout_loss"), ".3f"), _stat(_values(runs, k, "ppl"), ".2f"),
+                      _stat(_values(runs, k, "avg"), ".1f", 100), _fmt_recovery(_recovery(runs, k, chance))]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fp4_label(setting: str) -> str:
+    fmt, method = setting.split("-")
+    return f"{fmt.upper()} {method.upper()}"
+
+
+def fp4_lines(groups: dict, chance: float, limit: int) -> list[str]:
+    """The FP4 table and issue 30's goal: RoLoRA+QAT in NVFP4 recovers ≥ 95% of the FP margin above chance (7-task
+    average, 3 seeds; the better of NVFP4 RTN / GPTQ), with LoRA vs RoLoRA at NVFP4 RTN beside it."""
+    out = ["FP4 (issue 30; NVFP4 RTN = `QuantConfig.preset('nvfp4', method='rtn', w_clip_search=False)`, NVFP4 GPTQ = "
+           "`QuantConfig.preset('nvfp4')`, after merge; NVFP4 activation global scales calibrated on the GPTQ "
+           "calibration chunks):", "", fp4_table(groups, chance), "", "FP4 goals:"]  # fmt: skip
+    enough = limit >= ft.docs_for_stderr(SE_TARGET, N_TASKS)
+    for targets in dict.fromkeys(t for _, t in groups):
+        qat = groups.get(("rolora-qat-nvfp4", targets), [])
+        rec = {k: _recovery(qat, k, chance) for k in ("nvfp4-rtn", "nvfp4-gptq")}
+        best = max((statistics.mean(v) for v in rec.values() if v), default=None)
+        seeds = max((len(v) for v in rec.values()), default=0)
+        if not enough:
+            mark = f"not measured at {limit} documents per task (needs ≥ {ft.docs_for_stderr(SE_TARGET, N_TASKS)})"
+        else:
+            mark = _mark(None if best is None else best >= GOAL_FP4_RECOVERY) + (f" on {seeds} seed(s) of 3" if best is not None and seeds < 3 else "")
+        out.append(f"- [{targets}] RoLoRA+QAT in NVFP4, recovery ≥ 95%: {mark} — NVFP4 RTN {_fmt_recovery(rec['nvfp4-rtn'])} / "
+                   f"GPTQ {_fmt_recovery(rec['nvfp4-gptq'])}")  # fmt: skip
+        side = []
+        for m in ("lora", "rolora", "rolora-qat-nvfp4"):
+            runs = groups.get((m, targets), [])
+            ppl, avg = _mean(runs, "nvfp4-rtn", "ppl"), _mean(runs, "nvfp4-rtn", "avg")
+            if ppl is not None:
+                side.append(f"{m} ppl {ppl:.2f} ({_fmt(_ratio(runs, 'nvfp4-rtn'), '.2f')}× its FP)"
+                            + (f", avg {100 * avg:.1f}, recovery {_fmt_recovery(_recovery(runs, 'nvfp4-rtn', chance))}" if avg is not None else ""))
+        out.append(f"- [{targets}] at NVFP4 RTN: " + ("; ".join(side) or "not measured"))
+    return out
 
 
 def control_lines(groups: dict) -> list[str]:
@@ -335,14 +410,14 @@ def collect(runs: list[ft.RunSettings], cached_only: bool, evals: tuple[str, ...
 def compute_seconds(results, key: str = "seconds") -> float:
     """Sum of the cached stage times (training + every evaluation) of the runs in the table: wall ``seconds`` or
     process ``cpu_seconds`` (all threads; on a loaded machine the better measure of the work done)."""
-    return sum(r[k].get(key, 0.0) for _, r in results for k in ("train", *ft.EVAL_SETTINGS) if r.get(k))
+    return sum(r[k].get(key, 0.0) for _, r in results for k in ("train", *ft.ALL_SETTINGS) if r.get(k))
 
 
 def machine_line(results) -> str:
     """Which machines measured the cached stages of this table (unrotated W4A4 numbers differ between CPUs)."""
     counts: dict[str, int] = {}
     for _, r in results:
-        for k in ("train", *ft.EVAL_SETTINGS):
+        for k in ("train", *ft.ALL_SETTINGS):
             if r.get(k):
                 name = r[k].get("machine", "Intel(R) Xeon(R) Processor, 2 cores (not recorded: the stages of 2026-12-02 05:28–08:02 UTC)")
                 counts[name] = counts.get(name, 0) + 1
@@ -353,9 +428,9 @@ def report(args, runs, results, wall: float) -> str:
     limit = runs[0].task_limit
     chance = ft.chance_level(limit) if limit else float("nan")
     groups = grouped(results)
-    done = sum(all(r.get(k) for k in ("train", *ft.EVAL_SETTINGS)) for _, r in results)
+    done = sum(all(r.get(k) for k in ("train", *evals(args))) for _, r in results)
     worst_se = 0.5 / math.sqrt(N_TASKS * limit) if limit else float("nan")
-    measured = [r[k]["avg_stderr"] for _, r in results for k in ft.EVAL_SETTINGS if r.get(k) and "avg_stderr" in r[k]]
+    measured = [r[k]["avg_stderr"] for _, r in results for k in ft.ALL_SETTINGS if r.get(k) and "avg_stderr" in r[k]]
     s0 = runs[0]
     lines = [
         (f"Setup: SmolLM2-135M-Instruct, SciQ pairs (loss on the response), {s0.steps} steps × {s0.batch_size} × ≤ {s0.max_len} "
@@ -373,6 +448,8 @@ def report(args, runs, results, wall: float) -> str:
         machine_line(results),
         "", table(groups), "", "Goals:", *goal_lines(groups, chance, limit),
     ]  # fmt: skip
+    if any(r.get(k) for _, r in results for k in ft.FP4_SETTINGS):
+        lines += ["", *fp4_lines(groups, chance, limit)]
     controls = control_lines(groups)
     if controls:
         lines += ["", "Control (LoRA trained unrotated, rotated R1+R4 after merge; means over the seeds present):", *controls]
@@ -392,7 +469,7 @@ def main(argv=None) -> None:
     runs = planned(args)
     t0 = time.perf_counter()
     try:
-        results = collect(runs, args.cached_only, tuple(_csv(args.evals, ft.EVAL_SETTINGS)), args.keep_models)
+        results = collect(runs, args.cached_only, evals(args), args.keep_models)
     except ft.RetrainMismatch as e:  # every stage measured so far is cached; say what to do, no traceback
         raise SystemExit(f"finetune_table: {e}") from None
     text = report(args, runs, results, time.perf_counter() - t0)
