@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from tests.helpers import random_ids, tiny_model
+from tests.helpers import FAMILIES, random_ids, tiny_model
 
 from rolora_plugin import QuantConfig, QuantizationError, RotationConfig, quantize_model_, rotate_model_
 from rolora_plugin.export import load_rotated, merge_and_export
@@ -28,7 +28,7 @@ def _chunks(vocab):
     return torch.cat([random_ids(vocab, seed=5), random_ids(vocab, seed=6)])
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("preset", ["w4a4-int", "nvfp4", "mxfp4", "w4a8"])
 def test_compressed_tensors_forward_computes_the_exported_model(tmp_path, family, preset):
     from rolora_plugin.check import check_export
