@@ -66,7 +66,7 @@ def _run(preset: str, calib_chunks: int, rotation: str = "hadamard") -> dict:
     if rot is not None:
         with tempfile.TemporaryDirectory() as d:
             out = merge_and_export(model, Path(d) / "export", format="compressed-tensors", tokenizer=tok, not_servable_ok=preset == "w4a4")
-            check = check_export(out, evals["boolq"])
+            check = check_export(out, evals["boolq"], bf16=True)
     return {"fp_ppl": fp, "ppl": q, "ratio": {s: q[s] / fp[s] for s in fp}, "quantize_seconds": seconds, "check": check,
             "engine": cfg.engine_contract()}  # fmt: skip
 
@@ -90,6 +90,8 @@ def main() -> None:
         served = f"yes ({e['scheme']})" if e["servable"] else "no (" + "; ".join(e["reasons"])[:60] + "…)"
         bf16 = f"; bf16-weight emulation {c['bf16_weights']['rel_err']:.1e}" if c and "bf16_weights" in c else ""
         consumer = f"{c['consumer']['rel_err']:.1e}, {c['ppl']['consumer']:.2f} vs {c['ppl']['rolora']:.2f}{bf16}" if c else "- (unrotated: not exported)"
+        if c and "consumer_bf16" in c["ppl"]:
+            consumer += f"; bf16 forward {c['ppl']['consumer_bf16']:.2f}"
         rows.append(
             f"| {preset} | {rotation} | {served} | {r['ppl']['boolq']:.2f} / {r['fp_ppl']['boolq']:.2f} = **{r['ratio']['boolq']:.2f}×** | "
             f"{r['ppl']['sciq']:.2f} / {r['fp_ppl']['sciq']:.2f} = **{r['ratio']['sciq']:.2f}×** | ≤ {GOALS.get(preset, '-')}× | "

@@ -93,12 +93,14 @@ def _compare(a: torch.Tensor, b: torch.Tensor) -> dict:
     }
 
 
-def check_export(path: str | os.PathLike, chunks: torch.Tensor, *, progress: bool = False, device=None) -> dict:
+def check_export(path: str | os.PathLike, chunks: torch.Tensor, *, progress: bool = False, device=None, bf16: bool = False) -> dict:
     """Logits of compressed-tensors' forward of ``path`` against ``load_rotated`` on ``chunks`` (n, seq) token ids.
 
     Returns ``{"engine": {...}, "consumer": {rel_err, max_abs_logit_diff, argmax_agreement}, "ppl": {"rolora",
     "consumer"}, "format": ...}`` and for NVFP4 also ``"bf16_weights"`` (module docstring). ``device``: where both
     models run (e.g. ``"cuda"``: compressed-tensors' Triton quantization kernels against our PyTorch path).
+    ``bf16``: also the perplexity of compressed-tensors' forward in bfloat16 (``ppl["consumer_bf16"]``), the dtype
+    engines serve in (our numbers are fp32).
     """
     from .compressed import QUANT_RECORD_FILE
     from .export import load_rotated
@@ -114,6 +116,8 @@ def check_export(path: str | os.PathLike, chunks: torch.Tensor, *, progress: boo
         "consumer": _compare(a, b),
         "ppl": {"rolora": perplexity(ours, chunks, progress=progress), "consumer": perplexity(theirs, chunks, progress=progress)},
     }
+    if bf16:
+        out["ppl"]["consumer_bf16"] = perplexity(consumer_model(path, torch.bfloat16, device), chunks, progress=progress)
     if fmt == "nvfp4":
         _round_quantized_weights_to_bf16(ours, body["quantization"]["quantized"])
         out["bf16_weights"] = _compare(a, _logits(ours, chunks))

@@ -228,13 +228,14 @@ def cmd_check(args) -> int:
     else:
         chunks = load_calibration(args.text, tok, args.chunks, args.seq_len, vocab, str(src))
     check_token_ids(chunks, vocab, "check chunks", str(src))
-    r = check_export(src, chunks, progress=True)
+    r = check_export(src, chunks, progress=True, bf16=args.bf16)
     engine = r["engine"]
     verdict = f"servable: vLLM {engine.get('scheme')}" if engine.get("servable") else "NOT servable: " + "; ".join(engine.get("reasons") or ["(no engine record)"])
     c = r["consumer"]
     print(f"{src}: {r['format']} weights, {verdict}")
     print(f"text: {args.text}, {chunks.shape[0]} x {chunks.shape[1]} tokens")
-    print(f"perplexity  rolora load_rotated {r['ppl']['rolora']:.3f}   compressed-tensors forward {r['ppl']['consumer']:.3f}")
+    bf16 = f"   (bfloat16: {r['ppl']['consumer_bf16']:.3f})" if "consumer_bf16" in r["ppl"] else ""
+    print(f"perplexity  rolora load_rotated {r['ppl']['rolora']:.3f}   compressed-tensors forward {r['ppl']['consumer']:.3f}{bf16}")
     print(f"logits      rel. difference {c['rel_err']:.2e}, max |diff| {c['max_abs_logit_diff']:.3g}, argmax agreement {c['argmax_agreement']:.4f}")
     if "bf16_weights" in r:
         b = r["bf16_weights"]

@@ -147,6 +147,7 @@ def _add_check(sub):
                    "or a .txt file")
     c.add_argument("--chunks", type=int, default=4, help="evaluation chunks (default 4)")
     c.add_argument("--seq-len", type=int, default=256, help="tokens per chunk (default 256)")
+    c.add_argument("--bf16", action="store_true", help="also compressed-tensors' forward in bfloat16 (what engines serve in)")
     return "check", c
 
 
