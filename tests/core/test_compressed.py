@@ -7,6 +7,7 @@ quantization_config are refused before anything is loaded.
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -403,7 +404,10 @@ def test_smollm2_w4a4_round_trip_and_size(tmp_path):
     from transformers import AutoModelForCausalLM
 
     ct_model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
+    # the only keys plain transformers does not place are the stored online-transform matrices (R4 here), which
+    # compressed-tensors' transform modules load (test_check.py); nothing of the model is missing
+    side = [k for k in info["unexpected_keys"] if re.search(r"\.rolora_r4_input\.weight$", k)]
+    assert not info["missing_keys"] and side and set(info["unexpected_keys"]) == set(side)
     with torch.no_grad():
         ct_model(ids[:, :8])
     assert all(torch.equal(ct_model.get_submodule(n).weight, model.get_submodule(n).weight) for n in names)
