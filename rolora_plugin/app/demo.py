@@ -12,13 +12,21 @@
 4. **Fine-tune**: LoRA vs RoLoRA (:func:`.train.finetune`: ``transformers.Trainer`` + peft; RoLoRA = the same run
    plus :class:`rolora_plugin.RoLoRACallback`) on instruction pairs from SciQ, then each merged model in full
    precision and at W4A4: perplexity of held-out responses and of BoolQ passages; optionally the paper's 7-task
-   zero-shot average (``limit`` > 0).
+   zero-shot average (``limit`` > 0). The W4A4 here and in 3. is RTN without calibration: a baseline, not the
+   recipe people deploy.
+5. **Deploy**: the merged RoLoRA model quantized with each servable preset of ``servable`` (``w4a4-int``,
+   ``nvfp4``: GPTQ + weight clip search on the calibration chunks; ``QuantConfig.preset``), exported with
+   ``merge_and_export(format="compressed-tensors")`` and re-loaded by :func:`rolora_plugin.check.check_export`:
+   perplexity of our ``load_rotated`` and of compressed-tensors' own forward beside FP, the vLLM scheme and
+   whether the consumer computed the same model. Exports go to a temporary folder (~280 MB each: embeddings and
+   ``lm_head`` stay FP32) unless ``keep_exports`` (then ``exports/<preset>`` in the report folder).
 
 Everything is logged (``logging``) with tqdm bars; the report folder gets ``results.json``, ``summary.txt``
 (:func:`format_demo_table`: the tables, each with what its columns mean) and the PNG plots (:mod:`.plots`:
 kurtosis per layer, the per-token range a W4A4 quantizer faces, training loss, W4A4 perplexity per model and
-recipe), each published atomically.
-Sizes: ``tiny`` (CI smoke run), ``small`` (default, 2-core CPU), ``full``.
+recipe as a ratio to FP), each published atomically.
+Sizes: ``tiny`` (CI smoke run: fewer calibration tokens and a coarser weight clip grid for the servable presets,
+stated in the table), ``small`` (default, 2-core CPU), ``full``.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import ConfigMixin, RotationConfig
+from ..quant.config import SERVABLE_PRESETS
 from ..kurtosis import activation_stats, input_kinds, summarize_by_kind
 from ..metrics import batches_perplexity, perplexity
 from ..publish import atomic_write_text
@@ -51,6 +60,7 @@ SIZES = ("tiny", "small", "full")
 # weight recipes DemoConfig.compare_recipes may name (measured at W4A4 on the rotated base model, next to cfg's own)
 RECIPES = {"rtn": dict(method="rtn", clip_search=False), "rtn+clip": dict(method="rtn", clip_search=True),
            "gptq": dict(method="gptq", clip_search=False), "gptq+clip": dict(method="gptq", clip_search=True)}  # fmt: skip
+CONSUMER_REL = 1e-4  # relative logit error under which the consumer computed the same model (issue 30's acceptance)
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -80,6 +90,9 @@ class DemoConfig(ConfigMixin):
     lora_targets: list = field(default_factory=lambda: ["q_proj", "v_proj"])
     limit: int = 0
     compare_recipes: list = field(default_factory=list)
+    servable: list = field(default_factory=lambda: ["w4a4-int", "nvfp4"])
+    servable_overrides: dict = field(default_factory=dict)
+    keep_exports: bool = False
     seed: int = 0
     cache_dir: str | None = None
 
@@ -97,13 +110,21 @@ class DemoConfig(ConfigMixin):
         unknown = [r for r in self.compare_recipes if r not in RECIPES]
         if unknown:
             raise ValueError(f"DemoConfig.compare_recipes: unknown recipe(s) {unknown}; choose among {sorted(RECIPES)}")
+        unknown = [p for p in self.servable if p not in SERVABLE_PRESETS]
+        if unknown:
+            raise ValueError(f"DemoConfig.servable: {unknown} are not servable presets; choose among {list(SERVABLE_PRESETS)}")
+        if self.servable:
+            from ..quant.config import QuantConfig
+
+            QuantConfig.preset(self.servable[0], **self.servable_overrides)  # validates the overrides
         if not self.quant_bits or any(not 2 <= b <= 8 for b in self.quant_bits):
             raise ValueError(f"DemoConfig.quant_bits must list W=A bit-widths in 2..8, got {self.quant_bits!r}")
         self.rotation_config()  # validates
 
     def needs_calibration(self) -> bool:
-        """GPTQ (the main recipe or one compared) needs calibration chunks."""
-        return self.method == "gptq" or any(RECIPES[r]["method"] == "gptq" for r in self.compare_recipes)
+        """GPTQ (the main recipe or one compared) and the servable presets (GPTQ; NVFP4's activation global
+        scale) need calibration chunks."""
+        return bool(self.servable) or self.method == "gptq" or any(RECIPES[r]["method"] == "gptq" for r in self.compare_recipes)
 
     def rotation_config(self) -> RotationConfig:
         return RotationConfig(seed=self.seed, **self.rotation)
@@ -118,8 +139,11 @@ class DemoConfig(ConfigMixin):
 
 
 _PRESETS = {
+    # tiny (CI): the servable presets' formats and engine contracts with RTN + a 10-point weight clip grid instead
+    # of GPTQ + 50 points (GPTQ is minutes per preset on 2 CPU cores); the table and results.json say so
     "tiny": dict(ppl_chunks=2, seq_len=128, stats_chunks=1, quant_bits=[4], train_steps=4, train_examples=32,
-                 eval_examples=8, train_seq_len=96, batch_size=2, learning_rate=5e-4, calib_chunks=4),
+                 eval_examples=8, train_seq_len=96, batch_size=2, learning_rate=5e-4, calib_chunks=4,
+                 servable_overrides={"method": "rtn", "w_clip_grid": 10}),
     "small": {},
     "full": dict(ppl_chunks=32, seq_len=512, stats_chunks=4, train_steps=300, train_examples=900, eval_examples=100,
                  compare_recipes=["gptq+clip"],
@@ -205,13 +229,19 @@ def _quant_grid(fp, rotated, cfg: DemoConfig, chunks, calib) -> list[dict]:
     return rows
 
 
-def _finetune_pair(base, tok, cfg: DemoConfig, chunks, calib) -> dict:
-    """LoRA vs RoLoRA from the same FP model; each merged model evaluated in FP and at W4A4."""
+def _sciq_split(tok, cfg: DemoConfig) -> tuple[list, list]:
+    """(training rows, held-out rows) of SciQ instruction pairs, tokenized."""
     from .assets import instruction_pairs
 
     pairs = instruction_pairs("sciq", cfg.train_examples + cfg.eval_examples, cfg.seed)
-    train = tokenize_pairs(tok, pairs[: cfg.train_examples], cfg.train_seq_len)
-    held_out = tokenize_pairs(tok, pairs[cfg.train_examples :], cfg.train_seq_len)
+    return tokenize_pairs(tok, pairs[: cfg.train_examples], cfg.train_seq_len), tokenize_pairs(tok, pairs[cfg.train_examples :], cfg.train_seq_len)
+
+
+def _finetune_pair(base, tok, cfg: DemoConfig, chunks, calib, split: tuple[list, list] | None = None) -> tuple[dict, object]:
+    """LoRA vs RoLoRA from the same FP model; each merged model evaluated in FP and at W4A4 (RTN). ``split``:
+    :func:`_sciq_split`'s (training, held-out) rows, made here if None. Returns the results and the merged RoLoRA
+    model in full precision (for the deploy stage; None without ``cfg.servable``)."""
+    train, held_out = split or _sciq_split(tok, cfg)
     lora = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "target_modules": cfg.lora_targets}
     out = {"train_examples": len(train), "eval_examples": len(held_out),
            "base_fp_response_ppl": response_perplexity(base, tok, held_out)}  # before any fine-tune  # fmt: skip
@@ -220,11 +250,13 @@ def _finetune_pair(base, tok, cfg: DemoConfig, chunks, calib) -> dict:
                            batch_size=cfg.batch_size, seed=cfg.seed, lora=lora, warmup_steps=min(5, cfg.train_steps // 4),
                            rotation=cfg.rotation_config() if rolora else None)  # fmt: skip
         merged = trainer.model.merge_and_unload().eval()
+        if rolora and cfg.servable:
+            kept = copy.deepcopy(merged)  # _evaluate_merged quantizes ``merged`` in place
         out[name] = _evaluate_merged(merged, tok, cfg, held_out, chunks, calib)
         out[name]["loss_curve"] = loss_curve(trainer)
         out[name].update(_loss_summary(trainer.state.log_history, out[name]["fp"]["response_ppl"]))
         del trainer, merged
-    return out
+    return out, (kept if cfg.servable else None)
 
 
 def _loss_summary(log_history: list[dict], fp_response_ppl: float) -> dict:
@@ -249,6 +281,66 @@ def _evaluate_merged(merged, tok, cfg: DemoConfig, held_out, chunks, calib) -> d
     return res
 
 
+def servable_recipe(qcfg, calib_tokens: tuple[int, int]) -> str:
+    """What ran for a servable preset, as the table states it, e.g. ``GPTQ+clip (50-pt grid), 16x256 calib. tokens``;
+    with RTN the calibration tokens only set NVFP4's activation global scale (int: no calibration)."""
+    recipe = qcfg.method.upper() + (f"+clip ({qcfg.w_clip_grid}-pt grid)" if qcfg.w_clip_search else "")
+    tokens = f"{calib_tokens[0]}x{calib_tokens[1]} calib. tokens"
+    if qcfg.method == "gptq":
+        return f"{recipe}, {tokens}"
+    return f"{recipe}, {tokens} for the activation global scale" if qcfg.a_format == "nvfp4" else f"{recipe}, no calibration"
+
+
+def _deploy(merged, tok, cfg: DemoConfig, chunks, calib, held_out: list, fp: dict, export_root: Path | None) -> dict:
+    """The recipe people deploy, on the merged RoLoRA model: per servable preset, quantize (``QuantConfig.preset``
+    with ``cfg.servable_overrides``) a copy, export it with ``format="compressed-tensors"`` (under ``export_root``,
+    else a temporary folder removed afterwards) and run :func:`rolora_plugin.check.check_export` on ``chunks``.
+    ``held_out``: the SciQ rows of the answer perplexity; ``fp``: the merged model's FP ``text_ppl`` / ``response_ppl``."""
+    import tempfile
+
+    from .. import QuantConfig, merge_and_export, quantize_model_
+    from ..check import check_export
+
+    rows = []
+    for preset in cfg.servable:
+        qcfg = QuantConfig.preset(preset, **cfg.servable_overrides)
+        q = copy.deepcopy(merged)
+        t0 = time.perf_counter()
+        quantize_model_(q, qcfg, calibration=list(calib.split(1)))
+        quantize_s = time.perf_counter() - t0
+        response_ppl = response_perplexity(q, tok, held_out)
+        with tempfile.TemporaryDirectory(prefix="rolora-demo-export-") as tmp:
+            out = (export_root or Path(tmp)) / preset
+            out.parent.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            merge_and_export(q, out, format="compressed-tensors", tokenizer=tok)
+            del q
+            files = {f.name: f.stat().st_size for f in sorted(out.rglob("*")) if f.is_file()}
+            check = check_export(out, chunks)
+            check_s = time.perf_counter() - t0
+        row = {"preset": preset, "recipe": servable_recipe(qcfg, tuple(calib.shape)), "config": qcfg.to_dict(),
+               "text_ppl": check["ppl"]["rolora"], "consumer_text_ppl": check["ppl"]["consumer"],
+               "ratio_to_fp": check["ppl"]["rolora"] / fp["text_ppl"], "response_ppl": response_ppl,
+               "engine": check["engine"], "format": check["format"], "check": check, **_consumer_verdict(check),
+               "export": {"path": str(out) if export_root else None, "bytes": sum(files.values()), "files": files},
+               "seconds": {"quantize": round(quantize_s, 1), "export_and_check": round(check_s, 1)}}  # fmt: skip
+        logger.info("deploy %s (%s): perplexity %.3f (compressed-tensors %.3f, FP %.3f), same model: %s", preset,
+                    row["recipe"], row["text_ppl"], row["consumer_text_ppl"], fp["text_ppl"], row["same_model"])  # fmt: skip
+        rows.append(row)
+    return {"model": "RoLoRA merged", "fp": fp, "rows": rows, "export_kept": export_root is not None}
+
+
+def _consumer_verdict(check: dict) -> dict:
+    """Did compressed-tensors' forward compute our model? Exact weights: relative logit error ≤ CONSUMER_REL.
+    NVFP4: compressed-tensors 0.20 decompresses FP4 weights to bf16, so the comparison that must agree is the one
+    with our weights rounded to bf16 (``check["bf16_weights"]``)."""
+    if "bf16_weights" in check:
+        rel = check["bf16_weights"]["rel_err"]
+        return {"same_model": rel <= CONSUMER_REL, "consumer_rel_err": rel, "compared_with": "bf16-rounded weights"}
+    rel = check["consumer"]["rel_err"]
+    return {"same_model": rel <= CONSUMER_REL, "consumer_rel_err": rel, "compared_with": "exact weights"}
+
+
 def _tasks(model, tok, limit: int) -> dict:
     from .evaluate import evaluate_tasks
 
@@ -259,7 +351,7 @@ def _tasks(model, tok, limit: int) -> dict:
 # ---------------------------------------------------------------------------------------------- run_demo
 
 
-_STAGES = ["load", "fp perplexity", "rotate", "exactness", "activation stats", "quantization", "fine-tune", "plots"]
+_STAGES = ["load", "fp perplexity", "rotate", "exactness", "activation stats", "quantization", "fine-tune", "deploy", "plots"]
 
 
 def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None) -> dict:
@@ -270,14 +362,21 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None) -> di
     cfg = config or DemoConfig()
     out_dir = Path(out_dir)
     t_start = time.perf_counter()
-    stages = _Stages(_STAGES)
+    stages = _Stages(_STAGES if cfg.servable else [s for s in _STAGES if s != "deploy"])
     fp, tok = stages.run("load", load_smollm2, torch.float32, cache_dir=cfg.cache_dir)
     chunks = text_chunks(tok, cfg.ppl_chunks, cfg.seq_len)
     calib = calibration_chunks(tok, cfg.calib_chunks, cfg.seq_len) if cfg.needs_calibration() else None
     results, before, after = _rotation_and_quantization(fp, cfg, chunks, calib, stages)
-    results["finetune"] = stages.run("fine-tune", _finetune_pair, fp, tok, cfg, chunks, calib)
-    results = {**_header(cfg), **results, "environment": _environment()}
+    split = _sciq_split(tok, cfg)
+    results["finetune"], rolora_fp = stages.run("fine-tune", _finetune_pair, fp, tok, cfg, chunks, calib, split)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.servable:
+        del fp
+        fp_ppl = {k: results["finetune"]["rolora"]["fp"][k] for k in ("text_ppl", "response_ppl")}
+        results["deploy"] = stages.run("deploy", _deploy, rolora_fp, tok, cfg, chunks, calib, split[1], fp_ppl,
+                                       out_dir / "exports" if cfg.keep_exports else None)  # fmt: skip
+        del rolora_fp
+    results = {**_header(cfg), **results, "environment": _environment()}
     kinds = tuple(results["kurtosis"]["kinds"])
     results["plots"] = stages.run("plots", write_plots, out_dir, before, after, results["finetune"], kinds, results)
     results["timings_s"] = {**stages.timings, "total": round(time.perf_counter() - t_start, 1)}
@@ -345,6 +444,8 @@ def format_demo_table(results: dict) -> str:
                    f"{ex['ppl_fp']:.3f} -> {ex['ppl_rotated']:.3f}", indent="")  # fmt: skip
     lines += [""] + _kurtosis_lines(results["kurtosis"]["summary"]) + [""] + _quant_lines(results) + [""]
     lines += _finetune_lines(results["finetune"], results["config"], recipe_name(results["config"]))
+    if results.get("deploy"):
+        lines += [""] + _deploy_lines(results)
     if "timings_s" in results:
         lines += ["", f"wall time: {results['timings_s']['total']:.0f} s"]
     return "\n".join(lines)
@@ -353,7 +454,8 @@ def format_demo_table(results: dict) -> str:
 def _wrap(text: str, indent: str = "  ") -> list[str]:
     import textwrap
 
-    return textwrap.wrap(text, 110, initial_indent=indent, subsequent_indent=indent + ("  " if not indent else ""))
+    return textwrap.wrap(text, 110, initial_indent=indent, subsequent_indent=indent + ("  " if not indent else ""),
+                         break_on_hyphens=False)
 
 
 def _head(title: str, *columns: str) -> str:
@@ -361,7 +463,7 @@ def _head(title: str, *columns: str) -> str:
 
 
 def _row(label: str, cells, fmt: str = ".2f") -> str:
-    return f"  {label:<20}" + "".join(f"{c:>{_W}{fmt}}" if isinstance(c, float) else f"{c:>{_W}}" for c in cells)
+    return (f"  {label:<20}" + "".join(f"{c:>{_W}{fmt}}" if isinstance(c, float) else f"{c:>{_W}}" for c in cells)).rstrip()
 
 
 def _kurtosis_lines(summary: dict) -> list[str]:
@@ -384,12 +486,18 @@ def _before_after_rows(summary: dict, keys: tuple[str, str]) -> list[str]:
             for kind, r in summary.items()]  # fmt: skip
 
 
+def not_deploy_label(cfg: dict) -> str:
+    """How the tables name the grid's quantization: ``RTN (no calibration) — not the deploy recipe``."""
+    return recipe_name(cfg) + (" (no calibration)" if cfg["method"] == "rtn" else "") + " — not the deploy recipe"
+
+
 def _quant_lines(results: dict) -> list[str]:
     rows, method = results["quantization"], results["config"]["method"].upper()
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     fp = {r["rotation"]: r["perplexity"] for r in rows if r["setting"] == "FP"}
     cells = {(r["rotation"], r.get("recipe", method), r["setting"]): r["perplexity"] for r in rows if r["setting"] != "FP"}
-    lines = [_head(f"Perplexity ({method})", *settings)]
+    lines = [f"Quantization grid: {not_deploy_label(results['config'])}" + (" (see Deploy below)" if results.get("deploy") else "")]
+    lines += [_head(f"Perplexity ({method})", *settings)]
     for rot, recipe in dict.fromkeys(k[:2] for k in cells):
         label = ("no rotation" if rot == "none" else "rotated") + ("" if recipe == method else f", {recipe}")
         lines.append(_row(label, [fp.get(rot, "") if s == "FP" else cells.get((rot, recipe, s), "") for s in settings]))
@@ -398,8 +506,9 @@ def _quant_lines(results: dict) -> list[str]:
 
 
 def _finetune_lines(tuned: dict, cfg: dict, recipe: str) -> list[str]:
-    heads = (("train loss", "(smoothed)"), ("held-out", "loss (FP)"), ("answer ppl", "FP"), ("answer ppl", "W4A4"),
-             ("text ppl", "FP"), ("text ppl", "W4A4"))  # fmt: skip
+    w4a4 = f"W4A4 {recipe}" if len(recipe) <= 7 else "W4A4"  # fits the column
+    heads = (("train loss", "(smoothed)"), ("held-out", "loss (FP)"), ("answer ppl", "FP"), ("answer ppl", w4a4),
+             ("text ppl", "FP"), ("text ppl", w4a4))  # fmt: skip
     lines = _wrap(f"Fine-tune: {cfg['train_steps']} steps, {tuned['train_examples']} SciQ pairs, LoRA r={cfg['lora_r']} on "
                   f"{','.join(cfg['lora_targets'])}; held-out: {tuned['eval_examples']} pairs", indent="")  # fmt: skip
     lines += [_head("", *(a for a, _ in heads)), _head("", *(b for _, b in heads))]
@@ -416,8 +525,42 @@ def _finetune_lines(tuned: dict, cfg: dict, recipe: str) -> list[str]:
                    f"{cfg['batch_size']} pairs and swings more than the LoRA/RoLoRA gap). held-out loss / answer ppl: mean "
                    f"NLL per answer token / its exp on the {tuned['eval_examples']} held-out SciQ pairs (prompts not "
                    "scored). text ppl: the BoolQ passages of the perplexity table. FP: the merged model in float32; "
-                   f"W4A4: the merged model quantized as above ({recipe} weights, 4-bit per-token activations).")  # fmt: skip
+                   f"W4A4 {recipe}: the merged model quantized as above ({recipe} weights, 4-bit per-token activations; "
+                   f"{not_deploy_label(cfg).split(' — ')[-1]}).")  # fmt: skip
     return lines + _task_lines(tuned)
+
+
+def _deploy_lines(results: dict) -> list[str]:
+    """The deploy table: FP, each servable preset (exported, consumer-checked) and the RTN W4A4 row, one model."""
+    dep, tuned = results["deploy"], results["finetune"]["rolora"]
+    fp = dep["fp"]
+    lines = _wrap("Deploy: the fine-tuned RoLoRA model (merged) -> servable preset -> compressed-tensors export -> "
+                  "re-loaded by the consumer-side check (rolora_plugin.check.check_export)", indent="")  # fmt: skip
+    lines += [_head("", "text ppl", "x FP", "consumer", "answer ppl", "logits rel.", "same model"),
+              _head("", "(ours)", "", "text ppl", "", "vs ours", "computed")]  # fmt: skip
+    lines.append(_row("FP (float32)", [fp["text_ppl"], "1.00x", "", fp["response_ppl"], "", ""]))
+    for r in dep["rows"]:
+        same = ("yes" if r["same_model"] else "NO") + ("*" if r["compared_with"] != "exact weights" else "")
+        lines.append(_row(r["preset"], [r["text_ppl"], f"{r['ratio_to_fp']:.2f}x", r["consumer_text_ppl"], r["response_ppl"],
+                                        f"{r['consumer_rel_err']:.1e}", same]))  # fmt: skip
+    rtn = tuned["w4a4"]["text_ppl"]
+    label = f"W4A4 {recipe_name(results['config'])}"
+    label += " (no calib.)" if results["config"]["method"] == "rtn" and len(label) <= 8 else ""
+    lines.append(_row(label, [rtn, f"{rtn / fp['text_ppl']:.2f}x", "", tuned["w4a4"]["response_ppl"], "", ""]))
+    lines += _wrap(f"(text ppl: {results['data']['perplexity']}, our load_rotated of the export; consumer: compressed-tensors' "
+                   "own decompression + quantized forward + transforms of the same export; answer ppl: the held-out SciQ "
+                   "answers, quantized model before export; logits rel.: |consumer - ours| / |ours| over the text; same "
+                   f"model: rel. <= {CONSUMER_REL:.0e}. W4A4 {not_deploy_label(results['config'])}: the fine-tune table's W4A4, "
+                   "the same merged model, shown for scale)")  # fmt: skip
+    for r in dep["rows"]:
+        e = r["engine"]
+        served = f"servable, vLLM {e.get('scheme')}" if e.get("servable") else "NOT servable: " + "; ".join(e.get("reasons", []))
+        where = r["export"]["path"] or "temporary folder, removed"
+        lines += _wrap(f"{r['preset']}: {r['recipe']}; {served}; export {r['export']['bytes'] / 1e6:.0f} MB ({where})"
+                       + ("; *compared with our weights rounded to bf16, as compressed-tensors 0.20 decompresses FP4 "
+                          f"weights (vs our exact weights: rel. {r['check']['consumer']['rel_err']:.1e})"
+                          if r["compared_with"] != "exact weights" else ""))  # fmt: skip
+    return lines
 
 
 def _num(value) -> str:

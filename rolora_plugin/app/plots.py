@@ -1,5 +1,5 @@
 """Every plot the application draws: kurtosis per layer, the per-token range a W4A4 quantizer faces, channel
-magnitudes, training loss, and W4A4 perplexity per method.
+magnitudes, training loss, and W4A4 perplexity per model and recipe (ratio to FP, servable presets included).
 
 The statistics come from :func:`rolora_plugin.kurtosis.activation_stats` (``{module name: {"kurtosis", "max_abs",
 "rms", "channel_max_abs", "token_peak_to_rms_hist", ...}}``); the loss curves from
@@ -33,8 +33,8 @@ __all__ = [
     "save_figure",
     "smoothed",
     "token_ranges_figure",
-    "w4a4_bars",
     "w4a4_figure",
+    "w4a4_points",
     "write_plots",
 ]
 
@@ -259,48 +259,107 @@ def losses_figure(tuned: dict):
 
 # ---------------------------------------------------------------------------------------------- W4A4 perplexity
 
-
-def _bar_panel(ax, bars: list[tuple[str, float, str, float | None]], title: str, ylabel: str) -> None:
-    """Bars ``(label, W4A4 value, color, FP value)`` on a log axis with their values written on top; each bar's
-    full-precision value (the same model unquantized) as a dashed black tick across it."""
-    xs = list(range(len(bars)))
-    ax.bar(xs, [b[1] for b in bars], color=[b[2] for b in bars], width=0.65)
-    for x, (_, v, _, fp) in zip(xs, bars):
-        ax.annotate(f"{v:.1f}" if v < 1000 else f"{v:.0f}", (x, v), ha="center", va="bottom", fontsize=9,
-                    xytext=(0, 2), textcoords="offset points")  # fmt: skip
-        if fp is not None:
-            ax.hlines(fp, x - 0.4, x + 0.4, color="black", ls="--", lw=1.2, label="_fp" if x else "full precision (same model)")
-    if any(b[3] is not None for b in bars):
-        ax.legend(fontsize=8, loc="upper right")
-    ax.set_xticks(xs, [b[0] for b in bars], fontsize=8)
-    ax.set(yscale="log", title=title, ylabel=ylabel, xlabel="model, weight recipe (activations: 4-bit per token)")
-    ax.margins(y=0.15)
+# The colour says whether the model is rotated, as everywhere else (kurtosis: before blue / after orange; loss
+# plot: LoRA blue / RoLoRA orange); the marker says how it was quantized.
+UNROTATED, ROTATED = BEFORE["color"], AFTER["color"]
+CONSUMER_DX = 0.18  # compressed-tensors' forward is drawn this far right of our point of the same export
+KINDS = {  # kind of W4A4 recipe -> (marker, size, legend text)
+    "rtn": ("o", 8, "RTN, no calibration (not the deploy recipe)"),
+    "calibrated": ("s", 8, "calibrated research recipe (GPTQ ...)"),
+    "servable": ("D", 9, "servable preset (its weight recipe in the label), exported, re-loaded by the consumer check"),
+}
 
 
-def w4a4_bars(results: dict) -> tuple[list, list]:
-    """The bars of :func:`plot_w4a4_perplexity`: ``(text bars, response bars)``, each
-    ``[(label, W4A4 ppl, color, FP ppl of the same model or None)]``.
+def _point(label: str, ppl: float, fp: float, rotated: bool, kind: str, consumer: float | None = None) -> dict:
+    return {"label": label, "ppl": ppl, "fp": fp, "ratio": ppl / fp, "color": ROTATED if rotated else UNROTATED,
+            "kind": kind, "consumer_ratio": None if consumer is None else consumer / fp}  # fmt: skip
+
+
+def w4a4_points(results: dict) -> tuple[list[dict], list[dict]]:
+    """The points of :func:`plot_w4a4_perplexity`: ``(text points, response points)``, each a list of
+    ``{"label", "ppl", "fp", "ratio" (= ppl / fp, the same model unquantized), "color", "kind", "consumer_ratio"}``.
 
     Text (BoolQ passages): every W4A4 row of ``results["quantization"]`` (the base model unrotated / rotated, one
-    bar per ``recipe`` measured), then the merged LoRA / RoLoRA models (quantized with ``results["finetune_recipe"]``,
-    else the first row's recipe). Response (SciQ held-out answers): LoRA / RoLoRA.
+    point per ``recipe``), the merged LoRA / RoLoRA models (quantized with ``results["finetune_recipe"]``, else the
+    first row's recipe), then each servable preset of ``results["deploy"]`` on the merged RoLoRA model (ours via
+    ``load_rotated``; ``consumer_ratio``: compressed-tensors' forward of the export). Response (SciQ held-out
+    answers): LoRA / RoLoRA, then the servable presets. ``kind``: ``"rtn"``, ``"calibrated"`` or ``"servable"``.
     """
     w4a4 = [row for row in results["quantization"] if row["setting"] == "W4A4"]
     fp = {row["rotation"]: row["perplexity"] for row in results["quantization"] if row["setting"] == "FP"}
     recipe = results.get("finetune_recipe") or (w4a4[0].get("recipe", "RTN") if w4a4 else "RTN")
+
+    def kind(name: str) -> str:
+        return "rtn" if name.upper().startswith("RTN") else "calibrated"
+
     text = []
     for row in w4a4:
-        base = "base, rotated" if row["rotation"] == "rotated" else "base, no rotation"
-        color = "tab:orange" if row["rotation"] == "rotated" else "tab:blue"
-        text.append((f"{base}\n{row.get('recipe', recipe)}", row["perplexity"], color, fp.get(row["rotation"])))
+        rotated, name = row["rotation"] == "rotated", row.get("recipe", recipe)
+        base = "base, rotated" if rotated else "base, no rotation"
+        text.append(_point(f"{base}\n{name}", row["perplexity"], fp.get(row["rotation"], math.nan), rotated, kind(name)))
     tuned = results.get("finetune") or {}
     response = []
-    for name, label, color in (("lora", "LoRA", "tab:cyan"), ("rolora", "RoLoRA", "tab:red")):
+    for name, label in (("lora", "LoRA"), ("rolora", "RoLoRA")):
         if name in tuned:
             r = tuned[name]
-            text.append((f"{label} merged\n{recipe}", r["w4a4"]["text_ppl"], color, r["fp"]["text_ppl"]))
-            response.append((f"{label} merged\n{recipe}", r["w4a4"]["response_ppl"], color, r["fp"]["response_ppl"]))
+            text.append(_point(f"{label} merged\n{recipe}", r["w4a4"]["text_ppl"], r["fp"]["text_ppl"], name == "rolora", kind(recipe)))
+            response.append(_point(f"{label} merged\n{recipe}", r["w4a4"]["response_ppl"], r["fp"]["response_ppl"],
+                                   name == "rolora", kind(recipe)))  # fmt: skip
+    deploy = results.get("deploy") or {}
+    for row in deploy.get("rows", []):
+        label = f"RoLoRA merged\n{row['preset']}" + (f", {row['config']['method'].upper()}" if "config" in row else "")
+        text.append(_point(label, row["text_ppl"], deploy["fp"]["text_ppl"], True, "servable", row.get("consumer_text_ppl")))
+        response.append(_point(label, row["response_ppl"], deploy["fp"]["response_ppl"], True, "servable"))
     return text, response
+
+
+def _ratio_panel(ax, points: list[dict], title: str) -> None:
+    """Points at ``ratio`` (log axis, plain-number ticks), each annotated with its ratio and perplexity; the FP
+    line at 1; the servable points on a shaded background; compressed-tensors' own forward as a black +."""
+    xs = list(range(len(points)))
+    ratios = [p["ratio"] for p in points] + [p["consumer_ratio"] for p in points if p["consumer_ratio"] is not None]
+    top = max(ratios + [2.0]) * 2.2
+    serv = [x for x, p in zip(xs, points) if p["kind"] == "servable"]
+    if serv:
+        ax.axvspan(serv[0] - 0.45, serv[-1] + 0.45, color="tab:green", alpha=0.1, lw=0)
+        ax.text((serv[0] + serv[-1]) / 2, top / 1.08, "deploy recipe:\nservable presets", ha="center", va="top", fontsize=8,
+                color="darkgreen")  # fmt: skip
+    ax.axhline(1.0, color="black", ls="--", lw=1.0)
+    for x, p in zip(xs, points):
+        marker, size, _ = KINDS[p["kind"]]
+        ax.plot([x], [p["ratio"]], ls="none", marker=marker, ms=size, color=p["color"], mec="black", mew=0.6)
+        if p["consumer_ratio"] is not None:  # beside ours: at the same height when the consumer computes the same model
+            ax.plot([x + CONSUMER_DX], [p["consumer_ratio"]], ls="none", marker="+", ms=10, mew=1.6, color="black")
+        ax.annotate(f"{p['ratio']:.2f}×\n(ppl {p['ppl']:.1f})" if p["ratio"] < 10 else f"{p['ratio']:.0f}×\n(ppl {p['ppl']:.0f})",
+                    (x, p["ratio"]), ha="left", va="bottom", fontsize=8, xytext=(8, 3), textcoords="offset points")  # fmt: skip
+    ax.set(yscale="log", ylim=(min(ratios + [1.0]) / 1.25, top), xlim=(-0.5, len(points) - 0.2), title=title,
+           ylabel="W4A4 perplexity / FP perplexity of the same model", xlabel="model and W4A4 recipe")  # fmt: skip
+    _plain_log_yticks(ax, top)
+    ax.set_xticks(xs, [p["label"] for p in points], fontsize=8)
+
+
+def _plain_log_yticks(ax, upper: float) -> None:
+    """y ticks 1×, 1.5×, 2×, 3×, 5×, 10×, ... up to ``upper`` as plain numbers on a log axis."""
+    from matplotlib.ticker import NullFormatter
+
+    ticks = [t for t in (1, 1.5, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000) if t <= upper]
+    ax.set_yticks(ticks, [f"{t:g}×" for t in ticks])
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _legend_handles(points: list[dict]) -> list:
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles = [Line2D([], [], color="black", ls="--", lw=1.0, label="1× = full precision (the same model unquantized)"),
+               Patch(color=UNROTATED, label="not rotated (base, LoRA)"), Patch(color=ROTATED, label="rotated (base, RoLoRA)")]  # fmt: skip
+    for kind in dict.fromkeys(p["kind"] for p in points):
+        marker, size, text = KINDS[kind]
+        handles.append(Line2D([], [], ls="none", marker=marker, ms=size * 0.8, color="white", mec="black", label=text))
+    if any(p["consumer_ratio"] is not None for p in points):
+        handles.append(Line2D([], [], ls="none", marker="+", ms=9, mew=1.4, color="black",
+                              label="the same export run by compressed-tensors' own forward"))  # fmt: skip
+    return handles
 
 
 def plot_w4a4_perplexity(path: Path, results: dict) -> Path:
@@ -309,17 +368,19 @@ def plot_w4a4_perplexity(path: Path, results: dict) -> Path:
 
 
 def w4a4_figure(results: dict):
-    """Bar chart of W4A4 perplexity per model and recipe (:func:`w4a4_bars`), log scale, lower is better; each
-    bar's full-precision value (the same model, unquantized) as a dashed tick."""
-    text, response = w4a4_bars(results)
+    """W4A4 perplexity per model and recipe as a multiple of the same model's FP perplexity (:func:`w4a4_points`):
+    points on a log axis (no bars: a log axis has no zero for a bar to start from), lower is better; the servable
+    presets on a shaded background, with compressed-tensors' own forward of each export beside ours."""
+    text, response = w4a4_points(results)
     if not text:
         raise ValueError("no W4A4 rows in results['quantization']: nothing to plot")
-    fig, axes = agg_pyplot().subplots(1, 2 if response else 1, figsize=(12.5 if response else 7.5, 4.4),
-                                      layout="constrained", squeeze=False, width_ratios=[2, 1] if response else None)  # fmt: skip
-    _bar_panel(axes[0, 0], text, "BoolQ passages (text perplexity)", "W4A4 perplexity (log scale)")
+    fig, axes = agg_pyplot().subplots(1, 2 if response else 1, figsize=(14.5 if response else 8.5, 5.6),
+                                      layout="constrained", squeeze=False, width_ratios=[len(text), max(len(response), 2)] if response else None)  # fmt: skip
+    _ratio_panel(axes[0, 0], text, "BoolQ passages (text perplexity)")
     if response:
-        _bar_panel(axes[0, 1], response, "SciQ held-out answers", "W4A4 response perplexity (log scale)")
-    fig.suptitle("W4A4 perplexity per model and recipe (weights and activations 4 bit; lower is better)")
+        _ratio_panel(axes[0, 1], response, "SciQ held-out answers (response perplexity)")
+    fig.legend(handles=_legend_handles(text), loc="outside lower center", ncol=3, fontsize=8)
+    fig.suptitle("W4A4 perplexity as a multiple of full precision (weights and activations 4 bit; lower is better)")
     return fig
 
 

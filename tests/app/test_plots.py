@@ -23,7 +23,7 @@ from rolora_plugin.app.plots import (
     plot_kurtosis_per_layer,
     plot_token_ranges,
     plot_w4a4_perplexity,
-    w4a4_bars,
+    w4a4_points,
     write_plots,
 )
 from rolora_plugin.kurtosis import (
@@ -189,7 +189,7 @@ def test_write_plots_with_loss_curves(tmp_path):
     assert len(list(tmp_path.iterdir())) == 3
 
 
-def test_write_plots_with_demo_results_adds_the_w4a4_bar_chart(tmp_path):
+def test_write_plots_with_demo_results_adds_the_w4a4_chart(tmp_path):
     model, stats = _stats("llama")
     results = _fake_results()
     paths = write_plots(tmp_path, stats, stats, results["finetune"], input_kinds(model), results)
@@ -288,33 +288,64 @@ def _fake_results(steps: int = 16) -> dict:
                          {"setting": "W4A4", "rotation": "rotated", "recipe": "GPTQ+clip", "perplexity": 40.0}],
         "finetune": {"train_examples": 32, "eval_examples": 8, "base_fp_response_ppl": 5.0,
                      "lora": tuned(0.0, 900.0, 3000.0), "rolora": tuned(0.05, 9.0, 55.0)},
+        "deploy": {"model": "RoLoRA merged", "fp": {"text_ppl": 20.0, "response_ppl": 3.05}, "export_kept": False,
+                   "rows": [_deploy_row("w4a4-int", 30.0, 30.0, 4.0, "CompressedTensorsWNA4Int", None),
+                            _deploy_row("nvfp4", 24.0, 24.2, 3.5, "CompressedTensorsW4A4Fp4", 3e-3)]},
         "config": {"method": "rtn", "clip_search": False, "train_steps": steps, "lora_r": 16, "lora_targets": ["q_proj", "v_proj"],
                    "batch_size": 2},
         "timings_s": {"total": 547.0},
     }  # fmt: skip
 
 
-def test_w4a4_bar_chart_has_one_bar_per_model_and_recipe(tmp_path):
-    from rolora_plugin.app.plots import w4a4_figure
+def _deploy_row(preset, ppl, consumer, response, scheme, bf16_rel):
+    check = {"consumer": {"rel_err": 0.0 if bf16_rel is None else 2e-2}, "ppl": {"rolora": ppl, "consumer": consumer}}
+    if bf16_rel is not None:
+        check["bf16_weights"] = {"rel_err": bf16_rel}
+    return {"preset": preset, "recipe": "GPTQ+clip (50-pt grid), 4x128 calib. tokens", "config": {"method": "gptq"},
+            "text_ppl": ppl, "consumer_text_ppl": consumer,
+            "ratio_to_fp": ppl / 20.0, "response_ppl": response, "engine": {"servable": True, "scheme": scheme, "reasons": []},
+            "check": check, "same_model": (bf16_rel or 0.0) <= 1e-4, "consumer_rel_err": bf16_rel or 0.0,
+            "compared_with": "exact weights" if bf16_rel is None else "bf16-rounded weights",
+            "export": {"path": None, "bytes": 281_000_000, "files": {}}}  # fmt: skip
+
+
+def test_w4a4_chart_has_one_point_per_model_and_recipe_as_a_ratio_to_fp(tmp_path):
+    from rolora_plugin.app.plots import CONSUMER_DX, ROTATED, UNROTATED, w4a4_figure
 
     results = _fake_results()
-    text, response = w4a4_bars(results)
-    assert [(label.replace("\n", " "), v, fp) for label, v, _, fp in text] == [
-        ("base, no rotation RTN", 5000.0, 20.0), ("base, rotated RTN", 60.0, 20.0), ("base, rotated GPTQ+clip", 40.0, 20.0),
-        ("LoRA merged RTN", 3000.0, 20.0), ("RoLoRA merged RTN", 55.0, 20.0)]  # fmt: skip
-    assert [(label.replace("\n", " "), v, fp) for label, v, _, fp in response] == [
-        ("LoRA merged RTN", 900.0, 3.0), ("RoLoRA merged RTN", 9.0, 3.05)]  # fmt: skip
+    text, response = w4a4_points(results)
+    assert [(p["label"].replace("\n", " "), p["ppl"], p["fp"], p["kind"]) for p in text] == [
+        ("base, no rotation RTN", 5000.0, 20.0, "rtn"), ("base, rotated RTN", 60.0, 20.0, "rtn"),
+        ("base, rotated GPTQ+clip", 40.0, 20.0, "calibrated"), ("LoRA merged RTN", 3000.0, 20.0, "rtn"),
+        ("RoLoRA merged RTN", 55.0, 20.0, "rtn"), ("RoLoRA merged w4a4-int, GPTQ", 30.0, 20.0, "servable"),
+        ("RoLoRA merged nvfp4, GPTQ", 24.0, 20.0, "servable")]  # fmt: skip
+    assert [p["ratio"] for p in text] == [p["ppl"] / p["fp"] for p in text]
+    assert [p["consumer_ratio"] for p in text][-2:] == [30.0 / 20.0, 24.2 / 20.0] and text[0]["consumer_ratio"] is None
+    assert [(p["label"].replace("\n", " "), p["ppl"], p["fp"]) for p in response] == [
+        ("LoRA merged RTN", 900.0, 3.0), ("RoLoRA merged RTN", 9.0, 3.05), ("RoLoRA merged w4a4-int, GPTQ", 4.0, 3.05),
+        ("RoLoRA merged nvfp4, GPTQ", 3.5, 3.05)]  # fmt: skip
+    # colours as in the loss and kurtosis plots: not rotated (base, LoRA) blue, rotated (base, RoLoRA) orange
+    assert [p["color"] for p in text] == [UNROTATED, ROTATED, ROTATED, UNROTATED, ROTATED, ROTATED, ROTATED]
+    assert (UNROTATED, ROTATED) == ("tab:blue", "tab:orange")
     fig = w4a4_figure(results)
     text_ax, response_ax = fig.axes
-    assert [p.get_height() for p in text_ax.patches] == [b[1] for b in text]
-    assert [p.get_height() for p in response_ax.patches] == [b[1] for b in response]
-    assert text_ax.get_yscale() == "log" and "W4A4" in text_ax.get_ylabel()
-    ticks = [seg for coll in response_ax.collections for seg in coll.get_segments()]  # the FP tick across each bar
-    assert [seg[0][1] for seg in ticks] == [3.0, 3.05] and [seg[0][0] for seg in ticks] == [-0.4, 0.6]
+    assert not text_ax.patches[1:] and not response_ax.patches[1:]  # no bars (one shaded span of the servable presets)
+    drawn = [line for line in text_ax.get_lines() if line.get_marker() not in ("None", "+") and len(line.get_xdata()) == 1]
+    assert [line.get_ydata()[0] for line in drawn] == [p["ratio"] for p in text]
+    assert [line.get_color() for line in drawn] == [p["color"] for p in text]
+    consumer = [line for line in text_ax.get_lines() if line.get_marker() == "+"]
+    assert [(line.get_xdata()[0], line.get_ydata()[0]) for line in consumer] == [(5 + CONSUMER_DX, 1.5), (6 + CONSUMER_DX, 24.2 / 20.0)]
+    assert text_ax.get_yscale() == "log" and "FP perplexity" in text_ax.get_ylabel()
+    assert any(line.get_ydata()[0] == 1.0 and line.get_linestyle() == "--" for line in text_ax.get_lines())  # the FP line
+    lo, hi = text_ax.get_ylim()
+    assert lo < 1.0 and hi > 5000 / 20  # every point and the FP line inside, no arbitrary floor
     agg_close(fig)
+    no_deploy = {k: v for k, v in results.items() if k != "deploy"}
+    assert [p["kind"] for p in w4a4_points(no_deploy)[0]] == ["rtn", "rtn", "calibrated", "rtn", "rtn"]
+    agg_close(w4a4_figure(no_deploy))
     path = plot_w4a4_perplexity(tmp_path / "w4a4.png", results)
     assert _png_size_and_dpi(path)[2] == pytest.approx(DPI, abs=0.1)
-    only_fp = {**results, "quantization": results["quantization"][:2], "finetune": {}}
+    only_fp = {**results, "quantization": results["quantization"][:2], "finetune": {}, "deploy": {}}
     with pytest.raises(ValueError, match="no W4A4 rows"):
         w4a4_figure(only_fp)
 
@@ -364,13 +395,38 @@ def test_demo_table_explains_its_columns_and_reports_no_single_batch_loss():
     assert "rotated, GPTQ+clip" in table  # a second recipe gets its own row, not the RTN row's place
 
 
+def test_demo_table_ends_with_the_deploy_recipe_and_labels_rtn_as_not_it():
+    results = _fake_results()
+    table = format_demo_table(results)
+    lines = table.splitlines()
+    assert "Quantization grid: RTN (no calibration) — not the deploy recipe (see Deploy below)" in lines
+    assert any("(smoothed)" in line and line.count("W4A4 RTN") == 2 for line in lines)  # the fine-tune table's header
+    deploy = lines.index(next(line for line in lines if line.startswith("Deploy: the fine-tuned RoLoRA model")))
+    assert deploy > lines.index(next(line for line in lines if line.strip().startswith("RoLoRA")))  # the demo ends with it
+    rows = {line.split()[0]: line.split()[1:] for line in lines[deploy:] if line.startswith("  ") and line.split()[0] in
+            ("FP", "w4a4-int", "nvfp4", "W4A4")}  # fmt: skip
+    assert rows["FP"] == ["(float32)", "20.00", "1.00x", "3.05"]
+    assert rows["w4a4-int"] == ["30.00", "1.50x", "30.00", "4.00", "0.0e+00", "yes"]
+    assert rows["nvfp4"] == ["24.00", "1.20x", "24.20", "3.50", "3.0e-03", "NO*"]  # bf16-weight comparison above 1e-4
+    assert rows["W4A4"] == ["RTN", "(no", "calib.)", "55.00", "2.75x", "9.00"]
+    text = " ".join(" ".join(lines[deploy:]).split())
+    for needle in ("w4a4-int: GPTQ+clip (50-pt grid), 4x128 calib. tokens; servable, vLLM CompressedTensorsWNA4Int; export 281 MB",
+                   "temporary folder, removed", "vLLM CompressedTensorsW4A4Fp4", "rounded to bf16", "rel. 2.0e-02",
+                   "RTN (no calibration) — not the deploy recipe", "compressed-tensors' own"):  # fmt: skip
+        assert needle in text, needle
+    assert max(len(line) for line in lines) <= 110 and lines[-1] == "wall time: 547 s"
+    no_deploy = format_demo_table({k: v for k, v in results.items() if k != "deploy"})
+    assert "Deploy:" not in no_deploy and "(see Deploy below)" not in no_deploy
+
+
 def test_compared_recipes_add_rotated_w4a4_rows():
     from rolora_plugin import RotationConfig, rotate_model_
     from rolora_plugin.app.demo import DemoConfig, _quant_grid
 
     with pytest.raises(ValueError, match="unknown recipe"):
         DemoConfig(compare_recipes=["awq"])
-    assert DemoConfig(compare_recipes=["gptq"]).needs_calibration() and not DemoConfig(compare_recipes=["rtn+clip"]).needs_calibration()
+    assert DemoConfig(compare_recipes=["gptq"], servable=[]).needs_calibration()
+    assert not DemoConfig(compare_recipes=["rtn+clip"], servable=[]).needs_calibration()
     assert DemoConfig.for_size("full").compare_recipes == ["gptq+clip"] and DemoConfig.for_size("small").compare_recipes == []
     fp = tiny_model("llama")
     rotated = tiny_model("llama")
