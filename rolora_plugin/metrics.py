@@ -55,14 +55,16 @@ def as_batch(batch, device) -> dict:
     return {k: v.to(device) for k, v in dict(batch).items() if isinstance(v, torch.Tensor)}
 
 
-def _totals(model: torch.nn.Module, batches: Iterable, progress: bool, desc: str) -> tuple[float, int]:
+def _totals(model: torch.nn.Module, batches: Iterable, progress: bool, desc: str, rows: int | None = None) -> tuple[float, int]:
+    """Summed NLL and predicted-token count; the bar counts sequences (``rows`` in all, when known), not batches."""
     device = _device(model)
     total, count = 0.0, 0
-    with eval_mode(model):
-        for batch in tqdm(batches, desc=desc, disable=not progress):
+    with eval_mode(model), tqdm(total=rows, desc=desc, unit="seq", disable=not progress) as bar:
+        for batch in batches:
             b = as_batch(batch, device)
             nll, n = nll_sum(model, b["input_ids"], b.get("labels"), b.get("attention_mask"))
             total, count = total + nll, count + n
+            bar.update(b["input_ids"].shape[0])
     if count == 0:
         raise ValueError("no predicted tokens to evaluate: every label is -100 or every sequence has length 1")
     return total, count
@@ -91,5 +93,5 @@ def perplexity(model: torch.nn.Module, chunks: torch.Tensor, batch_size: int = 4
         raise ValueError(f"chunks must be a LongTensor (n_chunks, seq_len >= 2), got {got}")
     if chunks.shape[0] == 0:
         raise ValueError("chunks is empty: nothing to evaluate")
-    total, count = _totals(model, chunks.split(batch_size), progress, "perplexity")
+    total, count = _totals(model, chunks.split(batch_size), progress, "perplexity", rows=chunks.shape[0])
     return math.exp(total / count)

@@ -137,7 +137,7 @@ def test_outputs_lie_on_the_integer_grid(sym):
 
 def test_sixteen_bits_means_off_and_zero_rows_are_kept():
     x = heavy_tailed((3, 8), seed=1)
-    assert quantize_weight(x, 16) is x and quantize_activation(x, 16) is x and fake_quantize_activation(x, 16) is x
+    assert quantize_weight(x, 16) is x and quantize_activation(x, 16) is x and quantize_activation(x, 16, ste=True) is x
     z = torch.zeros(2, 8)
     assert torch.equal(quantize_weight(z, 4, sym=False), z) and torch.equal(compute_scales(z, 4)[0], torch.ones(2, 1))
 
@@ -146,8 +146,8 @@ def test_sixteen_bits_means_off_and_zero_rows_are_kept():
 @pytest.mark.parametrize("sym", [True, False])
 def test_fake_quant_forward_equals_quantize(dtype, sym):
     x = heavy_tailed((4, 32), seed=5, dtype=dtype)
-    assert torch.equal(fake_quantize_activation(x, 4, sym, 0.9), quantize_activation(x, 4, sym, 0.9))
-    assert torch.equal(fake_quantize_weight(x, 4, 8, sym, 0.9), quantize_weight(x, 4, 8, sym, 0.9))
+    assert torch.equal(quantize_activation(x, 4, sym, 0.9, ste=True), quantize_activation(x, 4, sym, 0.9))
+    assert torch.equal(quantize_weight(x, 4, 8, sym, 0.9, ste=True), quantize_weight(x, 4, 8, sym, 0.9))
 
 
 def _ref_inside(v: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
@@ -161,7 +161,7 @@ def _ref_inside(v: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
 def test_ste_gradient_is_identity_inside_clip_range_and_zero_outside(dtype, sym, clip):
     x = heavy_tailed((3, 4, 40), seed=21, dtype=dtype).requires_grad_(True)
     upstream = heavy_tailed((3, 4, 40), seed=22, dtype=dtype)
-    (fake_quantize_activation(x, 4, sym, clip) * upstream).sum().backward()
+    (quantize_activation(x, 4, sym, clip, ste=True) * upstream).sum().backward()
     _, v, _ = ref_act_qdq(x.detach(), 4, sym, clip)
     inside = _ref_inside(v, *quant_range(4, sym))
     expected = upstream.to(torch.float64) * inside
@@ -176,7 +176,7 @@ def test_ste_gradient_is_identity_inside_clip_range_and_zero_outside(dtype, sym,
 @pytest.mark.parametrize("group_size", [None, 8])
 def test_ste_weight_gradient(group_size):
     w = heavy_tailed((6, 32), seed=2).requires_grad_(True)
-    fake_quantize_weight(w, 3, group_size, True, 0.7).sum().backward()
+    quantize_weight(w, 3, group_size, True, 0.7, ste=True).sum().backward()
     _, v, _ = ref_weight_qdq(w.detach(), 3, group_size, True, 0.7)
     assert torch.equal(w.grad, _ref_inside(v, *quant_range(3, True)))
 
@@ -223,7 +223,7 @@ def test_bits_outside_2_to_16_are_rejected(bits):
     with pytest.raises(ValueError, match=r"int in 2\.\.16"):
         quantize_weight(torch.randn(2, 8), bits)
     with pytest.raises(ValueError, match=r"int in 2\.\.16"):
-        fake_quantize_activation(torch.randn(2, 8), bits)
+        quantize_activation(torch.randn(2, 8), bits, ste=True)
 
 
 def test_bad_group_size_and_clip_ratio_are_rejected():

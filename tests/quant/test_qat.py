@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from rolora_plugin import RotationConfig, rotate_model_
-from rolora_plugin.quant import QuantConfig, enable_fake_quant_, fake_quant_active, fake_quantize_weight, fake_quantized, quantize_model_
+from rolora_plugin.quant import QuantConfig, enable_fake_quant_, fake_quant_active, fake_quantized, quantize_model_, quantize_weight
 from rolora_plugin.quant.qat import _FakeQuantLoRALinear
 from tests.helpers import logits, lora, random_ids, rel_err, tiny_model
 
@@ -29,7 +29,7 @@ def test_fake_quant_lora_backward_equals_ste_through_the_effective_weight():
     scalings = [0.5, 2.0]
 
     def quantize(m):
-        return fake_quantize_weight(m, 4, 8)
+        return quantize_weight(m, 4, 8, ste=True)
 
     y = _FakeQuantLoRALinear.apply(x, w, quantize, scalings, *factors)
     a1, b1, a2, b2 = factors
