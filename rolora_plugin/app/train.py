@@ -10,7 +10,11 @@ Where things go (see :func:`run_training`):
   ``checkpoint_dir`` (default ``<output_dir>.checkpoints``), *outside* the staging folder, so a killed run keeps
   them; ``run_training(cfg, resume=True)`` (``rolora train CONFIG --resume``) continues from the newest complete
   one, with the same config (only ``max_steps``, ``save_steps``, ``logging_steps`` may change). Without
-  ``resume``, leftover checkpoints are an error that says so. The folder is removed once the output is published.
+  ``resume``, leftover checkpoints are an error that says so. Once the output is published the clean-up removes
+  only what the run created there (its ``checkpoint-N`` folders and the ``rolora_train_config.json`` marking the
+  folder as ours), then the folder if that left it empty; anything else in it is kept and named in a warning.
+  A ``checkpoint_dir`` equal to ``output_dir``, inside it, or containing it is refused up front (the clean-up
+  would otherwise reach the published output).
 * **The output** (``adapter/``, ``merged/``, ``train_log.json``) is staged with
   :func:`rolora_plugin.publish.atomic_output_dir` (create-exclusive): an interrupted or failed run leaves nothing
   at ``output_dir``, and a folder that appears there meanwhile is never replaced (the checkpoints stay: resume
@@ -47,6 +51,7 @@ from .runtime import filtered_logs
 __all__ = [
     "TrainConfig",
     "TrainInputError",
+    "check_checkpoint_dir",
     "checkpoint_root",
     "finetune",
     "latest_checkpoint",
@@ -54,6 +59,7 @@ __all__ = [
     "load_pairs",
     "loss_curve",
     "pad_id",
+    "remove_checkpoints",
     "run_training",
     "smoothed_loss",
 ]
@@ -100,7 +106,8 @@ class TrainConfig(ConfigMixin):
         learning_rate, lora_dropout, lora_alpha: numbers (numeric strings such as ``"1e-4"`` are accepted).
         seed: in ``[0, 2**32)`` (numpy's range; ``transformers.set_seed`` seeds numpy).
         save_steps: checkpoint every n steps (and at the last step) into ``checkpoint_dir``; 0 = no checkpoints.
-        checkpoint_dir: default ``<output_dir>.checkpoints``; removed once the output is published.
+        checkpoint_dir: default ``<output_dir>.checkpoints``; removed once the output is published (only what the
+            run wrote there). Must not equal, contain or lie inside ``output_dir``.
         rotation: :class:`RotationConfig` fields (seed, r1..r4, ...); qat: :class:`~rolora_plugin.QATConfig` fields.
     """
 
@@ -149,6 +156,9 @@ class TrainConfig(ConfigMixin):
             raise ValueError("TrainConfig.rotation and TrainConfig.qat must be mappings of their config fields")
         self.rotation_config()
         self.qat_config()
+        if self.checkpoint_dir is not None and (not isinstance(self.checkpoint_dir, str) or not self.checkpoint_dir):
+            raise ValueError(f"TrainConfig.checkpoint_dir must be a non-empty path or null, got {self.checkpoint_dir!r}")
+        check_checkpoint_dir(self)
 
     def _check_numbers(self) -> None:
         self.learning_rate = _as_number(self.learning_rate, "learning_rate")
@@ -393,7 +403,65 @@ def checkpoint_root(cfg: TrainConfig) -> Path:
     if cfg.checkpoint_dir:
         return Path(cfg.checkpoint_dir)
     out = Path(cfg.output_dir)
-    return out.with_name(out.name + ".checkpoints")
+    if not out.name:  # "." or "/": name the folder after the absolute path
+        out = Path(os.path.abspath(out))
+    return out.with_name(out.name + ".checkpoints") if out.name else out / ".checkpoints"
+
+
+def _overlap(a: Path, b: Path) -> str | None:
+    """How the folders ``a`` and ``b`` overlap ("is", "is inside", "contains"), None if they do not."""
+    ra, rb = Path(os.path.realpath(a)), Path(os.path.realpath(b))  # symlinks and ``..`` resolved
+    if ra == rb:
+        return "is"
+    if rb in ra.parents:
+        return "is inside"
+    if ra in rb.parents:
+        return "contains"
+    return None
+
+
+def check_checkpoint_dir(cfg: TrainConfig) -> None:
+    """Refuse a checkpoint folder that equals, contains or lies inside ``output_dir``: its clean-up after publishing
+    would reach the published output (and checkpoints inside the output would stop it from being published)."""
+    root, out = checkpoint_root(cfg), Path(cfg.output_dir)
+    how = _overlap(root, out)
+    if how:
+        raise TrainInputError(f"checkpoint_dir {str(root)!r} {how} output_dir {str(out)!r}; checkpoints are removed "
+                              "after publishing, so give them a folder of their own, e.g. the default "
+                              f"{str(out.with_name(out.name + '.checkpoints'))!r} (leave checkpoint_dir unset)")  # fmt: skip
+
+
+def remove_checkpoints(root: Path, output_dir: Path) -> list[Path]:
+    """After publishing: delete what the run wrote in ``root`` (its ``checkpoint-N`` folders, then the config file
+    that marks ``root`` as ours), then ``root`` itself if that left it empty. Never anything else: a ``root``
+    without the marker, or overlapping ``output_dir``, is not touched at all; other content is kept and named in a
+    warning. The marker goes after the checkpoints, so a clean-up cut short leaves checkpoints only in a folder
+    still recognised as this run's. Returns what is left in ``root`` (empty: ``root`` is gone or empty).
+    """
+    root = Path(root)
+    if not (root / RUN_CONFIG_FILE).is_file():
+        return sorted(root.iterdir()) if root.is_dir() else []
+    if _overlap(root, output_dir):
+        logger.warning("kept the checkpoints in %s: that folder overlaps the output %s", root, output_dir)
+        return sorted(root.iterdir())
+    for _, path in _checkpoints(root):
+        shutil.rmtree(path, ignore_errors=True)
+    for part in root.glob(f".{RUN_CONFIG_FILE}.*.tmp"):  # a write of the marker cut short (atomic_write_text)
+        part.unlink(missing_ok=True)
+    if _checkpoints(root):  # a checkpoint could not be deleted: keep the marker with it
+        left = sorted(root.iterdir())
+        logger.warning("kept %s after publishing %s: could not delete %s", root, output_dir, ", ".join(p.name for p in left))
+        return left
+    (root / RUN_CONFIG_FILE).unlink(missing_ok=True)
+    left = sorted(root.iterdir())
+    if left:
+        names = ", ".join(p.name for p in left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+        logger.warning("kept %s after publishing %s: it holds %s, which rolora train did not create (delete the "
+                       "folder once you no longer need it)", root, output_dir, names)  # fmt: skip
+        return left
+    with contextlib.suppress(OSError):
+        root.rmdir()  # fails if something appeared since the listing: then it is kept
+    return sorted(root.iterdir()) if root.is_dir() else []
 
 
 def _checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -424,7 +492,7 @@ def latest_checkpoint(root: Path, need_record: bool) -> Path | None:
 def _resume_point(cfg: TrainConfig, resume: bool) -> Path | None:
     """The checkpoint to continue from (None: start at step 0); refuses leftovers without ``resume``."""
     root = checkpoint_root(cfg)
-    if not root.exists():
+    if not root.exists() or (root.is_dir() and not root.is_symlink() and not any(root.iterdir())):  # empty: nothing to lose
         if resume:
             logger.info("--resume: no checkpoints in %s yet; starting at step 0", root)
         return None
@@ -469,6 +537,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     """``rolora train``: fine-tune per ``cfg`` (checkpoints outside the output, see the module doc), publish
     ``output_dir`` atomically; returns a summary dict. ``resume``: continue from the newest complete checkpoint."""
     out, root = Path(cfg.output_dir), checkpoint_root(cfg)
+    check_checkpoint_dir(cfg)
     if out.exists():
         raise OutputExistsError(f"output_dir {str(out)!r} already exists; choose a new one")
     start = _resume_point(cfg, resume)
@@ -488,8 +557,8 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     with atomic_output_dir(out) as tmp, _hide_staging_paths(tmp):
         summary = _save_training(trainer, tok, cfg, tmp, resumed_from=start, examples=len(train))
     logger.info("published %s (adapter/%s, train_log.json)", out, ", merged/" if cfg.save_merged else "")
-    if cfg.save_steps and (root / RUN_CONFIG_FILE).is_file():
-        shutil.rmtree(root, ignore_errors=True)  # the output holds everything now
+    if cfg.save_steps:
+        remove_checkpoints(root, out)  # the output holds everything now
     return {**summary, "merged_dir": str(out / "merged") if cfg.save_merged else None, "output_dir": str(out)}
 
 
