@@ -24,7 +24,6 @@ does (``bf16_weights``), which must agree bit for bit.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -48,17 +47,21 @@ def consumer_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, 
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     path = Path(path)
-    qc = dict(json.loads((path / "config.json").read_text()).get("quantization_config") or {})
+    from .compressed import _read_json
+
+    qc = dict(_read_json(path / "config.json", "model config").get("quantization_config") or {})
     if not qc.get("config_groups"):
         raise QuantizationError(f"{path} is not a quantized compressed-tensors export (no quantization_config.config_groups)")
     transform = qc.pop("transform_config", None)
     qc.pop("sparsity_config", None)
     from .compressed import export_side_keys_expected
 
+    from .compressed import EXPORT_SIDE_KEYS
+    from .loading import load_causal_lm
+
     with export_side_keys_expected(path):  # stored transforms / input_global_scale are loaded below, by compressed-tensors' modules
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=dtype, attn_implementation="sdpa", quantization_config=CompressedTensorsConfig(dequantize=True)
-        )
+        model = load_causal_lm(path, dtype, model_cls=AutoModelForCausalLM, expected_unexpected=EXPORT_SIDE_KEYS,
+                               attn_implementation="sdpa", quantization_config=CompressedTensorsConfig(dequantize=True))  # fmt: skip
     apply_quantization_config(model, QuantizationConfig.model_validate(qc))
     static = {}
     for file in sorted(path.glob("*.safetensors")):
@@ -105,7 +108,9 @@ def check_export(path: str | os.PathLike, chunks: torch.Tensor, *, progress: boo
     from .compressed import QUANT_RECORD_FILE
     from .export import load_rotated
 
-    body = json.loads((Path(path) / QUANT_RECORD_FILE).read_text())
+    from .compressed import _read_json
+
+    body = _read_json(Path(path) / QUANT_RECORD_FILE, "quantization record")
     ours = load_rotated(path, consumer_arithmetic=True, attn_implementation="sdpa", device=device)
     theirs = consumer_model(path, device=device)
     fmt = body["quantization"]["config"].get("w_format", "int")

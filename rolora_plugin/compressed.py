@@ -342,10 +342,14 @@ def tensor_digests(directory: Path) -> dict[str, str]:
 
 
 def _read_json(path: Path, what: str) -> dict:
+    """A JSON object from ``path``; unreadable, invalid, too deeply nested (RecursionError) or not an object: one line."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise QuantizationError(f"cannot read {what} {path} ({e}); the export is incomplete or was edited") from None
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise QuantizationError(f"cannot read {what} {path} ({str(e)[:200] or type(e).__name__}); the file is incomplete or was edited") from None
+    if not isinstance(data, dict):
+        raise QuantizationError(f"{what} {path} holds a {type(data).__name__}, not a JSON object; the file is incomplete or was edited")
+    return data
 
 
 def is_compressed_export(path: str | os.PathLike) -> bool:
@@ -465,11 +469,14 @@ def load_compressed(path: str | os.PathLike, record: QuantizationRecord, **kwarg
     each quantized linear carrying its :class:`WeightQuantParams` again; no quantizer or rotation installed yet."""
     from transformers import CompressedTensorsConfig
 
+    from .loading import load_causal_lm
+
     require_compressed_tensors()
     with warnings.catch_warnings(), export_side_keys_expected(path) as cls:
         # "the quantization_config from the model will be used": what we ask for
         warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)
-        model = cls.from_pretrained(str(path), quantization_config=CompressedTensorsConfig(dequantize=True), **kwargs)
+        model = load_causal_lm(path, model_cls=cls, expected_unexpected=EXPORT_SIDE_KEYS,
+                               quantization_config=CompressedTensorsConfig(dequantize=True), **kwargs)  # fmt: skip
     _attach_params(model, Path(path), record)
     return model
 

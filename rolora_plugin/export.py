@@ -12,7 +12,13 @@ every merge first verifies the rotation record (seed, sign vectors' checksums, w
   then checked against it;
 * a full checkpoint directory: its ``config.json`` record, and ``rolora_rotation.json`` if present (must agree).
 
-A missing or mismatched record raises :class:`rolora_plugin.RotationError` before anything is written.
+A missing or mismatched record raises :class:`rolora_plugin.RotationError` before anything is written. An
+adapter's base is refused up front when it is quantized (an adapter merges into full-precision weights).
+
+Every export is sealed last (:func:`seal_export`): its rotation record (config.json and ``rolora_rotation.json``)
+gets ``integrity`` = a sampled fingerprint of the weight files and a digest of config.json, which
+:func:`load_rotated` verifies. They give integrity (a replaced, mixed or edited folder is refused), not
+authenticity: whoever can write the folder can rewrite the record too.
 
 Output (written to a temporary directory next to ``out_dir`` and renamed into place, create-exclusive unless
 ``overwrite``), ``format="fp"`` (default): ``model.safetensors`` (+ shards), ``config.json`` carrying the record,
@@ -40,6 +46,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -51,6 +58,8 @@ from torch import nn
 from ._peft import unwrap_peft
 from .compressed import (
     COMPRESSED_FORMAT,
+    EXPORT_SIDE_KEYS,
+    QUANT_RECORD_FILE,
     is_compressed_export,
     load_compressed,
     model_class,
@@ -60,7 +69,8 @@ from .compressed import (
 )
 from .config import QUANT_RECORD_KEY
 from .errors import QuantizationError
-from .fingerprint import weights_fingerprint
+from .fingerprint import checkpoint_integrity, verify_integrity, weights_fingerprint
+from .loading import CheckpointError, load_causal_lm
 from .learned import LEARNED_FILE, learned_names, load_learned, resolve_learned, save_learned
 from .publish import OutputExistsError, atomic_output_dir, atomic_write_text, check_writable_parent
 from .rotation import RECORD_KEY, RotationError, RotationRecord, get_rotation_record, install_online_rotations, rotate_model_
@@ -76,6 +86,7 @@ __all__ = [
     "merge_and_export",
     "quantize_and_export",
     "read_rotation_record",
+    "seal_export",
     "transform_config_dict",
     "write_rotation_record",
 ]
@@ -108,13 +119,36 @@ def read_rotation_record(directory: str | os.PathLike) -> RotationRecord | None:
     if not path.is_file():
         return None
     try:
-        return RotationRecord.from_dict(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
-        raise RotationError(f"{path} is not valid JSON ({e}); it should hold the dict written by rotate_model_") from None
+        data = json.loads(path.read_text())
+    except (ValueError, OSError, RecursionError) as e:  # RecursionError: JSON nested deeper than the parser's stack
+        raise RotationError(f"{path} is not valid JSON ({str(e)[:200]}); it should hold the dict written by rotate_model_") from None
+    if not isinstance(data, dict):
+        raise RotationError(f"{path} holds a {type(data).__name__}, not the dict written by rotate_model_")
+    return RotationRecord.from_dict(data)
+
+
+def seal_export(directory: str | os.PathLike, record: RotationRecord) -> RotationRecord:
+    """Record what an export folder holds: ``record`` with ``integrity`` (a sampled fingerprint of the weight files and
+    a digest of config.json, :func:`rolora_plugin.fingerprint.checkpoint_integrity`) written into config.json's
+    record and ``rolora_rotation.json``; :func:`load_rotated` verifies it. Call last, once every file is written."""
+    directory = Path(directory)
+    sealed = dataclasses.replace(record, integrity=checkpoint_integrity(directory))
+    config_path = directory / "config.json"
+    data = json.loads(config_path.read_text())
+    data[RECORD_KEY] = sealed.to_dict()
+    atomic_write_text(config_path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    write_rotation_record(directory, sealed)
+    return sealed
 
 
 def _require_same(a: RotationRecord, b: RotationRecord, what_a: str, what_b: str) -> None:
     if a != b:
+        if dataclasses.replace(a, base_fingerprint=None) == dataclasses.replace(b, base_fingerprint=None):
+            raise RotationError(
+                f"rotation record mismatch: {what_a} and {what_b} describe the same rotation of different base weights "
+                f"(base_fingerprint {a.base_fingerprint} vs {b.base_fingerprint}); merging would give a wrong model. Use "
+                "the base model and adapter from the same run."
+            )
         raise RotationError(
             f"rotation record mismatch: {what_a} has {_describe(a)} but {what_b} has {_describe(b)}. The adapter was "
             "trained in a different rotated basis; merging would silently give a wrong model. Use the base model and "
@@ -133,7 +167,13 @@ def _describe(record: RotationRecord) -> str:
 def load_rotated(path: str | os.PathLike, dtype: torch.dtype | None = None, device=None, *, consumer_arithmetic: bool = False, **kwargs) -> nn.Module:
     """Load a rotated checkpoint (e.g. from :func:`merge_and_export`) with its online rotations rebuilt.
 
-    Full-precision export: plain ``AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)``.
+    Before anything is loaded: the record's ``integrity`` (written at export: a sampled fingerprint of the weight
+    files and a digest of config.json less the fields that legitimately change) must match the folder, else
+    :class:`rolora_plugin.loading.CheckpointError` (a replaced weight file, an edited ``rms_norm_eps``); a record
+    without it (an older export) loads with one warning. Every load goes through
+    :func:`rolora_plugin.loading.load_causal_lm` (no tensor missing, unexpected or of another shape).
+
+    Full-precision export: ``AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)``, checked.
     compressed-tensors export: first :func:`rolora_plugin.compressed.verify_compressed_export` (records, the
     ``quantization_config`` and every tensor's checksum; nothing is loaded if one disagrees), then the packed
     weights are dequantized exactly by compressed-tensors at load and the activation / KV quantizers of the
@@ -150,7 +190,14 @@ def load_rotated(path: str | os.PathLike, dtype: torch.dtype | None = None, devi
     # learned matrices are needed to verify the record (the compressed export checks it first); the registry holds
     # them weakly, so keep a reference until they are attached to the loaded model below
     _learned = load_learned(path, early) if early is not None else {}
-    quant = verify_compressed_export(path) if is_compressed_export(path) else None
+    compressed = is_compressed_export(path)
+    if not compressed and (Path(path) / QUANT_RECORD_FILE).is_file():
+        raise QuantizationError(
+            f"{path} holds {QUANT_RECORD_FILE} (a compressed-tensors export) but config.json has no quantization_config: "
+            "loading it would leave the packed linears randomly initialised. Restore the exported config.json, or re-export"
+        )
+    quant = verify_compressed_export(path) if compressed else None
+    _verify_integrity(Path(path), early)
     model = _from_pretrained(path, quant, kwargs)
     record = get_rotation_record(model)
     if record is None:
@@ -168,6 +215,9 @@ def load_rotated(path: str | os.PathLike, dtype: torch.dtype | None = None, devi
     if file_record is not None:
         _require_same(file_record, record, f"{path}/{RECORD_FILE}", f"{path}/config.json")
     load_learned(path, record, unwrap_peft(model))  # refuses a missing, altered or non-orthogonal learned matrix
+    if record.integrity is not None:  # verified above; a model in memory is no longer that folder
+        record = dataclasses.replace(record, integrity=None)
+        setattr(model.config, RECORD_KEY, record.to_dict())
     install_online_rotations(model, record)
     if consumer_arithmetic:
         from .online import use_consumer_arithmetic_
@@ -182,23 +232,65 @@ def load_rotated(path: str | os.PathLike, dtype: torch.dtype | None = None, devi
     return model.eval()
 
 
+_WARNED_UNSEALED: set[str] = set()
+
+
+def _verify_integrity(path: Path, file_record: RotationRecord | None) -> None:
+    """The export's weights and config.json against the ``integrity`` of its record (before anything is loaded)."""
+    from .compressed import _read_json
+
+    data = _read_json(path / "config.json", "model config").get(RECORD_KEY)
+    config_record = RotationRecord.from_dict(data) if isinstance(data, dict) and data else None
+    found = config_record.integrity if config_record is not None else None
+    if file_record is not None and config_record is not None and file_record.integrity != found:
+        raise CheckpointError(
+            f"{path}/config.json and {path}/{RECORD_FILE} hold different integrity records ({found} vs "
+            f"{file_record.integrity}): one of them was replaced. Copy the complete export folder again, or re-export"
+        )
+    if found is None:
+        if config_record is not None and str(path) not in _WARNED_UNSEALED:
+            _WARNED_UNSEALED.add(str(path))
+            logger.warning(
+                "%s was exported by an older rolora-plugin: its record holds no weights fingerprint or config digest, so "
+                "a replaced weight file or an edited config.json cannot be detected. Re-export it to add them.", path
+            )
+        return
+    verify_integrity(path, found)
+
+
 def _from_pretrained(path, quant, kwargs: dict) -> nn.Module:
     if quant is not None:
         return load_compressed(path, quant, **kwargs)
-    return model_class(path).from_pretrained(path, **kwargs)
+    return load_causal_lm(path, model_cls=model_class(path), expected_unexpected=EXPORT_SIDE_KEYS, **kwargs)
 
 
 def _load_base(base_model, dtype) -> nn.Module:
     if isinstance(base_model, nn.Module):
+        _refuse_quantized_base(getattr(unwrap_peft(base_model), "config", None), "the base model")
         return base_model
-    from transformers import AutoModelForCausalLM
-
-    if base_model is None or not Path(base_model).exists():
+    if base_model is None or not Path(base_model).is_dir():
         raise RotationError(
             f"the adapter's base model {base_model!r} is not a local directory; pass base_model=<rotated export or "
             "original model dir> (no hub downloads are attempted)"
         )
-    return AutoModelForCausalLM.from_pretrained(base_model, **({"dtype": dtype} if dtype is not None else {}))
+    from .compressed import _read_json
+
+    config = Path(base_model) / "config.json"
+    _refuse_quantized_base(_read_json(config, "model config") if config.is_file() else {}, f"base model {base_model}")
+    return load_causal_lm(base_model, dtype, what="base model")
+
+
+def _refuse_quantized_base(config, what: str) -> None:
+    """An adapter merges into full-precision weights: a quantized base (ours or any compressed-tensors / bnb one) is refused."""
+    get = config.get if isinstance(config, dict) else (lambda k: getattr(config, k, None))
+    qc = get("quantization_config")
+    qc = qc if isinstance(qc, dict) else (qc.to_dict() if hasattr(qc, "to_dict") else {})
+    if get(QUANT_RECORD_KEY) or qc.get("config_groups") or qc.get("quant_method") not in (None, COMPRESSED_FORMAT):
+        raise QuantizationError(
+            f"{what} is quantized: a LoRA adapter merges into full-precision weights, and peft cannot attach it to packed "
+            "linears. Pass the full-precision base (the rotated export or the original model) with --base-model / "
+            "base_model=, then quantize the merged model (rolora quantize)"
+        )
 
 
 def _rotated_base(base: nn.Module, record: RotationRecord, base_name: str) -> nn.Module:
@@ -208,17 +300,25 @@ def _rotated_base(base: nn.Module, record: RotationRecord, base_name: str) -> nn
         _check_base_fingerprint(base, record, base_name)
         logger.info("base model %s is not rotated: rotating it with the adapter's record (seed %d)", base_name, record.config.seed)
         rotate_model_(base, record.config, learned=resolve_learned(record, {}) if learned_names(record) else None)
-        _require_same(get_rotation_record(base), record, f"base model {base_name} rotated from the record", "the adapter record")
+        rotated = get_rotation_record(base)
+        if record.base_fingerprint is None:  # an older adapter record: nothing to compare the fingerprint with
+            rotated = dataclasses.replace(rotated, base_fingerprint=None)
+        _require_same(rotated, record, f"base model {base_name} rotated from the record", "the adapter record")
     else:
+        if record.base_fingerprint is None:
+            logger.warning("the adapter's rotation record has no base_fingerprint (older rolora-plugin): the integrity of "
+                           "the base cannot be checked, so make sure %s is the model the adapter was trained on", base_name)  # fmt: skip
+            base_record = dataclasses.replace(base_record, base_fingerprint=None)
         _require_same(base_record, record, f"base model {base_name}", "the adapter record")
-        install_online_rotations(base, base_record)
+        install_online_rotations(base, get_rotation_record(base))
     return base
 
 
 def _check_base_fingerprint(base: nn.Module, record: RotationRecord, base_name: str) -> None:
     """Refuse an unrotated base whose weights are not the ones the adapter's record was made from."""
     if record.base_fingerprint is None:
-        logger.warning("the adapter's rotation record has no base_fingerprint (older rolora-plugin): cannot check that %s is its base", base_name)
+        logger.warning("the adapter's rotation record has no base_fingerprint (older rolora-plugin): the integrity of the base "
+                       "cannot be checked, so make sure %s is the model the adapter was trained on", base_name)  # fmt: skip
         return
     found = weights_fingerprint(base)
     if found != record.base_fingerprint:
@@ -242,9 +342,18 @@ def _load_adapter_dir(path: Path, record, base_model, dtype) -> tuple[nn.Module,
             f"{path} is a peft adapter without {RECORD_FILE}: nothing says which rotation it was trained in. Pass "
             "record=RotationRecord(...) from the training run (RoLoRACallback writes the file next to every adapter)."
         )
-    base_name = base_model if base_model is not None else json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    base_name = base_model if base_model is not None else _adapter_config(path).get("base_model_name_or_path")
     base = _rotated_base(_load_base(base_name, dtype), record, str(base_name))
     return PeftModel.from_pretrained(base, str(path)), record, [path, base_name]
+
+
+def _adapter_config(path: Path) -> dict:
+    from .compressed import _read_json
+
+    config = _read_json(path / "adapter_config.json", "adapter config")
+    if not isinstance(config, dict):
+        raise RotationError(f"{path}/adapter_config.json holds a {type(config).__name__}, not an object; re-save the adapter")
+    return config
 
 
 def _load_source(src, record, base_model, dtype) -> tuple[nn.Module, RotationRecord, list]:
@@ -402,11 +511,11 @@ def _write_export(model, record: RotationRecord, out_dir: Path, tokenizer, ct: d
         model.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        write_rotation_record(tmp, record)
         if ct is not None and ct_mode == "file":
             atomic_write_text(tmp / TRANSFORM_CONFIG_FILE, json.dumps(ct, indent=2, sort_keys=True) + "\n")
         elif ct is not None:
             embed_transform_config(tmp / "config.json", ct)
+        seal_export(tmp, record)  # last: checksums of what was written
 
 
 # ---------------------------------------------------------------------------------------------- compressed-tensors
@@ -437,7 +546,7 @@ def _write_compressed_export(model_and_record, record: RotationRecord, out_dir: 
         write_compressed(model, prepared, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        write_rotation_record(tmp, record)
+        seal_export(tmp, record)  # last: checksums of what was written
 
 
 def quantize_and_export(
@@ -475,6 +584,9 @@ def quantize_and_export(
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
     model, src_dirs = _quantization_source(model_or_dir, dtype)
+    from .compressed import _refuse_fused_experts
+
+    _refuse_fused_experts(unwrap_peft(model))  # before rotating and quantizing: the export could not be written
     ensure_rotated(model, rotation, calibration=calibration, progress=progress)
     quantize_model_(model, quant_config, calibration, progress=progress)
     return merge_and_export(
@@ -492,8 +604,8 @@ def _quantization_source(src, dtype) -> tuple[nn.Module, list]:
         return _merged(model, inplace=True), dirs
     if not (path / "config.json").is_file():
         raise RotationError(f"{path} is neither a model checkpoint (config.json) nor a peft adapter (adapter_config.json)")
-    if json.loads((path / "config.json").read_text()).get(RECORD_KEY):
-        return load_rotated(path, dtype), [path]
-    from transformers import AutoModelForCausalLM
+    from .compressed import _read_json
 
-    return AutoModelForCausalLM.from_pretrained(str(path), **({"dtype": dtype} if dtype is not None else {})), [path]
+    if _read_json(path / "config.json", "model config").get(RECORD_KEY):
+        return load_rotated(path, dtype), [path]
+    return load_causal_lm(path, dtype), [path]

@@ -58,11 +58,13 @@ __all__ = [
     "ensure_rotated",
     "gather_params",
     "RECORD_KEY",
+    "all_finite",
+    "check_finite_output",
 ]
 
 logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
-_RECORD_KEYS = {"format_version", "family", "config", "dims", "rotations", "base_fingerprint", "norm_rms"}
+_RECORD_KEYS = {"format_version", "family", "config", "dims", "rotations", "base_fingerprint", "norm_rms", "integrity"}
 _CHUNK_ELEMENTS = 1 << 22  # rows/cols processed at once in the compute dtype (32 MiB in float64)
 
 
@@ -84,6 +86,10 @@ class RotationRecord:
     # (None: no R1 or an older record). Not part of the rotation's identity (compare=False): it
     # only feeds rolora_plugin.lora.scale_lora_lr_, so records with and without it describe the same basis.
     norm_rms: list | None = field(default=None, compare=False)
+    # of an exported checkpoint: {"weights": sampled fingerprint of the weight files, "config": digest of config.json
+    # less the fields that legitimately change} (rolora_plugin.fingerprint.checkpoint_integrity), verified by
+    # load_rotated. None: a live model, an adapter's record or an older export. Not part of the rotation's identity.
+    integrity: dict | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict:
         out = {
@@ -97,6 +103,8 @@ class RotationRecord:
             out["base_fingerprint"] = self.base_fingerprint
         if self.norm_rms is not None:
             out["norm_rms"] = self.norm_rms
+        if self.integrity is not None:
+            out["integrity"] = dict(self.integrity)
         return out
 
     @classmethod
@@ -120,11 +128,12 @@ class RotationRecord:
                 rotations=dict(data["rotations"]),
                 base_fingerprint=fingerprint,
                 norm_rms=_checked_norm_rms(data.get("norm_rms")),
+                integrity=_checked_integrity(data.get("integrity")),
             )
         except RotationError:
             raise
-        except (KeyError, TypeError, ValueError) as e:
-            raise RotationError(f"malformed rotation record ({e!r}); expected the dict written by rotate_model_") from None
+        except (KeyError, TypeError, ValueError, RecursionError) as e:
+            raise RotationError(f"malformed rotation record ({str(e)[:200]!r}); expected the dict written by rotate_model_") from None
 
     def verify(self, transforms: dict[str, OrthogonalTransform] | None = None) -> dict[str, OrthogonalTransform]:
         """Rebuild the rotations from the config and check their checksums; returns them."""
@@ -140,6 +149,14 @@ class RotationRecord:
                 f"{rebuilt}); the record was edited or written by an incompatible version"
             )
         return transforms
+
+
+def _checked_integrity(value) -> dict | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - {"weights", "config"} or not all(isinstance(v, str) or v is None for v in value.values()):
+        raise RotationError(f"rotation record: integrity must be {{'weights': str, 'config': str}}, got {str(value)[:200]}")
+    return dict(value)
 
 
 def _checked_norm_rms(value) -> list | None:
@@ -288,10 +305,39 @@ def _check_model(model: nn.Module, spec: ArchitectureSpec) -> None:
                 f"parameter {name} has dtype {p.dtype}: quantized or integer weights cannot be rotated exactly. Rotate "
                 "the full-precision model first, then quantize it (rolora_plugin.quantize_model_)."
             )
-        if p.numel() and not bool(torch.isfinite(p.detach()).all()):
+        if not all_finite(p.detach()):
+            raise RotationError(f"parameter {name} holds NaN or Inf values; a rotation would spread them over whole rows. "
+                                + _nonfinite_advice(p.dtype))  # fmt: skip
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """``bool(torch.isfinite(t).all())`` (the reference) in one fused reduction: NaN propagates through
+    ``aminmax`` and ±Inf become the min/max, so both are finite iff every element is. ~20× faster than the
+    reference on CPU (no n-element bool tensor); the tests hold the two together."""
+    if not t.numel():
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def _nonfinite_advice(dtype: torch.dtype) -> str:
+    if dtype == torch.float16:
+        return ("In float16 this is usually the load's cast: values beyond float16's range (±65504) become ±Inf. Load "
+                "the model in float32 or bfloat16 (CLI: --dtype bfloat16); if the checkpoint itself holds them, fix or "
+                "re-download it (nothing was changed).")  # fmt: skip
+    return "Fix or re-download the checkpoint (nothing was changed)."
+
+
+def check_finite_output(named_tensors, what: str = "the model") -> None:
+    """Raise :class:`RotationError` when a rotated tensor holds ±Inf/NaN: a finite float16 weight whose large row the
+    rotation spreads over all channels can exceed float16's range. Names the tensor and the dtype to use."""
+    for name, t in named_tensors:
+        if t.is_floating_point() and not all_finite(t.detach()):
             raise RotationError(
-                f"parameter {name} holds NaN or Inf values; a rotation would spread them over whole rows. Fix or "
-                "re-download the checkpoint (nothing was changed)."
+                f"rotating {what} in {str(t.dtype).removeprefix('torch.')} overflowed: {name} holds ±Inf/NaN after the "
+                "rotation (it spreads a large row over all channels, beyond the dtype's range; float16 ends at ±65504). "
+                "Rotate in float32 or bfloat16 (CLI: --dtype bfloat16; Python: load the model in torch.bfloat16)"
+                + ("; the in-memory model is left partly rotated: reload it" if what == "the model" else "")
             )
 
 
@@ -355,24 +401,28 @@ def rotate_model_(
         embed = get_submodule(inner, spec.embed)
         with gather_params(list(embed.parameters())):
             _rotate_embedding(embed, cdtype, transforms["r1"].apply)
+            check_finite_output(((f"{spec.embed}.{n}", p) for n, p in embed.named_parameters()))
 
     norm_rms = [] if config.r1 else None
-    for layer in tqdm(layers, desc="rotating layers", disable=not progress, leave=False):
+    for i, layer in enumerate(tqdm(layers, desc="rotating layers", disable=not progress, leave=False)):
         with gather_params(list(layer.parameters())):
             if config.r1:  # read before the fold resets the gains
                 norm_rms.append([_rms(_norm_gain(get_submodule(layer, n), spec, torch.float64)) for n in (spec.input_norm, spec.post_attention_norm)])
             _rotate_layer(layer, spec, dims, transforms, cdtype)
+            check_finite_output(((f"{spec.layers}.{i}.{n}", p) for n, p in layer.named_parameters()))
 
     for path in spec.residual_writers if config.r1 else ():  # e.g. a VLM projector: its output is residual stream
         writer = get_submodule(inner, path)
         with gather_params(list(writer.parameters())):
             _rotate_linear(writer, cdtype, left=transforms["r1"].apply)
+            check_finite_output(((f"{path}.{n}", p) for n, p in writer.named_parameters()))
 
     if config.r1 and spec.lm_head is not None:
         norm, head = get_submodule(inner, spec.final_norm), get_submodule(inner, spec.lm_head)
         with gather_params([norm.weight] + list(head.parameters())):
             _rotate_linear(head, cdtype, scale=_norm_gain(norm, spec, cdtype), right=transforms["r1"].apply)
             _reset_norm(norm, spec)
+            check_finite_output(((f"{spec.lm_head}.{n}", p) for n, p in head.named_parameters()))
 
     record = RotationRecord(
         config=config,

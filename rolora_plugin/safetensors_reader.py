@@ -16,9 +16,45 @@ import torch
 
 from .errors import RotationError
 
-__all__ = ["SINGLE_FILE", "INDEX_FILE"]
+__all__ = ["SINGLE_FILE", "INDEX_FILE", "weight_files", "header_shapes"]
 
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+_BIN_FILE, _BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+
+
+def weight_files(folder: Path) -> Path | None:
+    """The weights of a model folder by the one rule every loader here applies (in memory and streaming): the
+    safetensors index if there is one, else ``model.safetensors``; None when the folder has no safetensors weights.
+
+    A folder holding **both** ``model.safetensors`` and ``model.safetensors.index.json`` (+ shards) is refused
+    (:class:`rolora_plugin.loading.CheckpointError`): they are two sets of weights (one usually a stale copy of
+    an earlier save), transformers reads the single file and an index-first reader the shards, so the same folder
+    would give two different models. The same holds for ``pytorch_model.bin`` beside its own index.
+    """
+    from .loading import CheckpointError
+
+    folder = Path(folder)
+    for single, index in ((SINGLE_FILE, INDEX_FILE), (_BIN_FILE, _BIN_INDEX)):
+        if (folder / single).is_file() and (folder / index).is_file():
+            raise CheckpointError(
+                f"{folder} holds both {single} and {index} (+ shards): two sets of weights, and which one a loader "
+                f"reads differs (transformers takes {single}), so the model would depend on the tool. Keep the one "
+                "you mean and move the other (usually a stale copy of an earlier save) out of the folder"
+            )
+    if (folder / INDEX_FILE).is_file():
+        return folder / INDEX_FILE
+    if (folder / SINGLE_FILE).is_file():
+        return folder / SINGLE_FILE
+    return None
+
+
+def header_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """``{tensor name: shape}`` of a folder's safetensors weights, from the headers alone ({} without safetensors)."""
+    if weight_files(folder) is None:
+        return {}
+    ckpt = _Checkpoint(Path(folder), None)  # refuses an index naming a shard that lacks the tensor, a missing shard
+    ckpt.close()
+    return {name: ckpt.shapes[name] for name in ckpt.files}
 
 
 def _pread_available() -> bool:
@@ -37,14 +73,24 @@ class _Checkpoint:
         self.files = _weight_map(folder)  # name -> shard path
         self.ranges, self.shapes, self.dtypes = {}, {}, {}  # from the headers: nothing else is read here
         for path in sorted(set(self.files.values())):
-            for name, entry in _header(path).items():
+            header = _header(path)
+            wrong = sorted(name for name, file in self.files.items() if file == path and name not in header)
+            if wrong:
+                from .loading import CheckpointError
+
+                raise CheckpointError(
+                    f"{folder / INDEX_FILE} maps {len(wrong)} tensor(s) (e.g. {wrong[0]}) to {path.name}, whose header has "
+                    "no such tensor: the index does not describe the shards (stale or edited). Re-save the model, or "
+                    "restore the index that came with the shards"
+                )
+            for name, entry in header.items():
                 self.ranges[name], self.shapes[name], self.dtypes[name] = entry
         self._stack = contextlib.ExitStack()
         self._handles: dict[Path, object] = {}
         self._fds: dict[Path, int] = {}
 
-    def read(self, name: str) -> torch.Tensor:
-        """The tensor ``name`` in anonymous memory (writable, freed with it), cast to ``dtype`` if floating."""
+    def read(self, name: str, cast: bool = True) -> torch.Tensor:
+        """The tensor ``name`` in anonymous memory (writable, freed with it), cast to ``dtype`` if floating (and ``cast``)."""
         from safetensors import safe_open
 
         path = self.files[name]
@@ -55,7 +101,7 @@ class _Checkpoint:
         else:  # a short-lived mapping per tensor, copied out so no mapped page outlives this call
             with safe_open(str(path), framework="pt") as f:
                 t = f.get_tensor(name).clone()
-        return t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
+        return t.to(self.dtype) if cast and self.dtype is not None and t.is_floating_point() else t
 
     def prefetch(self, names) -> None:
         """Ask the kernel to start reading ``names`` into the page cache (``POSIX_FADV_WILLNEED``, asynchronous),
@@ -96,33 +142,41 @@ def _header(path: Path) -> dict[str, tuple[tuple[int, int], tuple[int, ...], tor
     The format: an 8-byte little-endian header length, a JSON header (``dtype``, ``shape``, ``data_offsets``
     relative to the end of the header), then the data.
     """
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        try:
+    try:
+        total = os.path.getsize(path)
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if size > total - 8:  # a lying length would make us read (allocate) whatever it claims
+                raise ValueError(f"header length {size} exceeds the file's {total} bytes")
             header = json.loads(f.read(size))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RotationError(f"{path} is not a safetensors file (unreadable header: {e})") from None
-    base, out = 8 + size, {}
-    for name, v in header.items():
-        if name != "__metadata__":
-            start, stop = v["data_offsets"]
-            out[name] = ((base + start, base + stop), tuple(v["shape"]), getattr(torch, _DTYPES.get(v["dtype"], ""), None))
+        out, base = {}, 8 + size
+        for name, v in header.items():
+            if name != "__metadata__":
+                start, stop = (int(x) for x in v["data_offsets"])
+                shape, dtype = tuple(int(d) for d in v["shape"]), getattr(torch, _DTYPES.get(v["dtype"], ""), None)
+                if not 0 <= start <= stop <= total - base or (dtype is not None and stop - start != _numel(shape) * dtype.itemsize):
+                    raise ValueError(f"tensor {name}: shape {list(shape)} and byte range {start}..{stop} disagree or lie outside the file")
+                out[name] = ((base + start, base + stop), shape, dtype)
+    except FileNotFoundError:
+        from .loading import CheckpointError
+
+        raise CheckpointError(f"{path} does not exist but the weight index names it; copy the complete model folder") from None
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        raise RotationError(f"{path} is not a safetensors file (unreadable header: {str(e)[:200]}); re-save or copy the model again") from None
     return out
 
 
 def _weight_map(folder: Path) -> dict[str, Path]:
-    index = folder / INDEX_FILE
-    if index.is_file():
+    found = weight_files(folder)
+    if found is not None and found.name == INDEX_FILE:
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise RotationError(f"{index} is not a safetensors index (no weight_map: {e!r})") from None
-        return {name: folder / file for name, file in weight_map.items()}
-    if (folder / SINGLE_FILE).is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(folder / SINGLE_FILE), framework="pt") as f:
-            return {name: folder / SINGLE_FILE for name in f.keys()}
+            weight_map = json.loads(found.read_text())["weight_map"]
+            out = {str(name): folder / str(file) for name, file in weight_map.items()}
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            raise RotationError(f"{found} is not a safetensors index (no weight_map: {e!r})") from None
+        return out
+    if found is not None:
+        return {name: found for name in _header(found)}
     raise RotationError(
         f"{folder} holds no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}); streaming rotation reads safetensors "
         "only: re-save the model with save_pretrained (safe_serialization is the default)"

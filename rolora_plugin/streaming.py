@@ -22,14 +22,20 @@ Order of work, all checks before anything is written (same error types as the in
 1. config: already rotated (``config.rolora`` or ``rolora_rotation.json``) or quantized (``rolora_quant``):
    :class:`RotationError`; unsupported family: :class:`UnsupportedArchitectureError`; a width without a
    construction and ``allow_fallback=False``: :class:`rolora_plugin.NoHadamardError`;
-2. tensors: a model tensor missing from the checkpoint, or of the wrong shape: :class:`RotationError`;
+2. tensors, from the safetensors headers before any rotation is built: a folder holding both ``model.safetensors``
+   and an index + shards (:func:`rolora_plugin.safetensors_reader.weight_files`, the rule of the in-memory path
+   too), an index naming a shard that lacks the tensor, a model tensor missing from the checkpoint or of another
+   shape than config.json implies (so a huge ``hidden_size`` is refused before anything is allocated):
+   :class:`rolora_plugin.loading.CheckpointError` (a :class:`RotationError`);
 3. values: non-float (integer, fp8; from the headers) or non-finite weights (one read of every weight, which also
    gives the base fingerprint): :class:`RotationError` naming the tensor;
-4. rotate and write through :func:`rolora_plugin.publish.atomic_output_dir` (create-exclusive, marked staging,
+4. rotate (every rotated tensor must stay finite: float16 can overflow, :func:`rolora_plugin.rotation.check_finite_output`)
+   and write through :func:`rolora_plugin.publish.atomic_output_dir` (create-exclusive, marked staging,
    stale staging of killed runs removed): shards + index, ``config.json`` with the record under
    ``config.rolora`` (``tie_word_embeddings`` false once R1 unties), ``generation_config.json`` and tokenizer
    files copied, ``rolora_rotation.json`` and, when the online rotations have one, ``transform_config.json``
-   (like :func:`rolora_plugin.merge_and_export`).
+   (like :func:`rolora_plugin.merge_and_export`), the record sealed with checksums of what was written
+   (:func:`rolora_plugin.export.seal_export`).
 
 The record's ``base_fingerprint`` is :func:`rolora_plugin.fingerprint.fingerprint_tensors` over the checkpoint's
 tensors under the model's parameter names (a tied ``lm_head`` counted once), taken in the same read as the
@@ -65,12 +71,15 @@ from tqdm.auto import tqdm
 from .architectures import ArchitectureSpec, ModelDims, get_architecture, get_submodule
 from .config import QUANT_RECORD_KEY, RECORD_KEY, RotationConfig
 from .errors import RotationError, UnsupportedArchitectureError
-from .export import RECORD_FILE, TRANSFORM_CONFIG_FILE, transform_config_dict, write_rotation_record
+from .export import RECORD_FILE, TRANSFORM_CONFIG_FILE, seal_export, transform_config_dict
 from .fingerprint import fingerprint_tensors
+from .loading import CheckpointError
 from .publish import OutputExistsError, atomic_output_dir, atomic_write_text, check_writable_parent
 from .safetensors_reader import INDEX_FILE, SINGLE_FILE, _Checkpoint, _header, _numel, _weight_map  # noqa: F401
 from .rotation import (
     RotationRecord,
+    all_finite,
+    check_finite_output,
     _check_structure,
     _norm_gain,
     _reset_norm,
@@ -158,14 +167,19 @@ def _model_tensors(skeleton: nn.Module) -> tuple[list[str], list[str]]:
 def _check_tensors(ckpt: _Checkpoint, skeleton: nn.Module, names: list[str]) -> None:
     expected = skeleton.state_dict(keep_vars=True)
     missing = [n for n in names if n not in ckpt.files]
+    for n in names:  # shapes first: a config.json whose dims lie names the tensor, whatever else is missing
+        if n in ckpt.files and ckpt.shapes[n] != tuple(expected[n].shape):
+            raise CheckpointError(
+                f"{ckpt.folder} does not match its config.json: tensor {n} has shape {ckpt.shapes[n]} in the weights but "
+                f"the config implies {tuple(expected[n].shape)}; config.json was edited or belongs to another model. "
+                "Restore the config that came with the weights (nothing was written)"
+            )
     if missing:
-        raise RotationError(
-            f"{ckpt.folder} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}; the checkpoint is "
-            "incomplete or of another architecture (nothing was written)"
+        raise CheckpointError(
+            f"{ckpt.folder} lacks {len(missing)} tensor(s) its config.json needs, e.g. {missing[:3]}; the checkpoint is "
+            "incomplete (a shard or tensor lost) or config.json was edited (e.g. num_hidden_layers): copy the complete "
+            "folder again (nothing was written)"
         )
-    for n in names:
-        if ckpt.shapes[n] != tuple(expected[n].shape):
-            raise RotationError(f"{ckpt.folder}: tensor {n} has shape {ckpt.shapes[n]}, the config implies {tuple(expected[n].shape)}")
     extra = sorted(set(ckpt.files) - set(names))
     if extra:  # from_pretrained ignores them too: the in-memory output has none of them
         logger.warning("ignoring %d checkpoint tensor(s) the model does not use, e.g. %s", len(extra), extra[:3])
@@ -182,22 +196,21 @@ def _check_dtypes(ckpt: _Checkpoint, params: list[str]) -> None:
             )
 
 
-def _check_finite(ckpt: _Checkpoint, name: str, t: torch.Tensor) -> None:
+def _check_finite(ckpt: _Checkpoint, name: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` (as stored) must be finite, and so must its cast to the requested dtype; returns the cast tensor."""
     if not all_finite(t):
         raise RotationError(
             f"tensor {name} of {ckpt.folder} holds NaN or Inf values; a rotation would spread them over whole "
             "rows. Fix or re-download the checkpoint (nothing was written)."
         )
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """``bool(torch.isfinite(t).all())`` (the reference) in one fused reduction: NaN propagates through
-    ``aminmax`` and ±Inf become the min/max, so both are finite iff every element is. ~20× faster than the
-    reference on CPU (no n-element bool tensor); the tests hold the two together."""
-    if not t.numel():
-        return True
-    lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+    cast = t.to(ckpt.dtype) if ckpt.dtype is not None and t.is_floating_point() else t
+    if cast is not t and not all_finite(cast):
+        raise RotationError(
+            f"tensor {name} of {ckpt.folder} holds values beyond {str(ckpt.dtype).removeprefix('torch.')}'s range "
+            f"(stored as {str(t.dtype).removeprefix('torch.')}; float16 ends at ±65504): the cast would make them ±Inf. "
+            "Rotate in float32 or bfloat16 (CLI: --dtype bfloat16) (nothing was written)"
+        )
+    return cast
 
 
 class _CheckedTensor:
@@ -214,8 +227,7 @@ class _CheckedTensor:
     def detach(self) -> torch.Tensor:
         if self.following is not None:
             self.ckpt.prefetch([self.following])
-        t = self.ckpt.read(self.name)
-        _check_finite(self.ckpt, self.name, t)
+        t = _check_finite(self.ckpt, self.name, self.ckpt.read(self.name, cast=False))
         self.done.add(self.name)
         self.bar.update(1)
         return t
@@ -234,7 +246,7 @@ def _check_and_fingerprint(ckpt: _Checkpoint, params: list[str], progress: bool)
     with tqdm(total=len(params), desc="checking tensors", disable=not progress, leave=False) as bar:
         fingerprint = fingerprint_tensors([(n, _CheckedTensor(ckpt, n, following.get(n), done, bar)) for n in params])
     for name in sorted(set(params) - done):  # only if fingerprint_tensors skipped a tensor: check it anyway
-        _check_finite(ckpt, name, ckpt.read(name))
+        _check_finite(ckpt, name, ckpt.read(name, cast=False))
     logger.info("checked and fingerprinted %d tensors in %.1f s", len(params), time.perf_counter() - start)
     return fingerprint
 
@@ -292,6 +304,7 @@ def _run_unit(unit: _Unit, skeleton: nn.Module, ckpt: _Checkpoint) -> dict[str, 
         module.load_state_dict(state, strict=True, assign=True)
     unit.edit()
     out = {f"{p}.{k}": v.detach() for p, m in zip(unit.paths, modules) for k, v in m.state_dict().items()}
+    check_finite_output(out.items(), what=str(ckpt.folder))  # float16: a rotation can overflow finite weights
     out.update({n: ckpt.read(n) for n in unit.copied})
     for module in modules:
         module.to("meta")
@@ -371,10 +384,10 @@ def _write_metadata(src: Path, tmp: Path, hf_config, record: RotationRecord, unt
     for name in COPIED_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, tmp / name)
-    write_rotation_record(tmp, record)
     ct = transform_config_dict(record)
     if ct is not None:
         atomic_write_text(tmp / TRANSFORM_CONFIG_FILE, json.dumps(ct, indent=2, sort_keys=True) + "\n")
+    seal_export(tmp, record)  # last: the record (config.json and rolora_rotation.json) with checksums of what was written
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -397,17 +410,17 @@ def _prepare(src: Path, config: RotationConfig, dtype, progress: bool) -> _Job:
     _check_config(src, hf_config)
     spec = _spec_for(hf_config)
     dims = ModelDims.from_config(hf_config)
-    transforms = build_rotations(config, dims)  # raises before any read if a width is not allowed
-    skeleton = _skeleton(hf_config)
-    _check_structure(skeleton, spec, spec.decoder_layers(skeleton))
-    tied = spec.lm_head is not None and get_submodule(skeleton, spec.lm_head).weight is get_submodule(skeleton, spec.embed).weight
-    if config.r1 and tied and not config.untie_embeddings:
-        raise RotationError("R1 on a model with tied embeddings needs RotationConfig(untie_embeddings=True)")
+    skeleton = _skeleton(hf_config)  # meta device: no memory, whatever config.json claims
     names, params = _model_tensors(skeleton)
-    units = _with_rest(_units(skeleton, spec, dims, transforms, getattr(torch, config.compute_dtype), tied), skeleton, names)
-    ckpt = _Checkpoint(src, dtype)
+    ckpt = _Checkpoint(src, dtype)  # the headers only
     try:
-        _check_tensors(ckpt, skeleton, names)
+        _check_tensors(ckpt, skeleton, names)  # config.json's dims against the weights' shapes, before any allocation
+        transforms = build_rotations(config, dims)  # raises before any tensor is read if a width is not allowed
+        _check_structure(skeleton, spec, spec.decoder_layers(skeleton))
+        tied = spec.lm_head is not None and get_submodule(skeleton, spec.lm_head).weight is get_submodule(skeleton, spec.embed).weight
+        if config.r1 and tied and not config.untie_embeddings:
+            raise RotationError("R1 on a model with tied embeddings needs RotationConfig(untie_embeddings=True)")
+        units = _with_rest(_units(skeleton, spec, dims, transforms, getattr(torch, config.compute_dtype), tied), skeleton, names)
         fingerprint = _check_and_fingerprint(ckpt, params, progress)
         norm_rms = _norm_rms(ckpt, spec, len(spec.decoder_layers(skeleton))) if config.r1 else None
     except BaseException:

@@ -198,7 +198,10 @@ def load_with_compressed_tensors(path: str | os.PathLike, dtype: torch.dtype | N
         from transformers import CompressedTensorsConfig
 
         kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    from .compressed import EXPORT_SIDE_KEYS
+    from .loading import load_causal_lm
+
+    model = load_causal_lm(path, model_cls=AutoModelForCausalLM, expected_unexpected=EXPORT_SIDE_KEYS, **kwargs)
     get_architecture(model)  # clear error for a family we do not know
     apply_transform_config(model, TransformConfig.model_validate(ct))
     _load_transform_weights(model, path)

@@ -35,9 +35,12 @@ __all__ = ["cmd_export", "cmd_quantize", "cmd_rotate", "load_calibration", "load
 
 
 def load_model(model_dir: Path, dtype: str = "float32"):
-    """The model of a checked dir (rotated checkpoints through ``load_rotated``), in eval mode."""
+    """The model of a checked dir (rotated checkpoints through ``load_rotated``), in eval mode. Every load goes
+    through :func:`rolora_plugin.loading.load_causal_lm`: a tensor missing, extra or of another shape than
+    config.json says is refused (one line, exit 2), never filled with random values."""
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from ..loading import load_causal_lm
 
     config = load_model_config(model_dir)
     try:
@@ -45,7 +48,7 @@ def load_model(model_dir: Path, dtype: str = "float32"):
             from .. import load_rotated
 
             return load_rotated(str(model_dir), dtype=getattr(torch, dtype)).eval()
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), local_files_only=True).eval()
+        return load_causal_lm(model_dir, getattr(torch, dtype)).eval()
     except OSError as e:
         raise CLIError(f"cannot load the model in {str(model_dir)!r}: {first_line(e)}") from None
 
@@ -97,9 +100,10 @@ def _rotate_streaming(src: Path, out: Path, rot, dtype: str):
 
 def _report_exactness(src: Path, rotated, dtype: str) -> None:
     import torch
-    from transformers import AutoModelForCausalLM
 
-    ref = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype), local_files_only=True).eval()
+    from ..loading import load_causal_lm
+
+    ref = load_causal_lm(src, getattr(torch, dtype)).eval()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, ref.config.vocab_size, (2, 32), generator=g)
     with torch.no_grad():
@@ -200,6 +204,7 @@ def cmd_quantize(args) -> int:
         check_seed(args.seed, "--seed")
     require_modules({"compressed_tensors": EXPORT_EXTRA_PIP}, "rolora quantize")
     src, config_dir, rotated = _quantize_source(args)
+    _refuse_fused_experts(config_dir)
     out = check_new_output_dir(args.out_dir, "OUT_DIR")
     for flag, value in (("--seed", args.seed), ("--rotation", args.rotation)):
         if rotated and value is not None:
@@ -222,6 +227,19 @@ def cmd_quantize(args) -> int:
     served = f"servable: vLLM {contract['scheme']}" if contract["servable"] else "NOT servable: only rolora_plugin.load_rotated computes it"
     print(f"quantized {src} ({args.recipe}, {served}) -> {out} (compressed-tensors); check it with: rolora check {out}")
     return 0
+
+
+def _refuse_fused_experts(config_dir: Path) -> None:
+    """An MoE's fused experts have no compressed-tensors layout here (:func:`rolora_plugin.compressed.prepare_compressed`
+    refuses them): say so from the config, on a meta-device model, before hours of rotating and quantizing."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..compressed import _refuse_fused_experts as refuse
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(load_model_config(config_dir))
+    refuse(skeleton)
 
 
 def _quantize_source(args) -> tuple[Path, Path, bool]:
