@@ -72,6 +72,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+_REPORTED: set[str] = set()  # what was left for the user to sort out, already named by this process (once each)
 STAGING_MARKER = ".rolora-staging"
 JOURNAL_KIND = "publish"  # journals are ``.<target name>.publish-<id>.json`` beside the target
 _JOURNAL_VERSION = 1
@@ -324,8 +325,11 @@ def recover_interrupted(target: str | os.PathLike) -> list[str]:
             except OSError as e:
                 what = f"{target}: could not finish a publish interrupted in pid {entry['pid']} ({e}); left as it is, see {journal}"
             if what:
-                logger.warning("%s", what)
                 done.append(what)
+                if what not in _REPORTED:  # content left for the user is named once per process, actions always
+                    logger.warning("%s", what)
+                if os.path.lexists(journal):
+                    _REPORTED.add(what)
     for part in target.parent.glob(f".{glob.escape(target.name)}.{JOURNAL_KIND}-{_ID}.*.part"):
         pid = part.name.rsplit(".", 2)[-2]
         if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
@@ -378,7 +382,6 @@ def _recover_one(journal: Path, target: Path, entry: dict) -> str | None:
     return what
 
 
-_REPORTED: set[str] = set()  # unjournaled aside paths already reported by this process (once each)
 
 
 def _report_unjournaled_old(target: Path) -> list[str]:
