@@ -33,7 +33,11 @@ everywhere:
 * **Staging folders are marked** (a ``.rolora-staging`` file holding the owner's pid and host), so a later run
   for the same target can remove the ones a killed process left behind (:func:`clean_stale_staging`) without
   ever deleting anything this tool did not create. The marker is removed only after the journal is written, so a
-  staging folder is named by its marker or by a journal at every instant.
+  staging folder is named by its marker or by a journal at every instant. The other short-lived paths carry
+  their owner's pid in their name (``check_writable_parent``'s empty probe folder, :func:`atomic_write_bytes`'s
+  temporary file, a journal being written) and are removed by the next run once that process is gone.
+* **Direct callers of** :func:`publish_path` stage beside the target under a hidden ``.NAME.*`` name: recovery
+  only ever moves or deletes such paths.
 * **Permissions follow the umask** (``mkdir``/``open``, not ``mkdtemp``'s private 0700).
 """
 

@@ -407,6 +407,37 @@ def test_a_failed_rollback_keeps_the_old_content_and_every_later_run_names_it(tm
         assert snapshot(old[0]) == OLD_DIR and snapshot(target) == {"theirs.txt": "another run"}
 
 
+def test_merge_and_export_overwrite_killed_between_its_renames_is_completed_by_the_next_run(tmp_path, caplog):
+    """The reported case, end to end: ``merge_and_export(..., overwrite=True)`` killed after moving the old export
+    aside and before renaming the new one in. The next run completes it: the target holds the new export, whole."""
+    from rolora_plugin import merge_and_export, rotate_model_
+    from tests.helpers import tiny_model
+
+    model = tiny_model("llama")
+    rotate_model_(model, progress=False)
+    reference = merge_and_export(model, tmp_path / "reference")
+    target = _setup(tmp_path, OLD_DIR)
+
+    def export_killed_between_renames():
+        real = publish.rename_noreplace
+
+        def rename(src, dst):
+            if Path(dst) == target and Path(src).name.startswith(".out.tmp-") and not target.exists():
+                os._exit(KILLED)  # the old export is aside, the new one complete and not yet in place
+            return real(src, dst)
+
+        publish.rename_noreplace = rename
+        merge_and_export(model, target, overwrite=True)
+
+    assert in_child(export_killed_between_renames) == KILLED
+    assert not target.exists() and journals(target)  # the reported state; now journaled
+    assert OLD_DIR in [snapshot(tmp_path / n) for n in leftovers(target)]
+    with caplog.at_level(logging.WARNING, logger="rolora_plugin.publish"):
+        clean_stale_staging(target)  # what the next run for that target does first
+    assert snapshot(target) == snapshot(reference) and leftovers(target) == []
+    assert any("completed it" in r.getMessage() and str(target) in r.getMessage() for r in caplog.records)
+
+
 # ---------------------------------------------------------------------------------------------- races
 
 
