@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import reprlib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 
-__all__ = ["RotationConfig", "ConfigMixin", "RECORD_KEY", "QUANT_RECORD_KEY", "ROTATION_PRESETS", "LEARNABLE"]
+__all__ = ["RotationConfig", "ConfigMixin", "RECORD_KEY", "QUANT_RECORD_KEY", "ROTATION_PRESETS", "LEARNABLE", "short_repr"]
 
 RECORD_KEY = "rolora"  # model.config.<RECORD_KEY>: the rotation record (rolora_plugin.rotation)
 QUANT_RECORD_KEY = "rolora_quant"  # model.config.<QUANT_RECORD_KEY>: the quantization record (rolora_plugin.quant)
@@ -19,6 +21,25 @@ ROTATION_PRESETS = {
 }
 
 
+_repr = reprlib.Repr()
+_repr.maxstring, _repr.maxother, _repr.maxlist, _repr.maxtuple, _repr.maxdict, _repr.maxset, _repr.maxlevel = 60, 60, 6, 6, 6, 6, 3
+
+
+def short_repr(value) -> str:
+    """``repr(value)`` cut to a few dozen characters, items and levels (``reprlib``): what error messages show of a
+    value read from a user's file, which may be huge or, through YAML aliases, a few lists shared billions of times.
+
+    >>> short_repr(["q_proj"] * 100)
+    "['q_proj', 'q_proj', 'q_proj', 'q_proj', 'q_proj', 'q_proj', ...]"
+    """
+    return _repr.repr(value)
+
+
+def unknown_keys(data: dict, known: set) -> list[str]:
+    """The keys of ``data`` not in ``known``, as sorted strings (YAML keys may be numbers, booleans or None)."""
+    return sorted(short_repr(k) if not isinstance(k, str) else k for k in data if k not in known)
+
+
 class ConfigMixin:
     """``to_dict`` / ``from_dict`` / ``to_json`` / ``from_json`` for flat dataclass configs."""
 
@@ -27,8 +48,10 @@ class ConfigMixin:
 
     @classmethod
     def from_dict(cls, data: dict):
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{cls.__name__} needs a mapping of its fields, got {type(data).__name__} {short_repr(data)}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = unknown_keys(data, known)
         if unknown:
             raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; valid fields are {sorted(known)}")
         return cls(**data)
@@ -90,17 +113,17 @@ class RotationConfig(ConfigMixin):
 
     def __post_init__(self):
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"RotationConfig.seed must be a non-negative int, got {self.seed!r}")
+            raise ValueError(f"RotationConfig.seed must be a non-negative int, got {short_repr(self.seed)}")
         for name in ("r1", "r2", "r3", "r4", "allow_fallback", "untie_embeddings"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"RotationConfig.{name} must be True or False, got {getattr(self, name)!r}")
+                raise ValueError(f"RotationConfig.{name} must be True or False, got {short_repr(getattr(self, name))}")
         if self.compute_dtype not in ("float64", "float32"):
-            raise ValueError(f"RotationConfig.compute_dtype must be 'float64' or 'float32', got {self.compute_dtype!r}")
+            raise ValueError(f"RotationConfig.compute_dtype must be 'float64' or 'float32', got {short_repr(self.compute_dtype)}")
         if not (self.r1 or self.r2 or self.r3 or self.r4):
             raise ValueError("RotationConfig: every rotation is off (r1=r2=r3=r4=False); enable at least one")
         b = self.block_size
         if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 2 or b & (b - 1)):
-            raise ValueError(f"RotationConfig.block_size must be None or a power of two >= 2 (e.g. 16 for NVFP4, 32 for MXFP4), got {b!r}")
+            raise ValueError(f"RotationConfig.block_size must be None or a power of two >= 2 (e.g. 16 for NVFP4, 32 for MXFP4), got {short_repr(b)}")
         if b is not None and self.learn:
             raise ValueError("RotationConfig.block_size: learned rotations are dense; use block_size=None with learn=..., or learn=()")
         self._check_learning()
@@ -111,23 +134,23 @@ class RotationConfig(ConfigMixin):
 
     def _check_learning(self):
         if isinstance(self.learn, str) or not all(isinstance(n, str) for n in self.learn):
-            raise ValueError(f"RotationConfig.learn must be a list of rotation names from {list(LEARNABLE)}, e.g. ['r1'], got {self.learn!r}")
+            raise ValueError(f"RotationConfig.learn must be a list of rotation names from {list(LEARNABLE)}, e.g. ['r1'], got {short_repr(self.learn)}")
         self.learn = tuple(dict.fromkeys(self.learn))
         for name in self.learn:
             if name not in LEARNABLE:
-                raise ValueError(f"RotationConfig.learn: {name!r} cannot be learned; choose from {list(LEARNABLE)}")
+                raise ValueError(f"RotationConfig.learn: {short_repr(name)} cannot be learned; choose from {list(LEARNABLE)}")
             if not getattr(self, name):
                 raise ValueError(f"RotationConfig.learn asks to learn {name} but {name}=False; enable it ({name}=True) or drop it from learn")
         for name in ("learn_steps", "learn_tokens", "learn_layers_per_step"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "learn_layers_per_step" else 1):
-                raise ValueError(f"RotationConfig.{name} must be a positive int (learn_layers_per_step: 0 = all layers), got {v!r}")
+                raise ValueError(f"RotationConfig.{name} must be a positive int (learn_layers_per_step: 0 = all layers), got {short_repr(v)}")
         if isinstance(self.learn_lr, bool) or not isinstance(self.learn_lr, (int, float)) or not 0 < self.learn_lr < 1:
-            raise ValueError(f"RotationConfig.learn_lr must be a float in (0, 1), e.g. 3e-3, got {self.learn_lr!r}")
+            raise ValueError(f"RotationConfig.learn_lr must be a float in (0, 1), e.g. 3e-3, got {short_repr(self.learn_lr)}")
         self.learn_lr = float(self.learn_lr)
         if not isinstance(self.learn_quant, str) or not self.learn_quant:
             # the name itself is checked against QuantConfig's presets when learning starts (quant.config imports this module)
-            raise ValueError(f"RotationConfig.learn_quant must name a QuantConfig preset, e.g. 'w4a4', got {self.learn_quant!r}")
+            raise ValueError(f"RotationConfig.learn_quant must name a QuantConfig preset, e.g. 'w4a4', got {short_repr(self.learn_quant)}")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "RotationConfig":
@@ -146,5 +169,5 @@ class RotationConfig(ConfigMixin):
             True
         """
         if name not in ROTATION_PRESETS:
-            raise ValueError(f"unknown RotationConfig preset {name!r}; choose one of {sorted(ROTATION_PRESETS)}")
+            raise ValueError(f"unknown RotationConfig preset {short_repr(name)}; choose one of {sorted(ROTATION_PRESETS)}")
         return cls(**{**ROTATION_PRESETS[name], **overrides})

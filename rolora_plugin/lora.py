@@ -45,7 +45,7 @@ from typing import Iterable
 from torch import nn
 
 from .architectures import get_architecture, get_submodule
-from .config import RotationConfig
+from .config import RotationConfig, short_repr
 from ._peft import lora_layer_names, unwrap_peft
 from .training_config import LR_SCALES
 from .rotation import check_online_rotations, ensure_rotated, get_rotation_record, missing_online_rotations
@@ -82,14 +82,19 @@ def map_target_modules(model: nn.Module, targets: str | Iterable[str]) -> list[s
         inputs, down_proj; never ``lm_head``), or the regex string.
 
     Raises:
-        ValueError: a listed name is not a linear of this family (the message lists the valid names).
+        ValueError: a listed name is not a linear of this family (the message lists the valid names), or
+            ``targets`` is not a string or a non-empty list of strings (e.g. a nested list).
     """
     spec = get_architecture(unwrap_peft(model))
     if isinstance(targets, str):
         if targets != ALL_LINEAR:
             return targets
         return _tower_regex(spec, spec.linear_names()) if spec.tower else sorted(set(spec.linear_names()))
-    targets = list(targets)
+    names = list(targets) if isinstance(targets, Iterable) else None
+    if not names or not all(isinstance(t, str) and t for t in names):
+        raise ValueError("LoRA targets must be 'all-linear', a regex string or a non-empty list of module-name strings "
+                         f"(e.g. ['q_proj', 'v_proj']), got {short_repr(targets)}")  # fmt: skip
+    targets = names
     for name, leaf in spec.fused_aliases().items():
         if name in targets:
             logger.info("LoRA target %r maps to the fused %r of %s (the adapter covers the whole fused linear)", name, leaf, spec.name)

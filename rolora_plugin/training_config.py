@@ -21,9 +21,10 @@ fake-quant forward would silently skip its GPTQ).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import InitVar, dataclass, field, fields
 
-from .config import ConfigMixin, RotationConfig
+from .config import ConfigMixin, RotationConfig, short_repr, unknown_keys
 from .quant.config import QUANT_PRESETS, QuantConfig
 from .quant.primitives import OFF_BITS
 
@@ -65,23 +66,23 @@ def fake_quant_preset(name: str, **fields_) -> QuantConfig:
         True
     """
     if not isinstance(name, str) or name not in QUANT_PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(QUANT_PRESETS)} (QuantConfig.preset names)")
+        raise ValueError(f"unknown preset {short_repr(name)}; choose one of {sorted(QUANT_PRESETS)} (QuantConfig.preset names)")
     preset = QuantConfig.preset(name)
     return fake_quant_config(**{**{k: getattr(preset, k) for k in _FAKE_QUANT_FIELDS}, **fields_})
 
 
 def _check_int(owner: str, name: str, value, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{owner}.{name} must be an int >= {minimum}, got {value!r}")
+        raise ValueError(f"{owner}.{name} must be an int >= {minimum}, got {short_repr(value)}")
 
 
 def _check_targets(owner: str, targets):
     if isinstance(targets, str):
         if targets not in _TARGETS:
-            raise ValueError(f"{owner}.targets must be 'all-linear', 'lora' or a list of leaf names, got {targets!r}")
+            raise ValueError(f"{owner}.targets must be 'all-linear', 'lora' or a list of leaf names, got {short_repr(targets)}")
         return targets
     if not targets or not all(isinstance(t, str) for t in targets):
-        raise ValueError(f"{owner}.targets must be 'all-linear', 'lora' or a non-empty list of leaf names, got {targets!r}")
+        raise ValueError(f"{owner}.targets must be 'all-linear', 'lora' or a non-empty list of leaf names, got {short_repr(targets)}")
     return list(targets)
 
 
@@ -101,7 +102,7 @@ def _held_quant(owner: str, quant, aliases: dict, preset=None) -> QuantConfig:
             quant = fake_quant_config(**given)
     except ValueError as e:
         if preset is not None:
-            with_keys = f" with {', '.join(f'{k}={v!r}' for k, v in given.items())}" if given else ""
+            with_keys = f" with {', '.join(f'{k}={short_repr(v)}' for k, v in given.items())}" if given else ""
             raise ValueError(f"{owner}: preset={preset!r}{with_keys}: {e}") from None
         raise ValueError(f"{owner}.quant: {e}") from None
     if not isinstance(quant, QuantConfig):
@@ -117,13 +118,13 @@ def _check_aliases(owner: str, given: dict) -> None:
     """Errors on the flat keys name the key the user wrote (``QATConfig.a_clip_ratio``), not the held config's."""
     for name, value in given.items():
         if name in ("w_bits", "a_bits") and (not isinstance(value, int) or isinstance(value, bool) or not 2 <= value <= OFF_BITS):
-            raise ValueError(f"{owner}.{name} must be an int in 2..16 (16 = off), got {value!r}")
+            raise ValueError(f"{owner}.{name} must be an int in 2..16 (16 = off), got {short_repr(value)}")
         if name == "w_group_size":
             _check_int(owner, name, value, 1)
         if name in ("w_sym", "a_sym") and not isinstance(value, bool):
-            raise ValueError(f"{owner}.{name} must be True or False, got {value!r}")
+            raise ValueError(f"{owner}.{name} must be True or False, got {short_repr(value)}")
         if name == "a_clip_ratio" and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0):
-            raise ValueError(f"{owner}.a_clip_ratio must be in (0, 1], got {value!r}")
+            raise ValueError(f"{owner}.a_clip_ratio must be in (0, 1], got {short_repr(value)}")
     if given.get("w_bits") == given.get("a_bits") == OFF_BITS:
         raise ValueError(f"{owner}: w_bits = a_bits = 16 quantizes nothing; lower the bits")
 
@@ -166,8 +167,10 @@ def _preset_of(quant: QuantConfig) -> str | None:
 
 def _from_dict(cls, data: dict, aliases: tuple[str, ...]):
     """``cls(**data)`` accepting the dataclass fields and the flat aliases; lists both on an unknown key."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{cls.__name__} needs a mapping of its fields, got {type(data).__name__} {short_repr(data)}")
     known = {f.name for f in fields(cls)} | set(aliases)
-    unknown = sorted(set(data) - known)
+    unknown = unknown_keys(data, known)
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; valid fields are {sorted(known)}")
     return cls(**data)
@@ -271,7 +274,7 @@ class QATConfig(ConfigMixin):
 
     def __post_init__(self, w_bits, a_bits, w_group_size, w_sym, a_sym, a_clip_ratio, preset):
         if not isinstance(self.enabled, bool):
-            raise ValueError(f"QATConfig.enabled must be True or False, got {self.enabled!r}")
+            raise ValueError(f"QATConfig.enabled must be True or False, got {short_repr(self.enabled)}")
         _check_int("QATConfig", "start_step", self.start_step, 0)
         aliases = dict(w_bits=w_bits, a_bits=a_bits, w_group_size=w_group_size, w_sym=w_sym, a_sym=a_sym, a_clip_ratio=a_clip_ratio)
         self.quant = _held_quant("QATConfig", self.quant, aliases, _checked_preset("QATConfig", preset))
@@ -287,7 +290,7 @@ def _checked_preset(owner: str, preset):
     if preset is None:
         return None
     if not isinstance(preset, str) or preset not in QUANT_PRESETS:
-        raise ValueError(f"{owner}.preset must be one of {sorted(QUANT_PRESETS)} (QuantConfig.preset names), got {preset!r}")
+        raise ValueError(f"{owner}.preset must be one of {sorted(QUANT_PRESETS)} (QuantConfig.preset names), got {short_repr(preset)}")
     return preset
 
 
@@ -328,7 +331,7 @@ class ExportConfig(ConfigMixin):
     def __post_init__(self):
         for name in ("save_rotation_record", "overwrite"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"ExportConfig.{name} must be True or False, got {getattr(self, name)!r}")
+                raise ValueError(f"ExportConfig.{name} must be True or False, got {short_repr(getattr(self, name))}")
 
 
 _SECTIONS = {"monitor": MonitorConfig, "qat": QATConfig, "export": ExportConfig}
@@ -368,7 +371,7 @@ class RoLoRAConfig:
             elif not isinstance(value, cls):
                 raise ValueError(f"RoLoRAConfig.{name} must be a {cls.__name__} or a dict, got {type(value).__name__}")
         if self.lora_lr_scale not in LR_SCALES:
-            raise ValueError(f"RoLoRAConfig.lora_lr_scale must be one of {LR_SCALES}, got {self.lora_lr_scale!r}")
+            raise ValueError(f"RoLoRAConfig.lora_lr_scale must be one of {LR_SCALES}, got {short_repr(self.lora_lr_scale)}")
 
     def to_dict(self) -> dict:
         out = {name: getattr(self, name).to_dict() for name in _SECTIONS}
@@ -378,8 +381,10 @@ class RoLoRAConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "RoLoRAConfig":
+        if not isinstance(data, Mapping):
+            raise ValueError(f"RoLoRAConfig needs a mapping of its sections, got {type(data).__name__} {short_repr(data)}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = unknown_keys(data, known)
         if unknown:
             raise ValueError(f"RoLoRAConfig: unknown section(s) {unknown}; valid sections are {sorted(known)}")
         return cls(**data)

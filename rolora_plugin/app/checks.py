@@ -14,10 +14,15 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import importlib.util
 import json
 import os
+import re
 from pathlib import Path
+
+from ..config import short_repr
 
 __all__ = [
     "CLIError",
@@ -36,14 +41,23 @@ __all__ = [
     "first_line",
     "load_model_config",
     "check_family",
+    "check_json_file",
+    "check_json_files",
+    "check_pickle",
     "is_rotated_dir",
+    "load_config_file",
     "load_tokenizer",
     "require_modules",
+    "short_repr",
 ]
 
 EVAL_EXTRA_PIP = "pip install -e '.[eval]' in the rolora-plugin checkout (or: bash scripts/setup.sh)"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt")
 SEED_LIMIT = 2**32  # numpy's (and so transformers.set_seed's) seed range is [0, 2**32)
+MAX_LINE = 600  # characters of one error line: a message never formats a huge value in full
+CONFIG_MAX_BYTES = 1 << 20  # a training config is a few hundred bytes; 1 MiB leaves room and bounds the parse
+CONFIG_MAX_DEPTH = 64  # nesting levels of a training config (its sections are 2-3 deep)
+JSON_PREFLIGHT_MAX_BYTES = 64 << 20  # JSON files re-parsed up front for their nesting; larger ones are left alone
 
 
 class CLIError(Exception):
@@ -51,9 +65,10 @@ class CLIError(Exception):
 
 
 def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (its type name if it has none)."""
+    """The first line of an exception's message (its type name if it has none), at most :data:`MAX_LINE` characters."""
     text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
+    line = text.splitlines()[0]
+    return line if len(line) <= MAX_LINE else line[: MAX_LINE - 25] + f"... ({len(line)} characters)"
 
 
 @contextlib.contextmanager
@@ -63,6 +78,110 @@ def config_errors(what: str):
         yield
     except (ValueError, TypeError) as e:
         raise CLIError(f"invalid {what} settings: {first_line(e)}") from None
+    except RecursionError:
+        raise CLIError(f"invalid {what} settings: a value is nested too deeply; settings are flat values and short lists") from None
+
+
+# ---------------------------------------------------------------------------------------------- config files
+
+
+def load_config_file(path: str | os.PathLike, what: str = "config") -> dict:
+    """The mapping of a YAML or JSON config file, parsed with bounds a hostile file cannot get past.
+
+    Refused with one :class:`CLIError` line each: a file over :data:`CONFIG_MAX_BYTES`, YAML aliases (``*name``,
+    the "billion laughs" bomb expands a few hundred bytes into billions of values), nesting deeper than
+    :data:`CONFIG_MAX_DEPTH`, invalid YAML/JSON, anything but a mapping at the top.
+    """
+    import yaml
+
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        if size > CONFIG_MAX_BYTES:
+            raise CLIError(f"{what} {str(p)!r} is {size / (1 << 20):.1f} MiB; a config is a small YAML/JSON mapping "
+                           f"(at most {CONFIG_MAX_BYTES >> 20} MiB): pass the right file")  # fmt: skip
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CLIError(f"cannot read {what} {str(p)!r}: {first_line(e)}") from None
+    try:
+        data = yaml.load(text, Loader=_bounded_loader())  # noqa: S506 - a SafeLoader subclass
+    except _Refused as e:
+        raise CLIError(f"{what} {str(p)!r}: {e}") from None
+    except yaml.YAMLError as e:
+        raise CLIError(f"{what} {str(p)!r} is not valid YAML/JSON: {first_line(e)}") from None
+    except RecursionError:
+        raise CLIError(f"{what} {str(p)!r} is nested too deeply to parse; a config is a flat mapping with small sections") from None
+    if not isinstance(data, dict):
+        raise CLIError(f"{what} {str(p)!r} must hold a mapping of settings (key: value lines), got {type(data).__name__}")
+    return data
+
+
+class _Refused(Exception):
+    pass
+
+
+@functools.lru_cache(maxsize=None)
+def _bounded_loader():
+    import yaml
+
+    class BoundedLoader(yaml.SafeLoader):
+        """PyYAML's safe loader without aliases and with a nesting bound (checked while composing, before any
+        value is built)."""
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise _Refused(f"YAML aliases are not accepted (*{short_repr(event.anchor)[1:-1]} at line "
+                               f"{event.start_mark.line + 1}): a few aliases can expand a small file into billions "
+                               "of values; write the values out in full")  # fmt: skip
+            self._depth = getattr(self, "_depth", 0) + 1
+            try:
+                if self._depth > CONFIG_MAX_DEPTH:
+                    mark = self.peek_event().start_mark
+                    raise _Refused(f"nested more than {CONFIG_MAX_DEPTH} levels deep (line {mark.line + 1}); a config "
+                                   "is a flat mapping with small sections")  # fmt: skip
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+
+    return BoundedLoader
+
+
+def check_json_file(path: Path, lines: bool = False) -> None:
+    """Refuse a JSON (``lines``: JSON-lines) file nested too deeply to parse (Python's parser raises
+    RecursionError), naming the file. Other defects are left to the check that reads the file, which words them
+    for its purpose; files over :data:`JSON_PREFLIGHT_MAX_BYTES` are not pre-parsed."""
+    try:
+        if path.stat().st_size > JSON_PREFLIGHT_MAX_BYTES:
+            return
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return
+    try:
+        for part in text.splitlines() if lines else [text]:
+            if part.strip():
+                with contextlib.suppress(ValueError):
+                    json.loads(part)
+    except RecursionError:
+        raise CLIError(f"{path} is nested too deeply to parse (more levels than any config, record or data row "
+                       "has): it is damaged or was made to crash readers; replace it with a good copy") from None
+
+
+def check_json_files(path: str | os.PathLike | None) -> None:
+    """:func:`check_json_file` on ``path`` (a .json/.jsonl file) or on every ``*.json`` directly in ``path`` (a
+    model, adapter or export folder: config, records, weight index, tokenizer files)."""
+    if not path:
+        return
+    p = Path(path)
+    try:
+        if p.is_dir():
+            for f in sorted(p.glob("*.json")):
+                if f.is_file():
+                    check_json_file(f)
+        elif p.suffix in (".json", ".jsonl") and p.is_file():
+            check_json_file(p, lines=p.suffix == ".jsonl")
+    except OSError:
+        return  # unreadable folders are reported by the checks that need them
 
 
 # ---------------------------------------------------------------------------------------------- numbers
@@ -110,7 +229,8 @@ def check_model_dir(path: str, flag: str = "model dir", weights: bool = True) ->
     """An existing, readable directory holding a ``config.json`` (and readable weights); else :class:`CLIError`."""
     p = Path(path)
     if not p.exists():
-        raise CLIError(f"{flag} {path!r} does not exist")
+        problem = next(filter(None, map(_link_problem, (p, *Path(os.path.abspath(p)).parents))), None)
+        raise CLIError(f"{flag} {path!r} does not exist" + (f": {problem}" if problem else ""))
     if not p.is_dir():
         raise CLIError(f"{path!r} is not a directory; pass the folder written by save_pretrained")
     if not os.access(p, os.R_OK | os.X_OK):
@@ -124,13 +244,18 @@ def check_model_dir(path: str, flag: str = "model dir", weights: bool = True) ->
         json.loads(cfg.read_text(encoding="utf-8"))
     except (ValueError, OSError) as e:
         raise CLIError(f"cannot read the model config in {path!r}: {first_line(e)}") from None
+    except RecursionError:
+        raise CLIError(f"{cfg} is nested too deeply to parse: damaged or made to crash readers; replace config.json "
+                       "with a good copy") from None  # fmt: skip
+    check_json_files(p)  # records, weight index, tokenizer files: none nested beyond what a parser survives
     if weights:
         check_weights(p)
     return p
 
 
 def check_weights(folder: Path) -> None:
-    """``folder`` holds weights transformers can read: safetensors headers intact, every indexed shard present."""
+    """``folder`` holds weights transformers can read: safetensors headers intact, every indexed shard present,
+    pickle checkpoints (``pytorch_model.bin``) made of plain tensors only (checked without running them)."""
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / index).is_file():
             return _check_index(folder, index)
@@ -139,6 +264,7 @@ def check_weights(folder: Path) -> None:
     if not (folder / "pytorch_model.bin").is_file():
         raise CLIError(f"{str(folder)!r} has a config.json but no weights (model.safetensors or pytorch_model.bin); "
                        "pass the complete folder written by save_pretrained")  # fmt: skip
+    check_weights_file(folder / "pytorch_model.bin")
 
 
 def _check_index(folder: Path, index: str) -> None:
@@ -147,6 +273,8 @@ def _check_index(folder: Path, index: str) -> None:
         shards = sorted(set(weight_map.values()))
     except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
         raise CLIError(f"{folder / index} is not a valid weight index ({first_line(e)}); re-save the model") from None
+    except RecursionError:
+        raise CLIError(f"{folder / index} is nested too deeply to be a weight index; re-save the model") from None
     for shard in shards:
         path = folder / shard
         if not path.is_file():
@@ -156,13 +284,13 @@ def _check_index(folder: Path, index: str) -> None:
 
 def check_weights_file(path: Path) -> None:
     """A ``.safetensors`` file's header parses and the file covers every tensor (``safe_open`` maps the file, it
-    does not read the data); other files must be readable."""
+    does not read the data); a pickle file (``.bin``, ``.pt``, ...) holds plain tensors only (:func:`check_pickle`)."""
     from safetensors import safe_open
 
     if path.suffix != ".safetensors":
         if not os.access(path, os.R_OK):
             raise CLIError(f"{path} is not readable (check its permissions)")
-        return
+        return check_pickle(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             f.keys()
@@ -170,11 +298,65 @@ def check_weights_file(path: Path) -> None:
         raise CLIError(f"{path} is unreadable ({first_line(e)}): truncated or corrupt; re-save or copy the model again") from None
 
 
+def check_pickle(path: Path) -> None:
+    """A pickle checkpoint must be what PyTorch's weights-only unpickler accepts (tensors, dicts, lists, numbers).
+
+    The file is unpickled by that restricted unpickler with tensors mapped to the ``meta`` device (and the file
+    memory-mapped), so this reads the pickle's small object stream, not the weights, and never runs code: a
+    payload (``os.system``, any other global) is refused by name in one line, before any model is built.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        try:
+            torch.load(path, map_location="meta", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap can only be used" not in str(e):
+                raise
+            torch.load(path, map_location="meta", weights_only=True)  # the legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)|global: ?([\w.]+)", str(e))
+        what = f"it calls {next(g for g in found.groups() if g)!r}" if found else first_line(e)
+        raise CLIError(f"{path} is a pickle checkpoint that holds more than tensors ({what}; loading it would run that "
+                       "code) and rolora does not unpickle it; use a safetensors checkpoint, or convert this one with "
+                       "save_pretrained(..., safe_serialization=True) only where you trust its source") from None  # fmt: skip
+    except (RuntimeError, ValueError, EOFError, OSError, AttributeError, TypeError, KeyError) as e:
+        raise CLIError(f"{path} is not a readable PyTorch checkpoint ({first_line(e)}): truncated, corrupt or not "
+                       "weights; re-save or copy the model again (safetensors preferred)") from None  # fmt: skip
+
+
+def _link_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be resolved (a symbolic link loop, a dangling link, ...), or None if it resolves or is
+    simply absent."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"{str(path)!r} is a symbolic link loop (resolving it never ends); remove or fix the link"
+        if e.errno in (errno.ENOENT, errno.ENOTDIR) and os.path.islink(path):
+            return (f"{str(path)!r} is a dangling symbolic link (to {os.readlink(path)!r}, which does not exist); "
+                    "create its target, fix the link")  # fmt: skip
+        return f"{str(path)!r} cannot be resolved ({e.strerror or e})"
+    return None
+
+
 def check_output_parent(path: str | os.PathLike, flag: str = "output dir") -> Path:
-    """The nearest existing ancestor of ``path`` is a folder that accepts new entries (nothing is created here)."""
+    """The nearest existing ancestor of ``path`` is a folder that accepts new entries (nothing is created here).
+
+    No component of ``path`` (nor ``path`` itself) may be a symbolic link loop or a dangling link: the publisher
+    could not create the output there, and finding out only after the work would waste it.
+    """
     from ..publish import check_writable_parent
 
     p = Path(os.path.abspath(path))
+    for candidate in (p, *p.parents):
+        problem = _link_problem(candidate)
+        if problem:
+            raise CLIError(f"cannot create {flag} {str(path)!r}: {problem}, or choose another path")
     ancestor = p.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
@@ -206,6 +388,8 @@ def load_model_config(model_dir: Path):
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except (ValueError, KeyError, OSError, TypeError) as e:
         raise CLIError(f"cannot read the model config in {str(model_dir)!r}: {first_line(e)}") from None
+    except RecursionError:
+        raise CLIError(f"{model_dir / 'config.json'} is nested too deeply to parse; replace it with a good copy") from None
     archs = list(getattr(config, "architectures", None) or [])
     if config.model_type not in causal:
         raise CLIError(f"{str(model_dir)!r} is not a causal LM (model_type {config.model_type!r}, {archs or 'no architectures'})")
@@ -238,6 +422,9 @@ def check_record(folder: Path) -> None:
         read_rotation_record(folder)
     except (ValueError, TypeError, KeyError) as e:
         raise RotationError(f"{folder}/rolora_rotation.json is not a valid rotation record: {first_line(e)}") from None
+    except RecursionError:
+        raise RotationError(f"{folder}/rolora_rotation.json is nested too deeply to be a rotation record; replace it "
+                            "with the one written by the run") from None  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer and ids

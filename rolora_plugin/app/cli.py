@@ -19,6 +19,8 @@ This is the only module of the package that prints.
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import re
 import sys
 from pathlib import Path
@@ -28,15 +30,18 @@ from .checks import (
     CLIError,
     check_family,
     check_int,
+    check_json_files,
     check_model_dir,
     check_new_output_dir,
     check_output_parent,
     check_seed,
     config_errors,
     first_line,
+    load_config_file,
     load_model_config,
     load_tokenizer,
     require_modules,
+    short_repr,
 )
 from .runtime import Terminated, filter_known_noise, session, set_offline_environment, setup_logging
 
@@ -55,14 +60,20 @@ def cmd_train(args) -> int:
     from .train import TrainConfig, TrainInputError, checkpoint_root, run_training
 
     path = Path(args.config)
+    if path.exists() and not path.is_file():
+        raise CLIError(f"config file {args.config!r} is not a regular file (a folder, device or pipe); pass a YAML/JSON file")
     if not path.is_file():
         raise CLIError(f"config file {args.config!r} does not exist")
+    data = load_config_file(path, "train config")  # bounded: no YAML aliases, no deep nesting, no huge file
     with config_errors("train config"):
-        cfg = TrainConfig.from_file(path, overrides=_overrides(args))
+        _check_lora_target_type(data.get("lora_targets"))
+        cfg = TrainConfig.from_dict({**data, **_overrides(args)})
     check_new_output_dir(cfg.output_dir, "output_dir")
     root = checkpoint_root(cfg)
     check_output_parent(root, "checkpoint_dir")
     _check_train_model(cfg)
+    args.written_to = f"output_dir {cfg.output_dir} or checkpoint_dir {root}"
+    args.output_paths = [cfg.output_dir, root]
     args.interrupt_note = (f"checkpoints so far are kept in {root}: rerun with --resume to continue" if cfg.save_steps
                            else "nothing was published (save_steps: 0, so there is no checkpoint to resume from)")  # fmt: skip
     try:
@@ -111,10 +122,21 @@ def _check_train_model(cfg) -> None:
     elif not Path(cfg.dataset).is_file():
         raise CLIError(f"dataset {cfg.dataset!r} is neither 'sciq', 'gsm8k' nor an existing .json/.jsonl file")
     tok = load_tokenizer(model_dir if model_dir else smollm2_dir(cfg.cache_dir), required=True)
+    if cfg.dataset not in BUILTIN_DATASETS:
+        check_json_files(cfg.dataset)
     try:
         tokenize_dataset(tok, load_pairs(cfg.dataset, cfg.n_examples, cfg.seed), cfg.seq_len)
     except TrainInputError as e:
         raise CLIError(first_line(e)) from None
+
+
+def _check_lora_target_type(targets) -> None:
+    """``lora_targets``: a string (``all-linear`` or a regex) or a non-empty list of module-name strings."""
+    if targets is None or isinstance(targets, str):
+        return
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError("lora_targets must be a list of module-name strings (e.g. [q_proj, v_proj]) or 'all-linear', "
+                         f"got {short_repr(targets)}")
 
 
 def _check_lora_targets(targets, model_type: str) -> None:
@@ -281,18 +303,101 @@ def cli_words(message: str, flags: dict[str, str]) -> str:
     return re.sub(r"(--[\w-]+) / \1\b", r"\1", message)
 
 
+_INPUT_ARGS = ("model_dir", "source", "export_dir", "base_model", "calibration", "text")  # folders/files a command reads
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_DISK_FULL_WORDS = ("No space left on device", "Disk quota exceeded", "File too large", "StorageFull")
+
+
+def _preflight(args) -> None:
+    """Checks every command gets before its own: the JSON files among its inputs parse within Python's recursion
+    limit (a deeply nested config, record, index or data file would raise RecursionError mid-way)."""
+    for name in _INPUT_ARGS:
+        check_json_files(getattr(args, name, None))
+
+
+def _output_paths(args) -> list[str]:
+    paths = list(getattr(args, "output_paths", None) or [])
+    return paths + [str(getattr(args, n)) for n in ("out_dir", "json", "out") if getattr(args, n, None)]
+
+
+def _no_room(path: str, slack: int = 1 << 20) -> bool:
+    """The filesystem ``path`` (or its nearest existing ancestor) is on has less than ``slack`` bytes free."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        st = os.statvfs(p)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < slack
+
+
+def disk_full(e: BaseException, args=None) -> bool:
+    """``e`` (or an exception it was raised from) says the disk is full: OSError ENOSPC/EDQUOT/EFBIG, or a
+    wrapped one whose message says so (safetensors' SafetensorError); or a write error that does not say why
+    (torch's ``PytorchStreamWriter``: "file write failed", "iostream error") while an output's disk is full."""
+    if isinstance(e, (OSError, RuntimeError)) and args is not None and any(_no_room(p) for p in _output_paths(args)):
+        return True
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
+            return True
+        if any(word in str(e) for word in _DISK_FULL_WORDS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _written_where(e: BaseException, args) -> str:
+    """The file the failed write named, else the command's output path."""
+    while e is not None:
+        if isinstance(e, OSError) and e.filename:
+            return str(e.filename)
+        e = e.__cause__ or e.__context__
+    for name in ("out_dir", "json", "out", "written_to"):
+        if getattr(args, name, None):
+            return str(getattr(args, name))
+    return "the output"
+
+
+def _close_progress_bars() -> None:
+    """Close the tqdm bars an exception left open, so that the error starts a line of its own."""
+    std = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar that cannot be closed must not hide the error
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point. Returns the exit status (0 ok, 2 bad input, 130/143 interrupted by SIGINT/SIGTERM)."""
     set_offline_environment()  # before anything imports huggingface_hub / transformers, -q included
     filter_known_noise()
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose, args.quiet, hf=args.command != "assets")
+
+    def fail(message: str) -> int:
+        _close_progress_bars()
+        print(f"rolora {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
     try:
         with session():
+            _preflight(args)
             return args.func(args)
     except _user_errors() as e:
-        print(f"rolora {args.command}: error: {cli_words(first_line(e), args.cli_flags)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return fail(cli_words(first_line(e), args.cli_flags))
+    except RecursionError as e:  # a nested input that slipped past the checks: still one line, never a traceback
+        return fail(f"an input file is nested too deeply to parse ({first_line(e)}); check the JSON/YAML files "
+                    "passed (configs, records, data) and replace the damaged one")  # fmt: skip
+    except Exception as e:
+        if not disk_full(e, args):
+            raise
+        note = getattr(args, "interrupt_note", "nothing was published and no staging folder is left")
+        return fail(f"no space left on device while writing {_written_where(e, args)} ({first_line(e)}): free space "
+                    f"or choose another output dir; {note}")  # fmt: skip
     except (KeyboardInterrupt, Terminated) as e:
         how = "SIGTERM" if isinstance(e, Terminated) else "interrupted"
         note = getattr(args, "interrupt_note", "nothing was published and no staging folder is left")
