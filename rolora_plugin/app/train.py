@@ -262,7 +262,9 @@ def load_base_model(model: str, cache_dir: str | None = None, dtype=torch.float3
         from .assets import load_smollm2
 
         return load_smollm2(dtype, cache_dir=cache_dir)
-    net = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, local_files_only=True)
+    from ..loading import load_causal_lm
+
+    net = load_causal_lm(model, dtype, model_cls=AutoModelForCausalLM, what="base model")  # refuses missing/extra tensors
     return net, AutoTokenizer.from_pretrained(model, local_files_only=True)
 
 
