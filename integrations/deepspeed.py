@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..distributed import gather_params, is_zero3_partitioned, world_size
+from ..distributed import full_tensor, gather_params, is_zero3_partitioned, world_size
 from ..export import merge_and_export, write_rotation_record
 from ..publish import check_writable_parent
 
@@ -62,14 +62,16 @@ def record_digest(record) -> str:
 
 
 def parameter_digests(model: nn.Module) -> dict[str, str]:
-    """``{name: sha256 of the full parameter's bytes}``; ZeRO-3 partitions are gathered (read-only) one at a time.
+    """``{name: sha256 of the full parameter's bytes}``; ZeRO-3 partitions and FSDP2 DTensors are gathered
+    (read-only) one at a time.
 
-    Collective under ZeRO-3: every rank must call it.
+    Collective under ZeRO-3 / FSDP2: every rank must call it.
     """
     out = {}
     for name, p in model.named_parameters():
         with gather_params([p], modifier_rank=None):
-            out[name] = hashlib.sha256(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()[:16]
+            full = full_tensor(p.detach())
+            out[name] = hashlib.sha256(full.cpu().contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()[:16]
     return out
 
 
@@ -136,15 +138,16 @@ def zero3_init_disabled():
 def gather_trainable(model: nn.Module, keep: bool) -> dict[str, torch.Tensor]:
     """``{name: full CPU tensor}`` of the trainable (adapter) parameters (``{}`` where ``keep`` is False).
 
-    Collective for ZeRO-3 partitions (every rank must call it; each parameter is gathered read-only, one at a
-    time); plain tensors are copied.
+    Collective for ZeRO-3 partitions and FSDP2 DTensors (every rank must call it; each parameter is gathered
+    read-only, one at a time); plain tensors are copied.
     """
     out = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             with gather_params([p], modifier_rank=None):
+                full = full_tensor(p.detach())
                 if keep:
-                    out[name] = p.detach().cpu().clone()
+                    out[name] = full.cpu().clone()
     return out
 
 
@@ -167,8 +170,9 @@ def export_adapter_state(model: nn.Module, adapter: dict, record, out_dir: Path,
 
 
 def export_merged_zero3(model: nn.Module, record, out_dir, *, is_main: bool, tokenizer=None, overwrite: bool = False) -> None:
-    """Collective merged export of a ZeRO-3 partitioned peft ``model``: every rank gathers the adapter, the main
-    process (``is_main``) exports it with :func:`export_adapter_state`."""
+    """Collective merged export of a sharded peft ``model`` (DeepSpeed ZeRO-3 partitions or FSDP2 DTensors: no
+    rank holds the full weights): every rank gathers the adapter, the main process (``is_main``) exports it with
+    :func:`export_adapter_state`."""
     adapter = gather_trainable(model, keep=is_main)
     if is_main:
         export_adapter_state(model, adapter, record, Path(out_dir), tokenizer, overwrite)

@@ -63,7 +63,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from .._peft import base_layer, is_peft_model, unwrap_peft
-from ..distributed import is_zero3_partitioned, world_size
+from ..distributed import is_sharded, is_zero3_partitioned, world_size
 from ..errors import RotationError
 from ..export import RECORD_FILE, _check_out_dir, merge_and_export, read_rotation_record, write_rotation_record
 from ..monitor import BatchCapture, monitor_metrics
@@ -220,6 +220,13 @@ class RoLoRACallback(TrainerCallback):
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         self.prepare_model(model)
+        if _uses_fsdp(args) and self.config.export.merged_output_dir and not is_peft_model(model):
+            raise ValueError(
+                "RoLoRAConfig.export.merged_output_dir under FSDP needs a peft model: the callback gathers only the "
+                "adapter and merges it into a freshly loaded, re-rotated base. For a full fine-tune, save with "
+                "trainer.save_model(DIR) (fsdp_config state_dict_type FULL_STATE_DICT) and run "
+                "rolora_plugin.merge_and_export(DIR, OUT) after training."
+            )
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.record is None:  # attached after Trainer.__init__
@@ -330,15 +337,21 @@ class RoLoRACallback(TrainerCallback):
     def export_merged(self, model: nn.Module, out_dir, *, is_main: bool = True, tokenizer=None) -> None:
         """:func:`~rolora_plugin.export.merge_and_export` the trained model to ``out_dir`` (main process writes).
 
-        Collective under DeepSpeed ZeRO-3, where each rank holds only a slice of every weight
-        (:func:`~rolora_plugin.integrations.deepspeed.export_merged_zero3`). Otherwise the main process merges a
-        copy of the live model.
+        Collective under DeepSpeed ZeRO-3 and FSDP2, where each rank holds only a slice of every weight
+        (:func:`~rolora_plugin.integrations.deepspeed.export_merged_zero3`: the adapter is gathered, rank 0 merges
+        it into the base reloaded and re-rotated from the record). Otherwise the main process merges a copy of the
+        live model.
         """
         overwrite = self.config.export.overwrite
-        if is_zero3_partitioned(model):
+        if is_sharded(model):
             export_merged_zero3(model, self.record, out_dir, is_main=is_main, tokenizer=tokenizer, overwrite=overwrite)
         elif is_main:
             merge_and_export(model, out_dir, tokenizer=tokenizer, overwrite=overwrite)
+
+
+def _uses_fsdp(args) -> bool:
+    """The Trainer will shard the model with FSDP (1 or 2) in ``train()``."""
+    return bool(getattr(args, "fsdp", None)) or bool((getattr(args, "fsdp_config", None) or {}).get("fsdp_version"))
 
 
 def _check_group_widths(model: nn.Module, qat) -> None:
