@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -97,6 +98,11 @@ def load_causal_lm(
                 raise CheckpointError(f"{what} {path} cannot be loaded: {detail[:300]}; the weights do not fit its config.json: "
                                       "re-save or re-download the checkpoint (nothing was written)") from None  # fmt: skip
             raise
+        except pickle.UnpicklingError:  # torch.load(weights_only=True) refused a pickle: its payload never ran
+            raise CheckpointError(
+                f"{what} {path}: its pytorch_model.bin is a pickle holding more than tensors (torch.load refused "
+                "it in weights-only mode; nothing in it ran); convert it to safetensors from a source you trust"
+            ) from None
     check_loading_info(model, info, path, expected_unexpected=expected_unexpected, what=what)
     if kwargs.get("dtype") == torch.float16:
         _check_float16_cast(model, path, what)
@@ -131,6 +137,13 @@ def check_loading_info(model: nn.Module, info: dict, path, *, expected_unexpecte
             f"{what} {path} does not match its config.json: tensor {name} has shape {tuple(found)} in the weights but "
             f"the config implies {tuple(wanted)}{more}; config.json was edited or belongs to another model. Restore "
             "the config that came with the weights (nothing was written)"
+        )
+    if missing and unexpected:
+        raise CheckpointError(
+            f"{what} {path} lacks {len(missing)} tensor(s) its config.json needs ({_few(missing)}) and holds "
+            f"{len(unexpected)} it does not use ({_few(unexpected)}); transformers would fill the missing ones with "
+            "random values. The weights are of another layout than config.json describes (a packed export whose "
+            "quantization_config was removed?): restore the config that came with the weights (nothing was written)"
         )
     if missing:
         raise CheckpointError(

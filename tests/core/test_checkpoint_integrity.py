@@ -114,9 +114,19 @@ def cast_overflows_fp16(folder: Path) -> None:
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
+def pickle_bin(folder: Path) -> None:
+    """pytorch_model.bin whose pickle holds an object that is not a tensor: refused unread, in one line."""
+    import fractions
+
+    (folder / "model.safetensors").unlink()
+    torch.save({"model.embed_tokens.weight": fractions.Fraction(1, 2)}, folder / "pytorch_model.bin")
+
+
 def no_quantization_config(folder: Path) -> None:
+    """A packed export whose config.json lost its quantization blocks: transformers would build dense linears and
+    leave every packed one random."""
     data = json.loads((folder / "config.json").read_text())
-    del data["quantization_config"]
+    del data["quantization_config"], data["rolora_quant"]
     (folder / "config.json").write_text(json.dumps(data, indent=2))
 
 
@@ -135,7 +145,7 @@ def good(tmp_path_factory) -> dict[str, Path]:
     shutil.copytree(root / "rotated", unsealed)
     for name in ("config.json", RECORD_FILE):
         data = json.loads((unsealed / name).read_text())
-        (data["rolora"] if name == "config.json" else data).pop("integrity")
+        (data["rolora"] if name == "config.json" else data).pop("integrity", None)
         (unsealed / name).write_text(json.dumps(data, indent=2))
     out = {"base": base, "base-fp16": fp16, "rotated": root / "rotated", "other-rotated": root / "other-rotated",
            "rotated-unsealed": unsealed}  # fmt: skip
@@ -182,6 +192,7 @@ KINDS = {
     "edited-config-field": edited_config_field,
     "swapped-weights": swapped_weights,
     "no-quantization-config": no_quantization_config,
+    "pickle-bin": pickle_bin,
 }
 
 # entry points: argv builders (source, out) -> argv; "load_rotated" is the Python API
@@ -208,6 +219,7 @@ TABLE = [
         ("wrong-shard-in-index", "the index does not describe the shards"),
         ("huge-hidden-size", "does not match its config.json"),
     )],  # fmt: skip
+    ("pickle-bin", "base", BASE_ENTRIES, ""),  # --streaming: "reads safetensors checkpoints"
     ("rotation-overflows-fp16", "base-fp16", ("rotate-fp16", "streaming-fp16"), "bfloat16"),
     ("cast-overflows-fp16", "base", ("rotate-fp16", "streaming-fp16"), "bfloat16"),
     *[(k, "rotated", ROTATED_ENTRIES, word) for k, word in (
@@ -268,6 +280,17 @@ def test_every_kind_and_entry_point_is_covered():
 
 
 # ---------------------------------------------------------------------------------------------- the loader itself
+
+
+def test_packed_export_without_its_configs_and_record_is_refused_by_the_loading_info(good, damaged, tmp_path):
+    if "compressed" not in good:
+        pytest.skip("compressed-tensors is not installed")
+    folder = tmp_path / "m"
+    shutil.copytree(damaged("no-quantization-config", "compressed"), folder)
+    (folder / "rolora_quantization.json").unlink()
+    with pytest.raises(CheckpointError, match=r"lacks \d+ tensor\(s\)") as info:
+        load_rotated(folder)
+    assert "weight_packed" in str(info.value) and "quantization_config" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_loader_accepts_a_tied_head_and_a_complete_checkpoint(good):
