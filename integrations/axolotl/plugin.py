@@ -1,13 +1,17 @@
 """``RoLoRAPlugin``: RoLoRA in Axolotl from one YAML section. Imported by Axolotl only (it imports axolotl).
 
-Load it with ``plugins: [rolora.RoLoRAPlugin]``. Axolotl's loader splits the name at its last dot into module
+Axolotl >= 0.21 loads it by itself: ``rolora-plugin`` registers the ``axolotl.plugins`` entry point
+``rolora = "rolora.plugin:RoLoRAPlugin"``, so ``pip install rolora-plugin`` and a ``rolora:`` section are enough
+(without a ``rolora:`` section the plugin stays inactive). Axolotl 0.19 (and 0.21 too) loads it with
+``plugins: [rolora.RoLoRAPlugin]``. Axolotl's loader splits the name at its last dot into module
 and class (``module_name, class_name = plugin_name.rsplit(".", 1)`` in ``axolotl.integrations.base.load_plugin``),
 so a bare ``rolora`` cannot load in any released Axolotl (there is nothing to split: ``ValueError: not enough
-values to unpack``); the tiny top-level ``rolora`` package exists so that ``rolora.RoLoRAPlugin`` works. Axolotl
->= 0.21 also registers the ``axolotl.plugins`` entry point ``rolora = "rolora.plugin:RoLoRAPlugin"`` on its own;
-the plugin therefore stays inactive unless the config has a ``rolora:`` section.
+values to unpack``); the tiny top-level ``rolora`` package exists so that ``rolora.RoLoRAPlugin`` works. With
+both (0.21: the entry point, registered as ``rolora.plugin.RoLoRAPlugin``, plus a ``plugins:`` line naming
+``rolora.RoLoRAPlugin``) Axolotl creates two instances; the first one created is the active one, the second
+logs that it is a duplicate and does nothing (else the model would get two callbacks: QAT twice, two exports).
 
-Hook order (Axolotl 0.19) and what each hook does here:
+Hook order (Axolotl 0.19 and 0.21) and what each hook does here:
 
 * ``register(cfg)`` (raw config, before validation): with a ``rolora:`` section, sets Axolotl's fused LoRA
   kernels (``lora_mlp_kernel``, ``lora_qkv_kernel``, ``lora_o_kernel``) to false, logging why: they compute the
@@ -27,6 +31,12 @@ Hook order (Axolotl 0.19) and what each hook does here:
   its rotation record to ``<output_dir>/rolora-merged`` — exactly once (idempotent). The export reads the saved
   adapter from disk (under ZeRO-3 the live weights are partitioned), re-rotates the base from the record and
   verifies it before merging.
+* ``post_lora_merge(cfg, adapter_path, output_path)`` (Axolotl >= 0.21; called by ``axolotl merge-lora``
+  after it saved its merge): Axolotl's default merge (``merge_method: memory_efficient``) adds the adapter to
+  the *unrotated* base weights read shard by shard from ``base_model``, which is wrong for an adapter trained in
+  the rotated basis, and neither merge method writes the rotation record or keeps the online rotations. So the
+  plugin replaces ``output_path`` with :func:`~rolora_plugin.export.merge_and_export` of the adapter (base
+  re-rotated from the adapter's record, checksums verified; tokenizer kept) — load it with ``load_rotated``.
 """
 
 from __future__ import annotations
@@ -58,19 +68,34 @@ _UNSET = object()
 class RoLoRAPlugin(BasePlugin):
     """Axolotl plugin for RoLoRA; configured by the ``rolora:`` section (see :mod:`.args`)."""
 
+    _primary = None  # the first instance created in this process; later ones (a second registration) stay inactive
+
     def __init__(self):
         super().__init__()
+        if RoLoRAPlugin._primary is None:
+            RoLoRAPlugin._primary = self
         self.record = None
         self._dtype = None
         self._started = None
         self._exported = False
         self._user_targets = _UNSET
 
-    def get_input_args(self) -> str:
-        return "rolora_plugin.integrations.axolotl.args.RoLoRAArgs"
+    def get_input_args(self) -> str | None:
+        # a second registration must not add the `rolora:` schema again (pydantic: "duplicate base class")
+        return None if self._duplicate() else "rolora_plugin.integrations.axolotl.args.RoLoRAArgs"
 
     # -- config --------------------------------------------------------------------------------------------------
+    def _duplicate(self) -> bool:
+        return RoLoRAPlugin._primary is not self
+
+    def _options(self, cfg) -> RoLoRAOptions | None:
+        return None if self._duplicate() else _options(cfg)
+
     def register(self, cfg):
+        if self._duplicate():
+            LOG.info("RoLoRAPlugin registered a second time (the axolotl.plugins entry point and the `plugins:` list): "
+                     "this copy stays inactive, the first one does the work")
+            return
         if "rolora" not in cfg:
             LOG.info("RoLoRAPlugin loaded but the config has no `rolora:` section: RoLoRA stays off")
             return
@@ -79,14 +104,14 @@ class RoLoRAPlugin(BasePlugin):
         _disable_fused_lora_kernels(cfg)
 
     def pre_model_load(self, cfg):
-        if _options(cfg) is None:
+        if self._options(cfg) is None:
             return
         _disable_fused_lora_kernels(cfg)  # again after validation, in case something switched them back on
         self._started = time.time()
 
     # -- model ---------------------------------------------------------------------------------------------------
     def post_model_build(self, cfg, model):
-        options = _options(cfg)
+        options = self._options(cfg)
         if options is None:
             return
         rotated = get_rotation_record(model) is not None
@@ -101,7 +126,7 @@ class RoLoRAPlugin(BasePlugin):
 
     def pre_lora_load(self, cfg, model):
         targets = cfg.get("lora_target_modules")
-        if _options(cfg) is None or not isinstance(targets, (list, tuple)):
+        if self._options(cfg) is None or not isinstance(targets, (list, tuple)):
             return
         mapped = map_target_modules(model, list(targets))
         if sorted(mapped) != sorted(targets):
@@ -109,7 +134,7 @@ class RoLoRAPlugin(BasePlugin):
             self._user_targets, cfg["lora_target_modules"] = targets, mapped
 
     def post_lora_load(self, cfg, model):
-        if _options(cfg) is None:
+        if self._options(cfg) is None:
             return
         if self._user_targets is not _UNSET:  # undo the mapping: the config is the user's again
             cfg["lora_target_modules"], self._user_targets = self._user_targets, _UNSET
@@ -117,7 +142,7 @@ class RoLoRAPlugin(BasePlugin):
         LOG.info("rolora: LoRA on %d rotated linears; online rotations in place", len(lora_layer_names(model)))
 
     def add_callbacks_pre_trainer(self, cfg, model):
-        options = _options(cfg)
+        options = self._options(cfg)
         if options is None:
             return []
         from ..hf_trainer import RoLoRACallback  # imports transformers: only once Axolotl builds the trainer
@@ -135,9 +160,28 @@ class RoLoRAPlugin(BasePlugin):
     def post_train_unload(self, cfg):
         self._export_once(cfg)
 
+    def post_lora_merge(self, cfg, adapter_path, output_path):
+        """``axolotl merge-lora`` (Axolotl >= 0.21): replace Axolotl's merge with the merge in the rotated basis."""
+        options = self._options(cfg)
+        if options is None or int(os.environ.get("RANK", "0")) != 0:
+            return
+        adapter = Path(adapter_path)
+        record = read_rotation_record(adapter)
+        if record is None:
+            raise RotationError(
+                f"axolotl merge-lora: {adapter} has no rolora_rotation.json, so the rotation its adapter was trained in "
+                "is unknown and Axolotl's merge (into the unrotated base) cannot be corrected. Point lora_model_dir at "
+                "the output_dir of the RoLoRA training run."
+            )
+        with zero3_init_disabled():
+            # tokenizer: the adapter folder's (Axolotl saves it with the adapter), else the base model's
+            merge_and_export(str(adapter), str(output_path), base_model=cfg.base_model, overwrite=True, dtype=self._dtype)
+        LOG.info("rolora: replaced Axolotl's LoRA merge in %s by the merge in the rotated basis (rotation record "
+                 "written; load it with rolora_plugin.export.load_rotated)", output_path)
+
     def _export_once(self, cfg) -> None:
         """Export when the final model has been saved in this run; a no-op before that and after the first export."""
-        options = _options(cfg)
+        options = self._options(cfg)
         if options is None or self._exported or int(os.environ.get("RANK", "0")) != 0:
             return
         out = Path(cfg.output_dir)

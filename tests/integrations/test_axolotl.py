@@ -3,13 +3,15 @@
 * Default run (no Axolotl needed): the ``rolora:`` pydantic args, and the plugin's hook logic driven in-process
   in Axolotl's hook order with a stand-in ``axolotl.integrations.base.BasePlugin``.
 * ``@pytest.mark.axolotl`` (run by ``.ci/run`` as ``pytest -m axolotl``): ``axolotl train
-  examples/axolotl/rolora.yml`` with axolotl 0.19.0 (transformers 5.16.1, peft 0.20.0) in its own venv, built or
-  reused by ``.ci/axolotl_env.sh``; offline, CPU, a tiny local Llama and a local JSON dataset. A venv that cannot
-  be built fails the test (no skip).
+  examples/axolotl/rolora.yml`` with axolotl 0.19.0 (transformers 5.16.1, peft 0.20.0; the newest release on
+  Python 3.11) in its own venv, built or reused by ``.ci/axolotl_env.sh 0.19``; offline, CPU, a tiny local Llama
+  and a local JSON dataset. A venv that cannot be built fails the test (no skip). Axolotl 0.21 (Python 3.12:
+  entry point, resume, ``merge-lora``) is tested in ``test_axolotl_021.py``.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import subprocess
@@ -22,6 +24,7 @@ import torch
 from tests.helpers import random_ids, rel_err, tiny_model
 
 from rolora_plugin import RotationConfig, get_rotation_record
+from rolora_plugin.errors import RotationError
 
 REPO = Path(__file__).resolve().parents[2]
 FLOAT32_MERGE_RTOL = 1e-5  # merged export vs rotated base + unmerged adapter, float32 weights
@@ -95,7 +98,8 @@ def plugin(monkeypatch, pydantic):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, "axolotl.integrations.base", base)
     monkeypatch.delitem(sys.modules, "rolora_plugin.integrations.axolotl.plugin", raising=False)
-    from rolora_plugin.integrations.axolotl import plugin as module
+    module = importlib.import_module("rolora_plugin.integrations.axolotl.plugin")  # fresh, on the stand-in base
+    assert module.RoLoRAPlugin.__mro__[1] is base.BasePlugin and module.RoLoRAPlugin._primary is None
 
     yield module.RoLoRAPlugin(), module
     sys.modules.pop("rolora_plugin.integrations.axolotl.plugin", None)
@@ -167,6 +171,62 @@ def test_plugin_hook_sequence_rotates_maps_targets_and_exports_once(plugin, tmp_
     assert rel_err(merged, reference) < FLOAT32_MERGE_RTOL
 
 
+def test_a_second_registration_stays_inactive(plugin, caplog):
+    """Axolotl 0.21 registers the entry point (``rolora.plugin.RoLoRAPlugin``) and a ``plugins:`` line naming
+    ``rolora.RoLoRAPlugin`` as two plugins: only the first instance may act (one callback, one export)."""
+    p, module = plugin
+    second = module.RoLoRAPlugin()
+    cfg = Cfg(rolora={"rotation": {"seed": 1}}, lora_mlp_kernel=True)
+    with caplog.at_level(logging.INFO, logger="axolotl.integrations.rolora"):
+        second.register(cfg)
+    assert cfg.lora_mlp_kernel is True and "registered a second time" in caplog.text
+    model = tiny_model("llama")
+    second.post_model_build(cfg, model)
+    assert get_rotation_record(model) is None and second.add_callbacks_pre_trainer(cfg, model) == []
+    p.register(cfg)
+    assert cfg.lora_mlp_kernel is False and len(p.add_callbacks_pre_trainer(cfg, model)) == 1
+
+
+def test_post_lora_merge_replaces_axolotls_merge_into_the_unrotated_base(plugin, tmp_path):
+    """``axolotl merge-lora`` (0.21, default memory-efficient method) adds the adapter to the *unrotated* base
+    shards; ``post_lora_merge`` replaces that output with the merge in the rotated basis (+ record)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rolora_plugin.export import load_rotated, read_rotation_record
+    from rolora_plugin.integrations.hf_trainer import install_save_hook
+
+    p, _ = plugin
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    cfg = Cfg(rolora={"rotation": {"seed": 5}}, base_model=str(tmp_path / "base"), output_dir=str(tmp_path / "out"))
+    p.register(cfg)
+    p.pre_model_load(cfg)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    p.post_model_build(cfg, model)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    _train_a_little(peft_model)
+    install_save_hook(peft_model)  # what the plugin's callback does: the adapter is saved with its record
+    peft_model.save_pretrained(tmp_path / "out")
+    # what Axolotl's memory-efficient merge writes: the adapter added to the unrotated base
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    PeftModel.from_pretrained(plain, tmp_path / "out").merge_and_unload().save_pretrained(tmp_path / "out" / "merged")
+    ids = random_ids()
+    with torch.no_grad():
+        expected = peft_model.eval()(ids).logits
+        wrong = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "merged", dtype=torch.float32)(ids).logits
+    assert rel_err(wrong, expected) > 100 * FLOAT32_MERGE_RTOL  # Axolotl's merge is not the trained model
+
+    p.post_lora_merge(cfg, str(tmp_path / "out"), str(tmp_path / "out" / "merged"))
+    assert read_rotation_record(tmp_path / "out" / "merged") == get_rotation_record(model)
+    with torch.no_grad():
+        fixed = load_rotated(tmp_path / "out" / "merged")(ids).logits
+    assert rel_err(fixed, expected) < FLOAT32_MERGE_RTOL
+
+    (tmp_path / "out" / "rolora_rotation.json").unlink()
+    with pytest.raises(RotationError, match="has no rolora_rotation.json"):
+        p.post_lora_merge(cfg, str(tmp_path / "out"), str(tmp_path / "out" / "merged"))
+
+
 def _real_export(*args, **kwargs):
     from rolora_plugin.export import merge_and_export
 
@@ -198,9 +258,9 @@ def _train_a_little(model) -> None:
 
 @pytest.fixture(scope="module")
 def axolotl_venv() -> Path:
-    """The Axolotl venv from .ci/axolotl_env.sh (built on first use: ~6 min); fails loudly if it cannot be built."""
-    proc = subprocess.run(["bash", str(REPO / ".ci" / "axolotl_env.sh")], capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, f".ci/axolotl_env.sh failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}"
+    """The Axolotl 0.19 venv from .ci/axolotl_env.sh 0.19 (built on first use: ~7 min); fails loudly if it cannot be built."""
+    proc = subprocess.run(["bash", str(REPO / ".ci" / "axolotl_env.sh"), "0.19"], capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, f".ci/axolotl_env.sh 0.19 failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}"
     venv = Path(proc.stdout.strip().splitlines()[-1])
     assert (venv / "bin" / "axolotl").is_file(), f"{venv} has no bin/axolotl"
     return venv
