@@ -241,16 +241,30 @@ def check_model_dir(path: str, flag: str = "model dir", weights: bool = True) ->
     if not os.access(cfg, os.R_OK):
         raise CLIError(f"{cfg} is not readable (check its permissions)")
     try:
-        json.loads(cfg.read_text(encoding="utf-8"))
+        data = json.loads(cfg.read_text(encoding="utf-8"))
     except (ValueError, OSError) as e:
         raise CLIError(f"cannot read the model config in {path!r}: {first_line(e)}") from None
     except RecursionError:
         raise CLIError(f"{cfg} is nested too deeply to parse: damaged or made to crash readers; replace config.json "
                        "with a good copy") from None  # fmt: skip
+    _check_config_shape(cfg, data)
     check_json_files(p)  # records, weight index, tokenizer files: none nested beyond what a parser survives
     if weights:
         check_weights(p)
     return p
+
+
+def _check_config_shape(cfg: Path, data) -> None:
+    """The fields this tool reads before transformers does have the JSON types transformers expects."""
+    fix = "restore the config.json that came with the weights"
+    if not isinstance(data, dict):
+        raise CLIError(f"{cfg} holds a JSON {type(data).__name__}, not an object of model settings; {fix}")
+    if not isinstance(data.get("model_type", ""), str):
+        raise CLIError(f"{cfg}: model_type must be a string such as \"llama\", got {short_repr(data['model_type'])}; {fix}")
+    archs = data.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise CLIError(f"{cfg}: architectures must be a list of class names such as [\"LlamaForCausalLM\"], got "
+                       f"{short_repr(archs)}; {fix}")  # fmt: skip
 
 
 def check_weights(folder: Path) -> None:

@@ -104,6 +104,15 @@ def _deep_config(root: Path, tiny: Path) -> None:
     (d / "config.json").write_text(text + ', "deep": ' + "[" * DEPTH + "]" * DEPTH + "}")
 
 
+def _bad_config_types(root: Path, tiny: Path) -> None:
+    """config.json fields of the wrong JSON type (transformers raises TypeError deep inside on them)."""
+    for name, text in {"config-not-object": "[]", "model-type-list": None, "architectures-dicts": None}.items():
+        d = _copy_model(tiny, root / name)
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.update({"model-type-list": {"model_type": ["llama"]}, "architectures-dicts": {"architectures": [{"x": 1}]}}.get(name, {}))
+        (d / "config.json").write_text(text or json.dumps(cfg))
+
+
 def _deep_adapter(root: Path, tiny: Path) -> None:
     d = root / "deep-adapter"
     d.mkdir()
@@ -128,7 +137,7 @@ def root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("hostile")
     tiny = save_tiny(root / "tiny")
     assert main(["-q", "rotate", str(tiny), str(root / "rotated")]) == 0
-    for make in (_lying_header_len, _offsets_past_eof, _huge_dims, _pickle_checkpoint, _deep_config, _deep_adapter):
+    for make in (_lying_header_len, _offsets_past_eof, _huge_dims, _pickle_checkpoint, _deep_config, _bad_config_types, _deep_adapter):
         make(root, tiny)
     _links(root)
     _data(root)
@@ -174,6 +183,9 @@ _MODELS = {  # hostile model folders: (folder, text the one line must contain)
     "offsets-past-eof": "model.safetensors",
     "huge-dims": "model.safetensors",
     "deep-config": "config.json",
+    "config-not-object": "not an object",
+    "model-type-list": "model_type must be a string",
+    "architectures-dicts": "architectures must be a list",
 }
 
 
