@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import re
+import stat
 from pathlib import Path
 
 from ..config import short_repr
@@ -371,6 +372,10 @@ def check_output_parent(path: str | os.PathLike, flag: str = "output dir") -> Pa
         problem = _link_problem(candidate)
         if problem:
             raise CLIError(f"cannot create {flag} {str(path)!r}: {problem}, or choose another path")
+    with contextlib.suppress(OSError):
+        mode = os.stat(p).st_mode
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+            raise CLIError(f"{flag} {str(path)!r} is a device, pipe or socket, not a file or folder; choose another path")
     ancestor = p.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent

@@ -66,7 +66,7 @@ def cmd_train(args) -> int:
         raise CLIError(f"config file {args.config!r} does not exist")
     data = load_config_file(path, "train config")  # bounded: no YAML aliases, no deep nesting, no huge file
     with config_errors("train config"):
-        _check_lora_target_type(data.get("lora_targets"))
+        _check_config_types(data)
         cfg = TrainConfig.from_dict({**data, **_overrides(args)})
     check_new_output_dir(cfg.output_dir, "output_dir")
     root = checkpoint_root(cfg)
@@ -130,9 +130,24 @@ def _check_train_model(cfg) -> None:
         raise CLIError(first_line(e)) from None
 
 
+def _check_config_types(data: dict) -> None:
+    """Types of the train config's fields that TrainConfig leaves to the code that uses them."""
+    _check_lora_target_type(data.get("lora_targets"))
+    cache = data.get("cache_dir")
+    if cache is not None and (not isinstance(cache, str) or not cache):
+        raise ValueError(f"cache_dir must be a folder path or null, got {short_repr(cache)}")
+
+
 def _check_lora_target_type(targets) -> None:
     """``lora_targets``: a string (``all-linear`` or a regex) or a non-empty list of module-name strings."""
-    if targets is None or isinstance(targets, str):
+    if targets is None or targets == "all-linear":
+        return
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)  # peft matches a string target as a regular expression
+        except re.error as e:
+            raise ValueError(f"lora_targets {short_repr(targets)} is not a valid regular expression ({e}); use "
+                             "'all-linear', a list of module names such as [q_proj, v_proj], or a valid regex") from None  # fmt: skip
         return
     if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
         raise ValueError("lora_targets must be a list of module-name strings (e.g. [q_proj, v_proj]) or 'all-linear', "

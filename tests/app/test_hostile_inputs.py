@@ -122,6 +122,7 @@ def _deep_adapter(root: Path, tiny: Path) -> None:
 def _links(root: Path) -> None:
     (root / "loop").symlink_to(root / "loop")  # ELOOP on every access
     (root / "dangling").symlink_to(root / "no-such-target")
+    os.mkfifo(root / "fifo")  # a named pipe: opening it for reading would block forever
 
 
 def _data(root: Path) -> None:
@@ -235,6 +236,12 @@ CASES = _model_cases() + _output_cases() + [
      "lora_targets must be"),  # fmt: skip
     ("train/lora-targets-mapping", lambda r: ["train", train_config(r, "map-targets", lora_targets=[{"q": 1}])],
      "lora_targets must be"),  # fmt: skip
+    ("train/lora-targets-bad-regex", lambda r: ["train", train_config(r, "bad-regex", lora_targets="((")], "regular expression"),
+    ("train/cache-dir-list", lambda r: ["train", train_config(r, "cache-list", model="smollm2", cache_dir=[1])], "cache_dir"),
+    ("train/config-is-fifo", ["train", "{root}/fifo"], "not a regular file"),
+    ("train/dataset-is-fifo", lambda r: ["train", train_config(r, "fifo-data", dataset=str(r / "fifo"))], "dataset"),
+    ("eval/json-is-fifo", ["eval", "{root}/tiny", "--ppl-chunks", "1", "--seq-len", "16", "--json", "{root}/fifo"], "pipe"),
+    ("quantize/calibration-is-fifo", ["quantize", "{root}/tiny", "{root}/out", "--calibration", "{root}/fifo"], "--calibration"),
     ("export/deep-adapter-config", ["export", "{root}/deep-adapter", "{root}/out"], "adapter_config.json"),
     ("quantize/deep-adapter-config", ["quantize", "{root}/deep-adapter", "{root}/out"], "adapter_config.json"),
     ("quantize/deep-calibration", ["quantize", "{root}/tiny", "{root}/out", "--calibration", "{root}/deep.jsonl",
@@ -259,6 +266,8 @@ def snapshot(root: Path) -> dict[str, str]:
             rel = str(path.relative_to(root))
             if path.is_symlink():
                 out[rel] = f"link -> {os.readlink(path)}"
+            elif path.is_fifo():
+                out[rel] = "fifo"
             elif path.is_dir():
                 out[rel] = "dir"
             else:
