@@ -276,7 +276,10 @@ def _load_base(base_model, dtype) -> nn.Module:
     from .compressed import _read_json
 
     config = Path(base_model) / "config.json"
-    _refuse_quantized_base(_read_json(config, "model config") if config.is_file() else {}, f"base model {base_model}")
+    data = _read_json(config, "model config") if config.is_file() else {}
+    _refuse_quantized_base(data, f"base model {base_model}")
+    if data.get(RECORD_KEY):  # a rotated export: its checksums are verified like any rotated checkpoint's
+        return load_rotated(base_model, dtype)
     return load_causal_lm(base_model, dtype, what="base model")
 
 

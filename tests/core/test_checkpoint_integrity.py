@@ -404,6 +404,16 @@ def test_adapter_record_without_base_fingerprint_exports_onto_its_own_base(good,
     merge_and_export(adapter, tmp_path / "merged-rotated-base", base_model=good["rotated"])  # a rotated base too
 
 
+@pytest.mark.parametrize("kind", ["swapped-weights", "edited-config-field"])
+def test_adapter_onto_a_damaged_rotated_base_is_refused(good, damaged, tmp_path, capsys, kind):
+    adapter = _adapter(tmp_path / "adapter", good["base"], drop_fingerprint=False)
+    capsys.readouterr()
+    rc = main(["-q", "export", str(adapter), str(tmp_path / "out"), "--base-model", str(damaged(kind, "rotated"))])
+    err = capsys.readouterr().err.splitlines()
+    assert rc == EXIT_BAD_INPUT and len(err) == 1 and ("not the ones exported" in err[0] or "was edited" in err[0]), err
+    assert not (tmp_path / "out").exists()
+
+
 def test_adapter_onto_a_quantized_base_is_refused_up_front(good, tmp_path, capsys):
     if "compressed" not in good:
         pytest.skip("compressed-tensors is not installed")
