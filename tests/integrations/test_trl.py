@@ -191,3 +191,29 @@ def test_resume_equals_an_uninterrupted_run_and_refuses_another_rotation(sft, sf
     trainer, _ = sft.build_trainer(model, tokenizer, sft.sft_dataset(pairs), other)
     with pytest.raises(RotationError, match="differs from the model's"):
         trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_qat_on_lora_in_sft(sft, tmp_path):
+    """``--qat w4a4-int``: RoLoRA's QAT (fake-quantized weights + activations, straight-through gradients into LoRA)
+    is on for every SFT step; it is removed at the end, so the merged export equals the live FP model."""
+    from transformers import TrainerCallback
+
+    from rolora_plugin.export import load_rotated
+
+    seen = []
+
+    class QATProbe(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append(callback._qat is not None and len(callback._qat.modules))
+
+    args = _args(sft, tmp_path / "qat", "--qat", "w4a4-int")
+    model, tokenizer, pairs = sft.load_model_and_data(args)
+    trainer, callback = sft.build_trainer(model, tokenizer, sft.sft_dataset(pairs), args, extra_callbacks=[QATProbe()])
+    trainer.train()
+    assert seen == [2 * 7] * STEPS  # every linear of both layers fake-quantized at every step
+    assert callback._qat is None  # removed in on_train_end
+    ids = _ids(trainer)
+    with torch.no_grad():
+        live = trainer.model.eval()(ids).logits
+        exported = load_rotated(str(tmp_path / "qat" / "merged"), dtype=torch.float32)(ids).logits
+    assert rel_err(exported, live) < FLOAT32_MERGE_RTOL
