@@ -61,11 +61,12 @@ def save_figure(fig, path: Path) -> Path:
     return atomic_write_bytes(Path(path), buf.getvalue())
 
 
-def _panels(n: int, width: float = 5.2, height: float = 3.6):
-    """``(fig, flat list of n axes)`` on a grid of at most 2 columns."""
+def _panels(n: int, width: float = 5.2, height: float = 3.6, sharey: bool = False):
+    """``(fig, flat list of n axes)`` on a grid of at most 2 columns (one y-range for all with ``sharey``)."""
     cols = min(n, 2)
     rows = math.ceil(n / cols)
-    fig, axes = agg_pyplot().subplots(rows, cols, figsize=(width * cols, height * rows), layout="constrained", squeeze=False)
+    fig, axes = agg_pyplot().subplots(rows, cols, figsize=(width * cols, height * rows), layout="constrained", squeeze=False,
+                                      sharey="all" if sharey else "none")  # fmt: skip
     flat = list(axes.flat)
     for ax in flat[n:]:
         ax.set_visible(False)
@@ -87,12 +88,13 @@ def plot_kurtosis_per_layer(path: Path, before: dict, after: dict, kinds: tuple[
 
 
 def kurtosis_figure(before: dict, after: dict, kinds: tuple[str, ...] | None = None):
-    """One panel per input kind (2 columns): kurtosis of its input per decoder layer, before vs after, log scale.
+    """One panel per input kind (2 columns): kurtosis of its input per decoder layer, before vs after, on one
+    shared log scale (so the panels compare: down_proj's outliers are orders of magnitude above q_proj's).
 
     ``kinds`` default to :func:`rolora_plugin.kurtosis.kinds_from_names` of ``before``.
     """
     kinds = tuple(kinds or kinds_from_names(before))
-    fig, axes = _panels(len(kinds))
+    fig, axes = _panels(len(kinds), sharey=True)
     for ax, kind in zip(axes, kinds):
         for stats, style in ((before, BEFORE), (after, AFTER)):
             pts = _of_kind(stats, kind)
@@ -100,8 +102,9 @@ def kurtosis_figure(before: dict, after: dict, kinds: tuple[str, ...] | None = N
         ax.set_yscale("log")
         ax.axhline(3.0, color="grey", lw=0.8, ls=":", label="Gaussian (3)")
         ax.set(title=f"input of {kind}", xlabel="decoder layer", ylabel="kurtosis (log scale)")
-    axes[0].legend()
-    fig.suptitle("Kurtosis of each linear layer's input (tokens × channels), before vs after rotation")
+        ax.yaxis.set_tick_params(labelleft=True)  # shared scale, still read on every panel
+    axes[0].legend(fontsize=9)
+    fig.suptitle("Kurtosis of each linear layer's input (tokens × channels), before vs after rotation (one scale)")
     return fig
 
 
@@ -150,9 +153,10 @@ def token_ranges_figure(before: dict, after: dict, kinds: tuple[str, ...] | None
                 title=f"input of {kind} ({channels} channels)", xlabel="per-token max|x| / rms across channels",
                 ylabel="fraction of tokens ≤ x")  # fmt: skip
         _plain_log_ticks(top, 1.4 * math.sqrt(channels))
-        top.legend(fontsize=7, loc="upper left")  # above the curves (they end at 1)
+        top.legend(fontsize=8.5, loc="upper left")  # above the curves (they end at 1)
         bottom.set(ylim=(0, 1.7 * math.sqrt(channels)), xlabel="decoder layer", ylabel="max|x| / rms across channels")
-    axes[1, 0].legend(fontsize=6.5, loc="upper left")  # above the upper bound
+    # one legend for the bottom row, readable at screen size (a legend per panel would cover the curves)
+    fig.legend(*axes[1, 0].get_legend_handles_labels(), loc="outside lower center", ncol=5, fontsize=10)
     fig.suptitle("The range a per-token quantizer must cover: each token's peak / rms across its channels (lower is better)")
     return fig
 
@@ -237,7 +241,11 @@ def losses_figure(tuned: dict):
     the base model before fine-tuning as a dotted line (``tuned["base_fp_response_ppl"]``)."""
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = agg_pyplot().subplots(figsize=(7.2, 4.2), layout="constrained")
+    w4a4 = all("w4a4" in tuned.get(name, {}) for name in ("lora", "rolora"))
+    if w4a4:
+        fig, (ax, right) = agg_pyplot().subplots(1, 2, figsize=(11.5, 4.4), layout="constrained", width_ratios=(1.8, 1))
+    else:
+        fig, ax = agg_pyplot().subplots(figsize=(7.2, 4.2), layout="constrained")
     for name, label, color in (("lora", "LoRA", "tab:blue"), ("rolora", "RoLoRA", "tab:orange")):
         steps, losses = zip(*tuned[name]["loss_curve"])
         w = len(losses) // 4
@@ -254,7 +262,27 @@ def losses_figure(tuned: dict):
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="step", ylabel="loss on response tokens (nats/token)", title="Fine-tuning on SciQ pairs: LoRA vs RoLoRA")
     ax.legend(fontsize=8)
+    if w4a4:
+        _low_bit_panel(right, tuned)
     return fig
+
+
+def _low_bit_panel(ax, tuned: dict) -> None:
+    """The same held-out loss after training, in full precision and at W4A4 (the merged model quantized as in the
+    demo's fine-tune table): the paper's point is the W4A4 one ("low-bit convergence"), not the FP one."""
+    for x, (name, label, color) in enumerate((("lora", "LoRA", "tab:blue"), ("rolora", "RoLoRA", "tab:orange"))):
+        fp, low = tuned[name]["held_out_loss"], math.log(tuned[name]["w4a4"]["response_ppl"])
+        ax.plot([x, x], [fp, low], color=color, lw=1.5, alpha=0.6)
+        ax.plot([x], [fp], marker="D", ms=8, color=color, mec="black", ls="none", label="FP" if x == 0 else "_fp")
+        ax.plot([x], [low], marker="s", ms=9, color="white", mec=color, mew=2.2, ls="none", label="W4A4" if x == 0 else "_w4a4")
+        for y, text in ((fp, f"{fp:.2f}"), (low, f"{low:.2f}")):
+            ax.annotate(text, (x, y), xytext=(10, -3), textcoords="offset points", fontsize=9)
+    if "base_fp_response_ppl" in tuned:
+        ax.axhline(math.log(tuned["base_fp_response_ppl"]), color="grey", ls=":", lw=1.2, label="base model, FP")
+    ax.set_xticks([0, 1], ["LoRA merged", "RoLoRA merged"])
+    ax.set_xlim(-0.5, 1.7)
+    ax.set(xlabel="model", ylabel="held-out loss (nats/token)", title="After training: full precision vs W4A4")
+    ax.legend(fontsize=8, loc="upper right")
 
 
 # ---------------------------------------------------------------------------------------------- W4A4 perplexity

@@ -355,7 +355,12 @@ def test_loss_plot_marks_the_held_out_loss_and_smooths_the_swings():
 
     tuned = _fake_results()["finetune"]
     fig = losses_figure(tuned)
-    (ax,) = fig.axes
+    ax, low_bit = fig.axes
+    points = {line.get_label(): line for line in low_bit.get_lines()}
+    assert list(points["FP"].get_ydata()) == [tuned["lora"]["held_out_loss"]]
+    assert list(points["W4A4"].get_ydata()) == [pytest.approx(math.log(tuned["lora"]["w4a4"]["response_ppl"]))]
+    assert [line.get_ydata()[0] for label, line in points.items() if label == "_w4a4"] == [
+        pytest.approx(math.log(tuned["rolora"]["w4a4"]["response_ppl"]))]  # RoLoRA's W4A4 point
     lines = {line.get_label(): line for line in ax.get_lines()}
     raw = [v for _, v in tuned["rolora"]["loss_curve"]]
     assert list(lines["RoLoRA: 4-step moving average"].get_ydata()) == smoothed(raw, 4)

@@ -65,12 +65,12 @@ def test_readme_block_runs_verbatim(tmp_path):
         t0 = time.perf_counter()
         p = subprocess.run(["bash", "-euo", "pipefail", "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
         times.append((round(time.perf_counter() - t0), line.split("#", 1)[0].strip()))
+        print(f"{times[-1][0]:>5} s  exit {p.returncode}  {times[-1][1]}", flush=True)  # shown with -s
         assert p.returncode == 0, f"README line failed (exit {p.returncode}): {line}\n{p.stderr[-3000:]}"
         if line.startswith("rolora check"):
             assert "the consumer computes the exported model" in p.stdout, p.stdout
         if line.startswith("rolora rotate"):
             assert "exact" in p.stdout.lower() or "exact" in p.stderr.lower(), p.stdout + p.stderr
-    print("\n".join(f"{s:>5} s  {line}" for s, line in times))  # shown with -s / in the CI log on failure
     for out in ("rot", "tuned/adapter", "tuned/merged", "merged", "w4a4", "demo-tiny"):
         assert (tmp_path / out).is_dir(), out
     assert (tmp_path / "w4a4" / "config.json").is_file() and (tmp_path / "demo-tiny" / "results.json").is_file()
