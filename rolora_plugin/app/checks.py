@@ -168,6 +168,32 @@ def check_json_file(path: Path, lines: bool = False) -> None:
                        "has): it is damaged or was made to crash readers; replace it with a good copy") from None
 
 
+def check_adapter_config(folder: str | os.PathLike | None, base_given: bool = False) -> None:
+    """A peft ``adapter_config.json`` in ``folder`` (if any) holds an object whose fields this tool and peft use
+    have their JSON types: ``base_model_name_or_path`` a path or null, ``target_modules`` a regex or a list of
+    module names (``base_given``: the base model was passed, its field is not used). Invalid JSON is reported by
+    the adapter checks, with their advice."""
+    if not folder:
+        return
+    path = Path(folder) / "adapter_config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError, RecursionError):
+        return
+    if data is None or not isinstance(data, dict):
+        return
+    base = data.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str) and not base_given:
+        raise CLIError(f"{path}: base_model_name_or_path must be a folder path or null, got {short_repr(base)}; "
+                       "fix adapter_config.json (rolora export also takes --base-model DIR)")  # fmt: skip
+    targets = data.get("target_modules")
+    if targets is not None and not isinstance(targets, str) and not (
+        isinstance(targets, list) and all(isinstance(t, str) for t in targets)
+    ):
+        raise CLIError(f"{path}: target_modules must be a regex or a list of module-name strings, got "
+                       f"{short_repr(targets)}; re-save the adapter (peft save_pretrained)")  # fmt: skip
+
+
 def check_json_files(path: str | os.PathLike | None) -> None:
     """:func:`check_json_file` on ``path`` (a .json/.jsonl file) or on every ``*.json`` directly in ``path`` (a
     model, adapter or export folder: config, records, weight index, tokenizer files)."""

@@ -28,6 +28,7 @@ from pathlib import Path
 from .checks import (
     EVAL_EXTRA_PIP,
     CLIError,
+    check_adapter_config,
     check_family,
     check_int,
     check_json_files,
@@ -325,9 +326,12 @@ _DISK_FULL_WORDS = ("No space left on device", "Disk quota exceeded", "File too 
 
 def _preflight(args) -> None:
     """Checks every command gets before its own: the JSON files among its inputs parse within Python's recursion
-    limit (a deeply nested config, record, index or data file would raise RecursionError mid-way)."""
+    limit (a deeply nested config, record, index or data file would raise RecursionError mid-way), and an
+    adapter's config has the field types peft and this tool expect."""
     for name in _INPUT_ARGS:
         check_json_files(getattr(args, name, None))
+    for name in ("source", "model_dir", "export_dir"):
+        check_adapter_config(getattr(args, name, None), base_given=bool(getattr(args, "base_model", None)))
 
 
 def _output_paths(args) -> list[str]:

@@ -117,6 +117,10 @@ def _deep_adapter(root: Path, tiny: Path) -> None:
     d = root / "deep-adapter"
     d.mkdir()
     (d / "adapter_config.json").write_text('{"peft_type": "LORA", "x": ' + "[" * DEPTH + "]" * DEPTH + "}")
+    for name, fields in {"adapter-base-list": {"base_model_name_or_path": [str(tiny)]},
+                         "adapter-nested-targets": {"base_model_name_or_path": str(tiny), "target_modules": [["q_proj"]]}}.items():  # fmt: skip
+        (root / name).mkdir()
+        (root / name / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", **fields}))
 
 
 def _links(root: Path) -> None:
@@ -242,6 +246,10 @@ CASES = _model_cases() + _output_cases() + [
     ("train/dataset-is-fifo", lambda r: ["train", train_config(r, "fifo-data", dataset=str(r / "fifo"))], "dataset"),
     ("eval/json-is-fifo", ["eval", "{root}/tiny", "--ppl-chunks", "1", "--seq-len", "16", "--json", "{root}/fifo"], "pipe"),
     ("quantize/calibration-is-fifo", ["quantize", "{root}/tiny", "{root}/out", "--calibration", "{root}/fifo"], "--calibration"),
+    ("export/adapter-base-list", ["export", "{root}/adapter-base-list", "{root}/out"], "base_model_name_or_path must be"),
+    ("quantize/adapter-base-list", ["quantize", "{root}/adapter-base-list", "{root}/out"], "base_model_name_or_path must be"),
+    ("export/adapter-nested-targets", ["export", "{root}/adapter-nested-targets", "{root}/out"], "target_modules must be"),
+    ("quantize/adapter-nested-targets", ["quantize", "{root}/adapter-nested-targets", "{root}/out"], "target_modules must be"),
     ("export/deep-adapter-config", ["export", "{root}/deep-adapter", "{root}/out"], "adapter_config.json"),
     ("quantize/deep-adapter-config", ["quantize", "{root}/deep-adapter", "{root}/out"], "adapter_config.json"),
     ("quantize/deep-calibration", ["quantize", "{root}/tiny", "{root}/out", "--calibration", "{root}/deep.jsonl",
