@@ -183,10 +183,10 @@ def _deep_json(root: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------- the table
 
 _MODELS = {  # hostile model folders: (folder, text the one line must contain)
-    "bin-only": "pickle",
-    "header-past-eof": "model.safetensors",
-    "offsets-past-eof": "model.safetensors",
-    "huge-dims": "model.safetensors",
+    "bin-only": "pickle checkpoint that holds more than tensors",
+    "header-past-eof": "model.safetensors is unreadable",
+    "offsets-past-eof": "model.safetensors is unreadable",
+    "huge-dims": "model.safetensors is unreadable",
     "deep-config": "config.json",
     "config-not-object": "not an object",
     "model-type-list": "model_type must be a string",
@@ -439,6 +439,7 @@ DISK_FULL_CASES = [
     ("export", ["export", "{root}/rotated", "{disk}/out"]),
     ("train", None),
     ("train/checkpoints", None),
+    ("eval/json", ["eval", "{root}/tiny", "--ppl-chunks", "1", "--seq-len", "16", "--json", "{disk}/results.json"]),
 ]
 
 
@@ -448,15 +449,20 @@ def test_disk_full_is_one_line_and_leaves_no_staging(case, argv, root, small_dis
         argv = ["train", train_config(root, "disk-full", output_dir=str(small_disk / "out"), checkpoint_dir=str(small_disk / "ckpt"),
                                       save_steps=int(case.endswith("checkpoints")))]  # fmt: skip
     argv = ["-q"] + [a.replace("{root}", str(root)).replace("{disk}", str(small_disk)) for a in argv]
+    if case == "eval/json":  # a few hundred bytes of results: fill the disk first
+        with contextlib.suppress(OSError), open(small_disk / "filler", "wb") as f:
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
     before = snapshot(root)
     rc, err, seconds = run_cli(argv, capsys)
     err = without_bars(err)
     assert_one_line_refusal(case.split("/")[0], rc, err, "no space left on device")
     assert "free space or choose another" in err[0], err[0]
     # nothing published, no staging folder left; a training run keeps its checkpoint folder for --resume
-    kept = ["ckpt"] if case == "train/checkpoints" else []
+    kept = {"train/checkpoints": ["ckpt"], "eval/json": ["filler"]}.get(case, [])
     assert sorted(os.listdir(small_disk)) == kept, "the staging folder (or a partial output) was left on the full disk"
-    if kept:
+    if case == "train/checkpoints":
         assert "--resume" in err[0], err[0]
     assert snapshot(root) == before
     assert seconds < 60
