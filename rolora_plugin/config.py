@@ -26,13 +26,14 @@ _repr.maxstring, _repr.maxother, _repr.maxlist, _repr.maxtuple, _repr.maxdict, _
 
 
 def short_repr(value) -> str:
-    """``repr(value)`` cut to a few dozen characters, items and levels (``reprlib``): what error messages show of a
+    """``repr(value)`` cut to a few dozen characters, items and levels (``reprlib``), 160 characters in all: what error messages show of a
     value read from a user's file, which may be huge or, through YAML aliases, a few lists shared billions of times.
 
     >>> short_repr(["q_proj"] * 100)
     "['q_proj', 'q_proj', 'q_proj', 'q_proj', 'q_proj', 'q_proj', ...]"
     """
-    return _repr.repr(value)
+    text = _repr.repr(value)
+    return text if len(text) <= 160 else text[:150] + "...(cut)"
 
 
 def unknown_keys(data: dict, known: set) -> list[str]:

@@ -240,6 +240,8 @@ CASES = _model_cases() + _output_cases() + [
      "lora_targets must be"),  # fmt: skip
     ("train/lora-targets-mapping", lambda r: ["train", train_config(r, "map-targets", lora_targets=[{"q": 1}])],
      "lora_targets must be"),  # fmt: skip
+    ("train/huge-value", lambda r: ["train", train_config(r, "huge-value", seed="9" * 500_000)], "seed"),  # cut, not printed
+    ("train/config-too-big", lambda r: ["train", train_config(r, "too-big", text="# padding\n" * 200_000 + "model: x\n")], "MiB"),
     ("train/lora-targets-bad-regex", lambda r: ["train", train_config(r, "bad-regex", lora_targets="((")], "regular expression"),
     ("train/cache-dir-list", lambda r: ["train", train_config(r, "cache-list", model="smollm2", cache_dir=[1])], "cache_dir"),
     ("train/config-is-fifo", ["train", "{root}/fifo"], "not a regular file"),
@@ -326,6 +328,18 @@ def test_hostile_input_is_one_line_exit_2_and_writes_nothing(case, spec, expecte
     assert seconds < TIME_BOUND_S, f"refused only after {seconds:.1f} s: decided after the work, not before"
     assert snapshot(root) == before, "a refused command changed or created files"
     assert not (root / "PWNED").exists(), "the pickle payload ran"
+
+
+def test_error_values_are_cut_short_even_when_shared_billions_of_times():
+    """What an alias bomb builds: 9 levels of one list shared 9 times, 9**9 strings when printed in full."""
+    from rolora_plugin.config import short_repr
+
+    value = ["lol"] * 9
+    for _ in range(8):
+        value = [value] * 9
+    start = time.monotonic()
+    text = short_repr(value)
+    assert len(text) < 200 and time.monotonic() - start < 1, text
 
 
 def test_every_reading_subcommand_meets_hostile_cases():
