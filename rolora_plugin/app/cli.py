@@ -6,6 +6,12 @@ Promises (tests/app/test_bad_inputs.py runs every subcommand over a table of bad
   out of range, an output path that exists or cannot be created, a missing optional package: one line on stderr
   naming the flag or config key and what to do, exit status 2, before anything is written (checks in
   :mod:`.checks`). The same holds for a folder that appears at the output path while the output is staged.
+* **Hostile input is one line too** (tests/app/test_hostile_inputs.py): YAML aliases (billion-laughs bombs) and
+  configs nested deeper than 64 levels or larger than 1 MiB are refused while parsing; every JSON file among a
+  command's inputs is checked for nesting that would crash a parser; pickle checkpoints are unpickled by PyTorch's
+  weights-only unpickler on meta tensors (a payload is refused by name, never run); output paths under a symlink
+  loop or dangling link are refused up front; values in messages are cut short (``short_repr``). A disk that
+  fills up while writing is one line as well (the staging folder is gone by then).
 * **Outputs are atomic and create-exclusive.** Every output goes through :mod:`rolora_plugin.publish`: staged in
   a marked hidden sibling folder, renamed into place only if nothing is there; an interrupted run leaves nothing
   behind and the next run removes staging folders of killed runs. SIGTERM is handled like Ctrl-C (exit 143/130).
