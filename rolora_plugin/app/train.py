@@ -187,17 +187,14 @@ class TrainConfig(ConfigMixin):
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, overrides: dict | None = None) -> "TrainConfig":
-        """Read a YAML or JSON mapping (JSON is YAML); unknown keys are an error that lists the valid ones."""
-        import yaml
+        """Read a YAML or JSON mapping (JSON is YAML) with the CLI's bounded parser (no YAML aliases, size and depth
+        limits: :func:`.checks.load_config_file`); unknown keys are an error that lists the valid ones."""
+        from .checks import CLIError, load_config_file
 
         try:
-            data = yaml.safe_load(Path(path).read_text())
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path} is not valid YAML/JSON: {str(e).splitlines()[0]}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"cannot read {path}: {e}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a mapping of TrainConfig fields, got {type(data).__name__}")
+            data = load_config_file(path, "train config")
+        except CLIError as e:
+            raise ValueError(str(e)) from None
         return cls.from_dict({**data, **(overrides or {})})
 
 

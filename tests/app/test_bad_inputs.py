@@ -277,3 +277,19 @@ def test_library_parameter_names_become_flags():
     flags = {"base_model": "--base-model", "w_group_size": "--w-group-size"}
     msg = "Pass the original base with --base-model / base_model=. w_group_size=7 is bad (w_group_size=None works)"
     assert cli_words(msg, flags) == "Pass the original base with --base-model. --w-group-size 7 is bad (no --w-group-size works)"
+
+
+def test_library_train_config_reader_refuses_yaml_aliases_quickly(tmp_path):
+    """``TrainConfig.from_file`` (library callers, not only the CLI) uses the bounded parser: a "billion laughs"
+    file is refused as a ValueError at once, never expanded."""
+    import time
+
+    from rolora_plugin.app.train import TrainConfig
+
+    levels = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    levels += [f"{c}: &{c} [{', '.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi")]
+    (tmp_path / "bomb.yaml").write_text("\n".join(levels) + "\nlora_targets: *i\n")
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="alias"):
+        TrainConfig.from_file(tmp_path / "bomb.yaml")
+    assert time.monotonic() - start < 5
