@@ -56,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--seed", type=int, default=0, help="training seed (data, LoRA init)")
     p.add_argument("--rotation-seed", type=int, default=7)
+    p.add_argument("--qat", action="store_true", help="RoLoRA's QAT (int W4A4 fake quantization) from step 1, on LoRA")
     p.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: none)")
     p.add_argument("--resume-from", default=None, help="checkpoint folder to resume from ('last': the newest in OUT_DIR/trainer)")
     return p.parse_args(argv)
@@ -155,7 +156,7 @@ def build_trainer(a: argparse.Namespace, args):
     from transformers import AutoModelForCausalLM, Trainer, default_data_collator
 
     from rolora_plugin import RoLoRACallback, RotationConfig
-    from rolora_plugin.training_config import ExportConfig, MonitorConfig, RoLoRAConfig
+    from rolora_plugin.training_config import ExportConfig, MonitorConfig, QATConfig, RoLoRAConfig
 
     torch.manual_seed(a.seed)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)  # full weights on every rank
@@ -163,6 +164,7 @@ def build_trainer(a: argparse.Namespace, args):
     rolora = RoLoRAConfig(
         rotation=RotationConfig(seed=a.rotation_seed, r2=True),
         monitor=MonitorConfig(every_n_steps=0),
+        qat=QATConfig(enabled=a.qat, start_step=1),  # the fake-quant forwards run inside the sharded layers
         export=ExportConfig(merged_output_dir=str(Path(a.out) / "merged"), overwrite=True),
     )
     data = TokenDataset(a.global_batch * a.steps, model.config.vocab_size, a.seed)
