@@ -20,6 +20,7 @@ from .export import load_rotated, merge_and_export, quantize_and_export
 from .hadamard import NoHadamardError, OrthogonalTransform, build_transform, hadamard_transform, hadamard_transform_ref
 from .hookspecs import hookimpl
 from .learned import load_learned
+from .loading import CheckpointError, load_causal_lm
 from .lora import get_rolora_peft_model, map_target_modules, map_target_parameters, rolora_lora_config, scale_lora_lr_
 from .quant import (
     QuantConfig,
@@ -37,6 +38,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArchitectureSpec",
+    "CheckpointError",
     "ExportConfig",
     "MonitorConfig",
     "NoHadamardError",
@@ -58,6 +60,7 @@ __all__ = [
     "get_architecture",
     "get_rolora_peft_model",
     "get_rotation_record",
+    "load_causal_lm",
     "hadamard_transform",
     "hadamard_transform_ref",
     "hookimpl",

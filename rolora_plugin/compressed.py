@@ -47,6 +47,7 @@ from .quant.model import QuantizationRecord
 from .quant.primitives import OFF_BITS, round_e4m3
 from .quant.qat import fused_expert_modules
 from .quant.rtn import WeightQuantParams, set_weight_quant_params_, weight_quant_params
+from .loading import EXPORT_SIDE_KEYS, model_class  # noqa: F401  (re-exported for callers of compressed)
 from .rotation import RotationRecord
 from .transform_config import require_compressed_tensors, stored_transform_weights, transform_config_dict
 
@@ -419,26 +420,6 @@ def _check_digests(path: Path, expected: dict) -> None:
             f"{path}: tensors differ from the checksums written at export ({shown}); the weights were modified or "
             "truncated. Re-export the quantized model."
         )
-
-
-def model_class(path: str | os.PathLike):
-    """``AutoModelForCausalLM``, or for configs it does not map (LLaVA-style VLMs) the class in ``config.architectures``."""
-    import transformers
-
-    auto = transformers.AutoModelForCausalLM
-    if not (Path(path) / "config.json").is_file():
-        return auto  # not a local folder: from_pretrained reports it
-    config = _read_json(Path(path) / "config.json", "model config")
-    if config.get("model_type") in transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return auto
-    named = [getattr(transformers, a, None) for a in config.get("architectures") or []]
-    return next((c for c in named if c is not None), auto)
-
-
-# Tensors of an export that are not parameters of the dense transformers model: the stored online-transform matrices
-# (loaded into compressed-tensors' transform modules) and NVFP4's static input_global_scale (read by the activation
-# quantizer). Every tensor of an export is checked against its sha256 before loading (verify_compressed_export).
-EXPORT_SIDE_KEYS = (r"\.rolora_r[34]_[a-z_]+\.weight$", r"\.input_global_scale$")
 
 
 @contextlib.contextmanager

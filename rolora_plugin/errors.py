@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["RotationError", "UnsupportedArchitectureError", "QuantizationError"]
+__all__ = ["CheckpointError", "RotationError", "UnsupportedArchitectureError", "QuantizationError"]
 
 
 class RotationError(ValueError):
@@ -15,3 +15,9 @@ class UnsupportedArchitectureError(ValueError):
 
 class QuantizationError(ValueError):
     """The model or the inputs cannot be quantized as asked (already quantized, bad group size, no data...)."""
+
+
+class CheckpointError(RotationError):
+    """The checkpoint is incomplete or inconsistent (tensors missing, extra, of another shape; ambiguous weight
+    files; a checksum or config digest that disagrees with its record). A :class:`RotationError` (so a
+    ``ValueError``): callers and the ``rolora`` command treat it as bad input (one line, exit status 2)."""

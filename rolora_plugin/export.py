@@ -69,9 +69,10 @@ from .compressed import (
 )
 from .config import QUANT_RECORD_KEY
 from .errors import QuantizationError
-from .fingerprint import checkpoint_integrity, verify_integrity, weights_fingerprint
-from .loading import CheckpointError, load_causal_lm
-from .learned import LEARNED_FILE, learned_names, load_learned, resolve_learned, save_learned
+from .fingerprint import weights_fingerprint
+from .loading import load_causal_lm
+from .learned import LEARNED_FILE, learned_names, load_learned, resolve_learned
+from .records import RECORD_FILE, read_rotation_record, seal_export, verify_export_integrity, write_rotation_record
 from .publish import OutputExistsError, atomic_output_dir, atomic_write_text, check_writable_parent
 from .rotation import RECORD_KEY, RotationError, RotationRecord, get_rotation_record, install_online_rotations, rotate_model_
 from .transform_config import TRANSFORM_CONFIG_FILE, embed_transform_config, load_with_compressed_tensors, transform_config_dict
@@ -92,53 +93,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-RECORD_FILE = "rolora_rotation.json"
 FORMATS = ("fp", COMPRESSED_FORMAT)  # merge_and_export(format=...)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
-# ---------------------------------------------------------------------------------------------- record files
-
-
-def write_rotation_record(directory: str | os.PathLike, record: RotationRecord) -> Path:
-    """Write ``record`` as ``<directory>/rolora_rotation.json`` atomically; returns the path.
-
-    A record with learned rotations (:mod:`rolora_plugin.learned`) also gets their matrices beside it, in
-    ``rolora/learned_rotations.safetensors`` (the record holds each matrix's sha256).
-    """
-    path = Path(directory) / RECORD_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_learned(directory, record)
-    atomic_write_text(path, json.dumps(record.to_dict(), indent=2, sort_keys=True) + "\n")
-    return path
-
-
-def read_rotation_record(directory: str | os.PathLike) -> RotationRecord | None:
-    """The record in ``<directory>/rolora_rotation.json``, or None if the file does not exist."""
-    path = Path(directory) / RECORD_FILE
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (ValueError, OSError, RecursionError) as e:  # RecursionError: JSON nested deeper than the parser's stack
-        raise RotationError(f"{path} is not valid JSON ({str(e)[:200]}); it should hold the dict written by rotate_model_") from None
-    if not isinstance(data, dict):
-        raise RotationError(f"{path} holds a {type(data).__name__}, not the dict written by rotate_model_")
-    return RotationRecord.from_dict(data)
-
-
-def seal_export(directory: str | os.PathLike, record: RotationRecord) -> RotationRecord:
-    """Record what an export folder holds: ``record`` with ``integrity`` (a sampled fingerprint of the weight files and
-    a digest of config.json, :func:`rolora_plugin.fingerprint.checkpoint_integrity`) written into config.json's
-    record and ``rolora_rotation.json``; :func:`load_rotated` verifies it. Call last, once every file is written."""
-    directory = Path(directory)
-    sealed = dataclasses.replace(record, integrity=checkpoint_integrity(directory))
-    config_path = directory / "config.json"
-    data = json.loads(config_path.read_text())
-    data[RECORD_KEY] = sealed.to_dict()
-    atomic_write_text(config_path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-    write_rotation_record(directory, sealed)
-    return sealed
 
 
 def _require_same(a: RotationRecord, b: RotationRecord, what_a: str, what_b: str) -> None:
@@ -197,7 +153,7 @@ def load_rotated(path: str | os.PathLike, dtype: torch.dtype | None = None, devi
             "loading it would leave the packed linears randomly initialised. Restore the exported config.json, or re-export"
         )
     quant = verify_compressed_export(path) if compressed else None
-    _verify_integrity(Path(path), early)
+    verify_export_integrity(Path(path), early)
     model = _from_pretrained(path, quant, kwargs)
     record = get_rotation_record(model)
     if record is None:
@@ -230,32 +186,6 @@ def load_rotated(path: str | os.PathLike, dtype: torch.dtype | None = None, devi
     if device is not None:
         model.to(device)
     return model.eval()
-
-
-_WARNED_UNSEALED: set[str] = set()
-
-
-def _verify_integrity(path: Path, file_record: RotationRecord | None) -> None:
-    """The export's weights and config.json against the ``integrity`` of its record (before anything is loaded)."""
-    from .compressed import _read_json
-
-    data = _read_json(path / "config.json", "model config").get(RECORD_KEY)
-    config_record = RotationRecord.from_dict(data) if isinstance(data, dict) and data else None
-    found = config_record.integrity if config_record is not None else None
-    if file_record is not None and config_record is not None and file_record.integrity != found:
-        raise CheckpointError(
-            f"{path}/config.json and {path}/{RECORD_FILE} hold different integrity records ({found} vs "
-            f"{file_record.integrity}): one of them was replaced. Copy the complete export folder again, or re-export"
-        )
-    if found is None:
-        if config_record is not None and str(path) not in _WARNED_UNSEALED:
-            _WARNED_UNSEALED.add(str(path))
-            logger.warning(
-                "%s was exported by an older rolora-plugin: its record holds no weights fingerprint or config digest, so "
-                "a replaced weight file or an edited config.json cannot be detected. Re-export it to add them.", path
-            )
-        return
-    verify_integrity(path, found)
 
 
 def _from_pretrained(path, quant, kwargs: dict) -> nn.Module:

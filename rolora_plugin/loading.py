@@ -31,18 +31,44 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import RotationError
+from .errors import CheckpointError  # re-exported: rolora_plugin.loading.CheckpointError
 
-__all__ = ["CheckpointError", "load_causal_lm", "check_loading_info"]
+__all__ = ["CheckpointError", "check_layer_count", "check_loading_info", "load_causal_lm"]
 
 logger = logging.getLogger(__name__)
 _SHOWN = 3  # tensor names quoted in a message
 
+# Tensors of an export that are not parameters of the dense transformers model: the stored online-transform matrices
+# (loaded into compressed-tensors' transform modules) and NVFP4's static input_global_scale (read by the activation
+# quantizer). Every tensor of an export is checked against its sha256 before loading (verify_compressed_export).
+EXPORT_SIDE_KEYS = (r"\.rolora_r[34]_[a-z_]+\.weight$", r"\.input_global_scale$")
 
-class CheckpointError(RotationError):
-    """The checkpoint is incomplete or inconsistent (tensors missing, extra, of another shape; ambiguous weight
-    files; a checksum or config digest that disagrees with its record). A :class:`RotationError` (so a
-    ``ValueError``): callers and the ``rolora`` command treat it as bad input (one line, exit status 2)."""
+
+def model_class(path: str | os.PathLike):
+    """``AutoModelForCausalLM``, or for configs it does not map (LLaVA-style VLMs) the class in ``config.architectures``."""
+    import transformers
+
+    auto = transformers.AutoModelForCausalLM
+    if not (Path(path) / "config.json").is_file():
+        return auto  # not a local folder: from_pretrained reports it
+    config = _config_json(Path(path) / "config.json")
+    if config.get("model_type") in transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return auto
+    named = [getattr(transformers, a, None) for a in config.get("architectures") or []]
+    return next((c for c in named if c is not None), auto)
+
+
+def _config_json(path: Path) -> dict:
+    """config.json as a dict; unreadable, invalid, too deeply nested or not an object: one :class:`CheckpointError` line."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"cannot read model config {path} ({str(e)[:200] or type(e).__name__}); the file is incomplete or was edited") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"model config {path} holds a {type(data).__name__}, not a JSON object; the file is incomplete or was edited")
+    return data
 
 
 def load_causal_lm(
@@ -77,8 +103,6 @@ def load_causal_lm(
     if path.is_dir():
         weight_files(path)  # refuses a folder holding both model.safetensors and an index + shards
     if model_cls is None:
-        from .compressed import model_class
-
         model_cls = model_class(path)
     if path.is_dir():
         check_dims_against_headers(path, model_cls, what)  # before transformers allocates what config.json claims
@@ -112,7 +136,7 @@ def load_causal_lm(
 def _check_float16_cast(model: nn.Module, path: Path, what: str) -> None:
     """A float32/bfloat16 checkpoint loaded in float16: a value beyond ±65504 became ±Inf in the cast. Say so (the
     checkpoint is fine; the dtype is not), rather than let a later check call the weights damaged."""
-    from .rotation import all_finite
+    from .finite import all_finite
 
     for name, p in model.named_parameters():
         if p.dtype == torch.float16 and not all_finite(p.detach()):
@@ -161,6 +185,26 @@ def check_loading_info(model: nn.Module, info: dict, path, *, expected_unexpecte
         raise CheckpointError(f"{what} {path} cannot be loaded: {errors[0]}; re-save or re-download it (nothing was written)")
 
 
+def check_layer_count(path: str | os.PathLike, config, what: str = "checkpoint", shapes: dict | None = None) -> None:
+    """config.json's ``num_hidden_layers`` against the layer indices the weights hold (``...layers.<i>....``, from the
+    safetensors headers; ``shapes`` if already read): a config claiming more layers than any stored tensor names is
+    refused at once — call it before building any skeleton from the config (a meta model of 10**6 layers alone takes
+    minutes). More stored layers than the config names is left to the loading info (unexpected tensors)."""
+    if shapes is None:
+        from .safetensors_reader import header_shapes
+
+        shapes = header_shapes(Path(path))
+    n = getattr(config.get_text_config(), "num_hidden_layers", None)
+    stored = {int(m.group(1)) for name in shapes for m in [_LAYER.search(name)] if m}
+    if isinstance(n, int) and not isinstance(n, bool) and stored and n > max(stored) + 1:
+        raise CheckpointError(
+            f"{what} {path} lacks layers {max(stored) + 1}..{n - 1}: config.json says num_hidden_layers={n} but the weights "
+            f"hold layers 0..{max(stored)} only; "
+            "the checkpoint is incomplete or config.json was edited: copy the complete folder again (nothing was written)"
+        )
+
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _SIZE_SLACK = 64  # a packed 4-bit export holds 8 codes per int32 element: a dense model may be ~8x its stored numel
 
 
@@ -180,6 +224,11 @@ def check_dims_against_headers(path: Path, model_cls, what: str = "checkpoint") 
         return  # no safetensors (pytorch_model.bin): transformers' loading info is the check
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # a config transformers cannot read: from_pretrained reports it in its own words
+        logger.debug("no config for %s (%s): relying on the loading info", path, e)
+        return
+    check_layer_count(path, config, what, shapes)  # before a meta skeleton of num_hidden_layers=10**6 is built
+    try:
         with torch.device("meta"):
             skeleton = model_cls.from_config(config) if hasattr(model_cls, "_model_mapping") else model_cls._from_config(config)
     except Exception as e:  # a config the class cannot build: from_pretrained reports it in its own words

@@ -35,7 +35,7 @@ Order of work, all checks before anything is written (same error types as the in
    ``config.rolora`` (``tie_word_embeddings`` false once R1 unties), ``generation_config.json`` and tokenizer
    files copied, ``rolora_rotation.json`` and, when the online rotations have one, ``transform_config.json``
    (like :func:`rolora_plugin.merge_and_export`), the record sealed with checksums of what was written
-   (:func:`rolora_plugin.export.seal_export`).
+   (:func:`rolora_plugin.records.seal_export`).
 
 The record's ``base_fingerprint`` is :func:`rolora_plugin.fingerprint.fingerprint_tensors` over the checkpoint's
 tensors under the model's parameter names (a tied ``lm_head`` counted once), taken in the same read as the
@@ -71,15 +71,15 @@ from tqdm.auto import tqdm
 from .architectures import ArchitectureSpec, ModelDims, get_architecture, get_submodule
 from .config import QUANT_RECORD_KEY, RECORD_KEY, RotationConfig
 from .errors import RotationError, UnsupportedArchitectureError
-from .export import RECORD_FILE, TRANSFORM_CONFIG_FILE, seal_export, transform_config_dict
+from .records import RECORD_FILE, seal_export
+from .transform_config import TRANSFORM_CONFIG_FILE, transform_config_dict
+from .finite import all_finite, check_finite_output
 from .fingerprint import fingerprint_tensors
-from .loading import CheckpointError
+from .errors import CheckpointError
 from .publish import OutputExistsError, atomic_output_dir, atomic_write_text, check_writable_parent
 from .safetensors_reader import INDEX_FILE, SINGLE_FILE, _Checkpoint, _header, _numel, _weight_map  # noqa: F401
 from .rotation import (
     RotationRecord,
-    all_finite,
-    check_finite_output,
     _check_structure,
     _norm_gain,
     _reset_norm,
@@ -410,6 +410,9 @@ def _prepare(src: Path, config: RotationConfig, dtype, progress: bool) -> _Job:
     _check_config(src, hf_config)
     spec = _spec_for(hf_config)
     dims = ModelDims.from_config(hf_config)
+    from .loading import check_layer_count
+
+    check_layer_count(src, hf_config, "source checkpoint")  # a config of 10**6 layers: refused before its skeleton is built
     skeleton = _skeleton(hf_config)  # meta device: no memory, whatever config.json claims
     names, params = _model_tensors(skeleton)
     ckpt = _Checkpoint(src, dtype)  # the headers only

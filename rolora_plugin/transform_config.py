@@ -198,8 +198,7 @@ def load_with_compressed_tensors(path: str | os.PathLike, dtype: torch.dtype | N
         from transformers import CompressedTensorsConfig
 
         kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
-    from .compressed import EXPORT_SIDE_KEYS
-    from .loading import load_causal_lm
+    from .loading import EXPORT_SIDE_KEYS, load_causal_lm
 
     model = load_causal_lm(path, model_cls=AutoModelForCausalLM, expected_unexpected=EXPORT_SIDE_KEYS, **kwargs)
     get_architecture(model)  # clear error for a family we do not know

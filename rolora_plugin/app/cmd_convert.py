@@ -237,8 +237,12 @@ def _refuse_fused_experts(config_dir: Path) -> None:
 
     from ..compressed import _refuse_fused_experts as refuse
 
+    from ..loading import check_layer_count
+
+    config = load_model_config(config_dir)
+    check_layer_count(config_dir, config)  # before a skeleton of what config.json claims is built
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(load_model_config(config_dir))
+        skeleton = AutoModelForCausalLM.from_config(config)
     refuse(skeleton)
 
 

@@ -311,6 +311,36 @@ def test_loader_names_the_shape_mismatch_in_one_line(good, tmp_path):
     assert "\n" not in str(info.value)
 
 
+def test_a_config_claiming_a_million_layers_is_refused_before_any_skeleton_is_built(good, tmp_path):
+    """num_hidden_layers edited to 10**6: refused from the headers' layer indices at once (building even a meta
+    skeleton of that many layers took minutes)."""
+    import time
+
+    folder = tmp_path / "m"
+    shutil.copytree(good["base"], folder)
+    _edit_config(folder, num_hidden_layers=10**6)
+    start = time.monotonic()
+    with pytest.raises(CheckpointError, match=r"num_hidden_layers=1000000 but the weights hold layers 0\.\.1 only"):
+        load_causal_lm(folder)
+    assert time.monotonic() - start < 10
+
+
+@pytest.mark.parametrize("argv", [["rotate"], ["rotate", "--streaming"], ["quantize"], ["export"]])
+def test_a_million_layer_config_is_refused_quickly_by_every_entry_point(argv, good, tmp_path, capsys):
+    """The same edit through the CLI: each entry point refuses it in seconds, in one line (a skeleton of what the
+    config claims was built first by streaming and by quantize's MoE check, minutes each)."""
+    import time
+
+    folder = tmp_path / "m"
+    shutil.copytree(good["base"], folder)
+    _edit_config(folder, num_hidden_layers=10**6)
+    start = time.monotonic()
+    code = main(["-q", *argv, str(folder), str(tmp_path / "out")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "it/s]" not in line]
+    assert code == EXIT_BAD_INPUT and len(lines) == 1 and "lacks layers 2..999999" in lines[0], lines
+    assert time.monotonic() - start < 30 and not (tmp_path / "out").exists()
+
+
 def test_untied_config_without_lm_head_is_refused(good, tmp_path):
     folder = tmp_path / "m"
     shutil.copytree(good["base"], folder)

@@ -366,9 +366,9 @@ def test_weights_changed_after_quantization_are_refused(tmp_path):
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
-    from rolora_plugin import export
+    from rolora_plugin import records
 
-    monkeypatch.setattr(export, "write_rotation_record", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(records, "write_rotation_record", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
         merge_and_export(_quantized(), tmp_path / "a", format=CT, not_servable_ok=True)
     assert list(tmp_path.iterdir()) == []

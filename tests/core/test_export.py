@@ -196,12 +196,12 @@ def test_non_empty_out_dir_needs_overwrite(tmp_path):
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
-    from rolora_plugin import export
+    from rolora_plugin import records
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(export, "write_rotation_record", boom)
+    monkeypatch.setattr(records, "write_rotation_record", boom)  # the record is written last, by seal_export
     with pytest.raises(OSError, match="disk full"):
         merge_and_export(_rotated_peft(), tmp_path / "export")
     assert list(tmp_path.iterdir()) == []
