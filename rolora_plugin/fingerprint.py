@@ -142,7 +142,7 @@ def verify_integrity(folder, expected: dict) -> None:
     ``integrity`` its rotation record holds (written at export). Cheap: headers, 64 values per tensor, config.json."""
     from pathlib import Path
 
-    from .loading import CheckpointError
+    from .errors import CheckpointError
 
     folder = Path(folder)
     found = checkpoint_integrity(folder)
