@@ -120,8 +120,8 @@ def transform_config_dict(record: RotationRecord, *, stored: bool = False) -> di
         logger.info(
             "no compressed-tensors transform_config written: %s has no compressed-tensors equivalent (its 'hadamard' "
             "type names only power-of-two Sylvester matrices). Nothing is lost: rolora_rotation.json + load_rotated "
-            "rebuild the model exactly; for a compressed-tensors consumer export with format='compressed-tensors' "
-            "(it stores such matrices).", ", ".join(unsupported)
+            "rebuild the model exactly; a quantized export for a compressed-tensors consumer (`rolora quantize`, or "
+            "quantize_model_ + merge_and_export(format='compressed-tensors')) stores such matrices.", ", ".join(unsupported)
         )  # fmt: skip
         return None
     if not groups:

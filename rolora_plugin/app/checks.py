@@ -252,11 +252,20 @@ def _find_spec(name: str):
 # ---------------------------------------------------------------------------------------------- folders
 
 
+def _looks_like_hub_id(path: str) -> bool:
+    """``ORG/NAME`` with Hub-legal characters, relative, no ``./``: what users paste from a model page."""
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]", path)) and not path.startswith(".")
+
+
 def check_model_dir(path: str, flag: str = "model dir", weights: bool = True) -> Path:
     """An existing, readable directory holding a ``config.json`` (and readable weights); else :class:`CLIError`."""
     p = Path(path)
     if not p.exists():
         problem = next(filter(None, map(_link_problem, (p, *Path(os.path.abspath(p)).parents))), None)
+        if not problem and _looks_like_hub_id(path):
+            raise CLIError(f"{flag} {path!r} is not a local folder: rolora reads local folders only and never downloads "
+                           f"(it looks like a Hugging Face Hub id); download it first, e.g. `hf download {path} --local-dir "
+                           "DIR`, and pass DIR (README: 'Your own model')")  # fmt: skip
         raise CLIError(f"{flag} {path!r} does not exist" + (f": {problem}" if problem else ""))
     if not p.is_dir():
         raise CLIError(f"{path!r} is not a directory; pass the folder written by save_pretrained")
@@ -449,7 +458,10 @@ def check_family(config) -> None:
 
     if config.model_type not in list_architectures():
         known = ", ".join(sorted(list_architectures()))
-        raise CLIError(f"unsupported model family {config.model_type!r}; rolora can rotate: {known}")
+        arch = ", ".join(getattr(config, "architectures", None) or []) or "its class"
+        raise CLIError(f"unsupported model family {config.model_type!r} ({arch}); rolora can rotate: {known}. To add it, "
+                       "return an rolora_plugin.ArchitectureSpec from a `rolora_register_architectures` hook in a plugin "
+                       "registered under the `rolora` entry-point group (README: 'Extending (pluggy)')")  # fmt: skip
 
 
 def is_rotated_dir(model_dir: Path, config) -> bool:

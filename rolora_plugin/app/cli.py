@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and quantize it to W4A4 with far smaller losses.",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars from transformers")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars from transformers or rotate")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     handlers = {"demo": cmd_demo, "rotate": cmd_rotate, "eval": cmd_eval, "export": cmd_export, "quantize": cmd_quantize,
                 "check": cmd_check, "train": cmd_train, "assets": cmd_assets}  # fmt: skip

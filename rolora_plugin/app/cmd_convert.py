@@ -81,7 +81,7 @@ def _rotate_in_memory(src: Path, out: Path, rot, tok, args):
     from .. import rotate_model_
 
     model = load_model(src, args.dtype)
-    record = rotate_model_(model, rot)
+    record = rotate_model_(model, rot, progress=not getattr(args, "quiet", False))
     if args.check:
         _report_exactness(src, model, args.dtype)
     save_rotated(model, tok, record, out)
@@ -108,7 +108,15 @@ def _report_exactness(src: Path, rotated, dtype: str) -> None:
     ids = torch.randint(0, ref.config.vocab_size, (2, 32), generator=g)
     with torch.no_grad():
         a, b = ref(input_ids=ids).logits, rotated(input_ids=ids).logits
-    print(f"exactness: max |logit diff| = {(a - b).abs().max().item():.3e} (logits up to {a.abs().max().item():.1f})")
+    diff, scale = (a - b).abs().max().item(), a.abs().max().item()
+    tol = (1e-4 if dtype in ("float32", "float64") else 5e-2) * max(scale, 1.0)  # bf16/fp16 round every rotated weight
+    line = f"exactness: max |logit diff| = {diff:.3e} (logits up to {scale:.1f}; tolerance {tol:.2g} in {dtype})"
+    if not diff <= tol:
+        from ..errors import RotationError
+
+        raise RotationError(f"{line}: NOT exact, the rotated model computes another function; nothing was written "
+                            "(please report this with the model's config.json)")  # fmt: skip
+    print(f"{line}: exact (the same function up to float rounding)")
 
 
 def save_rotated(model, tok, record, out: Path) -> None:
@@ -145,7 +153,8 @@ def cmd_export(args) -> int:
 
     merge_and_export(str(src), str(out), format=args.format, base_model=str(base) if base else None, tokenizer=tok,
                      not_servable_ok=args.not_servable_ok)  # fmt: skip
-    print(f"merged and exported {src} -> {out}")
+    what = "merged the adapter into its rotated base and exported" if base is not None else "re-exported (no adapter to merge)"
+    print(f"{what} {src} -> {out} ({args.format}); load it with rolora_plugin.load_rotated")
     return 0
 
 

@@ -129,8 +129,27 @@ def test_rotate_flags_select_rotations(tiny_dir, work):
 def test_rotate_check_prints_small_logit_difference(tiny_dir, work, capsys):
     assert main(["-q", "rotate", str(tiny_dir), str(work / "checked"), "--check"]) == 0
     line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("exactness"))
-    diff, peak = float(line.split("= ")[1].split()[0]), float(line.split("up to ")[1].rstrip(")"))
-    assert diff < FP32_REL * peak
+    diff, peak = float(line.split("= ")[1].split()[0]), float(line.split("up to ")[1].split(";")[0])
+    assert diff < FP32_REL * peak and line.endswith(": exact (the same function up to float rounding)")
+
+
+def test_rotate_check_refuses_to_publish_a_rotation_that_is_not_exact(tiny_dir, work, capsys, monkeypatch):
+    """The verdict is computed: a rotation that changed the function (here: one weight perturbed after rotating)
+    fails the check in one line, and nothing is written."""
+    import rolora_plugin
+
+    real = rolora_plugin.rotate_model_
+
+    def broken(model, config, **kw):
+        record = real(model, config, **kw)
+        with torch.no_grad():
+            model.model.layers[0].mlp.down_proj.weight[0, 0] += 10.0
+        return record
+
+    monkeypatch.setattr(rolora_plugin, "rotate_model_", broken)
+    assert main(["-q", "rotate", str(tiny_dir), str(work / "not-exact"), "--check"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "NOT exact" in err[0] and not (work / "not-exact").exists()
 
 
 def test_interrupted_write_leaves_nothing(tiny_dir, work, monkeypatch):
