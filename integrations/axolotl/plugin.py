@@ -44,6 +44,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from pathlib import Path
 
 from axolotl.integrations.base import BasePlugin
@@ -68,12 +69,13 @@ _UNSET = object()
 class RoLoRAPlugin(BasePlugin):
     """Axolotl plugin for RoLoRA; configured by the ``rolora:`` section (see :mod:`.args`)."""
 
-    _primary = None  # the first instance created in this process; later ones (a second registration) stay inactive
+    # weak reference to the live instance that does the work: a second registration of the same plugin while it is
+    # alive stays inactive; once it is gone (a later run in the same process, a test), the next instance takes over
+    _primary = None
 
     def __init__(self):
         super().__init__()
-        if RoLoRAPlugin._primary is None:
-            RoLoRAPlugin._primary = self
+        self._claim()
         self.record = None
         self._dtype = None
         self._started = None
@@ -85,8 +87,15 @@ class RoLoRAPlugin(BasePlugin):
         return None if self._duplicate() else "rolora_plugin.integrations.axolotl.args.RoLoRAArgs"
 
     # -- config --------------------------------------------------------------------------------------------------
+    def _claim(self) -> "RoLoRAPlugin":
+        """The live primary instance, this one if there is none (a weak reference: never kept alive by the class)."""
+        primary = RoLoRAPlugin._primary() if RoLoRAPlugin._primary is not None else None
+        if primary is None:
+            RoLoRAPlugin._primary, primary = weakref.ref(self), self
+        return primary
+
     def _duplicate(self) -> bool:
-        return RoLoRAPlugin._primary is not self
+        return self._claim() is not self
 
     def _options(self, cfg) -> RoLoRAOptions | None:
         return None if self._duplicate() else _options(cfg)

@@ -121,7 +121,7 @@ def _add_quantize(sub):
                    "(default: int4 weights GPTQ, symmetric dynamic per-token int4 activations), nvfp4, mxfp4 (FP4 "
                    "weights and activations, Blackwell / MXFP4 GPUs), w4a8, w8a8. NOT servable (research recipes, "
                    "need --not-servable-ok; only rolora_plugin.load_rotated computes them): w4a4 (asymmetric, clipped "
-                   "activations), w4a4kv4. On 2 CPU cores GPTQ + rotation learning on SmolLM2 take ~10 min")
+                   "activations), w4a4kv4. On 2 CPU cores GPTQ + rotation learning on SmolLM2 take ~12 min (progress bars per stage)")
     q.add_argument("--not-servable-ok", action="store_true",
                    help="write a research recipe (w4a4, w4a4kv4) that no serving engine reproduces; its record says so")
     q.add_argument("--calibration", default="boolq", metavar="DATA",

@@ -92,6 +92,12 @@ def test_args_refuse_quantized_base(pydantic):
 @pytest.fixture
 def plugin(monkeypatch, pydantic):
     """A fresh RoLoRAPlugin built on a stand-in ``BasePlugin`` (Axolotl itself is not installed here)."""
+    module = _fresh_plugin_module(monkeypatch)
+    yield module.RoLoRAPlugin(), module
+    sys.modules.pop("rolora_plugin.integrations.axolotl.plugin", None)
+
+
+def _fresh_plugin_module(monkeypatch):
     base = types.ModuleType("axolotl.integrations.base")
     base.BasePlugin = type("BasePlugin", (), {})
     for name in ("axolotl", "axolotl.integrations"):
@@ -100,9 +106,7 @@ def plugin(monkeypatch, pydantic):
     monkeypatch.delitem(sys.modules, "rolora_plugin.integrations.axolotl.plugin", raising=False)
     module = importlib.import_module("rolora_plugin.integrations.axolotl.plugin")  # fresh, on the stand-in base
     assert module.RoLoRAPlugin.__mro__[1] is base.BasePlugin and module.RoLoRAPlugin._primary is None
-
-    yield module.RoLoRAPlugin(), module
-    sys.modules.pop("rolora_plugin.integrations.axolotl.plugin", None)
+    return module
 
 
 def test_plugin_does_nothing_without_a_rolora_section(plugin):
@@ -185,6 +189,27 @@ def test_a_second_registration_stays_inactive(plugin, caplog):
     assert get_rotation_record(model) is None and second.add_callbacks_pre_trainer(cfg, model) == []
     p.register(cfg)
     assert cfg.lora_mlp_kernel is False and len(p.add_callbacks_pre_trainer(cfg, model)) == 1
+
+
+def test_a_later_run_in_the_same_process_is_active(monkeypatch, pydantic):
+    """The primary instance is held weakly: once a run's plugins are gone, the next run's first instance does the
+    work (a class-level strong reference kept the first instance forever and silently switched RoLoRA off for every
+    later run in the process: a notebook, a sweep, this test suite)."""
+    import gc
+
+    module = _fresh_plugin_module(monkeypatch)
+    try:
+        run1 = [module.RoLoRAPlugin(), module.RoLoRAPlugin()]  # entry point + `plugins:` line
+        assert [p._duplicate() for p in run1] == [False, True]
+        del run1
+        gc.collect()
+        run2 = [module.RoLoRAPlugin(), module.RoLoRAPlugin()]
+        assert [p._duplicate() for p in run2] == [False, True]
+        cfg, model = Cfg(rolora={"rotation": {"seed": 1}}), tiny_model("llama")
+        run2[0].post_model_build(cfg, model)
+        assert get_rotation_record(model) is not None and len(run2[0].add_callbacks_pre_trainer(cfg, model)) == 1
+    finally:
+        sys.modules.pop("rolora_plugin.integrations.axolotl.plugin", None)
 
 
 def test_post_lora_merge_replaces_axolotls_merge_into_the_unrotated_base(plugin, tmp_path):
