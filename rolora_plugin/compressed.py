@@ -47,7 +47,7 @@ from .quant.model import QuantizationRecord
 from .quant.primitives import OFF_BITS, round_e4m3
 from .quant.qat import fused_expert_modules
 from .quant.rtn import WeightQuantParams, set_weight_quant_params_, weight_quant_params
-from .loading import EXPORT_SIDE_KEYS, model_class  # noqa: F401  (re-exported for callers of compressed)
+from .loading import EXPORT_SIDE_KEYS, model_class, read_json_object  # noqa: F401  (re-exported for callers of compressed)
 from .rotation import RotationRecord
 from .transform_config import require_compressed_tensors, stored_transform_weights, transform_config_dict
 
@@ -343,14 +343,8 @@ def tensor_digests(directory: Path) -> dict[str, str]:
 
 
 def _read_json(path: Path, what: str) -> dict:
-    """A JSON object from ``path``; unreadable, invalid, too deeply nested (RecursionError) or not an object: one line."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as e:
-        raise QuantizationError(f"cannot read {what} {path} ({str(e)[:200] or type(e).__name__}); the file is incomplete or was edited") from None
-    if not isinstance(data, dict):
-        raise QuantizationError(f"{what} {path} holds a {type(data).__name__}, not a JSON object; the file is incomplete or was edited")
-    return data
+    """:func:`rolora_plugin.loading.read_json_object` raising :class:`QuantizationError` (the export's own files)."""
+    return read_json_object(path, what, QuantizationError)
 
 
 def is_compressed_export(path: str | os.PathLike) -> bool:

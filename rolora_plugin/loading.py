@@ -58,17 +58,22 @@ def model_class(path: str | os.PathLike):
     return next((c for c in named if c is not None), auto)
 
 
-def _config_json(path: Path) -> dict:
-    """config.json as a dict; unreadable, invalid, too deeply nested or not an object: one :class:`CheckpointError` line."""
+def read_json_object(path: Path, what: str, error: type[Exception] = CheckpointError) -> dict:
+    """A JSON object from ``path``; unreadable, invalid, too deeply nested (RecursionError) or not an object: one
+    ``error`` line naming ``what``."""
     import json
 
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"cannot read model config {path} ({str(e)[:200] or type(e).__name__}); the file is incomplete or was edited") from None
+        raise error(f"cannot read {what} {path} ({str(e)[:200] or type(e).__name__}); the file is incomplete or was edited") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"model config {path} holds a {type(data).__name__}, not a JSON object; the file is incomplete or was edited")
+        raise error(f"{what} {path} holds a {type(data).__name__}, not a JSON object; the file is incomplete or was edited")
     return data
+
+
+def _config_json(path: Path) -> dict:
+    return read_json_object(path, "model config")
 
 
 def load_causal_lm(
