@@ -9,6 +9,12 @@ same whether the base is loaded in float32 or bfloat16 (round-to-nearest from fl
 either way); float16 loading of a float32 checkpoint double-rounds and may differ. Names are hashed in sorted
 order, so a checkpoint's tensors give the same value without building the model (streaming rotation). Cost: 64
 values per tensor (milliseconds for a 7B model).
+
+:class:`Fingerprinter` is the same computation split in two: :meth:`Fingerprinter.take` samples a tensor when it is
+at hand (in any order; the sample is a copy, so the tensor may be edited in place afterwards) and
+:meth:`Fingerprinter.hexdigest` hashes the samples in sorted name order. Streaming rotation uses it to fingerprint
+each weight in the read that feeds the rotation. :func:`fingerprint_tensors` is built on it, so both give the same
+value for the same ``(name, tensor)`` pairs.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from torch import nn
 from ._peft import unwrap_peft
 from .distributed import gather_params
 
-__all__ = ["weights_fingerprint", "fingerprint_tensors", "SAMPLES_PER_TENSOR"]
+__all__ = ["weights_fingerprint", "fingerprint_tensors", "Fingerprinter", "SAMPLES_PER_TENSOR"]
 
 SAMPLES_PER_TENSOR = 64
 
@@ -59,12 +65,41 @@ def weights_fingerprint(model: nn.Module) -> str:
 def fingerprint_tensors(named_tensors, *, gather: bool = False) -> str:
     """The fingerprint of ``(name, tensor)`` pairs, hashed in sorted name order (so a checkpoint's keys, read in
     any order, give the same value as the model's parameters). ``gather``: gather ZeRO-3 partitions."""
-    h = hashlib.sha256()
-    for name, p in sorted(named_tensors, key=lambda item: item[0]):
+    fingerprinter = Fingerprinter()
+    for name, p in sorted(named_tensors, key=lambda item: item[0]):  # sorted: every rank gathers in one order
         with gather_params([p] if gather else [], modifier_rank=None):
-            h.update(f"{name}:{tuple(p.shape)}:".encode())
-            h.update(_sample(p))
-    return h.hexdigest()[:16]
+            fingerprinter.take(name, p)
+    return fingerprinter.hexdigest()
+
+
+class Fingerprinter:
+    """:func:`fingerprint_tensors` taken one tensor at a time, in any order, as the tensors are at hand.
+
+    ``take(name, tensor)`` keeps the name, the shape and a copy of the 64 sampled values (so the tensor may be
+    edited in place right after); ``hexdigest()`` hashes them in sorted name order: the same value as
+    ``fingerprint_tensors`` over the same pairs, whatever order they were taken in.
+    """
+
+    def __init__(self):
+        self._entries: list[tuple[str, tuple[int, ...], bytes]] = []
+        self._names: set[str] = set()
+
+    def take(self, name: str, tensor: torch.Tensor) -> None:
+        self._entries.append((name, tuple(tensor.shape), _sample(tensor)))
+        self._names.add(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def hexdigest(self) -> str:
+        h = hashlib.sha256()
+        for name, shape, values in sorted(self._entries, key=lambda entry: entry[0]):  # stable, like sorted() above
+            h.update(f"{name}:{shape}:".encode())
+            h.update(values)
+        return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------- exported checkpoints

@@ -101,7 +101,11 @@ class _Checkpoint:
         else:  # a short-lived mapping per tensor, copied out so no mapped page outlives this call
             with safe_open(str(path), framework="pt") as f:
                 t = f.get_tensor(name).clone()
-        return t.to(self.dtype) if cast and self.dtype is not None and t.is_floating_point() else t
+        return self.cast(t) if cast else t
+
+    def cast(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` as the checkpoint is loaded: cast to ``dtype`` if floating (``from_pretrained(dtype=...)``'s rule)."""
+        return t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
 
     def prefetch(self, names) -> None:
         """Ask the kernel to start reading ``names`` into the page cache (``POSIX_FADV_WILLNEED``, asynchronous),

@@ -17,7 +17,7 @@ so no memory-mapped page of the input is ever resident beyond the tensor being r
 each tensor is read through its own short-lived ``mmap`` handle and copied. Shards are written as soon as
 they are complete (``safetensors.torch.save_file``, which serialises from the tensors' own buffers).
 
-Order of work, all checks before anything is written (same error types as the in-memory path):
+Order of work (same error types as the in-memory path); nothing is published unless every check passed:
 
 1. config: already rotated (``config.rolora`` or ``rolora_rotation.json``) or quantized (``rolora_quant``):
    :class:`RotationError`; unsupported family: :class:`UnsupportedArchitectureError`; a width without a
@@ -27,20 +27,24 @@ Order of work, all checks before anything is written (same error types as the in
    too), an index naming a shard that lacks the tensor, a model tensor missing from the checkpoint or of another
    shape than config.json implies (so a huge ``hidden_size`` is refused before anything is allocated):
    :class:`rolora_plugin.loading.CheckpointError` (a :class:`RotationError`);
-3. values: non-float (integer, fp8; from the headers) or non-finite weights (one read of every weight, which also
-   gives the base fingerprint): :class:`RotationError` naming the tensor;
-4. rotate (every rotated tensor must stay finite: float16 can overflow, :func:`rolora_plugin.rotation.check_finite_output`)
-   and write through :func:`rolora_plugin.publish.atomic_output_dir` (create-exclusive, marked staging,
-   stale staging of killed runs removed): shards + index, ``config.json`` with the record under
+3. dtypes, from the headers: non-float (integer, fp8) weights: :class:`RotationError` naming the tensor;
+4. one pass over the units, each input tensor **read once**: as it is read, before its unit is edited, it is
+   checked (non-finite values, or values beyond the requested dtype's range: :class:`RotationError` naming the
+   tensor) and sampled for the base fingerprint (:class:`rolora_plugin.fingerprint.Fingerprinter`), and the
+   folded norms' rms is taken for the record; then the unit is rotated (every rotated tensor must stay finite:
+   float16 can overflow, :func:`rolora_plugin.rotation.check_finite_output`) and written into the staging folder
+   of :func:`rolora_plugin.publish.atomic_output_dir` (create-exclusive, marked staging, stale staging of killed
+   runs removed). A refusal midway deletes the staging folder: nothing is published and an existing ``out_dir``
+   (``overwrite=True``) is left as it was. The pass writes shards + index, ``config.json`` with the record under
    ``config.rolora`` (``tie_word_embeddings`` false once R1 unties), ``generation_config.json`` and tokenizer
    files copied, ``rolora_rotation.json`` and, when the online rotations have one, ``transform_config.json``
    (like :func:`rolora_plugin.merge_and_export`), the record sealed with checksums of what was written
    (:func:`rolora_plugin.records.seal_export`).
 
-The record's ``base_fingerprint`` is :func:`rolora_plugin.fingerprint.fingerprint_tensors` over the checkpoint's
-tensors under the model's parameter names (a tied ``lm_head`` counted once), taken in the same read as the
-value checks. Each unit's tensors are prefetched (``POSIX_FADV_WILLNEED``) while the unit before is rotated, so
-reads overlap the maths. After each unit, the heap pages it freed are handed back to the OS
+The record's ``base_fingerprint`` equals :func:`rolora_plugin.fingerprint.fingerprint_tensors` over the checkpoint's
+tensors under the model's parameter names (a tied ``lm_head`` counted once), sampled in the read that feeds the
+rotation (only a tied ``lm_head`` folded by R1 reads the embedding a second time). Each unit's tensors are
+prefetched (``POSIX_FADV_WILLNEED``) while the unit before is rotated, so reads overlap the maths. After each unit, the heap pages it freed are handed back to the OS
 (:func:`release_freed_memory`), so RSS returns to the baseline after each shard.
 
 Example::
@@ -74,7 +78,7 @@ from .errors import RotationError, UnsupportedArchitectureError
 from .records import RECORD_FILE, seal_export
 from .transform_config import TRANSFORM_CONFIG_FILE, transform_config_dict
 from .finite import all_finite, check_finite_output
-from .fingerprint import fingerprint_tensors
+from .fingerprint import Fingerprinter
 from .errors import CheckpointError
 from .publish import OutputExistsError, atomic_output_dir, atomic_write_text, check_writable_parent
 from .safetensors_reader import INDEX_FILE, SINGLE_FILE, _Checkpoint, _header, _numel, _weight_map  # noqa: F401
@@ -203,7 +207,7 @@ def _check_finite(ckpt: _Checkpoint, name: str, t: torch.Tensor) -> torch.Tensor
             f"tensor {name} of {ckpt.folder} holds NaN or Inf values; a rotation would spread them over whole "
             "rows. Fix or re-download the checkpoint (nothing was written)."
         )
-    cast = t.to(ckpt.dtype) if ckpt.dtype is not None and t.is_floating_point() else t
+    cast = ckpt.cast(t)
     if cast is not t and not all_finite(cast):
         raise RotationError(
             f"tensor {name} of {ckpt.folder} holds values beyond {str(ckpt.dtype).removeprefix('torch.')}'s range "
@@ -213,42 +217,46 @@ def _check_finite(ckpt: _Checkpoint, name: str, t: torch.Tensor) -> torch.Tensor
     return cast
 
 
-class _CheckedTensor:
-    """A checkpoint weight as :func:`~rolora_plugin.fingerprint.fingerprint_tensors` reads it (``.shape``,
-    ``.detach()``): ``detach()`` reads it (cast as the in-memory path loads it), refuses non-finite values and
-    hands it over for sampling, so checking and fingerprinting share one read of the checkpoint. (Sampling
-    through ``mmap`` instead cost 230 s on a 7B: each of the 64 page faults per tensor triggers the kernel's
-    read-around, 8 MiB here, of an input no longer in the page cache.)"""
+class _Intake:
+    """The one read of every input tensor, and what it feeds besides the rotation: the in-memory path's value checks,
+    the base fingerprint and the record's ``norm_rms``, all taken before the tensor's unit is edited in place.
 
-    def __init__(self, ckpt: _Checkpoint, name: str, following: str | None, done: set, bar):
-        self.ckpt, self.name, self.following, self.done, self.bar = ckpt, name, following, done, bar
-        self.shape = torch.Size(ckpt.shapes[name])
+    ``read(name)`` returns the tensor as the in-memory path loads it (cast to the requested dtype). The first read
+    of each weight (a name in ``params``) refuses non-finite values (:func:`_check_finite`) and samples it for the
+    fingerprint; a norm gain folded by R1 gives its rms. (Sampling through ``mmap`` instead cost 230 s on a 7B:
+    each of the 64 page faults per tensor triggers the kernel's read-around of an input no longer in the page
+    cache; a separate checking pass cost a second read of the whole input.)
+    """
 
-    def detach(self) -> torch.Tensor:
-        if self.following is not None:
-            self.ckpt.prefetch([self.following])
-        t = _check_finite(self.ckpt, self.name, self.ckpt.read(self.name, cast=False))
-        self.done.add(self.name)
-        self.bar.update(1)
+    def __init__(self, ckpt: _Checkpoint, params: list[str], norms: dict[str, tuple[int, int]], norm_offset: float):
+        self.ckpt, self.params, self.norms, self.norm_offset = ckpt, set(params), norms, norm_offset
+        self.fingerprinter = Fingerprinter()
+        self.norm_rms: dict[tuple[int, int], float] = {}
+        self.seconds = 0.0
+
+    def read(self, name: str) -> torch.Tensor:
+        t = self.ckpt.read(name, cast=False)
+        start = time.perf_counter()
+        if name in self.params and name not in self.fingerprinter:
+            t = _check_finite(self.ckpt, name, t)
+            self.fingerprinter.take(name, t)
+        else:
+            t = self.ckpt.cast(t)
+        if name in self.norms:
+            self.norm_rms[self.norms[name]] = _rms(t.to(torch.float64) + self.norm_offset)
+        self.seconds += time.perf_counter() - start
         return t
 
-
-def _check_and_fingerprint(ckpt: _Checkpoint, params: list[str], progress: bool) -> str:
-    """The in-memory path's value checks (dtype, finite) and the base fingerprint, in one read of the weights.
-
-    Returns ``fingerprint_tensors`` over ``(name, weight)`` as ``named_parameters`` yields them. Weights are read
-    in sorted name order (the fingerprint's), each prefetched while the one before is checked.
-    """
-    start = time.perf_counter()
-    _check_dtypes(ckpt, params)
-    order, done = sorted(params), set()
-    following = dict(zip(order, order[1:]))
-    with tqdm(total=len(params), desc="checking tensors", disable=not progress, leave=False) as bar:
-        fingerprint = fingerprint_tensors([(n, _CheckedTensor(ckpt, n, following.get(n), done, bar)) for n in params])
-    for name in sorted(set(params) - done):  # only if fingerprint_tensors skipped a tensor: check it anyway
-        _check_finite(ckpt, name, ckpt.read(name, cast=False))
-    logger.info("checked and fingerprinted %d tensors in %.1f s", len(params), time.perf_counter() - start)
-    return fingerprint
+    def finish(self, n_layers: int | None) -> tuple[str, list[list[float]] | None]:
+        """(base fingerprint, ``norm_rms``) once every unit was read; a weight or norm no unit read (none in the
+        built-in families) is read and checked here, before anything is published."""
+        for name in sorted(n for n in self.params if n not in self.fingerprinter):
+            self.read(name)
+        for name in sorted(n for n, key in self.norms.items() if key not in self.norm_rms):
+            self.read(name)
+        norm_rms = None if n_layers is None else [[self.norm_rms[(i, k)] for k in (0, 1)] for i in range(n_layers)]
+        logger.info("checked and fingerprinted %d tensors in the rotation pass's read (%.1f s)", len(self.params), self.seconds)
+        return self.fingerprinter.hexdigest(), norm_rms
 
 
 # ---------------------------------------------------------------------------------------------- units of work
@@ -296,16 +304,18 @@ def _with_rest(units: list[_Unit], skeleton: nn.Module, names: list[str]) -> lis
     return units + [_Unit(copied=(n,)) for n in names if n not in covered]
 
 
-def _run_unit(unit: _Unit, skeleton: nn.Module, ckpt: _Checkpoint) -> dict[str, torch.Tensor]:
-    """Load the unit's tensors into the skeleton, apply its edit, return its tensors and release the modules."""
+def _run_unit(unit: _Unit, skeleton: nn.Module, intake: _Intake) -> dict[str, torch.Tensor]:
+    """Read (and check) the unit's tensors into the skeleton, apply its edit, return its tensors and release the
+    modules."""
     modules = [get_submodule(skeleton, p) for p in unit.paths]
     for path, module in zip(unit.paths, modules):
-        state = {k: ckpt.read(unit.sources.get(f"{path}.{k}", f"{path}.{k}")) for k in module.state_dict()}
+        state = {k: intake.read(unit.sources.get(f"{path}.{k}", f"{path}.{k}")) for k in module.state_dict()}
         module.load_state_dict(state, strict=True, assign=True)
+    copied = {n: intake.read(n) for n in unit.copied}  # checked before the edit like the rest
     unit.edit()
     out = {f"{p}.{k}": v.detach() for p, m in zip(unit.paths, modules) for k, v in m.state_dict().items()}
-    check_finite_output(out.items(), what=str(ckpt.folder))  # float16: a rotation can overflow finite weights
-    out.update({n: ckpt.read(n) for n in unit.copied})
+    check_finite_output(out.items(), what=str(intake.ckpt.folder))  # float16: a rotation can overflow finite weights
+    out.update(copied)
     for module in modules:
         module.to("meta")
     return out
@@ -401,11 +411,13 @@ class _Job:
     hf_config: object
     skeleton: nn.Module
     units: list[_Unit]
-    record: RotationRecord
+    intake: _Intake
+    record: Callable[[str, list | None], RotationRecord]  # (base fingerprint, norm_rms) -> the record
+    n_layers: int | None  # layers whose folded norms' rms the record holds (None without R1)
     untied: bool
 
 
-def _prepare(src: Path, config: RotationConfig, dtype, progress: bool) -> _Job:
+def _prepare(src: Path, config: RotationConfig, dtype) -> _Job:
     hf_config = _load_config(src)
     _check_config(src, hf_config)
     spec = _spec_for(hf_config)
@@ -424,28 +436,27 @@ def _prepare(src: Path, config: RotationConfig, dtype, progress: bool) -> _Job:
         if config.r1 and tied and not config.untie_embeddings:
             raise RotationError("R1 on a model with tied embeddings needs RotationConfig(untie_embeddings=True)")
         units = _with_rest(_units(skeleton, spec, dims, transforms, getattr(torch, config.compute_dtype), tied), skeleton, names)
-        fingerprint = _check_and_fingerprint(ckpt, params, progress)
-        norm_rms = _norm_rms(ckpt, spec, len(spec.decoder_layers(skeleton))) if config.r1 else None
+        _check_dtypes(ckpt, params)  # from the headers; the values are checked as the rotation pass reads them
     except BaseException:
         ckpt.close()
         raise
-    record = RotationRecord(
+    n_layers = len(spec.decoder_layers(skeleton)) if config.r1 else None
+    record = functools.partial(
+        RotationRecord,
         config=config,
         family=spec.name,
         dims=dims,
         rotations={n: {"width": t.n, "description": t.description, "exact": t.exact, "checksum": t.checksum()} for n, t in transforms.items()},
-        base_fingerprint=fingerprint,
-        norm_rms=norm_rms,
     )
-    return _Job(ckpt, hf_config, skeleton, units, record, untied=bool(config.r1 and tied))
+    intake = _Intake(ckpt, params, _norm_names(spec, n_layers), spec.norm_offset)
+    return _Job(ckpt, hf_config, skeleton, units, intake, record, n_layers, untied=bool(config.r1 and tied))
 
 
-def _norm_rms(ckpt: _Checkpoint, spec: ArchitectureSpec, n_layers: int) -> list[list[float]]:
-    """``RotationRecord.norm_rms`` as ``rotate_model_`` records it: rms of each layer's two folded gains."""
-    return [
-        [_rms(ckpt.read(f"{spec.layers}.{i}.{norm}.weight").to(torch.float64) + spec.norm_offset) for norm in (spec.input_norm, spec.post_attention_norm)]
-        for i in range(n_layers)
-    ]
+def _norm_names(spec: ArchitectureSpec, n_layers: int | None) -> dict[str, tuple[int, int]]:
+    """The gains whose rms ``RotationRecord.norm_rms`` holds, as ``rotate_model_`` records it (each layer's two
+    folded norms): tensor name -> (layer, 0 for the input norm / 1 for the post-attention norm)."""
+    norms = (spec.input_norm, spec.post_attention_norm)
+    return {f"{spec.layers}.{i}.{norm}.weight": (i, k) for i in range(n_layers or 0) for k, norm in enumerate(norms)}
 
 
 def _check_output(out: Path, src: Path, overwrite: bool) -> None:
@@ -501,16 +512,17 @@ def rotate_checkpoint(
     if not (src / "config.json").is_file():
         raise RotationError(f"{src} has no config.json; pass a folder written by save_pretrained")
     _check_output(out, src, overwrite)
-    job = _prepare(src, config, dtype, progress)
+    job = _prepare(src, config, dtype)
     try:
-        _write(job, src, out, dtype, max_shard_bytes, overwrite, progress)
+        record = _write(job, src, out, dtype, max_shard_bytes, overwrite, progress)
     finally:
         job.ckpt.close()
-    logger.info("rotated %s -> %s (%s): %s", src, out, job.record.family, {k: v["description"] for k, v in job.record.rotations.items()})
-    return job.record
+    logger.info("rotated %s -> %s (%s): %s", src, out, record.family, {k: v["description"] for k, v in record.rotations.items()})
+    return record
 
 
-def _write(job: _Job, src: Path, out: Path, dtype, max_shard_bytes: int, overwrite: bool, progress: bool) -> None:
+def _write(job: _Job, src: Path, out: Path, dtype, max_shard_bytes: int, overwrite: bool, progress: bool) -> RotationRecord:
+    """The one pass: read, check, rotate and write each unit into the staging folder; the record last; publish."""
     ckpt, skeleton = job.ckpt, job.skeleton
     plan = [(n, _nbytes(ckpt, u.sources.get(n, n))) for u in job.units for n in u.names(skeleton)]
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
@@ -519,13 +531,16 @@ def _write(job: _Job, src: Path, out: Path, dtype, max_shard_bytes: int, overwri
             for i, unit in enumerate(job.units):
                 if i + 1 < len(job.units):  # its reads overlap this unit's maths
                     ckpt.prefetch(job.units[i + 1].sources.get(n, n) for n in job.units[i + 1].names(skeleton))
-                tensors = _run_unit(unit, skeleton, ckpt)
+                tensors = _run_unit(unit, skeleton, job.intake)
                 writer.add(tensors)
                 bar.update(len(tensors))
                 del tensors
                 release_freed_memory()
+        fingerprint, norm_rms = job.intake.finish(job.n_layers)  # every input checked: only now may it be published
         writer.finish()
-        _write_metadata(src, tmp, job.hf_config, job.record, job.untied, dtype)
+        record = job.record(base_fingerprint=fingerprint, norm_rms=norm_rms)
+        _write_metadata(src, tmp, job.hf_config, record, job.untied, dtype)
+    return record
 
 
 def _nbytes(ckpt: _Checkpoint, name: str) -> int:
