@@ -36,13 +36,15 @@ SIZES = {  # LlamaConfig fields; 7b = LLaMA-2-7B, 1b = TinyLlama-1.1B, tiny = a 
     "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, vocab_size=1000),
 }  # fmt: skip
 INPUT_SHARDS = 2
-PROFILED = {  # cProfile function name -> phase label
-    "_check_and_fingerprint": "checks (dtype, finite) + base fingerprint: one read of every tensor",
-    "read": "reading tensors (pread, both passes)",
-    "prefetch": "prefetch requests (posix_fadvise WILLNEED)",
-    "_edit": "rotation maths (rotation._edit, float64)",
-    "save_file": "writing shards (safetensors.save_file)",
-    "_write_metadata": "config / record / tokenizer files",
+PROFILED = {  # (file the function is in, function name) -> phase label (cProfile, cumulative)
+    ("streaming.py", "read"): "the one read of every tensor + its checks, fingerprint sample, norm rms (_Intake.read)",
+    ("safetensors_reader.py", "read"): "… of which reading (pread)",
+    ("streaming.py", "_check_finite"): "… of which finite checks (all_finite, cast)",
+    ("fingerprint.py", "take"): "… of which base-fingerprint samples",
+    ("safetensors_reader.py", "prefetch"): "prefetch requests (posix_fadvise WILLNEED)",
+    ("streaming.py", "_edit_unit"): "rotation maths (the units' edits from rotation.py)",
+    ("safetensors/torch.py", "save_file"): "writing shards (safetensors.save_file)",
+    ("streaming.py", "_write_metadata"): "config / record / tokenizer files",
 }
 
 
@@ -197,7 +199,8 @@ def child(src: str, out: str, max_shard_bytes: int) -> None:
             os.fsync(f.fileno())
     fsync = time.perf_counter() - t1
     stats = pstats.Stats(prof).stats
-    phases = {label: sum(v[3] for (_, _, fn), v in stats.items() if fn == name) for name, label in PROFILED.items()}
+    phases = {label: sum(v[3] for (path, _, fn), v in stats.items() if fn == name and path.endswith(os.sep + file))
+              for (file, name), label in PROFILED.items()}  # fmt: skip
     result = dict(wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime, fsync_s=fsync, vmhwm_kib=_status_kib("VmHWM"), hwm_after_import_kib=rss_before,
                   threads=torch.get_num_threads(), phases=phases,
                   timeline=[(t - t0, rss, hwm, msg) for t, rss, hwm, msg in timeline])  # fmt: skip
@@ -238,10 +241,24 @@ def _report(size: str, src: Path, res: dict, load: tuple, max_shard_bytes: int) 
         "|---|---|",
     ]
     lines += [f"| {label} | {t:.1f} |" for label, t in res["phases"].items()]
-    lines += ["", f"Load average (1/5/15 min) at start {_fmt(load[0])}, at end {_fmt(load[1])}: other engineers share the 2 cores.",
-              f"Goal (issue 17, 7b): peak RSS ≤ 3 GB ({'met' if peak_gb <= 3 else 'NOT met'}: {peak_gb:.2f} GB), "
+    lines += ["", f"Code: {_code_version()}.", "", f"Load average (1/5/15 min) at start {_fmt(load[0])}, at end {_fmt(load[1])}: other engineers share the 2 cores.",
+              f"Goal (issues 17, 33; 7b, at load < 2): peak RSS ≤ 3 GB ({'met' if peak_gb <= 3 else 'NOT met'}: {peak_gb:.2f} GB), "
               f"≤ 10 min ({'met' if res['wall_s'] <= 600 else 'NOT met'}: {res['wall_s'] / 60:.1f} min)."]  # fmt: skip
     return "\n".join(lines)
+
+
+def _code_version() -> str:
+    """The commit measured, and rotation.py's last change (the maths the streaming pass imports)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return "?"
+
+    dirty = " (+ uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no", "rolora_plugin") else ""
+    return f"commit {git('rev-parse', '--short', 'HEAD')}{dirty}; rotation.py last changed in {git('log', '-1', '--format=%h %ci', '--', 'rolora_plugin/rotation.py')}"
 
 
 def _fmt(load) -> str:

@@ -312,13 +312,18 @@ def _run_unit(unit: _Unit, skeleton: nn.Module, intake: _Intake) -> dict[str, to
         state = {k: intake.read(unit.sources.get(f"{path}.{k}", f"{path}.{k}")) for k in module.state_dict()}
         module.load_state_dict(state, strict=True, assign=True)
     copied = {n: intake.read(n) for n in unit.copied}  # checked before the edit like the rest
-    unit.edit()
+    _edit_unit(unit)
     out = {f"{p}.{k}": v.detach() for p, m in zip(unit.paths, modules) for k, v in m.state_dict().items()}
     check_finite_output(out.items(), what=str(intake.ckpt.folder))  # float16: a rotation can overflow finite weights
     out.update(copied)
     for module in modules:
         module.to("meta")
     return out
+
+
+def _edit_unit(unit: _Unit) -> None:
+    """The unit's rotation maths (its own frame, so a profile of the pass shows the maths apart from the I/O)."""
+    unit.edit()
 
 
 # ---------------------------------------------------------------------------------------------- writing
