@@ -502,7 +502,10 @@ def rotate_checkpoint(
         ``out_dir/rolora_rotation.json``. Load the result with :func:`rolora_plugin.export.load_rotated`.
 
     Raises:
-        RotationError, UnsupportedArchitectureError, NoHadamardError, OutputExistsError: before anything is written.
+        RotationError, UnsupportedArchitectureError, NoHadamardError, OutputExistsError: before anything is
+        published. Config, headers (missing tensors, shapes, dtypes) and widths are refused before anything is
+        read; a weight's values (NaN/Inf, beyond ``dtype``'s range) as the pass reads it, which deletes what was
+        staged so far and leaves an existing ``out_dir`` as it was.
     """
     if not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}")
