@@ -32,6 +32,7 @@ from ._peft import unwrap_peft
 from .architectures import ArchitectureSpec, ModelDims, check_rms_norm, get_architecture, get_submodule
 from .config import QUANT_RECORD_KEY, RECORD_KEY, RotationConfig
 from .distributed import gather_params
+from .edits import AxisOp, edit_, headwise, on_slice, shared_workspaces
 from .errors import RotationError
 from .finite import all_finite, check_finite_output, nonfinite_advice
 from .fingerprint import weights_fingerprint
@@ -66,7 +67,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 _RECORD_KEYS = {"format_version", "family", "config", "dims", "rotations", "base_fingerprint", "norm_rms", "integrity"}
-_CHUNK_ELEMENTS = 1 << 22  # rows/cols processed at once in the compute dtype (32 MiB in float64)
 
 
 @dataclass
@@ -207,33 +207,7 @@ def build_rotations(config: RotationConfig, dims: ModelDims) -> dict[str, Orthog
 # ---------------------------------------------------------------------------------------------- weight edits
 
 
-def _edit(weight: torch.Tensor, cdtype, *, scale=None, right: Callable | None = None, left: Callable | None = None):
-    """In place: ``W ← left_opᵀ · (W diag(scale)) · right_op`` computed in ``cdtype``, cast back to W's dtype.
-
-    ``right(x)`` and ``left(x)`` act along the last dim (``left`` on Wᵀ). Large weights are processed in chunks
-    of rows (then columns) so no full high-precision copy of a big matrix is made.
-    """
-    rows, cols = weight.shape
-    with torch.no_grad():
-        if rows * cols <= _CHUNK_ELEMENTS:  # one pass, one rounding
-            x = _apply_in(weight.to(cdtype), scale, right)
-            weight.copy_(left(x.T.contiguous()).T if left is not None else x)
-            return
-        if right is not None or scale is not None:
-            step = max(1, _CHUNK_ELEMENTS // cols)
-            for i in range(0, rows, step):
-                weight[i : i + step].copy_(_apply_in(weight[i : i + step].to(cdtype), scale, right))
-        if left is not None:
-            step = max(1, _CHUNK_ELEMENTS // rows)
-            for j in range(0, cols, step):
-                x = weight[:, j : j + step].to(cdtype).T.contiguous()
-                weight[:, j : j + step].copy_(left(x).T)
-
-
-def _apply_in(x, scale, right):
-    if scale is not None:
-        x = x * scale
-    return right(x) if right is not None else x
+_edit = edit_  # W ← Lᵀ·(W diag(s))·R in place, the fast engine (rolora_plugin.edits; edit_reference is its definition)
 
 
 def _rotate_linear(module: nn.Module, cdtype, *, scale=None, right=None, left=None) -> None:
@@ -262,20 +236,10 @@ def _rotate_embedding(embed: nn.Module, cdtype, right: Callable) -> None:
         _edit(b, cdtype, left=right)
 
 
-def _headwise(t: OrthogonalTransform, head_dim: int, cdtype, inverse: bool = False) -> Callable:
-    def op(x):
-        y = x.reshape(*x.shape[:-1], -1, head_dim)
-        y = t.apply_transposed(y) if inverse else t.apply(y)
-        return y.reshape(x.shape)
-
-    return op
-
-
-def _on_slice(op: Callable, start: int, stop: int) -> Callable:
-    def sliced(x):
-        return torch.cat([x[..., :start], op(x[..., start:stop]), x[..., stop:]], dim=-1)
-
-    return sliced
+def _headwise(t: OrthogonalTransform, head_dim: int, cdtype, inverse: bool = False) -> AxisOp:
+    if t.n != head_dim:
+        raise RotationError(f"a per-head rotation of width {t.n} for heads of {head_dim}")
+    return headwise(t, inverse)
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -364,6 +328,35 @@ def rotate_model_(
 
         transforms = learn_rotations(inner, spec, dims, config, transforms, calibration, given=learned, progress=progress)
 
+    with shared_workspaces():  # one pair of float64 workspaces for every edit of the pass
+        norm_rms = _apply_edits(inner, spec, dims, config, transforms, layers, cdtype, progress)
+
+    record = RotationRecord(
+        config=config,
+        family=spec.name,
+        dims=dims,
+        rotations={
+            name: {"width": t.n, "description": t.description, "exact": t.exact, "checksum": t.checksum()}
+            for name, t in transforms.items()
+        },
+        base_fingerprint=fingerprint,
+        norm_rms=norm_rms,
+    )
+    if config.learn:
+        from .learned import attach_learned, record_entries
+
+        for name, extra in record_entries(transforms, config).items():
+            record.rotations[name].update(extra)
+        attach_learned(inner, transforms, config.learn)
+    install_online_rotations(inner, record, transforms)
+    setattr(inner.config, RECORD_KEY, record.to_dict())
+    get_plugin_manager().hook.rolora_model_rotated(model=model, record=record)
+    logger.info("rotated %s (%s): %s", type(inner).__name__, spec.name, {k: v["description"] for k, v in record.rotations.items()})
+    return record
+
+
+def _apply_edits(inner, spec: ArchitectureSpec, dims: ModelDims, config: RotationConfig, transforms: dict, layers, cdtype, progress: bool):
+    """Every weight edit of :func:`rotate_model_`, in order; returns the per-layer norm RMS (None without R1)."""
     if config.r1:
         if not config.untie_embeddings and _is_tied(inner, spec):
             raise RotationError("R1 on a model with tied embeddings needs RotationConfig(untie_embeddings=True)")
@@ -393,29 +386,7 @@ def rotate_model_(
             _rotate_linear(head, cdtype, scale=_norm_gain(norm, spec, cdtype), right=transforms["r1"].apply)
             _reset_norm(norm, spec)
             check_finite_output(((f"{spec.lm_head}.{n}", p) for n, p in head.named_parameters()))
-
-    record = RotationRecord(
-        config=config,
-        family=spec.name,
-        dims=dims,
-        rotations={
-            name: {"width": t.n, "description": t.description, "exact": t.exact, "checksum": t.checksum()}
-            for name, t in transforms.items()
-        },
-        base_fingerprint=fingerprint,
-        norm_rms=norm_rms,
-    )
-    if config.learn:
-        from .learned import attach_learned, record_entries
-
-        for name, extra in record_entries(transforms, config).items():
-            record.rotations[name].update(extra)
-        attach_learned(inner, transforms, config.learn)
-    install_online_rotations(inner, record, transforms)
-    setattr(inner.config, RECORD_KEY, record.to_dict())
-    get_plugin_manager().hook.rolora_model_rotated(model=model, record=record)
-    logger.info("rotated %s (%s): %s", type(inner).__name__, spec.name, {k: v["description"] for k, v in record.rotations.items()})
-    return record
+    return norm_rms
 
 
 def _rms(gain: torch.Tensor) -> float:
@@ -451,7 +422,7 @@ def _rotate_layer(layer, spec: ArchitectureSpec, dims: ModelDims, transforms: di
                 left = _headwise(r2, hd, cdtype)
                 if path == spec.qkv_proj:
                     start = (dims.num_heads + dims.num_kv_heads) * hd
-                    left = _on_slice(left, start, start + dims.num_kv_heads * hd)
+                    left = on_slice(left, start, start + dims.num_kv_heads * hd)
             _rotate_linear(get_submodule(layer, path), cdtype, scale=scale, right=right_r1, left=left)
         if r1:
             _reset_norm(norm, spec)

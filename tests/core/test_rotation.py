@@ -235,23 +235,29 @@ def test_dora_before_rotation_refused():
 
 
 def test_memory_is_not_a_full_float64_copy(monkeypatch):
-    """Large matrices are edited in chunks: no float64 temporary bigger than the chunk budget."""
-    import rolora_plugin.rotation as rot
+    """Large matrices are edited in chunks: no float64 temporary bigger than the chunk budget (the fast engine's
+    workspaces, and the reference path's temporaries when an op falls back to it)."""
+    import rolora_plugin.edits as edits
 
-    monkeypatch.setattr(rot, "_CHUNK_ELEMENTS", 64 * 8)
+    monkeypatch.setattr(edits, "_CHUNK_ELEMENTS", 64 * 8)
     seen = []
-    real_edit = rot._apply_in
+    real_ws, real_scaled = edits._Workspaces, edits._scaled
 
-    def spy(x, scale, right):
+    def spy_ws(n, dtype, device):
+        seen.append(n)
+        return real_ws(n, dtype, device)
+
+    def spy_scaled(x, scale, right):
         seen.append(x.numel())
-        return real_edit(x, scale, right)
+        return real_scaled(x, scale, right)
 
-    monkeypatch.setattr(rot, "_apply_in", spy)
+    monkeypatch.setattr(edits, "_Workspaces", spy_ws)
+    monkeypatch.setattr(edits, "_scaled", spy_scaled)
     ids = random_ids()
     model = tiny_model("llama", dtype=torch.float64)
     ref = logits(model, ids)
     rotate_model_(model, progress=False)
-    assert max(seen) <= 64 * 8 and rel_err(logits(model, ids), ref) <= STOCK_NORM_RTOL
+    assert seen and max(seen) <= 64 * 8 and rel_err(logits(model, ids), ref) <= STOCK_NORM_RTOL
 
 
 def test_cuda_rotation_stays_on_device(cuda_device):
