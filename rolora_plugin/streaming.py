@@ -10,7 +10,7 @@ output is therefore **bit-identical** to ``rotate_model_`` on the model loaded i
 ``save_pretrained`` (``tests/core/test_streaming.py`` checks every tensor with ``torch.equal``, and the record).
 
 Memory: one unit (a 7B decoder layer is 0.4 GB in bf16) + the shard being assembled (``max_shard_bytes``) + the
-float64 chunks of ``_edit`` (32 MiB each): about 2.1 GB peak for LLaMA-2-7B with 1 GiB shards
+two float64 workspaces of :mod:`rolora_plugin.edits` (8 MiB each, one pair for the whole pass): about 2.1 GB peak for LLaMA-2-7B with 1 GiB shards
 (``benchmarks/rotate_checkpoint.py``). Input tensors are read with ``pread(2)``
 (``safe_open(..., backend="pread")``, safetensors ≥ 0.8) into anonymous memory that is freed after each unit,
 so no memory-mapped page of the input is ever resident beyond the tensor being read; with an older safetensors
@@ -74,6 +74,7 @@ from tqdm.auto import tqdm
 
 from .architectures import ArchitectureSpec, ModelDims, get_architecture, get_submodule
 from .config import QUANT_RECORD_KEY, RECORD_KEY, RotationConfig
+from .edits import shared_workspaces
 from .errors import RotationError, UnsupportedArchitectureError
 from .records import RECORD_FILE, seal_export
 from .transform_config import TRANSFORM_CONFIG_FILE, transform_config_dict
@@ -533,7 +534,7 @@ def _write(job: _Job, src: Path, out: Path, dtype, max_shard_bytes: int, overwri
     """The one pass: read, check, rotate and write each unit into the staging folder; the record last; publish."""
     ckpt, skeleton = job.ckpt, job.skeleton
     plan = [(n, _nbytes(ckpt, u.sources.get(n, n))) for u in job.units for n in u.names(skeleton)]
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite) as tmp, shared_workspaces():  # one workspace pair for every edit
         writer = _ShardWriter(tmp, plan, max_shard_bytes)
         with tqdm(total=len(plan), desc="rotating tensors", unit="tensor", disable=not progress, leave=False) as bar:
             for i, unit in enumerate(job.units):
