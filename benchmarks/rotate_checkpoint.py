@@ -257,7 +257,8 @@ def _code_version() -> str:
         except (OSError, subprocess.CalledProcessError):
             return "?"
 
-    dirty = " (+ uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no", "rolora_plugin") else ""
+    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no", "rolora_plugin").splitlines()]
+    dirty = f" (+ uncommitted changes to {', '.join(changed)})" if changed else ""
     return f"commit {git('rev-parse', '--short', 'HEAD')}{dirty}; rotation.py last changed in {git('log', '-1', '--format=%h %ci', '--', 'rolora_plugin/rotation.py')}"
 
 
