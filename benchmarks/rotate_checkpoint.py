@@ -253,13 +253,14 @@ def _code_version() -> str:
 
     def git(*args) -> str:
         try:
-            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True).stdout.strip()
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True).stdout
         except (OSError, subprocess.CalledProcessError):
             return "?"
 
-    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no", "rolora_plugin").splitlines()]
+    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no", "rolora_plugin").splitlines() if line[3:]]
     dirty = f" (+ uncommitted changes to {', '.join(changed)})" if changed else ""
-    return f"commit {git('rev-parse', '--short', 'HEAD')}{dirty}; rotation.py last changed in {git('log', '-1', '--format=%h %ci', '--', 'rolora_plugin/rotation.py')}"
+    last = git("log", "-1", "--format=%h %ci", "--", "rolora_plugin/rotation.py").strip()
+    return f"commit {git('rev-parse', '--short', 'HEAD').strip()}{dirty}; rotation.py last changed in {last}"
 
 
 def _fmt(load) -> str:
