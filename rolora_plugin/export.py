@@ -142,10 +142,7 @@ def load_rotated(path: str | os.PathLike, dtype: torch.dtype | None = None, devi
     """
     if dtype is not None:
         kwargs["dtype"] = dtype
-    early = read_rotation_record(path)
-    # learned matrices are needed to verify the record (the compressed export checks it first); the registry holds
-    # them weakly, so keep a reference until they are attached to the loaded model below
-    _learned = load_learned(path, early) if early is not None else {}
+    early = read_rotation_record(path)  # with its learned matrices, verified (the compressed export checks it first)
     compressed = is_compressed_export(path)
     if not compressed and (Path(path) / QUANT_RECORD_FILE).is_file():
         raise QuantizationError(
@@ -268,8 +265,9 @@ def _load_adapter_dir(path: Path, record, base_model, dtype) -> tuple[nn.Module,
     file_record = read_rotation_record(path)
     if record is not None and file_record is not None:
         _require_same(file_record, record, f"{path}/{RECORD_FILE}", "record=")
+    if record is not None and file_record is not None and not record.learned:
+        record = dataclasses.replace(record, learned=file_record.learned)  # the matrices read beside the adapter
     record = record or file_record
-    _learned = load_learned(path, file_record) if file_record is not None else {}  # alive until the base holds them
     if record is None:
         raise RotationError(
             f"{path} is a peft adapter without {RECORD_FILE}: nothing says which rotation it was trained in. Pass "

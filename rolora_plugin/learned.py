@@ -30,10 +30,12 @@ weight quantization, so the subsampled term is unbiased). At the end ``R`` is re
 the orthogonal group (polar factor ``U Vᴴ`` of its SVD), so ``‖RᵀR − I‖ ≤ 1e-10``; if the full objective did not decrease, the Hadamard start is kept.
 
 The learned matrix becomes an ``OrthogonalTransform(n, dense=R, pow2=1, exact=False, description="learned-r1(...)")``
-so every weight edit and checksum works unchanged. It travels with the model: in memory attached to it
-(``model._rolora_learned_rotations``) and registered by checksum in this process; on disk as
+so every weight edit and checksum works unchanged. It travels with the model and its record, never through module state: in memory attached to the model
+(``model._rolora_learned_rotations``, read by :func:`rolora_plugin.get_rotation_record`) and held by the
+:class:`~rolora_plugin.RotationRecord` (its ``learned`` field, not serialised); on disk as
 ``rolora/learned_rotations.safetensors`` beside ``rolora_rotation.json`` (:func:`save_learned`), whose record entry
-holds the matrix's sha256; :func:`load_learned` refuses a missing, altered or non-orthogonal file.
+holds the matrix's sha256; :func:`load_learned` (called by :func:`rolora_plugin.export.read_rotation_record`) fills the
+record's ``learned`` and refuses a missing, altered or non-orthogonal file.
 
 Paper: SpinQuant (Liu et al., 2024) for learned rotations under quantization; DartQuant (2025) for learning them
 from per-layer activations instead of end-to-end.
@@ -44,7 +46,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,11 +82,7 @@ LEARNED_FILE = "rolora/learned_rotations.safetensors"
 LEGACY_LEARNED_FILE = "rolora_learned_rotations.safetensors"
 ORTHOGONALITY_TOL = 1e-10  # max |RᵀR − I| accepted for a stored matrix (float64)
 ROWS_PER_STEP = 512  # weight rows (output channels) per site and training step: an unbiased subsample
-_ATTR = "_rolora_learned_rotations"
-# checksum -> learned transform (content-addressed). Weak values: an entry lives as long as a model (its
-# ``_rolora_learned_rotations`` attribute) or a caller holds the transform, so a long-running process that learns or
-# loads many models does not keep every matrix (134 MB at width 4096 in float64) forever.
-_REGISTRY: "weakref.WeakValueDictionary[str, OrthogonalTransform]" = weakref.WeakValueDictionary()
+_ATTR = "_rolora_learned_rotations"  # the model attribute holding {name: OrthogonalTransform} (held_learned)
 
 
 # ---------------------------------------------------------------------------------------------- maths
@@ -287,7 +284,6 @@ def learn_rotations(
     out = dict(transforms)
     for n, m in learned.items():
         out[n] = learned_transform(m, _description(n, config, transforms[n]) + ("" if m is not starts.get(n) else "[start kept]"))
-        _REGISTRY[out[n].checksum()] = out[n]
     return out
 
 
@@ -364,25 +360,28 @@ def record_entries(transforms: dict, config) -> dict:
 
 
 def attach_learned(model: nn.Module, transforms: dict, names) -> None:
-    """Keep the learned transforms on ``model`` (a plain, non-persistent attribute) and in this process's registry."""
-    learned = {n: transforms[n] for n in names}
-    model.__dict__[_ATTR] = learned
-    for t in learned.values():
-        _REGISTRY[t.checksum()] = t
+    """Keep the learned transforms on ``model`` (a plain, non-persistent attribute: :func:`held_learned`)."""
+    model.__dict__[_ATTR] = {n: transforms[n] for n in names}
+
+
+def held_learned(model: nn.Module) -> dict:
+    """``{name: OrthogonalTransform}`` of the learned rotations ``model`` holds (empty when none)."""
+    return dict(model.__dict__.get(_ATTR, {}))
 
 
 def resolve_learned(record, transforms: dict) -> dict:
-    """``transforms`` (rebuilt from the config) with each learned rotation of ``record`` taken from memory."""
+    """``transforms`` (rebuilt from the config) with each learned rotation of ``record`` taken from ``record.learned``."""
     out = dict(transforms)
     for name in learned_names(record):
-        checksum = record.rotations[name]["checksum"]
-        if checksum not in _REGISTRY:
+        held = record.learned.get(name)
+        if held is None:
             raise RotationError(
-                f"the rotation record's {name} is a learned matrix (checksum {checksum}) that is not loaded in this "
-                f"process: load the model with rolora_plugin.load_rotated(<dir>), which reads {LEARNED_FILE}, or "
-                "rolora_plugin.learned.load_learned(<dir>, record)"
+                f"the rotation record's {name} is a learned matrix (checksum {record.rotations[name]['checksum']}) that "
+                f"this record does not hold: load the model with rolora_plugin.load_rotated(<dir>), or read the record "
+                f"with rolora_plugin.export.read_rotation_record(<dir>) (both read {LEARNED_FILE}), or take it from the "
+                "model that learned it (rolora_plugin.get_rotation_record(model))"
             )
-        out[name] = _REGISTRY[checksum]
+        out[name] = held
     return out
 
 
@@ -406,7 +405,7 @@ def save_learned(directory: str | os.PathLike, record) -> Path | None:
 
 def load_learned(directory: str | os.PathLike, record, model: nn.Module | None = None) -> dict:
     """Read and verify ``<directory>/rolora/learned_rotations.safetensors`` (older exports: ``rolora_learned_rotations.safetensors``)
-    against ``record``; register the transforms.
+    against ``record``; ``record.learned`` then holds them.
 
     Refuses (:class:`RotationError`) a missing file, a matrix whose sha256 differs from the record (tampered), a
     non-orthogonal matrix (``max|RᵀR − I| > 1e-10``) or one whose transform checksum differs. Returns
@@ -428,11 +427,9 @@ def load_learned(directory: str | os.PathLike, record, model: nn.Module | None =
     except SafetensorError as e:
         raise RotationError(f"{path} is not a readable safetensors file ({e}); re-export the model") from None
     out = {n: _verified(path, n, tensors.get(n), record.rotations[n]) for n in names}
+    record.learned.update(out)
     if model is not None:
         attach_learned(model, out, names)
-    else:
-        for t in out.values():
-            _REGISTRY[t.checksum()] = t
     return out
 
 

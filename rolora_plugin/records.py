@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import CheckpointError, RotationError
 from .fingerprint import checkpoint_integrity, verify_integrity
-from .learned import save_learned
+from .learned import load_learned, save_learned
 from .loading import _config_json
 from .publish import atomic_write_text
 from .rotation import RECORD_KEY, RotationRecord
@@ -40,7 +40,11 @@ def write_rotation_record(directory: str | os.PathLike, record: RotationRecord) 
 
 
 def read_rotation_record(directory: str | os.PathLike) -> RotationRecord | None:
-    """The record in ``<directory>/rolora_rotation.json``, or None if the file does not exist."""
+    """The record in ``<directory>/rolora_rotation.json``, or None if the file does not exist.
+
+    A record with learned rotations comes with their matrices (``record.learned``), read from
+    ``rolora/learned_rotations.safetensors`` beside it and verified (:func:`rolora_plugin.learned.load_learned`
+    refuses a missing, altered or non-orthogonal file)."""
     path = Path(directory) / RECORD_FILE
     if not path.is_file():
         return None
@@ -50,7 +54,9 @@ def read_rotation_record(directory: str | os.PathLike) -> RotationRecord | None:
         raise RotationError(f"{path} is not valid JSON ({str(e)[:200]}); it should hold the dict written by rotate_model_") from None
     if not isinstance(data, dict):
         raise RotationError(f"{path} holds a {type(data).__name__}, not the dict written by rotate_model_")
-    return RotationRecord.from_dict(data)
+    record = RotationRecord.from_dict(data)
+    load_learned(directory, record)  # learned matrices beside it, verified against the record (none: nothing read)
+    return record
 
 
 def seal_export(directory: str | os.PathLike, record: RotationRecord) -> RotationRecord:

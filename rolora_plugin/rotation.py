@@ -37,6 +37,7 @@ from .errors import RotationError
 from .finite import all_finite, check_finite_output, nonfinite_advice
 from .fingerprint import weights_fingerprint
 from .hadamard import OrthogonalTransform, build_block_transform, build_transform, derive_seed
+from .learned import attach_learned, held_learned, learn_rotations, learned_names, record_entries, resolve_learned
 from .moe import check_attention_clip, check_moe_layer, has_moe_online, install_moe_online, moe_rotations, rotate_moe_mlp
 from .online import (
     QKRotation,
@@ -91,6 +92,10 @@ class RotationRecord:
     # less the fields that legitimately change} (rolora_plugin.fingerprint.checkpoint_integrity), verified by
     # load_rotated. None: a live model, an adapter's record or an older export. Not part of the rotation's identity.
     integrity: dict | None = field(default=None, compare=False)
+    # the learned matrices themselves ({name: OrthogonalTransform}) when any rotation was learned: not serialised (they
+    # live in rolora/learned_rotations.safetensors, the record keeps their sha256). Filled by rotate_model_,
+    # get_rotation_record(model) (from the model that holds them) and read_rotation_record / load_learned.
+    learned: dict = field(default_factory=dict, compare=False, repr=False)
 
     def to_dict(self) -> dict:
         out = {
@@ -136,14 +141,15 @@ class RotationRecord:
         except (KeyError, TypeError, ValueError, RecursionError) as e:
             raise RotationError(f"malformed rotation record ({str(e)[:200]!r}); expected the dict written by rotate_model_") from None
 
-    def verify(self, transforms: dict[str, OrthogonalTransform] | None = None) -> dict[str, OrthogonalTransform]:
-        """Rebuild the rotations from the config and check their checksums; returns them."""
+    def verify(self, transforms: dict[str, OrthogonalTransform] | None = None, *, skip_learned: bool = False) -> dict[str, OrthogonalTransform]:
+        """Rebuild the rotations from the config (learned ones: from ``self.learned``) and check their checksums;
+        returns them. ``skip_learned``: leave learned rotations out (for callers that need only the online ones)."""
+        skipped = set(learned_names(self)) if skip_learned else set()
         if not transforms:
-            from .learned import resolve_learned  # learned matrices are not rebuilt from the config but looked up
-
-            transforms = resolve_learned(self, build_rotations(self.config, self.dims))
-        rebuilt = {name: t.checksum() for name, t in transforms.items()}
-        stored = {name: r["checksum"] for name, r in self.rotations.items()}
+            rebuilt = build_rotations(self.config, self.dims)
+            transforms = {n: t for n, t in rebuilt.items() if n not in skipped} if skip_learned else resolve_learned(self, rebuilt)
+        rebuilt = {name: t.checksum() for name, t in transforms.items() if name not in skipped}
+        stored = {name: r["checksum"] for name, r in self.rotations.items() if name not in skipped}
         if rebuilt != stored:
             raise RotationError(
                 f"rotation record does not match the rotations rebuilt from its config (stored {stored}, rebuilt "
@@ -173,10 +179,17 @@ def _checked_norm_rms(value) -> list | None:
 
 
 def get_rotation_record(model_or_config) -> RotationRecord | None:
-    """The :class:`RotationRecord` of a rotated model (or its config), or None if it was never rotated."""
+    """The :class:`RotationRecord` of a rotated model (or its config), or None if it was never rotated.
+
+    From a model, the record also holds the learned matrices the model carries (``record.learned``)."""
     config = getattr(model_or_config, "config", model_or_config)
     data = getattr(config, RECORD_KEY, None)
-    return RotationRecord.from_dict(data) if data else None
+    if not data:
+        return None
+    record = RotationRecord.from_dict(data)
+    if isinstance(model_or_config, nn.Module):
+        record.learned = held_learned(unwrap_peft(model_or_config))
+    return record
 
 
 def build_rotations(config: RotationConfig, dims: ModelDims) -> dict[str, OrthogonalTransform]:
@@ -324,8 +337,6 @@ def rotate_model_(
     cdtype = getattr(torch, config.compute_dtype)
     fingerprint = weights_fingerprint(inner)  # of the weights as given, before any edit
     if config.learn:  # on the unrotated model, before any edit
-        from .learned import learn_rotations
-
         transforms = learn_rotations(inner, spec, dims, config, transforms, calibration, given=learned, progress=progress)
 
     with shared_workspaces():  # one pair of float64 workspaces for every edit of the pass
@@ -343,10 +354,9 @@ def rotate_model_(
         norm_rms=norm_rms,
     )
     if config.learn:
-        from .learned import attach_learned, record_entries
-
         for name, extra in record_entries(transforms, config).items():
             record.rotations[name].update(extra)
+        record.learned = {n: transforms[n] for n in config.learn}
         attach_learned(inner, transforms, config.learn)
     install_online_rotations(inner, record, transforms)
     setattr(inner.config, RECORD_KEY, record.to_dict())

@@ -86,7 +86,7 @@ def _scheme(location_targets: list[tuple[str, str]], head_dim: int | None = None
 
 def _online_groups(record: RotationRecord) -> list[tuple[str, object, list[tuple[str, str]], int | None]]:
     """``[(group name, transform, [(location, target)], head_dim)]`` for the record's online rotations."""
-    transforms = record.verify()
+    transforms = record.verify(skip_learned=True)  # online rotations are never learned (LEARNABLE: r1, r2)
     spec = architecture_by_name(record.family)
     out = []
     if "r4" in transforms:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from rolora_plugin import RotationConfig, RotationError, get_rotation_record, rotate_model_
+from rolora_plugin import RotationConfig, RotationError, RotationRecord, get_rotation_record, rotate_model_
 from rolora_plugin.architectures import ModelDims, get_architecture
 from rolora_plugin.export import LEARNED_FILE, RECORD_FILE, load_rotated, merge_and_export, quantize_and_export
 from rolora_plugin.learned import ORTHOGONALITY_TOL, collect_sites, learn_rotations, load_learned, orthogonality_error, rotation_objective
@@ -90,15 +90,22 @@ def test_same_seed_bit_identical_other_seed_differs():
 
 
 def test_a_learned_matrix_is_not_kept_after_its_model_is_gone():
+    """The record and the model hold the learned matrices, nothing module-level does: once both are gone the matrix
+    is freed, and a record rebuilt from its dict (config.json) cannot verify without them."""
     import gc
+    import weakref
 
     model = _outlier_model()
     record = _learned(model)
     assert record.verify()["r1"].description.startswith("learned-r1")
-    del model
+    assert get_rotation_record(model).verify()["r1"] is record.learned["r1"]  # the model holds the same matrix
+    alive = weakref.ref(record.learned["r1"])
+    data = record.to_dict()
+    del model, record
     gc.collect()
-    with pytest.raises(RotationError, match="not loaded in this process"):
-        record.verify()
+    assert alive() is None
+    with pytest.raises(RotationError, match="does not hold"):
+        RotationRecord.from_dict(data).verify()
 
 
 def test_missing_calibration_refused_before_any_edit():
@@ -162,13 +169,11 @@ def test_non_orthogonal_matrix_refused_even_with_a_matching_sha(export_dir, tmp_
 
     from safetensors.torch import load, save
 
-    from rolora_plugin.export import read_rotation_record
-
     out = _copy(export_dir[0], tmp_path / "skewed")
     tensors = load((out / LEARNED_FILE).read_bytes())
     tensors["r1"] = tensors["r1"] * 1.001
     (out / LEARNED_FILE).write_bytes(save(tensors))
-    record = read_rotation_record(out)
+    record = RotationRecord.from_dict(json.loads((out / RECORD_FILE).read_text()))  # the JSON alone: nothing verified yet
     record.rotations["r1"]["sha256"] = hashlib.sha256(tensors["r1"].numpy().tobytes()).hexdigest()
     with pytest.raises(RotationError, match="not orthogonal"):
         load_learned(out, record)
