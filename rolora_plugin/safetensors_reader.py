@@ -19,6 +19,7 @@ from .errors import RotationError
 __all__ = ["SINGLE_FILE", "INDEX_FILE", "weight_files", "header_shapes"]
 
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+PREFETCH_CHUNK = 1 << 20  # bytes per WILLNEED request: at most a usual device read-ahead cap (see _Checkpoint.prefetch)
 _BIN_FILE, _BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 
 
@@ -109,7 +110,12 @@ class _Checkpoint:
 
     def prefetch(self, names) -> None:
         """Ask the kernel to start reading ``names`` into the page cache (``POSIX_FADV_WILLNEED``, asynchronous),
-        so their reads overlap the work on the tensors before them. No-op where unsupported."""
+        so their reads overlap the work on the tensors before them. No-op where unsupported.
+
+        One request per :data:`PREFETCH_CHUNK` bytes: Linux caps each ``WILLNEED`` at the device's read-ahead size
+        (``max(read_ahead_kb, max_sectors_kb)``), so one request per tensor brings in only its first few MiB
+        (measured on the 7B benchmark's box: 24 of 258 MiB in the page cache 4 s later; with 1 MiB requests a whole
+        7B decoder layer, 386 MiB, within 3 s, the requests themselves taking 0.07 s)."""
         if not hasattr(os, "posix_fadvise"):
             return
         for name in names:
@@ -117,7 +123,8 @@ class _Checkpoint:
             if path not in self._fds:
                 self._fds[path] = os.open(path, os.O_RDONLY)
             start, stop = self.ranges[name]
-            os.posix_fadvise(self._fds[path], start, stop - start, os.POSIX_FADV_WILLNEED)
+            for offset in range(start, stop, PREFETCH_CHUNK):
+                os.posix_fadvise(self._fds[path], offset, min(PREFETCH_CHUNK, stop - offset), os.POSIX_FADV_WILLNEED)
 
     def out_itemsize(self, name: str) -> int:
         src = self.dtypes[name]

@@ -91,3 +91,29 @@ def test_a_bad_tensor_late_in_the_pass_publishes_nothing_and_keeps_the_output(tm
     else:
         _nothing_written(out)
     assert not list(Path(tmp_path).glob(".out*"))
+
+
+def test_prefetch_requests_cover_each_tensor_in_chunks_the_kernel_honours(tmp_path, monkeypatch):
+    """Linux caps one WILLNEED at the device's read-ahead size: one request per tensor would prefetch its start only."""
+    import os
+
+    from rolora_plugin import safetensors_reader
+
+    if not hasattr(os, "posix_fadvise"):
+        pytest.skip("no posix_fadvise on this platform")
+    src = _ckpt(tmp_path, "llama", tie=False, shard="10MB")
+    ckpt = _Checkpoint(src, None)
+    calls = []
+    monkeypatch.setattr(safetensors_reader, "PREFETCH_CHUNK", 4096)
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: calls.append((offset, length, advice)))
+    name = max(ckpt.files, key=lambda n: ckpt.ranges[n][1] - ckpt.ranges[n][0])
+    try:
+        ckpt.prefetch([name])
+    finally:
+        ckpt.close()
+    start, stop = ckpt.ranges[name]
+    assert stop - start > 4 * 4096  # several chunks
+    assert all(advice == os.POSIX_FADV_WILLNEED and 0 < length <= 4096 for _, length, advice in calls)
+    covered = sorted((offset, offset + length) for offset, length, _ in calls)
+    assert covered[0][0] == start and covered[-1][1] == stop
+    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))  # contiguous, no gap
