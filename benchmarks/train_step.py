@@ -8,10 +8,14 @@ LLaMA-2-7B shapes), LoRA r=16 on q/v, AdamW, forward + backward + step:
 
 * ``lora``: plain peft LoRA on the unrotated model;
 * ``rolora``: the same after ``rotate_model_`` (R1 merged into weights, R4: online Hadamard before down_proj);
-* ``rolora+qat``: plus W4A4 fake quant of every decoder linear (``enable_fake_quant_``, the QAT forward).
+* ``rolora+qat``: plus W4A4 fake quant of every decoder linear (``enable_fake_quant_``, the QAT forward);
+* ``rolora+qat (reference quant)`` (``--reference-quant``): the same model with the STE fast path of
+  ``quant.primitives.fake_quant`` switched off for its steps (the reference composition): before/after in one run.
 
-Steps of the three variants are interleaved (lora, rolora, qat, lora, ...) so machine load drifts hit all of them
-alike; the median per variant is reported with the ratio to ``lora``. On CUDA the default shapes are
+Steps of the variants are interleaved (lora, rolora, qat, lora, ...) so machine load drifts hit all of them
+alike; the median per variant is reported with the ratio to ``lora``, its spread (min, max), the median CPU time of
+the process per step (both threads: it rises when other processes make the threads wait), and the load average at
+the start and the end. On CUDA the default shapes are
 LLaMA-2-7B's (hidden 4096, intermediate 11008, 32 heads) with fewer layers, bf16, B=4, T=1024; on CPU the real
 135M model (hidden 576, intermediate 1536 = 12·128, 30 layers, vocab 49152) at B=4, T=128 (ratios only: the
 absolute CPU times say nothing about a GPU). Goals from the issue: rolora ≤ +2%,
@@ -21,6 +25,8 @@ rolora+qat ≤ +12% (a naive per-token fake quant on every linear measured +26% 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import sys
 import time
@@ -33,6 +39,9 @@ from _common import append_results  # noqa: E402
 
 from rolora_plugin import RotationConfig, rotate_model_  # noqa: E402
 from rolora_plugin.quant import QuantConfig, enable_fake_quant_  # noqa: E402
+from rolora_plugin.quant import primitives  # noqa: E402
+
+REF_QAT = "rolora+qat (reference quant)"
 
 
 def parse_args(argv=None):
@@ -49,6 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, default=1024 if gpu else 128)
     p.add_argument("--steps", type=int, default=20 if gpu else 8, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--reference-quant", action="store_true", help=f"add the variant {REF_QAT!r} (fake quant's reference path)")
     p.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
     return p.parse_args(argv)
 
@@ -77,20 +87,37 @@ def build(variant: str, args, device, dtype):
     if variant != "lora":
         rotate_model_(model, RotationConfig(), progress=False)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
-    if variant == "rolora+qat":
+    if variant in ("rolora+qat", REF_QAT):
         enable_fake_quant_(model, QuantConfig(w_bits=4, a_bits=4, skip=()))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     return model, opt
 
 
-def step(model, opt, ids, sync) -> float:
-    t0 = time.perf_counter()
-    model(input_ids=ids, labels=ids).loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    sync()
-    return time.perf_counter() - t0
+@contextlib.contextmanager
+def quant_path(reference: bool):
+    """The reference composition of the STE fake quant for the steps inside (restored afterwards)."""
+    saved = primitives._STE_FAST_PATH
+    primitives._STE_FAST_PATH = not reference
+    try:
+        yield
+    finally:
+        primitives._STE_FAST_PATH = saved
+
+
+def step(model, opt, ids, sync, reference_quant: bool = False) -> tuple[float, float]:
+    """One forward + backward + optimizer step: (wall seconds, CPU seconds of this process)."""
+    with quant_path(reference_quant):
+        c0, t0 = time.process_time(), time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        return time.perf_counter() - t0, time.process_time() - c0
+
+
+def load() -> str:
+    return "/".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def main(argv=None) -> None:
@@ -98,24 +125,36 @@ def main(argv=None) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    variants = ["lora", "rolora", "rolora+qat"]
+    variants = ["lora", "rolora", "rolora+qat"] + ([REF_QAT] if args.reference_quant else [])
     runs = {v: build(v, args, device, dtype) for v in variants}
     vocab = runs["lora"][0].config.vocab_size
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
     times = {v: [] for v in variants}
+    cpu = {v: [] for v in variants}
+    load_start = load()
     for i in range(args.warmup + args.steps):
         for v in variants:
-            t = step(*runs[v], ids, sync)
+            t, c = step(*runs[v], ids, sync, reference_quant=v == REF_QAT)
             if i >= args.warmup:
                 times[v].append(t)
+                cpu[v].append(c)
+    load_end = load()
     med = {v: statistics.median(ts) for v, ts in times.items()}
-    lines = ["| variant | median step (s) | vs lora |", "|---|---|---|"]
-    lines += [f"| {v} | {med[v]:.4f} | {100 * (med[v] / med['lora'] - 1):+.1f}% |" for v in variants]
+    lines = ["| variant | median step (s) | vs lora | min / max (s) | median CPU time (s) |", "|---|---|---|---|---|"]
+    lines += [
+        f"| {v} | {med[v]:.4f} | {100 * (med[v] / med['lora'] - 1):+.1f}% | {min(times[v]):.3f} / {max(times[v]):.3f} "
+        f"| {statistics.median(cpu[v]):.2f} |"
+        for v in variants
+    ]
     shape = (
         "SmolLM2-135M-Instruct (hidden 576, intermediate 1536, 30 layers)" if args.model == "smollm2"
         else f"random Llama, hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers"
     ) + f", B={args.batch}, T={args.seq}, {dtype}, {device}"  # fmt: skip
-    body = f"Shapes: {shape}; LoRA r=16 on q/v; {args.steps} interleaved timed steps per variant.\n\n" + "\n".join(lines)
+    body = (
+        f"Shapes: {shape}; LoRA r=16 on q/v; {args.steps} interleaved timed steps per variant after {args.warmup} "
+        f"warm-up rounds; torch threads {torch.get_num_threads()}; load average (1/5/15 min) {load_start} at the start, "
+        f"{load_end} at the end.\n\n" + "\n".join(lines)
+    )
     print(body)
     if not args.no_append:
         append_results("Training step overhead: RoLoRA vs peft LoRA (benchmarks/train_step.py)", body)

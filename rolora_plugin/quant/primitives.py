@@ -304,6 +304,80 @@ class _STEQuant(torch.autograd.Function):
         return grad * inside.to(grad.dtype), None, None, None
 
 
+# ---------------------------------------------------------------------------------------------- the STE fast path (int)
+#
+# What QAT and the dynamic activation quantizers run on every forward: ``fake_quant(x, int spec, ste=True)`` with a
+# float clip ratio. Same values and gradients as the reference composition above (``compute_qparams`` +
+# ``_STEQuant``; held equal in tests/quant/test_primitives_fast.py, float64/float32/bfloat16, every grid), in fewer
+# passes over x: the row max from one ``aminmax`` read (no |x| temporary), then ``x/s`` rounded, clamped and scaled
+# in place on one new tensor. The clip mask (for the backward) is formed only when a code can leave the grid: a
+# symmetric narrow grid without clipping (s = max|x|/qmax) keeps every ``round(x/s)`` within ±qmax whenever every
+# row max is finite and its scale a normal float (|x/s| ≤ qmax·(1 + 2⁻²³) < qmax + ½), which is checked on the
+# (rows, 1) scales of CPU tensors; there the STE backward is the identity. Zeros may come out as +0.0 where the
+# reference gives −0.0 (it adds the zero point 0); the values are equal.
+
+
+_STE_FAST_PATH = True  # False: every STE call takes the reference composition (benchmarks/train_step.py compares both)
+
+
+def _int_ste_fast_ok(x: torch.Tensor, spec: TensorQuant) -> bool:
+    return _STE_FAST_PATH and spec.format == "int" and not isinstance(spec.clip_ratio, torch.Tensor) and x.is_floating_point()
+
+
+def _int_scale_fast(xc: torch.Tensor, spec: TensorQuant):
+    """``(scale, zero or None, amax or None)`` of :func:`_int_qparams` (non-differentiable), from one ``aminmax`` read."""
+    qmin, qmax = quant_range(spec.bits, spec.sym)
+    c = spec.clip_ratio
+    mn, mx = torch.aminmax(xc, dim=-1, keepdim=True)
+    if spec.sym:
+        amax = torch.maximum(mn.neg_(), mx)  # == |x|.amax() exactly (negation is exact; NaN propagates)
+        scale = amax * c / (qmax + 0.5 if spec.grid == "full" else qmax)
+        return torch.where(scale > 0, scale, torch.ones_like(scale)), None, amax
+    lo, hi = mn.clamp_(max=0).mul_(c), mx.clamp_(min=0).mul_(c)
+    scale = (hi - lo) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, torch.round(-lo / scale), None
+
+
+def _codes_stay_on_grid(spec: TensorQuant, scale: torch.Tensor, amax) -> bool:
+    """True when no ``round(x/s)`` can be clamped (see the note above); CPU tensors only (a device sync elsewhere)."""
+    if amax is None or spec.grid != "narrow" or spec.clip_ratio != 1.0 or scale.device.type != "cpu":
+        return False
+    tiny, big = torch.finfo(scale.dtype).tiny, torch.finfo(scale.dtype).max
+    return bool(((amax == 0) | ((scale >= tiny) & (scale <= big))).all())
+
+
+class _STEIntQuant(torch.autograd.Function):
+    """``fake_quant(x, spec, ste=True)`` for an int spec with a float clip ratio, x grouped (..., g): the fast path."""
+
+    @staticmethod
+    def forward(ctx, x, spec):
+        xc = x.detach().to(_compute_dtype(x))
+        scale, zero, amax = _int_scale_fast(xc, spec)
+        lo, hi = quant_range(spec.bits, spec.sym)
+        q = (xc.div_(scale) if xc.data_ptr() != x.data_ptr() else torch.div(xc, scale)).round_()  # one new tensor
+        if zero is not None:
+            q.add_(zero)
+        if _codes_stay_on_grid(spec, scale, amax):
+            inside = None
+        else:
+            qc = q.clamp(lo, hi)
+            inside, q = qc == q, qc
+        if zero is not None:
+            q.sub_(zero)
+        ctx.identity = inside is None
+        if inside is not None:
+            ctx.save_for_backward(inside)
+        return q.mul_(scale).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.identity:
+            return grad, None
+        (inside,) = ctx.saved_tensors
+        return torch.where(inside, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)), None
+
+
 def quantize_with_params(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: TensorQuant, *, ste: bool = False, scale_grad: bool = False):
     """Quantize-dequantize ``x`` (..., g) on the grid of ``spec`` with given ``(s, z)`` (..., 1); x's dtype back.
 
@@ -342,6 +416,8 @@ def fake_quant(x: torch.Tensor, spec: TensorQuant, *, ste: bool = False, scale_g
     if spec.off:
         return x
     xg = _grouped_last(x, spec.group_size)
+    if ste and not scale_grad and _int_ste_fast_ok(x, spec):
+        return _STEIntQuant.apply(xg, spec).reshape(x.shape)
     if spec.format == "nvfp4" and global_scale is None:
         global_scale = nvfp4_global_scale(x.detach().abs().amax().float())
     if isinstance(spec.clip_ratio, torch.Tensor):
