@@ -93,7 +93,6 @@ class DemoConfig(ConfigMixin):
     servable: list = field(default_factory=lambda: ["w4a4-int", "nvfp4"])
     servable_overrides: dict = field(default_factory=dict)
     keep_exports: bool = False
-    deploy_workers: int = 0
     seed: int = 0
     cache_dir: str | None = None
 
@@ -104,9 +103,6 @@ class DemoConfig(ConfigMixin):
                      "train_seq_len", "batch_size", "lora_r", "calib_chunks"):  # fmt: skip
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"DemoConfig.{name} must be a positive int, got {getattr(self, name)!r}")
-        if not isinstance(self.deploy_workers, int) or self.deploy_workers < 0:
-            raise ValueError(f"DemoConfig.deploy_workers must be an int >= 0 (0: one per servable preset, at most the CPU "
-                             f"count), got {self.deploy_workers!r}")
         if self.limit < 0:
             raise ValueError(f"DemoConfig.limit must be >= 0 (0 skips the zero-shot tasks), got {self.limit}")
         if self.method not in ("rtn", "gptq"):
@@ -298,125 +294,40 @@ def servable_recipe(qcfg, calib_tokens: tuple[int, int]) -> str:
 def _deploy(merged, tok, cfg: DemoConfig, chunks, calib, held_out: list, fp: dict, export_root: Path | None) -> dict:
     """The recipe people deploy, on the merged RoLoRA model: per servable preset, quantize (``QuantConfig.preset``
     with ``cfg.servable_overrides``) a copy, export it with ``format="compressed-tensors"`` (under ``export_root``,
-    else a temporary folder removed afterwards) and run :func:`rolora_plugin.check.check_export` on ``chunks``
-    (:func:`_deploy_preset`). ``held_out``: the SciQ rows of the answer perplexity; ``fp``: the merged model's FP
-    ``text_ppl`` / ``response_ppl``.
-
-    Side by side: GPTQ's column sweep keeps about one core busy, so with ``workers`` = ``cfg.deploy_workers`` (0: one
-    per preset, at most the CPU count) the presets 2..workers each run in a worker process (:func:`_deploy_child`)
-    while this process runs the first one, then any left. A worker gets the merged model through an FP export
-    (``merge_and_export`` → ``load_rotated``: the same weights and online rotations) and the inputs through one
-    ``torch.save`` file, runs with this process's torch thread count, and hands its row back as JSON: every number
-    is the one a sequential run gives (tested). Threads were tried and do not help: the GIL serialises the sweep's
-    many small ops."""
+    else a temporary folder removed afterwards) and run :func:`rolora_plugin.check.check_export` on ``chunks``.
+    ``held_out``: the SciQ rows of the answer perplexity; ``fp``: the merged model's FP ``text_ppl`` / ``response_ppl``."""
     import tempfile
 
-    from .. import QuantConfig
-
-    configs = [(p, QuantConfig.preset(p, **cfg.servable_overrides)) for p in cfg.servable]
-    workers = max(1, min(len(configs), cfg.deploy_workers or (os.cpu_count() or 1)))
-    with tempfile.TemporaryDirectory(prefix="rolora-demo-deploy-") as work:
-        children = _start_children(merged, tok, cfg, [p for p, _ in configs[1:workers]], Path(work),
-                                   dict(chunks=chunks, calib=calib, held_out=held_out, fp=fp), export_root)  # fmt: skip
-        try:
-            rows = {p: _deploy_preset(merged, tok, p, q, chunks, calib, held_out, fp, export_root)
-                    for p, q in configs if p not in children}  # fmt: skip
-            rows.update({p: _child_row(p, proc, Path(work)) for p, proc in children.items()})
-        finally:
-            for proc in children.values():
-                if proc.poll() is None:  # an error or an interrupt here: the workers stop too
-                    proc.terminate()
-                    proc.wait()
-    return {"model": "RoLoRA merged", "fp": fp, "rows": [rows[p] for p, _ in configs], "export_kept": export_root is not None}
-
-
-def _deploy_preset(merged, tok, preset: str, qcfg, chunks, calib, held_out: list, fp: dict, export_root: Path | None,
-                   progress: bool = True) -> dict:  # fmt: skip
-    """One preset of :func:`_deploy`: quantize a copy of ``merged``, answer perplexity, export, consumer check; its row."""
-    import tempfile
-
-    from .. import merge_and_export, quantize_model_
+    from .. import QuantConfig, merge_and_export, quantize_model_
     from ..check import check_export
 
-    q = copy.deepcopy(merged)
-    t0 = time.perf_counter()
-    quantize_model_(q, qcfg, calibration=list(calib.split(1)), progress=progress)
-    quantize_s = time.perf_counter() - t0
-    response_ppl = response_perplexity(q, tok, held_out)
-    with tempfile.TemporaryDirectory(prefix="rolora-demo-export-") as tmp:
-        out = (export_root or Path(tmp)) / preset
-        out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for preset in cfg.servable:
+        qcfg = QuantConfig.preset(preset, **cfg.servable_overrides)
+        q = copy.deepcopy(merged)
         t0 = time.perf_counter()
-        merge_and_export(q, out, format="compressed-tensors", tokenizer=tok)
-        del q
-        files = {f.name: f.stat().st_size for f in sorted(out.rglob("*")) if f.is_file()}
-        check = check_export(out, chunks)
-        check_s = time.perf_counter() - t0
-    row = {"preset": preset, "recipe": servable_recipe(qcfg, tuple(calib.shape)), "config": qcfg.to_dict(),
-           "text_ppl": check["ppl"]["rolora"], "consumer_text_ppl": check["ppl"]["consumer"],
-           "ratio_to_fp": check["ppl"]["rolora"] / fp["text_ppl"], "response_ppl": response_ppl,
-           "engine": check["engine"], "format": check["format"], "check": check, **_consumer_verdict(check),
-           "export": {"path": str(out) if export_root else None, "bytes": sum(files.values()), "files": files},
-           "seconds": {"quantize": round(quantize_s, 1), "export_and_check": round(check_s, 1)}}  # fmt: skip
-    logger.info("deploy %s (%s): perplexity %.3f (compressed-tensors %.3f, FP %.3f), same model: %s", preset,
-                row["recipe"], row["text_ppl"], row["consumer_text_ppl"], fp["text_ppl"], row["same_model"])  # fmt: skip
-    return row
-
-
-def _start_children(merged, tok, cfg: DemoConfig, presets: list[str], work: Path, inputs: dict, export_root) -> dict:
-    """One worker process per preset of ``presets`` (:func:`_deploy_child`), started now; ``{preset: Popen}``."""
-    import subprocess
-    import sys
-
-    from .. import merge_and_export
-
-    if not presets:
-        return {}
-    merge_and_export(merged, work / "model")  # FP, with its records: load_rotated rebuilds this very model
-    attn = getattr(merged.config, "_attn_implementation", None)  # the same attention kernel (eager vs sdpa round apart)
-    torch.save({**inputs, "tok": tok, "config": cfg.to_dict(), "export_root": str(export_root) if export_root else None,
-                "attn_implementation": attn}, work / "inputs.pt")  # fmt: skip
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # two processes share the cores: no spinning OpenMP threads
-    level = str(logging.getLogger().getEffectiveLevel())
-    children = {}
-    for preset in presets:
-        logger.info("deploy %s: quantizing in a worker process, beside %s", preset, cfg.servable[0])
-        code = "from rolora_plugin.app.demo import _deploy_child; _deploy_child()"
-        args = [str(work), preset, str(torch.get_num_threads()), level]
-        children[preset] = subprocess.Popen([sys.executable, "-c", code, *args], env=env)
-    return children
-
-
-def _child_row(preset: str, proc, work: Path) -> dict:
-    """The row a worker wrote, once it exits; its failure (traceback on stderr) is raised here."""
-    code = proc.wait()
-    result = work / f"{preset}.json"
-    if code != 0 or not result.is_file():
-        raise RuntimeError(f"the deploy worker for {preset} failed (exit status {code}; its traceback is above)")
-    return json.loads(result.read_text())
-
-
-def _deploy_child() -> None:
-    """Entry point of a deploy worker process: ``argv = [work, preset, torch threads, log level]`` (:func:`_deploy`)."""
-    import sys
-
-    from .. import QuantConfig
-    from ..export import load_rotated
-    from .runtime import filter_known_noise, set_offline_environment, setup_logging
-
-    work, preset, threads, level = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    set_offline_environment()  # inherited from the rolora command already; kept for a library caller
-    setup_logging(verbose=level <= logging.DEBUG, quiet=level >= logging.WARNING)
-    filter_known_noise()
-    torch.set_num_threads(threads)
-    inputs = torch.load(work / "inputs.pt", weights_only=False)  # written by the parent process just before
-    cfg = DemoConfig.from_dict(inputs["config"])
-    attn = {"attn_implementation": inputs["attn_implementation"]} if inputs["attn_implementation"] else {}
-    merged = load_rotated(work / "model", **attn)
-    export_root = Path(inputs["export_root"]) if inputs["export_root"] else None
-    row = _deploy_preset(merged, inputs["tok"], preset, QuantConfig.preset(preset, **cfg.servable_overrides),
-                         inputs["chunks"], inputs["calib"], inputs["held_out"], inputs["fp"], export_root, progress=False)  # fmt: skip
-    atomic_write_text(work / f"{preset}.json", json.dumps(row))
+        quantize_model_(q, qcfg, calibration=list(calib.split(1)))
+        quantize_s = time.perf_counter() - t0
+        response_ppl = response_perplexity(q, tok, held_out)
+        with tempfile.TemporaryDirectory(prefix="rolora-demo-export-") as tmp:
+            out = (export_root or Path(tmp)) / preset
+            out.parent.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            merge_and_export(q, out, format="compressed-tensors", tokenizer=tok)
+            del q
+            files = {f.name: f.stat().st_size for f in sorted(out.rglob("*")) if f.is_file()}
+            check = check_export(out, chunks)
+            check_s = time.perf_counter() - t0
+        row = {"preset": preset, "recipe": servable_recipe(qcfg, tuple(calib.shape)), "config": qcfg.to_dict(),
+               "text_ppl": check["ppl"]["rolora"], "consumer_text_ppl": check["ppl"]["consumer"],
+               "ratio_to_fp": check["ppl"]["rolora"] / fp["text_ppl"], "response_ppl": response_ppl,
+               "engine": check["engine"], "format": check["format"], "check": check, **_consumer_verdict(check),
+               "export": {"path": str(out) if export_root else None, "bytes": sum(files.values()), "files": files},
+               "seconds": {"quantize": round(quantize_s, 1), "export_and_check": round(check_s, 1)}}  # fmt: skip
+        logger.info("deploy %s (%s): perplexity %.3f (compressed-tensors %.3f, FP %.3f), same model: %s", preset,
+                    row["recipe"], row["text_ppl"], row["consumer_text_ppl"], fp["text_ppl"], row["same_model"])  # fmt: skip
+        rows.append(row)
+    return {"model": "RoLoRA merged", "fp": fp, "rows": rows, "export_kept": export_root is not None}
 
 
 def _consumer_verdict(check: dict) -> dict:

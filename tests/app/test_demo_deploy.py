@@ -4,8 +4,6 @@ compressed-tensors, re-loaded by the consumer-side check; its rows in results, t
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -19,21 +17,8 @@ from rolora_plugin.metrics import perplexity
 pytest.importorskip("compressed_tensors")
 
 
-class _Tok:  # what _deploy needs of a tokenizer: padding for the answer perplexity, save_pretrained for the export
-    pad_token_id, eos_token_id = 0, 2
-
-    def save_pretrained(self, *args, **kwargs):
-        return None
-
-
-def _tok():  # picklable: a deploy worker process gets it through torch.save (the repository root on its path)
-    return _Tok()
-
-
-@pytest.fixture(autouse=True)
-def _workers_import_tests(monkeypatch):
-    root = str(Path(__file__).resolve().parents[2])
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+def _tok():  # what _deploy needs of a tokenizer: padding for the answer perplexity, save_pretrained for the export
+    return SimpleNamespace(pad_token_id=0, eos_token_id=2, save_pretrained=lambda *a, **k: None)
 
 
 def _held_out(vocab: int) -> list[dict]:
@@ -89,50 +74,3 @@ def test_demo_config_checks_the_servable_presets():
         DemoConfig(servable=["w4a4"])
     with pytest.raises((ValueError, TypeError)):
         DemoConfig(servable_overrides={"method": "awq"})
-
-
-def test_presets_quantized_side_by_side_give_the_sequential_numbers(deployed, tmp_path):
-    """The deploy stage runs the second preset in a worker process (default on 2+ cores): the same rows as one
-    after the other in one process."""
-    dep, model, fp = deployed
-    vocab, tok = model.config.vocab_size, _tok()
-    chunks, calib = random_ids(vocab, batch=2, seq=16, seed=5), random_ids(vocab, batch=2, seq=16, seed=1)
-    seq = _deploy(model, tok, DemoConfig(servable=["w4a4-int", "nvfp4"], deploy_workers=1), chunks, calib,
-                  _held_out(vocab), fp, tmp_path / "exports")  # fmt: skip
-    for par, one in zip(dep["rows"], seq["rows"]):
-        assert par["preset"] == one["preset"]
-        assert par["response_ppl"] == one["response_ppl"] and par["check"]["ppl"] == one["check"]["ppl"], par["preset"]
-        assert par["check"]["consumer"] == one["check"]["consumer"], par["preset"]
-        assert par["export"]["files"] == one["export"]["files"], par["preset"]
-
-
-def test_a_failed_worker_is_reported_and_an_error_here_stops_the_workers(monkeypatch):
-    from rolora_plugin.app import demo
-
-    with pytest.raises(RuntimeError, match="deploy worker for nvfp4 failed .exit status 3"):
-        demo._child_row("nvfp4", SimpleNamespace(wait=lambda: 3), Path("/nonexistent"))
-    model = tiny_model("llama")
-    rotate_model_(model, RotationConfig(seed=0), progress=False)
-    vocab, tok, held_out = model.config.vocab_size, _tok(), _held_out(model.config.vocab_size)
-    calib = random_ids(vocab, batch=2, seq=16, seed=1)
-    started, start = {}, demo._start_children
-
-    def record(*args, **kwargs):
-        started.update(start(*args, **kwargs))
-        return started
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("quantization failed here")
-
-    monkeypatch.setattr(demo, "_start_children", record)
-    monkeypatch.setattr(demo, "_deploy_preset", broken)
-    with pytest.raises(RuntimeError, match="failed here"):
-        _deploy(model, tok, DemoConfig(servable=["w4a4-int", "nvfp4"], deploy_workers=2), calib, calib, held_out,
-                {"text_ppl": 1.0, "response_ppl": 1.0}, None)  # fmt: skip
-    assert list(started) == ["nvfp4"] and started["nvfp4"].returncode is not None  # the worker was stopped and reaped
-
-
-def test_demo_config_checks_deploy_workers():
-    assert DemoConfig().deploy_workers == 0 and DemoConfig(deploy_workers=1).deploy_workers == 1
-    with pytest.raises(ValueError, match="deploy_workers"):
-        DemoConfig(deploy_workers=-1)
