@@ -242,7 +242,7 @@ def _report(size: str, src: Path, res: dict, load: tuple, max_shard_bytes: int) 
     ]
     lines += [f"| {label} | {t:.1f} |" for label, t in res["phases"].items()]
     lines += ["", f"Code: {_code_version()}.", "", f"Load average (1/5/15 min) at start {_fmt(load[0])}, at end {_fmt(load[1])}: other engineers share the 2 cores.",
-              f"Goal (issues 17, 33; 7b, at load < 2): peak RSS ≤ 3 GB ({'met' if peak_gb <= 3 else 'NOT met'}: {peak_gb:.2f} GB), "
+              f"Goal (issues 17, 33; for 7b, at load < 2; this run: {size}): peak RSS ≤ 3 GB ({'met' if peak_gb <= 3 else 'NOT met'}: {peak_gb:.2f} GB), "
               f"≤ 10 min ({'met' if res['wall_s'] <= 600 else 'NOT met'}: {res['wall_s'] / 60:.1f} min)."]  # fmt: skip
     return "\n".join(lines)
 
