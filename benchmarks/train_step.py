@@ -10,7 +10,8 @@ LLaMA-2-7B shapes), LoRA r=16 on q/v, AdamW, forward + backward + step:
 * ``rolora``: the same after ``rotate_model_`` (R1 merged into weights, R4: online Hadamard before down_proj);
 * ``rolora+qat``: plus W4A4 fake quant of every decoder linear (``enable_fake_quant_``, the QAT forward);
 * ``rolora+qat (reference quant)`` (``--reference-quant``): the same model with the STE fast path of
-  ``quant.primitives.fake_quant`` switched off for its steps (the reference composition): before/after in one run.
+  ``quant.primitives.fake_quant`` and the shared input quantization of ``quant.qat`` switched off for its steps
+  (QAT as it ran before them): before/after in one run.
 
 Steps of the variants are interleaved (lora, rolora, qat, lora, ...) so machine load drifts hit all of them
 alike; the median per variant is reported with the ratio to ``lora``, its spread (min, max), the median CPU time of
@@ -39,7 +40,7 @@ from _common import append_results  # noqa: E402
 
 from rolora_plugin import RotationConfig, rotate_model_  # noqa: E402
 from rolora_plugin.quant import QuantConfig, enable_fake_quant_  # noqa: E402
-from rolora_plugin.quant import primitives  # noqa: E402
+from rolora_plugin.quant import primitives, qat  # noqa: E402
 
 REF_QAT = "rolora+qat (reference quant)"
 
@@ -96,13 +97,14 @@ def build(variant: str, args, device, dtype):
 
 @contextlib.contextmanager
 def quant_path(reference: bool):
-    """The reference composition of the STE fake quant for the steps inside (restored afterwards)."""
-    saved = primitives._STE_FAST_PATH
-    primitives._STE_FAST_PATH = not reference
+    """For the steps inside: the reference composition of the STE fake quant, and no shared fake quant of an input
+    read by several linears (q/k/v, gate/up): QAT as it ran before both (restored afterwards)."""
+    saved = primitives._STE_FAST_PATH, qat._SHARE_INPUTS
+    primitives._STE_FAST_PATH = qat._SHARE_INPUTS = not reference
     try:
         yield
     finally:
-        primitives._STE_FAST_PATH = saved
+        primitives._STE_FAST_PATH, qat._SHARE_INPUTS = saved
 
 
 def step(model, opt, ids, sync, reference_quant: bool = False) -> tuple[float, float]:

@@ -52,6 +52,7 @@ _LORA_ONLY = "lora"
 # submodules whose calls DeepSpeed uses to gather parameters).
 
 _FQ_ATTR = "_rolora_fake_quant"
+_SHARE_INPUTS = True  # False: every linear quantizes its own input (benchmarks/train_step.py's reference variant)
 
 
 class _FakeQuantLoRALinear(torch.autograd.Function):
@@ -83,11 +84,29 @@ class _FakeQuantLoRALinear(torch.autograd.Function):
 
 
 class _FakeQuantState:
-    """Per-module QAT state: the :class:`~rolora_plugin.quant.QuantConfig` in force (None = bypass) and a cache."""
+    """Per-module QAT state: the :class:`~rolora_plugin.quant.QuantConfig` in force (None = bypass) and a cache.
 
-    def __init__(self, config):
+    ``shared`` (one dict per :func:`enable_fake_quant_` call) keeps the last quantized input: linears that read the
+    same input tensor (q/k/v, gate/up) under the same config reuse its fake quant instead of recomputing it (same
+    values; the STE gradients of the readers add up on that one node, as they would on separate ones).
+    """
+
+    def __init__(self, config, shared: dict | None = None):
         self.config = config
         self._cache = None
+        self.shared = {} if shared is None else shared
+
+    def quantize_input(self, x: torch.Tensor, cfg) -> torch.Tensor:
+        spec = cfg.activation_spec()
+        if not _SHARE_INPUTS or isinstance(spec.clip_ratio, torch.Tensor):
+            return fake_quant(x, spec, ste=True)
+        key = (x._version, torch.is_grad_enabled(), spec)
+        last = self.shared.get("input")
+        if last is not None and last[0] is x and last[1] == key:
+            return last[2]
+        xq = fake_quant(x, spec, ste=True)
+        self.shared["input"] = (x, key, xq)  # the strong reference to x keeps its id from being reused
+        return xq
 
     def frozen_weight(self, weight: torch.Tensor) -> torch.Tensor:
         key = (weight._version, weight.data_ptr(), id(self.config))
@@ -107,7 +126,7 @@ def _fake_quant_forward(self, x, *args, **kwargs):
     if cfg is None:
         return type(self).forward(self, x, *args, **kwargs)
     base = base_layer(self)
-    xq = fake_quant(x, cfg.activation_spec(), ste=True).to(base.weight.dtype)
+    xq = state.quantize_input(x, cfg).to(base.weight.dtype)
     adapters = active_adapters(self)
     bias = base.bias
     for _, b, s in adapters:
@@ -184,6 +203,9 @@ class FakeQuantHandle:
 
     def remove(self) -> None:
         for m in self.modules.values():
+            state = m.__dict__.get(_FQ_ATTR)
+            if state is not None:
+                state.shared.clear()
             m.__dict__.pop(_FQ_ATTR, None)
             m.__dict__.pop("forward", None)
         self.modules = {}
@@ -216,8 +238,9 @@ def enable_fake_quant_(model: nn.Module, config, targets=ALL_LINEAR) -> FakeQuan
         raise ValueError(f"fake quant: no target module matches {targets!r} (no LoRA layers yet?)")
     for name, m in modules.items():
         _check_fake_quant_target(name, m)
+    shared: dict = {}
     for m in modules.values():
-        m.__dict__[_FQ_ATTR] = _FakeQuantState(config)
+        m.__dict__[_FQ_ATTR] = _FakeQuantState(config, shared)
         m.forward = types.MethodType(_fake_quant_forward, m)
     dropout = [n for n, m in modules.items() for d in lora_dropouts(m) if isinstance(d, nn.Dropout) and d.p > 0]
     if dropout:

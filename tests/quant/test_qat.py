@@ -98,3 +98,43 @@ def test_fake_quant_targets_resolve_through_the_family_spec():
         enable_fake_quant_(peft_model, quant_config(4, 4), targets=["wq"])
     with pytest.raises(ValueError, match="fake quant targets must be"):
         enable_fake_quant_(peft_model, quant_config(4, 4), targets="everything")
+
+
+def test_linears_reading_one_input_share_its_fake_quant_with_equal_values_and_gradients():
+    """q/k/v and gate/up read one tensor: QAT quantizes it once per forward; logits and every LoRA gradient equal
+    those of a run where each linear quantizes its own copy (the sharing switched off by a fresh state dict per call)."""
+    from rolora_plugin.quant import qat
+
+    ids = random_ids()
+    model = tiny_model("llama")
+    rotate_model_(model, RotationConfig(), progress=False)
+    peft_model = lora(model, "all-linear")
+    handle = enable_fake_quant_(peft_model, quant_config(4, 4))
+    states = [m.__dict__[qat._FQ_ATTR] for m in handle.modules.values()]
+    assert len({id(s.shared) for s in states}) == 1
+
+    def run():
+        peft_model.zero_grad(set_to_none=True)
+        out = peft_model(input_ids=ids).logits
+        out.float().pow(2).mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+
+    calls = []
+    real = qat.fake_quant
+    qat.fake_quant = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        shared_out, shared_grads = run()
+        n_shared = len(calls)
+        for s in states:  # one private dict per state: nothing is shared
+            s.shared = {}
+        calls.clear()
+        own_out, own_grads = run()
+        n_own = len(calls)
+    finally:
+        qat.fake_quant = real
+        handle.remove()
+    assert n_shared < n_own  # the input of q/k/v (and gate/up) was quantized once
+    assert torch.equal(shared_out, own_out)
+    assert shared_grads.keys() == own_grads.keys() and shared_grads
+    for name in own_grads:
+        assert rel_err(shared_grads[name], own_grads[name]) <= 1e-6, name
