@@ -22,8 +22,11 @@ Two paths compute the same thing:
   The float32 results equal the reference's except where the float64 sums are added in another order (the left
   side's GEMMs contract the other operand): at most 1 ulp, tested for every width of the Hadamard test list (tests/core/test_edits.py).
 
-Matrices above ``_CHUNK_ELEMENTS`` are processed in chunks of rows (``right``), then of columns (``left``), so the
-extra memory is two workspaces of at most ``_CHUNK_ELEMENTS`` elements of the compute dtype (8 MiB each in float64).
+Matrices above ``_CHUNK_ELEMENTS`` are processed in chunks of rows (``right``), then of columns (``left``): the extra
+memory is two workspaces of ``_CHUNK_ELEMENTS`` elements of the compute dtype (2 MiB each in float64), plus, for a
+weight edited on both sides with at most ``_SINGLE_PASS_ELEMENTS``, one buffer holding its input-side result so it
+is rounded once (as the reference does). On SmolLM2 the pass's float32 result is bitwise the one of the path before
+this engine (measured: 0 of 163 M elements differ).
 """
 
 from __future__ import annotations
@@ -39,7 +42,11 @@ from .hadamard import OrthogonalTransform
 
 __all__ = ["AxisOp", "edit_", "edit_reference", "headwise", "on_slice", "as_axis_op", "shared_workspaces"]
 
-_CHUNK_ELEMENTS = 1 << 20  # elements per workspace (8 MiB in float64)
+_CHUNK_ELEMENTS = 1 << 18  # elements per workspace of a chunked edit (2 MiB in float64)
+# A weight edited on both sides is rounded once when it has at most this many elements (its input-side result is kept
+# in one compute-dtype buffer, 32 MiB in float64 at most), else twice: after the input side, then after the output
+# side (rows and columns in chunks). Both paths follow this rule, so they round alike.
+_SINGLE_PASS_ELEMENTS = 1 << 22
 _POOL: contextvars.ContextVar[dict | None] = contextvars.ContextVar("rolora_edit_workspaces", default=None)
 
 
@@ -111,16 +118,18 @@ def as_axis_op(op) -> AxisOp | None:
 
 
 def edit_reference(weight: torch.Tensor, cdtype, *, scale=None, right: Callable | None = None, left: Callable | None = None,
-                   chunk: int | None = None) -> None:  # fmt: skip
+                   chunk: int | None = None, single_pass: int | None = None) -> None:  # fmt: skip
     """In place: ``W ← left_opᵀ · (W diag(scale)) · right_op`` computed in ``cdtype``, cast back to W's dtype.
 
-    ``right(x)`` and ``left(x)`` act along the last dim (``left`` on Wᵀ). Large weights are processed in chunks
-    of rows (then columns) of at most ``chunk`` elements, so no full high-precision copy of a big matrix is made.
+    ``right(x)`` and ``left(x)`` act along the last dim (``left`` on Wᵀ). A weight of at most ``single_pass``
+    elements is computed in one pass (one rounding); a larger one in chunks of rows (then columns) of at most
+    ``chunk`` elements, so no full high-precision copy of a big matrix is made.
     """
     chunk = chunk or _CHUNK_ELEMENTS
+    single_pass = single_pass or _SINGLE_PASS_ELEMENTS
     rows, cols = weight.shape
     with torch.no_grad():
-        if rows * cols <= chunk:  # one pass, one rounding
+        if rows * cols <= single_pass:  # one pass, one rounding
             x = _scaled(weight.to(cdtype), scale, right)
             weight.copy_(left(x.T.contiguous()).T if left is not None else x)
             return
@@ -145,7 +154,7 @@ def _scaled(x, scale, right):
 
 
 def edit_(weight: torch.Tensor, cdtype, *, scale=None, right: Callable | None = None, left: Callable | None = None,
-          chunk: int | None = None) -> None:  # fmt: skip
+          chunk: int | None = None, single_pass: int | None = None) -> None:  # fmt: skip
     """:func:`edit_reference`'s result (to 1 ulp) without its temporaries; see the module docstring.
 
     Falls back to the reference for ops that are not :class:`AxisOp` s, a sliced ``right``, or a weight that is
@@ -155,32 +164,67 @@ def edit_(weight: torch.Tensor, cdtype, *, scale=None, right: Callable | None = 
     lo = as_axis_op(left) if left is not None else None
     if (right is not None and (r is None or r.start or r.stop is not None)) or (left is not None and lo is None) \
             or weight.dim() != 2 or not weight.is_contiguous():  # fmt: skip
-        return edit_reference(weight, cdtype, scale=scale, right=right, left=left, chunk=chunk)
+        return edit_reference(weight, cdtype, scale=scale, right=right, left=left, chunk=chunk, single_pass=single_pass)
     if r is None and lo is None and scale is None:
         return None
     chunk = chunk or _CHUNK_ELEMENTS
+    single_pass = single_pass or _SINGLE_PASS_ELEMENTS
     rows, cols = weight.shape
     _check_width(r, cols, "columns")
     _check_width(lo, rows, "rows")
-    if scale is not None:
-        scale = scale.to(device=weight.device, dtype=cdtype)
+    plan = _Plan(weight, cdtype, scale, r, lo)
     with torch.no_grad():
         if rows * cols <= chunk:
-            ws = _Workspaces(rows * cols, cdtype, weight.device)
-            _edit_block(weight, ws, cdtype, scale, r, lo)
-            return None
-        if r is not None or scale is not None:
-            step = max(1, chunk // cols)
-            ws = _Workspaces(min(rows, step) * cols, cdtype, weight.device)
-            for i in range(0, rows, step):
-                _edit_block(weight[i : i + step], ws, cdtype, scale, r, None)
-        if lo is not None:
-            start, stop = lo.span(rows)
-            step = max(1, chunk // (stop - start))
-            ws = _Workspaces((stop - start) * min(cols, step), cdtype, weight.device)
-            for j in range(0, cols, step):
-                _edit_block(weight[:, j : j + step], ws, cdtype, None, None, lo)
+            _edit_block(weight, _Workspaces(rows * cols, cdtype, weight.device), plan)
+        elif plan.input_side and lo is not None and rows * cols <= single_pass:
+            _edit_two_sided(weight, plan, chunk)
+        else:
+            if plan.input_side:
+                step = max(1, chunk // cols)
+                ws = _Workspaces(min(rows, step) * cols, cdtype, weight.device)
+                for i in range(0, rows, step):
+                    _edit_block(weight[i : i + step], ws, plan, output_side=False)
+            if lo is not None:
+                step = max(1, chunk // plan.n_sel)
+                ws = _Workspaces(plan.n_sel * min(cols, step), cdtype, weight.device)
+                for j in range(0, cols, step):
+                    _edit_block(weight[:, j : j + step], ws, plan, input_side=False)
     return None
+
+
+class _Plan:
+    """What one edit needs, computed once per weight (not per chunk): the input-side vector ``scale·signs`` (or the
+    trailing signs of ``x·Rᵀ``), the stage matrices in the order and layout the GEMMs take, the output side's span
+    and its row signs."""
+
+    def __init__(self, w: torch.Tensor, cdtype, scale, r: AxisOp | None, lo: AxisOp | None):
+        rows, cols = w.shape
+        self.cdtype = cdtype
+        self.input_side = r is not None or scale is not None
+        self.in_vec = None if scale is None else scale.to(device=w.device, dtype=cdtype)
+        self.in_post = None
+        self.r_first, self.r_rest = None, []
+        if r is not None:
+            mats, signs = r.t._factors(w.device, cdtype)
+            if signs is not None:
+                blocked = signs.repeat(cols // r.t.n)
+                if r.transposed:
+                    self.in_post = blocked
+                else:
+                    self.in_vec = blocked if self.in_vec is None else self.in_vec * blocked
+            rev = list(reversed(mats))  # _kron_apply's order: the last factor as one GEMM from the right, then the rest
+            if rev:
+                self.r_first = rev[0].T if r.transposed else rev[0]
+                self.r_rest = [(m if r.transposed else m.T).contiguous() for m in rev[1:]]
+        self.lo = lo
+        if lo is not None:
+            self.start, self.stop = lo.span(rows)
+            self.n_sel = self.stop - self.start
+            mats, signs = lo.t._factors(w.device, cdtype)
+            rows_signs = None if signs is None else signs.repeat(self.n_sel // lo.t.n).unsqueeze(1)
+            self.lo_pre = rows_signs if not lo.transposed else None  # Lᵀ W = Kᵀ diag(σ) W: the signs come first
+            self.lo_post = rows_signs if lo.transposed else None  # R W = diag(σ) K W: they come last
+            self.lo_mats = [(m if lo.transposed else m.T).contiguous() for m in reversed(mats)]
 
 
 def _check_width(op: AxisOp | None, width: int, axis: str) -> None:
@@ -199,16 +243,16 @@ class _Workspaces:
     request) instead of being allocated per call: repeated allocations of varying size fragment the heap, which
     measured ~20 MiB of extra peak RSS over a SmolLM2 pass."""
 
-    def __init__(self, n: int, dtype, device):
+    def __init__(self, n: int, dtype, device, count: int = 2):
         pool = _POOL.get()
         if pool is None:
-            self.bufs = (torch.empty(n, dtype=dtype, device=device), torch.empty(n, dtype=dtype, device=device))
+            self.bufs = tuple(torch.empty(n, dtype=dtype, device=device) for _ in range(count))
             return
-        key = (dtype, torch.device(device))
+        key = (dtype, torch.device(device), count)
         have = pool.get(key)
         if have is None or have[0].numel() < n:
-            pool.pop(key, None)  # free the smaller pair before the larger one is allocated
-            have = pool[key] = (torch.empty(n, dtype=dtype, device=device), torch.empty(n, dtype=dtype, device=device))
+            pool.pop(key, None)  # free the smaller buffers before the larger ones are allocated
+            have = pool[key] = tuple(torch.empty(n, dtype=dtype, device=device) for _ in range(count))
         self.bufs = have
 
     def view(self, k: int, shape) -> torch.Tensor:
@@ -218,92 +262,103 @@ class _Workspaces:
         return self.bufs[k][:numel].view(shape)
 
 
-def _edit_block(w: torch.Tensor, ws: _Workspaces, cdtype, scale, r: AxisOp | None, lo: AxisOp | None) -> None:
-    """One block of W (a contiguous row block, or a strided column block when only ``lo`` applies), in place."""
+def _edit_block(w: torch.Tensor, ws: _Workspaces, plan: _Plan, *, input_side: bool = True, output_side: bool = True) -> None:
+    """One block of W in place: a contiguous row block (input side, and the output side when the block holds every
+    row), or a strided column block (output side only)."""
     rows, cols = w.shape
-    cur = 0
-    if r is not None or scale is not None:  # input side: cast·scale·signs in one pass, then the stages
-        x = ws.view(0, (rows, cols))
-        mats, signs = r.t._factors(w.device, cdtype) if r is not None else ([], None)
-        vec = scale
-        if signs is not None and not r.transposed:
-            blocked = signs.repeat(cols // r.t.n)
-            vec = blocked if vec is None else vec * blocked
-        x.copy_(w)  # mixed-dtype ops run 3-4x slower than a cast then a same-dtype op (measured)
-        if vec is not None:
-            x.mul_(vec)
-        if r is not None:
-            cur = _right_stages(ws, cur, rows * cols, mats, r.transposed)
-            x = ws.view(cur, (rows, cols))
-            if signs is not None and r.transposed:
-                x.mul_(signs.repeat(cols // r.t.n))
-    elif lo is not None:
-        start, stop = lo.span(rows)
-        signs = lo.t._factors(w.device, cdtype)[1]
-        x = ws.view(0, (stop - start, cols))
-        x.copy_(w[start:stop])
-        if signs is not None and not lo.transposed:  # Lᵀ W = Kᵀ diag(σ) W: the signs come first
-            x.mul_(signs.repeat((stop - start) // lo.t.n).unsqueeze(1))
-        cur = _left_stages(ws, 0, stop - start, cols, lo)
-        _write_rows(w[start:stop], ws.view(cur, (stop - start, cols)), lo, w.device, cdtype)
+    lo = plan.lo if output_side else None
+    if not (input_side and plan.input_side):
+        x = ws.view(0, (plan.n_sel, cols))
+        x.copy_(w[plan.start : plan.stop])
+        if plan.lo_pre is not None:
+            x.mul_(plan.lo_pre)
+        cur = _left_stages(ws, 0, plan.n_sel * cols, cols, plan)
+        _write_rows(w[plan.start : plan.stop], ws.view(cur, (plan.n_sel, cols)), plan)
         return
+    cur = _input_side(w, ws, plan)
+    x = ws.view(cur, (rows, cols))
     if lo is None:
         w.copy_(x)
         return
-    # both sides in one block: x (rows, cols) holds the input-side result in buffer `cur`
-    start, stop = lo.span(rows)
-    n_sel = stop - start
-    sel = x[start:stop]
-    signs = lo.t._factors(w.device, cdtype)[1]
-    other = 1 - cur
-    y = ws.view(other, (n_sel, cols))
-    y.copy_(sel)
-    if signs is not None and not lo.transposed:
-        y.mul_(signs.repeat(n_sel // lo.t.n).unsqueeze(1))
-    if start:
-        w[:start].copy_(x[:start])
-    if stop < rows:
-        w[stop:].copy_(x[stop:])
-    res = _left_stages(ws, other, n_sel, cols, lo)
-    _write_rows(w[start:stop], ws.view(res, (n_sel, cols)), lo, w.device, cdtype)
+    # both sides in one block: x holds the input-side result in buffer `cur`
+    y = ws.view(1 - cur, (plan.n_sel, cols))
+    y.copy_(x[plan.start : plan.stop])
+    if plan.lo_pre is not None:
+        y.mul_(plan.lo_pre)
+    if plan.start:
+        w[: plan.start].copy_(x[: plan.start])
+    if plan.stop < rows:
+        w[plan.stop :].copy_(x[plan.stop :])
+    res = _left_stages(ws, 1 - cur, plan.n_sel * cols, cols, plan)
+    _write_rows(w[plan.start : plan.stop], ws.view(res, (plan.n_sel, cols)), plan)
 
 
-def _right_stages(ws: _Workspaces, cur: int, total: int, mats: list, transposed: bool) -> int:
-    """``_kron_apply``'s stages on the first ``total`` elements of buffer ``cur``; returns the result's buffer."""
-    after = 1
-    for i, m in enumerate(reversed(mats)):
+def _input_side(w: torch.Tensor, ws: _Workspaces, plan: _Plan) -> int:
+    """``(W diag(scale))·R`` of the contiguous row block ``w`` into the workspaces: cast, scale·signs in one
+    multiply, then the stages. Returns the buffer holding the result."""
+    rows, cols = w.shape
+    total = rows * cols
+    x = ws.view(0, (rows, cols))
+    x.copy_(w)  # mixed-dtype ops run 3-4x slower than a cast then a same-dtype op (measured)
+    if plan.in_vec is not None:
+        x.mul_(plan.in_vec)
+    if plan.r_first is None:
+        return 0
+    s = plan.r_first.shape[0]
+    torch.matmul(ws.view(0, (total // s, s)), plan.r_first, out=ws.view(1, (total // s, s)))
+    cur, after = 1, s
+    for m in plan.r_rest:
         s = m.shape[0]
-        src = ws.view(cur, (total // s, s) if i == 0 else (total // (s * after), s, after))
-        dst = ws.view(1 - cur, src.shape)
-        if i == 0:
-            torch.matmul(src, m.T if transposed else m, out=dst)
-        else:
-            torch.matmul((m if transposed else m.T).contiguous(), src, out=dst)
-        cur = 1 - cur
-        after *= s
+        shape = (total // (s * after), s, after)
+        torch.matmul(m, ws.view(cur, shape), out=ws.view(1 - cur, shape))
+        cur, after = 1 - cur, after * s
+    if plan.in_post is not None:
+        ws.view(cur, (rows, cols)).mul_(plan.in_post)
     return cur
 
 
-def _left_stages(ws: _Workspaces, cur: int, n_sel: int, cols: int, lo: AxisOp) -> int:
-    """``Lᵀ`` on the row axis of buffer ``cur`` (n_sel, cols): the factors of every block contract their row axis,
-    ``M_iᵀ`` (``x·R``) or ``M_i`` (``x·Rᵀ``) from the left. Signs are the caller's. Returns the result's buffer."""
-    mats = lo.t._factors(ws.bufs[0].device, ws.bufs[0].dtype)[0]
-    sizes = [m.shape[0] for m in mats]
-    total = n_sel * cols
+def _edit_two_sided(w: torch.Tensor, plan: _Plan, chunk: int) -> None:
+    """Both sides with one rounding and small workspaces: the input side row chunk by row chunk into one full
+    compute-dtype buffer, then the output side column chunk by column chunk from it, written back to W."""
+    rows, cols = w.shape
+    cdtype = plan.cdtype
+    full = _Workspaces(rows * cols, cdtype, w.device, count=1).view(0, (rows, cols))
+    step = max(1, chunk // cols)
+    ws = _Workspaces(min(rows, step) * cols, cdtype, w.device)
+    for i in range(0, rows, step):
+        n = min(step, rows - i)
+        cur = _input_side(w[i : i + n], ws, plan)
+        full[i : i + n].copy_(ws.view(cur, (n, cols)))
+    if plan.start:
+        w[: plan.start].copy_(full[: plan.start])
+    if plan.stop < rows:
+        w[plan.stop :].copy_(full[plan.stop :])
+    step = max(1, chunk // plan.n_sel)
+    ws = _Workspaces(plan.n_sel * min(cols, step), cdtype, w.device)
+    for j in range(0, cols, step):
+        k = min(step, cols - j)
+        y = ws.view(0, (plan.n_sel, k))
+        y.copy_(full[plan.start : plan.stop, j : j + k])
+        if plan.lo_pre is not None:
+            y.mul_(plan.lo_pre)
+        cur = _left_stages(ws, 0, plan.n_sel * k, k, plan)
+        _write_rows(w[plan.start : plan.stop, j : j + k], ws.view(cur, (plan.n_sel, k)), plan)
+
+
+def _left_stages(ws: _Workspaces, cur: int, total: int, cols: int, plan: _Plan) -> int:
+    """``Lᵀ`` on the row axis of buffer ``cur`` ((n_sel, cols), ``total`` elements): the factors of every block
+    contract their row axis, ``M_iᵀ`` (``x·R``) or ``M_i`` (``x·Rᵀ``) from the left. Returns the result's buffer."""
     after = cols
-    for m, s in zip(reversed(mats), reversed(sizes)):
-        src = ws.view(cur, (total // (s * after), s, after))
-        dst = ws.view(1 - cur, src.shape)
-        a = (m.T if not lo.transposed else m).contiguous()
-        torch.matmul(a, src, out=dst)
-        cur = 1 - cur
-        after *= s
+    for a in plan.lo_mats:
+        s = a.shape[0]
+        shape = (total // (s * after), s, after)
+        torch.matmul(a, ws.view(cur, shape), out=ws.view(1 - cur, shape))
+        cur, after = 1 - cur, after * s
     return cur
 
 
-def _write_rows(dest: torch.Tensor, src: torch.Tensor, lo: AxisOp, device, cdtype) -> None:
-    """Write the left side's result back; ``Lᵀ W = diag(σ) K W`` for ``x·Rᵀ``: its signs are fused here."""
-    signs = lo.t._factors(device, cdtype)[1]
-    if signs is not None and lo.transposed:
-        src.mul_(signs.repeat(src.shape[0] // lo.t.n).unsqueeze(1))
+def _write_rows(dest: torch.Tensor, src: torch.Tensor, plan: _Plan) -> None:
+    """Write the output side's result back (with the trailing row signs of ``x·Rᵀ``)."""
+    if plan.lo_post is not None:
+        src.mul_(plan.lo_post)
     dest.copy_(src)

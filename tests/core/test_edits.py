@@ -35,7 +35,7 @@ def test_reference_equals_dense_float64_maths():
     expected = lmat.T @ (w * s) @ r.matrix()
     for chunk in (None, 7 * 48):  # one pass, and row/column chunks
         got = w.clone()
-        edit_reference(got, torch.float64, scale=s, right=r.apply, left=left, chunk=chunk)
+        edit_reference(got, torch.float64, scale=s, right=r.apply, left=left, chunk=chunk, single_pass=chunk)
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
@@ -54,14 +54,15 @@ def test_fast_equals_reference_every_width(n):
         kw = {"right": op, "scale": scale} if case.startswith("right") else {"left": op}
         for chunk in (None, max(n, k) * 3):
             fast, ref = w.clone(), w.clone()
-            edit_(fast, torch.float64, chunk=chunk, **kw)
-            edit_reference(ref, torch.float64, chunk=chunk, **kw)
+            edit_(fast, torch.float64, chunk=chunk, single_pass=chunk, **kw)
+            edit_reference(ref, torch.float64, chunk=chunk, single_pass=chunk, **kw)
             assert _max_ulps(fast, ref) <= 1, (case, chunk)
 
 
 @pytest.mark.parametrize("dtype,cdtype", [(torch.float32, torch.float64), (torch.bfloat16, torch.float64), (torch.float32, torch.float32)])
 def test_fast_equals_reference_both_sides_heads_and_slices(dtype, cdtype):
-    """Both sides in one block and chunked; per-head ops on both sides; the value slice of a fused qkv."""
+    """Both sides in one block, chunked with one rounding (a full buffer) and with two; per-head ops on both sides;
+    the value slice of a fused qkv."""
     g = torch.Generator().manual_seed(1)
     r, h = _t(64, 2), _t(16, 3)
     w = torch.randn(176, 64, generator=g).to(dtype)
@@ -70,11 +71,14 @@ def test_fast_equals_reference_both_sides_heads_and_slices(dtype, cdtype):
     rights = (r.apply, r.apply_transposed, headwise(h), headwise(h, True), None)
     for left in lefts:
         for right in rights:
-            for chunk in (None, 100):
+            for chunk, single in ((None, None), (100, None), (100, 100)):  # one block; one rounding in chunks; two
                 fast, ref = w.clone(), w.clone()
-                edit_(fast, cdtype, scale=s, right=right, left=left, chunk=chunk)
-                edit_reference(ref, cdtype, scale=s, right=right, left=left, chunk=chunk)
-                assert _max_ulps(fast, ref) <= 1, (left, right, chunk)  # bf16: one rounding of float64 sums
+                edit_(fast, cdtype, scale=s, right=right, left=left, chunk=chunk, single_pass=single)
+                edit_reference(ref, cdtype, scale=s, right=right, left=left, chunk=chunk, single_pass=single)
+                if cdtype == torch.float64:  # float32 / bf16 results: one rounding of float64 sums
+                    assert _max_ulps(fast, ref) <= 1, (left, right, chunk, single)
+                else:  # float32 maths: the GEMMs' float32 sums may be added in another order (other batch sizes)
+                    assert (fast - ref).abs().max() <= 8 * torch.finfo(torch.float32).eps * ref.abs().max(), (left, right, chunk, single)
 
 
 def test_other_callables_take_the_reference_path():

@@ -30,3 +30,21 @@ def test_smollm2_r1_r2_r4_keeps_perplexity_and_kills_outliers():
 
     assert abs(ppl_rot / ppl_fp - 1) <= 1e-3, (ppl_fp, ppl_rot)
     assert kurt_fp / kurt_rot >= 50, (kurt_fp, kurt_rot)
+
+
+def test_smollm2_fast_engine_equals_the_reference_bit_for_bit(monkeypatch):
+    """On the real model (every width and chunking it has: 576, 1536, 64 per head, 49152-row embedding and lm_head,
+    two-sided down_proj in chunks) the fast engine's float32 weights are the reference path's, bit for bit."""
+    import rolora_plugin.edits as edits
+    import rolora_plugin.rotation as rot
+    from rolora_plugin.app.assets import load_smollm2
+
+    def rotated(edit):
+        monkeypatch.setattr(rot, "_edit", edit)
+        model = load_smollm2(torch.float32)[0]
+        rotate_model_(model, RotationConfig(seed=0, r2=True), progress=False)
+        return model.state_dict()
+
+    fast, ref = rotated(edits.edit_), rotated(edits.edit_reference)
+    differing = {k: int((fast[k] != ref[k]).sum()) for k in ref if not torch.equal(fast[k], ref[k])}
+    assert set(fast) == set(ref) and differing == {}

@@ -240,12 +240,13 @@ def test_memory_is_not_a_full_float64_copy(monkeypatch):
     import rolora_plugin.edits as edits
 
     monkeypatch.setattr(edits, "_CHUNK_ELEMENTS", 64 * 8)
+    monkeypatch.setattr(edits, "_SINGLE_PASS_ELEMENTS", 64 * 8)
     seen = []
     real_ws, real_scaled = edits._Workspaces, edits._scaled
 
-    def spy_ws(n, dtype, device):
+    def spy_ws(n, dtype, device, **kw):
         seen.append(n)
-        return real_ws(n, dtype, device)
+        return real_ws(n, dtype, device, **kw)
 
     def spy_scaled(x, scale, right):
         seen.append(x.numel())
