@@ -265,32 +265,38 @@ class _Workspaces:
 def _edit_block(w: torch.Tensor, ws: _Workspaces, plan: _Plan, *, input_side: bool = True, output_side: bool = True) -> None:
     """One block of W in place: a contiguous row block (input side, and the output side when the block holds every
     row), or a strided column block (output side only)."""
-    rows, cols = w.shape
-    lo = plan.lo if output_side else None
     if not (input_side and plan.input_side):
-        x = ws.view(0, (plan.n_sel, cols))
-        x.copy_(w[plan.start : plan.stop])
-        if plan.lo_pre is not None:
-            x.mul_(plan.lo_pre)
-        cur = _left_stages(ws, 0, plan.n_sel * cols, cols, plan)
-        _write_rows(w[plan.start : plan.stop], ws.view(cur, (plan.n_sel, cols)), plan)
+        _output_side(w[plan.start : plan.stop], w[plan.start : plan.stop], ws, 0, plan)
         return
     cur = _input_side(w, ws, plan)
-    x = ws.view(cur, (rows, cols))
-    if lo is None:
+    x = ws.view(cur, w.shape)
+    if not (output_side and plan.lo is not None):
         w.copy_(x)
         return
-    # both sides in one block: x holds the input-side result in buffer `cur`
-    y = ws.view(1 - cur, (plan.n_sel, cols))
-    y.copy_(x[plan.start : plan.stop])
-    if plan.lo_pre is not None:
-        y.mul_(plan.lo_pre)
+    _copy_outside_span(w, x, plan)
+    _output_side(w[plan.start : plan.stop], x[plan.start : plan.stop], ws, 1 - cur, plan)
+
+
+def _copy_outside_span(w: torch.Tensor, x: torch.Tensor, plan: _Plan) -> None:
+    """Rows of the input-side result ``x`` that the output side does not touch, written back to W."""
     if plan.start:
         w[: plan.start].copy_(x[: plan.start])
-    if plan.stop < rows:
+    if plan.stop < w.shape[0]:
         w[plan.stop :].copy_(x[plan.stop :])
-    res = _left_stages(ws, 1 - cur, plan.n_sel * cols, cols, plan)
-    _write_rows(w[plan.start : plan.stop], ws.view(res, (plan.n_sel, cols)), plan)
+
+
+def _output_side(dest: torch.Tensor, src: torch.Tensor, ws: _Workspaces, buf: int, plan: _Plan) -> None:
+    """``dest ← Lᵀ src`` for the span's rows ``src`` (n_sel, k): copied into workspace ``buf`` (with the leading row
+    signs of ``x·R``: ``Lᵀ W = Kᵀ diag(σ) W``), the stages, then written back (with the trailing ones of ``x·Rᵀ``)."""
+    k = src.shape[1]
+    y = ws.view(buf, (plan.n_sel, k))
+    y.copy_(src)
+    if plan.lo_pre is not None:
+        y.mul_(plan.lo_pre)
+    res = ws.view(_left_stages(ws, buf, k, plan), (plan.n_sel, k))
+    if plan.lo_post is not None:
+        res.mul_(plan.lo_post)
+    dest.copy_(res)
 
 
 def _input_side(w: torch.Tensor, ws: _Workspaces, plan: _Plan) -> int:
@@ -329,36 +335,20 @@ def _edit_two_sided(w: torch.Tensor, plan: _Plan, chunk: int) -> None:
         n = min(step, rows - i)
         cur = _input_side(w[i : i + n], ws, plan)
         full[i : i + n].copy_(ws.view(cur, (n, cols)))
-    if plan.start:
-        w[: plan.start].copy_(full[: plan.start])
-    if plan.stop < rows:
-        w[plan.stop :].copy_(full[plan.stop :])
+    _copy_outside_span(w, full, plan)
     step = max(1, chunk // plan.n_sel)
     ws = _Workspaces(plan.n_sel * min(cols, step), cdtype, w.device)
     for j in range(0, cols, step):
-        k = min(step, cols - j)
-        y = ws.view(0, (plan.n_sel, k))
-        y.copy_(full[plan.start : plan.stop, j : j + k])
-        if plan.lo_pre is not None:
-            y.mul_(plan.lo_pre)
-        cur = _left_stages(ws, 0, plan.n_sel * k, k, plan)
-        _write_rows(w[plan.start : plan.stop, j : j + k], ws.view(cur, (plan.n_sel, k)), plan)
+        _output_side(w[plan.start : plan.stop, j : j + step], full[plan.start : plan.stop, j : j + step], ws, 0, plan)
 
 
-def _left_stages(ws: _Workspaces, cur: int, total: int, cols: int, plan: _Plan) -> int:
-    """``Lᵀ`` on the row axis of buffer ``cur`` ((n_sel, cols), ``total`` elements): the factors of every block
-    contract their row axis, ``M_iᵀ`` (``x·R``) or ``M_i`` (``x·Rᵀ``) from the left. Returns the result's buffer."""
-    after = cols
+def _left_stages(ws: _Workspaces, cur: int, cols: int, plan: _Plan) -> int:
+    """``Lᵀ`` on the row axis of buffer ``cur`` viewed as (n_sel, cols): the factors of every block contract their
+    row axis, ``M_iᵀ`` (``x·R``) or ``M_i`` (``x·Rᵀ``) from the left. Returns the result's buffer."""
+    total, after = plan.n_sel * cols, cols
     for a in plan.lo_mats:
         s = a.shape[0]
         shape = (total // (s * after), s, after)
         torch.matmul(a, ws.view(cur, shape), out=ws.view(1 - cur, shape))
         cur, after = 1 - cur, after * s
     return cur
-
-
-def _write_rows(dest: torch.Tensor, src: torch.Tensor, plan: _Plan) -> None:
-    """Write the output side's result back (with the trailing row signs of ``x·Rᵀ``)."""
-    if plan.lo_post is not None:
-        src.mul_(plan.lo_post)
-    dest.copy_(src)
