@@ -36,7 +36,7 @@ def cached_json(directory: Path, key: dict, fn, cached_only: bool = False) -> di
     """``fn()`` once per ``key``: its dict (plus the key, the date and the machine) is written atomically to
     ``directory/<sha256(key)[:16]>.json`` and read back from there on every later call. Returns None when the run
     is missing and ``cached_only``. A result another process wrote first wins (the write is create-exclusive)."""
-    from rolora_plugin.publish import OutputExistsError, atomic_write_text
+    from rolora_plugin.io.publish import OutputExistsError, atomic_write_text
 
     path = Path(directory) / f"{digest(key)}.json"
     if path.is_file():

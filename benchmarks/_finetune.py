@@ -15,7 +15,7 @@ cache does not outlive its session); its merged model is large and goes to the u
   calibrated on the GPTQ calibration chunks): held-out task loss, BoolQ-passage perplexity, the 7-task average
   (+ per-task scores, stderr).
 
-Each JSON is written atomically (:mod:`rolora_plugin.publish`) as soon as its stage ends, so an interrupted
+Each JSON is written atomically (:mod:`rolora_plugin.io.publish`) as soon as its stage ends, so an interrupted
 invocation loses at most the stage it was in and a re-run continues from the cache.
 
 Methods: ``lora`` (peft LoRA), ``rolora`` (+ ``RoLoRACallback``: R1+R4 before the optimizer exists, merge in the
@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from rolora_plugin.publish import atomic_output_dir, atomic_write_text
+from rolora_plugin.io.publish import atomic_output_dir, atomic_write_text
 
 __all__ = [
     "ALL_SETTINGS",
@@ -334,7 +334,7 @@ def _curve_callback(data: Data, every: int, sink: list, fp4: str | None = None):
 
     from rolora_plugin.metrics import mean_loss, perplexity
     from rolora_plugin.quant import fake_quantized
-    from rolora_plugin.training_config import fake_quant_config, fake_quant_preset
+    from rolora_plugin.lora.config import fake_quant_config, fake_quant_preset
 
     def measure(model, step: int) -> None:
         t0 = time.perf_counter()
@@ -365,7 +365,7 @@ def _plain_qat_callback():
     from transformers import TrainerCallback
 
     from rolora_plugin.quant import enable_fake_quant_
-    from rolora_plugin.training_config import QATConfig
+    from rolora_plugin.lora.config import QATConfig
 
     qat = QATConfig(enabled=True)
 
@@ -411,8 +411,8 @@ def _unfold_gain_callback(s: RunSettings):
     from rolora_plugin import RotationConfig
     from rolora_plugin._peft import is_lora_layer, unwrap_peft
     from rolora_plugin.app.assets import load_smollm2
-    from rolora_plugin.architectures import ModelDims, get_architecture, get_submodule
-    from rolora_plugin.rotation import build_rotations
+    from rolora_plugin.model.architectures import ModelDims, get_architecture, get_submodule
+    from rolora_plugin.rotate.rotation import build_rotations
 
     class UnfoldGain(TrainerCallback):
         def __init__(self):
@@ -446,7 +446,7 @@ def _unfold_gain_callback(s: RunSettings):
 
 def _callbacks(s: RunSettings) -> list:
     from rolora_plugin import RoLoRACallback, RotationConfig
-    from rolora_plugin.training_config import RoLoRAConfig
+    from rolora_plugin.lora.config import RoLoRAConfig
 
     rotate, qat = METHODS[s.method]
     if rotate:
@@ -487,7 +487,7 @@ def _train(s: RunSettings, data: Data, workdir: Path):
 
 def _merge(s: RunSettings, trainer, tok) -> None:
     """Publish the merged model at ``models/<key>`` (RoLoRA: verified merge in the rotated basis)."""
-    from rolora_plugin.export import merge_and_export
+    from rolora_plugin.io.export import merge_and_export
 
     target = _model_dir(s)
     if METHODS[s.method][0]:
@@ -545,7 +545,7 @@ def _train_stage(s: RunSettings, data: Data) -> dict:
 def _load_merged(s: RunSettings):
     from transformers import AutoModelForCausalLM
 
-    from rolora_plugin.export import load_rotated
+    from rolora_plugin.io.export import load_rotated
 
     path = _model_dir(s)
     if METHODS[s.method][0]:

@@ -84,7 +84,7 @@ def run(args) -> str:
 def _measure(model, tok, ids, work: Path, args) -> str:
     from rolora_plugin import quantize_model_
     from rolora_plugin.app.assets import calibration_chunks
-    from rolora_plugin.export import load_rotated, merge_and_export
+    from rolora_plugin.io.export import load_rotated, merge_and_export
 
     t0 = time.perf_counter()
     fp = merge_and_export(model, work / "fp", tokenizer=tok)

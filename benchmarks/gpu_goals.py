@@ -34,8 +34,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from _common import append_results, machine  # noqa: E402
 
-from rolora_plugin.hadamard import _kron_apply, build_transform  # noqa: E402
-from rolora_plugin.kernels import dispatch_triton_hadamard, is_triton_available  # noqa: E402
+from rolora_plugin.hadamard.transform import _kron_apply, build_transform  # noqa: E402
+from rolora_plugin.hadamard.kernels import dispatch_triton_hadamard, is_triton_available  # noqa: E402
 
 HADAMARD_WIDTHS = (4096, 11008, 14336)
 

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import append_results, machine, median_time  # noqa: E402
 
-from rolora_plugin.hadamard import build_transform, fwht  # noqa: E402
+from rolora_plugin.hadamard.transform import build_transform, fwht  # noqa: E402
 
 WIDTHS = [576, 1536, 4096, 4864, 5120, 11008, 14336]
 

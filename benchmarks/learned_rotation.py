@@ -11,7 +11,7 @@ Rows (ratio of perplexity to FP on BoolQ passages and SciQ support paragraphs, t
   benchmark, taken from its results (``benchmarks/results/peer_llmcompressor/``; run there when missing). R3 is exact and a
   no-op without a KV quantizer, so the second is the Hadamard R1+R2+R4 preset result.
 * learned ``--learn`` (R1, optionally R2; the rest Hadamard) + R4 + the same two quantizers: the rotation is learned
-  on the same calibration chunks the quantizer uses (``RotationConfig(learn=...)``, :mod:`rolora_plugin.learned`).
+  on the same calibration chunks the quantizer uses (``RotationConfig(learn=...)``, :mod:`rolora_plugin.rotate.learned`).
 
 Wall: ``rotate_model_`` including the learning ("rotate s") and the whole quantization ("total s"), torch threads
 ``--threads``. Each run is cached as JSON under ``benchmarks/results/learned_rotation/`` (committed) keyed by its settings.

@@ -14,7 +14,7 @@ Variants (each ``x @ R`` with random signs, R = diag(s)·(D ⊗ H_p)/sqrt(p)):
   broadcast ``torch.matmul``, autograd through the GEMMs);
 * ``≤16``, ``≤32``, ``≤64``, ``≤128``: today's stage executor with D as its own GEMM stage and H_p split into
   Sylvester blocks of at most that size;
-* ``radix-2``: D stage plus :func:`rolora_plugin.hadamard.fwht` butterflies (``--compile`` adds it compiled);
+* ``radix-2``: D stage plus :func:`rolora_plugin.hadamard.transform.fwht` butterflies (``--compile`` adds it compiled);
 * ``auto``: ``OrthogonalTransform.apply``, stages from ``_stage_sizes`` (the cost model in hadamard.py);
 * references: ``down_proj`` (``x @ Wᵀ``, W of shape (h, n): h is the hidden size of the model whose
   intermediate size n is, else n/4) and ``copy`` (``x.clone()``).
@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import append_results, machine  # noqa: E402
 
-from rolora_plugin.hadamard import _block_sizes, _kron_apply, _stage_factors, build_transform, fwht  # noqa: E402
+from rolora_plugin.hadamard.transform import _block_sizes, _kron_apply, _stage_factors, build_transform, fwht  # noqa: E402
 
 WIDTHS = [64, 128, 576, 896, 1536, 4096, 4864, 5120, 11008, 13824, 14336, 18944]
 WIDTHS_8192 = [576, 896, 1536, 4096, 4864]
@@ -142,7 +142,7 @@ def bench_one(n: int, rows: int, dtype, rounds: int, compile_: bool) -> dict:
         fwd = medians({k: v for k, v in timed_calls(variants(t, dtype, compile_), x).items() if "+bwd" not in k},
                       rounds)  # fmt: skip
     bwd = medians({k: v for k, v in timed_calls(variants(t, dtype, False), x).items() if "+bwd" in k}, rounds)
-    from rolora_plugin.hadamard import _stage_sizes
+    from rolora_plugin.hadamard.transform import _stage_sizes
 
     return {"n": n, "desc": t.description, "stages": _stage_sizes(n // t.pow2, t.pow2, dtype), **fwd, **bwd}
 

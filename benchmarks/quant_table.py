@@ -177,7 +177,7 @@ def goals(fp: dict, cells: dict) -> str:
 
 def fold_norms_(model) -> None:
     """Fold each decoder layer's RMSNorm weights into the linears reading them (``W ← W diag(g)``, ``g ← 1``)."""
-    from rolora_plugin.architectures import get_architecture
+    from rolora_plugin.model.architectures import get_architecture
 
     spec = get_architecture(model)
     with torch.no_grad():

@@ -7,7 +7,7 @@
    generator streams too: each safetensors file is written header first, then tensor by tensor, so it never
    holds more than one tensor. Published atomically (an interrupted generation is never reused).
 2. Evicts the input's pages from the page cache (``posix_fadvise(DONTNEED)`` on those files only), so the run
-   reads from disk, then runs :func:`rolora_plugin.streaming.rotate_checkpoint` with R1+R2+R4 in a **fresh
+   reads from disk, then runs :func:`rolora_plugin.io.streaming.rotate_checkpoint` with R1+R2+R4 in a **fresh
    subprocess** under cProfile, and reports: wall time of the call, the fsync of the output after it, peak RSS
    (the child's ``VmHWM`` and ``getrusage(RUSAGE_CHILDREN).ru_maxrss``), and where the time went.
 3. Prints a table and appends a dated section to ``benchmarks/RESULTS.md`` (machine, date, command, load average).
@@ -119,7 +119,7 @@ def _split(specs, parts: int) -> list[list]:
 
 def generate(folder: Path, size: str) -> Path:
     """The cached random checkpoint of ``size`` in ``folder`` (generated atomically the first time)."""
-    from rolora_plugin.publish import atomic_output_dir, atomic_write_text
+    from rolora_plugin.io.publish import atomic_output_dir, atomic_write_text
 
     if (folder / "config.json").is_file():
         return folder
@@ -173,7 +173,7 @@ def child(src: str, out: str, max_shard_bytes: int) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM  # noqa: F401
 
     from rolora_plugin import RotationConfig
-    from rolora_plugin.streaming import rotate_checkpoint
+    from rolora_plugin.io.streaming import rotate_checkpoint
 
     getattr(transformers, "LlamaForCausalLM")  # resolve the lazy module too
 
@@ -259,7 +259,7 @@ def _code_version() -> str:
 
     changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no", "rolora_plugin").splitlines() if line[3:]]
     dirty = f" (+ uncommitted changes to {', '.join(changed)})" if changed else ""
-    last = git("log", "-1", "--format=%h %ci", "--", "rolora_plugin/rotation.py").strip()
+    last = git("log", "-1", "--format=%h %ci", "--", "rolora_plugin/rotate/rotation.py").strip()
     return f"commit {git('rev-parse', '--short', 'HEAD').strip()}{dirty}; rotation.py last changed in {last}"
 
 

@@ -3,7 +3,7 @@ reference and beside the clone-all-parameters floor, every run in a fresh proces
 
     python benchmarks/rotation.py [--repeats 5] [--no-append]
 
-Paths (rolora_plugin.edits):
+Paths (rolora_plugin.hadamard.edits):
 * "fast": the library path, ``edits.edit_`` (fused cast·scale·sign pass, GEMM stages into two reused workspaces,
   the output side applied on the row axis);
 * "reference": ``edits.edit_reference``, the definition the fast path is tested against (what the library ran
@@ -64,8 +64,8 @@ def _status(key: str) -> int:
 
 def worker(config_name: str, path: str) -> dict:
     """One pass in this (fresh) process; returns its measurements."""
-    import rolora_plugin.edits as edits
-    import rolora_plugin.rotation as rot
+    import rolora_plugin.hadamard.edits as edits
+    import rolora_plugin.rotate.rotation as rot
     from rolora_plugin import RotationConfig, rotate_model_
     from rolora_plugin.app.assets import smollm2_dir
     from transformers import AutoModelForCausalLM

@@ -9,7 +9,7 @@ Per preset and rotation (SmolLM2-135M-Instruct fp32; ``hadamard``: R1+R2+R4 ``Ro
 rotation), calibration
 ``--calib`` × 256 BoolQ tokens from the end of the stream, evaluation 4 × 256 tokens of BoolQ passages and of SciQ
 support paragraphs from the start): the preset's PTQ (GPTQ + weight clip search), the compressed-tensors export,
-``rolora_plugin.check.check_export`` (compressed-tensors' decompression + quantized forward + transforms vs
+``rolora_plugin.io.check.check_export`` (compressed-tensors' decompression + quantized forward + transforms vs
 ``load_rotated``) and its engine contract. Every run is cached as JSON under
 ``benchmarks/results/servable_presets/`` keyed by its settings, so an interrupted invocation loses nothing.
 """
@@ -46,8 +46,8 @@ def _run(preset: str, calib_chunks: int, rotation: str = "hadamard") -> dict:
 
     from rolora_plugin import QuantConfig, quantize_model_, rotate_model_
     from rolora_plugin.app.assets import calibration_chunks, load_smollm2, text_chunks
-    from rolora_plugin.check import check_export
-    from rolora_plugin.export import merge_and_export
+    from rolora_plugin.io.check import check_export
+    from rolora_plugin.io.export import merge_and_export
     from rolora_plugin.metrics import perplexity
 
     torch.manual_seed(0)

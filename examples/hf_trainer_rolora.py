@@ -81,9 +81,9 @@ def train_one(method: str, targets: str, args, train_rows, heldout_batches) -> t
 
     from rolora_plugin import RoLoRACallback
     from rolora_plugin.app.assets import load_smollm2, pad_collate
-    from rolora_plugin.export import load_rotated, merge_and_export
+    from rolora_plugin.io.export import load_rotated, merge_and_export
     from rolora_plugin.metrics import mean_loss
-    from rolora_plugin.training_config import MonitorConfig, QATConfig, RoLoRAConfig
+    from rolora_plugin.lora.config import MonitorConfig, QATConfig, RoLoRAConfig
 
     model, tok = load_smollm2(torch.float32)
     lora = LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=TARGETS[targets], lora_dropout=0.0, task_type="CAUSAL_LM")
@@ -190,7 +190,7 @@ def main(argv=None) -> None:
     for noisy in ("transformers", "lm_eval", "datasets", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = parse_args(argv)
-    from rolora_plugin.publish import atomic_write_text
+    from rolora_plugin.io.publish import atomic_write_text
 
     args.out.mkdir(parents=True, exist_ok=True)
     results = run(args)

@@ -2,7 +2,7 @@
 
 * :mod:`rolora_plugin.integrations.hf_trainer`: ``RoLoRACallback`` (a ``transformers.TrainerCallback``) and
   ``add_rolora_callback``; imports transformers (``rolora_plugin.RoLoRACallback`` resolves there lazily). The
-  monitor maths it logs is in the core, :mod:`rolora_plugin.monitor`.
+  monitor maths it logs is in the core, :mod:`rolora_plugin.lora.monitor`.
   TRL's ``SFTTrainer`` is a ``Trainer``: the same callback (``examples/trl/sft_rolora.py``).
 * :mod:`rolora_plugin.integrations.deepspeed`: cross-rank agreement check (ZeRO-2/3, DDP, FSDP2) and the
   collective merged export of sharded models (ZeRO-3 partitions, FSDP2 DTensors); imports only

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from ..distributed import full_tensor, gather_params, is_zero3_partitioned, world_size
-from ..export import merge_and_export, write_rotation_record
-from ..publish import check_writable_parent
+from ..io.export import merge_and_export, write_rotation_record
+from ..io.publish import check_writable_parent
 
 __all__ = [
     "RankDisagreementError",
@@ -55,7 +55,7 @@ class RankDisagreementError(RuntimeError):
 
 
 def record_digest(record) -> str:
-    """sha256 (16 hex) of a :class:`~rolora_plugin.rotation.RotationRecord` (or its dict): seed, config, dims and
+    """sha256 (16 hex) of a :class:`~rolora_plugin.rotate.rotation.RotationRecord` (or its dict): seed, config, dims and
     the checksums of every rotation matrix."""
     data = record.to_dict() if hasattr(record, "to_dict") else record
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
@@ -155,7 +155,7 @@ def export_adapter_state(model: nn.Module, adapter: dict, record, out_dir: Path,
     """Merge-export ``adapter`` (from :func:`gather_trainable` of the peft ``model``) to ``out_dir``.
 
     The adapter is written as a peft adapter folder with its rotation ``record`` to a scratch folder next to
-    ``out_dir`` (deleted afterwards), then :func:`~rolora_plugin.export.merge_and_export` loads the base model
+    ``out_dir`` (deleted afterwards), then :func:`~rolora_plugin.io.export.merge_and_export` loads the base model
     named in its ``adapter_config.json`` unpartitioned, re-rotates it from the record (checksums verified),
     merges and publishes ``out_dir`` atomically. Runs on one process (the main one).
     """

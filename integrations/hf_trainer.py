@@ -3,7 +3,7 @@
 What it does, and when (verified with transformers 5.23):
 
 * ``on_init_end`` (end of ``Trainer.__init__``, before the optimizer exists; the optimizer, DeepSpeed init and
-  checkpoint resume all happen *before* ``on_train_begin``): :func:`rolora_plugin.rotation.ensure_rotated` —
+  checkpoint resume all happen *before* ``on_train_begin``): :func:`rolora_plugin.rotate.rotation.ensure_rotated` —
   rotates the model (a bare model or a ``PeftModel``, whose LoRA A/B are rotated with it) unless
   ``model.config.rolora`` says it is rotated already, re-installs missing online modules, never rotates twice.
   It also wraps the model's ``save_pretrained`` (an instance attribute, see "Undo" below) so every save —
@@ -15,7 +15,7 @@ What it does, and when (verified with transformers 5.23):
 * ``on_step_begin``: switches QAT on from ``qat.start_step`` (:func:`rolora_plugin.quant.enable_fake_quant_`), in
   the format ``qat.quant`` names: int (default W4A4), or NVFP4 / MXFP4 with ``QATConfig(preset="nvfp4")``; the
   FP4 group sizes are checked against every target's width in ``on_train_begin``.
-* ``on_step_end`` every ``monitor.every_n_steps``: :func:`rolora_plugin.monitor.monitor_metrics` (activation
+* ``on_step_end`` every ``monitor.every_n_steps``: :func:`rolora_plugin.lora.monitor.monitor_metrics` (activation
   kurtosis / max-abs summaries, eval loss in full precision and fake-quantized, default W4A4), then asks the
   Trainer to log; ``on_log`` adds them to that log entry (``state.log_history`` and the ``logs`` dict that
   reporters receive).
@@ -42,7 +42,7 @@ This module imports transformers; ``import rolora_plugin`` does not (``rolora_pl
 here lazily). Example::
 
     from rolora_plugin import RoLoRACallback
-    from rolora_plugin.training_config import RoLoRAConfig, QATConfig
+    from rolora_plugin.lora.config import RoLoRAConfig, QATConfig
     trainer = Trainer(model=peft_model, args=args, train_dataset=ds,
                       callbacks=[RoLoRACallback(RoLoRAConfig(qat=QATConfig(enabled=True, start_step=100)))])
 
@@ -65,13 +65,13 @@ from transformers import Trainer, TrainerCallback
 from .._peft import base_layer, is_peft_model, unwrap_peft
 from ..distributed import is_sharded, is_zero3_partitioned, world_size
 from ..errors import RotationError
-from ..export import RECORD_FILE, _check_out_dir, merge_and_export, read_rotation_record, write_rotation_record
-from ..monitor import BatchCapture, monitor_metrics
+from ..io.export import RECORD_FILE, _check_out_dir, merge_and_export, read_rotation_record, write_rotation_record
+from ..lora.adapters import scale_lora_lr_
+from ..lora.config import RoLoRAConfig
+from ..lora.monitor import BatchCapture, monitor_metrics
 from ..quant import ALL_LINEAR, enable_fake_quant_, fused_expert_modules
 from ..quant.qat import _fake_quant_targets as fake_quant_targets
-from ..lora import scale_lora_lr_
-from ..rotation import ensure_rotated, get_rotation_record
-from ..training_config import RoLoRAConfig
+from ..rotate.rotation import ensure_rotated, get_rotation_record
 from .deepspeed import check_rank_agreement, export_merged_zero3
 
 __all__ = ["RoLoRACallback", "add_rolora_callback", "install_save_hook", "remove_save_hook", "resumed_checkpoint"]
@@ -159,7 +159,7 @@ class RoLoRACallback(TrainerCallback):
     """RoLoRA in a ``transformers.Trainer``: rotation, resume check, records, QAT, monitor, merged export.
 
     Args:
-        config: :class:`rolora_plugin.training_config.RoLoRAConfig` (or its dict); default ``RoLoRAConfig()``.
+        config: :class:`rolora_plugin.lora.config.RoLoRAConfig` (or its dict); default ``RoLoRAConfig()``.
         eval_batches: batches for the monitor: an iterable of dicts (``input_ids``, optionally ``labels``,
             ``attention_mask``) or of ``input_ids`` tensors, e.g. a DataLoader; the first ``num_batches`` are used.
         allow_unverified_resume: resume from a checkpoint without ``rolora_rotation.json`` (or one this callback
@@ -187,7 +187,7 @@ class RoLoRACallback(TrainerCallback):
 
     # -- rotation ------------------------------------------------------------------------------------------
     def prepare_model(self, model: nn.Module):
-        """Rotate ``model`` unless it is rotated (:func:`~rolora_plugin.rotation.ensure_rotated`); install or
+        """Rotate ``model`` unless it is rotated (:func:`~rolora_plugin.rotate.rotation.ensure_rotated`); install or
         remove the save hook as ``config.export.save_rotation_record`` says; check the export target early."""
         record = ensure_rotated(model, self.config.rotation, calibration=self.calibration)
         self.calibration = None  # used (or not needed): do not keep it alive for the whole run
@@ -335,7 +335,7 @@ class RoLoRACallback(TrainerCallback):
             self.export_merged(model, out, is_main=state.is_world_process_zero, tokenizer=kwargs.get("processing_class"))
 
     def export_merged(self, model: nn.Module, out_dir, *, is_main: bool = True, tokenizer=None) -> None:
-        """:func:`~rolora_plugin.export.merge_and_export` the trained model to ``out_dir`` (main process writes).
+        """:func:`~rolora_plugin.io.export.merge_and_export` the trained model to ``out_dir`` (main process writes).
 
         Collective under DeepSpeed ZeRO-3 and FSDP2, where each rank holds only a slice of every weight
         (:func:`~rolora_plugin.integrations.deepspeed.export_merged_zero3`: the adapter is gathered, rank 0 merges

@@ -14,14 +14,17 @@ Public API (one import point)::
 ``transformers.TrainerCallback``).
 """
 
-from .architectures import ArchitectureSpec, UnsupportedArchitectureError, VLMSpec, get_architecture, list_architectures
+from . import _moved
 from .config import RotationConfig
-from .export import load_rotated, merge_and_export, quantize_and_export
-from .hadamard import NoHadamardError, OrthogonalTransform, build_transform, hadamard_transform, hadamard_transform_ref
+from .hadamard.constructions import NoHadamardError
+from .hadamard.transform import OrthogonalTransform, build_transform, hadamard_transform, hadamard_transform_ref
 from .hookspecs import hookimpl
-from .learned import load_learned
-from .loading import CheckpointError, load_causal_lm
-from .lora import get_rolora_peft_model, map_target_modules, map_target_parameters, rolora_lora_config, scale_lora_lr_
+from .io.export import load_rotated, merge_and_export, quantize_and_export
+from .io.loading import CheckpointError, load_causal_lm
+from .io.records import load_learned
+from .lora.adapters import get_rolora_peft_model, map_target_modules, map_target_parameters, rolora_lora_config, scale_lora_lr_
+from .lora.config import ExportConfig, MonitorConfig, QATConfig, RoLoRAConfig
+from .model.architectures import ArchitectureSpec, UnsupportedArchitectureError, VLMSpec, get_architecture, list_architectures
 from .quant import (
     QuantConfig,
     QuantizationError,
@@ -31,10 +34,11 @@ from .quant import (
     quantize_model_,
     quantize_weight,
 )
-from .rotation import RotationError, RotationRecord, ensure_rotated, get_rotation_record, install_online_rotations, rotate_model_
-from .training_config import ExportConfig, MonitorConfig, QATConfig, RoLoRAConfig
+from .rotate.rotation import RotationError, RotationRecord, ensure_rotated, get_rotation_record, install_online_rotations, rotate_model_
 
 __version__ = "0.1.0"
+
+_moved.install()  # one-release aliases of the module paths before the layer folders (rolora_plugin/_moved.py)
 
 __all__ = [
     "ArchitectureSpec",

@@ -14,12 +14,14 @@ from .errors import RotationError
 
 __all__ = [
     "active_adapters",
+    "base_experts",
     "base_layer",
     "lora_dropouts",
     "is_lora_layer",
     "is_peft_model",
     "lora_layer_names",
     "lora_parts",
+    "param_lora_parts",
     "unwrap_peft",
     "uses_dora",
 ]
@@ -91,3 +93,23 @@ def base_layer(module: nn.Module) -> nn.Module:
 def lora_dropouts(module: nn.Module) -> list[nn.Module]:
     """The LoRA dropout modules of a peft LoRA layer (empty for a plain module)."""
     return list(getattr(module, "lora_dropout", {}).values())
+
+
+def base_experts(module: nn.Module) -> nn.Module:
+    """The transformers experts module under any peft ``ParamWrapper``s (nested, one per targeted parameter)."""
+    while hasattr(module, "parameter_name") and hasattr(module, "base_layer"):
+        module = module.base_layer
+    return module
+
+
+def param_lora_parts(module: nn.Module, name: str) -> tuple[nn.Module, list[tuple[nn.Module, nn.Module]]]:
+    """``(owner of parameter name, [(lora_A, lora_B)] of every peft ParamWrapper adapting it)``.
+
+    ``module`` is the path's module as the model holds it now (the bare module, or peft's ParamWrapper chain).
+    """
+    parts = []
+    while hasattr(module, "parameter_name") and hasattr(module, "base_layer"):
+        if module.parameter_name == name:
+            parts += [(module.lora_A[k], module.lora_B[k]) for k in module.lora_A]
+        module = module.base_layer
+    return module, parts

@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass, fields
 
 __all__ = ["RotationConfig", "ConfigMixin", "RECORD_KEY", "QUANT_RECORD_KEY", "ROTATION_PRESETS", "LEARNABLE", "short_repr"]
 
-RECORD_KEY = "rolora"  # model.config.<RECORD_KEY>: the rotation record (rolora_plugin.rotation)
+RECORD_KEY = "rolora"  # model.config.<RECORD_KEY>: the rotation record (rolora_plugin.rotate.rotation)
 QUANT_RECORD_KEY = "rolora_quant"  # model.config.<QUANT_RECORD_KEY>: the quantization record (rolora_plugin.quant)
-LEARNABLE = ("r1", "r2")  # rotations rolora_plugin.learned can optimise on calibration data
+LEARNABLE = ("r1", "r2")  # rotations rolora_plugin.rotate.learned can optimise on calibration data
 
 # name -> RotationConfig fields; "w4a4" measured in benchmarks/learned_rotation.py and benchmarks/RESULTS.md
 ROTATION_PRESETS = {
@@ -80,7 +80,7 @@ class RotationConfig(ConfigMixin):
             (exact, still spreads outliers). False raises instead.
         compute_dtype: dtype of the rotation maths ("float64" or "float32"); results are cast back.
         untie_embeddings: untie tied input/output embeddings (required for an exact R1 with norm folding).
-        learn: rotations to *learn* on calibration data under fake quantization (:mod:`rolora_plugin.learned`), a
+        learn: rotations to *learn* on calibration data under fake quantization (:mod:`rolora_plugin.rotate.learned`), a
             subset of ``("r1", "r2")``; each must also be enabled. Learning needs ``calibration=`` in
             :func:`rolora_plugin.rotate_model_`; the Hadamard rotation is the starting point.
         learn_steps: optimiser steps (Adam on the Cayley parameter).

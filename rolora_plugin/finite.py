@@ -1,6 +1,6 @@
 """Finite checks of weights: one fused reduction per tensor, and the one message for a non-finite result.
 
-Used by the in-memory rotation (:mod:`rolora_plugin.rotation`), the streaming rotation and the checked loader.
+Used by the in-memory rotation (:mod:`rolora_plugin.rotate.rotation`), the streaming rotation and the checked loader.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Third-party packages extend rolora-plugin by exposing a module or object under the ``rolora`` entry-point group
 (``[project.entry-points.rolora] myplugin = "mypkg.rolora_hooks"``) that implements some of these hooks with
 ``@rolora_plugin.hookimpl``. Built-in model families are registered through the very same hooks
-(:mod:`rolora_plugin.architectures`). Hooks are always called with keyword arguments.
+(:mod:`rolora_plugin.model.architectures`). Hooks are always called with keyword arguments.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 @hookspec
 def rolora_register_architectures():
-    """Return a list of :class:`rolora_plugin.architectures.ArchitectureSpec` this plugin supports.
+    """Return a list of :class:`rolora_plugin.model.architectures.ArchitectureSpec` this plugin supports.
 
     Each spec says where a model family keeps its embeddings, norms, attention and MLP projections, so that
     :func:`rolora_plugin.rotate_model_` can rotate it exactly. Specs are matched on ``config.model_type``;
@@ -41,6 +41,6 @@ def rolora_hadamard_matrix(n):
 def rolora_model_rotated(model, record):
     """Called after :func:`rolora_plugin.rotate_model_` has rotated ``model`` in place.
 
-    ``record`` is the :class:`rolora_plugin.rotation.RotationRecord` written into ``model.config``. Use it to
+    ``record`` is the :class:`rolora_plugin.rotate.rotation.RotationRecord` written into ``model.config``. Use it to
     log, to register extra online modules, or to check custom invariants. Return value is ignored.
     """

@@ -13,7 +13,7 @@ __all__ = ["get_plugin_manager", "reset_plugin_manager", "add_reset_callback", "
 
 logger = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "rolora"
-DEFAULT_PLUGINS = ("rolora_plugin.architectures",)
+DEFAULT_PLUGINS = ("rolora_plugin.model.architectures",)
 
 _lock = threading.Lock()
 _pm: pluggy.PluginManager | None = None

@@ -149,7 +149,7 @@ def build_trainer(a: argparse.Namespace, args):
     from transformers import AutoModelForCausalLM, Trainer, default_data_collator
 
     from rolora_plugin import RoLoRACallback, RotationConfig
-    from rolora_plugin.training_config import ExportConfig, MonitorConfig, RoLoRAConfig
+    from rolora_plugin.lora.config import ExportConfig, MonitorConfig, RoLoRAConfig
 
     torch.manual_seed(a.seed)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)  # partitioned here under ZeRO-3
@@ -201,7 +201,7 @@ def main(argv=None) -> None:
     summary = finish(trainer, a)
     del trainer
     if int(os.environ.get("RANK", "0")) == 0:
-        from rolora_plugin.publish import atomic_write_text
+        from rolora_plugin.io.publish import atomic_write_text
 
         atomic_write_text(Path(a.out) / "summary.json", json.dumps(summary, indent=2))
     if world > 1:

@@ -156,7 +156,7 @@ def build_trainer(a: argparse.Namespace, args):
     from transformers import AutoModelForCausalLM, Trainer, default_data_collator
 
     from rolora_plugin import RoLoRACallback, RotationConfig
-    from rolora_plugin.training_config import ExportConfig, MonitorConfig, QATConfig, RoLoRAConfig
+    from rolora_plugin.lora.config import ExportConfig, MonitorConfig, QATConfig, RoLoRAConfig
 
     torch.manual_seed(a.seed)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)  # full weights on every rank
@@ -193,7 +193,7 @@ def _sharded_layers_with_online_r4(model) -> list[int]:
     """Indices of the decoder layers that are FSDP2 units (``fully_shard``) and carry the online R4 in their MLP."""
     from torch.distributed.fsdp import FSDPModule
 
-    from rolora_plugin.online import OnlineHadamard
+    from rolora_plugin.model.online import OnlineHadamard
 
     layers = model.get_base_model().model.layers
     return [i for i, layer in enumerate(layers)
@@ -219,7 +219,7 @@ def main(argv=None) -> None:
     trainer.train(resume_from_checkpoint=True if a.resume_from == "last" else a.resume_from)
     summary = finish(trainer, a)
     if rank == 0:
-        from rolora_plugin.publish import atomic_write_text
+        from rolora_plugin.io.publish import atomic_write_text
 
         atomic_write_text(Path(a.out) / "summary.json", json.dumps(summary, indent=2))
     if world > 1:

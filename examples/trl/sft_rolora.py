@@ -130,8 +130,8 @@ def build_trainer(model, tokenizer, dataset, args, *, extra_callbacks=()):
     from trl import SFTConfig, SFTTrainer
 
     from rolora_plugin import RoLoRACallback
-    from rolora_plugin.rotation import RotationConfig
-    from rolora_plugin.training_config import ExportConfig, MonitorConfig, QATConfig, RoLoRAConfig
+    from rolora_plugin.rotate.rotation import RotationConfig
+    from rolora_plugin.lora.config import ExportConfig, MonitorConfig, QATConfig, RoLoRAConfig
 
     out = Path(args.out)
     lr = args.lr if args.lr is not None else (1e-2 if args.tiny else 2e-4)
@@ -158,7 +158,7 @@ def build_trainer(model, tokenizer, dataset, args, *, extra_callbacks=()):
 def merged_matches_live(trainer, merged_dir: Path, n: int = 2) -> float:
     """Relative max error between the merged export (``load_rotated``) and the live trained peft model on the first
     ``n`` training sequences (chat-formatted and tokenized by ``SFTTrainer``, cut to a common length)."""
-    from rolora_plugin.export import load_rotated
+    from rolora_plugin.io.export import load_rotated
 
     rows = trainer.train_dataset.select(range(n))  # tokenized by SFTTrainer with the chat template
     width = min(len(r["input_ids"]) for r in rows)

@@ -3,7 +3,7 @@
 Axolotl merges ``RoLoRAArgs`` into its config schema (``get_input_args``), so a typo or a bad value fails the
 config validation with a message naming the key and the fix. The ``rotation``, ``monitor`` and ``qat`` sections
 are the library's own dataclasses (:class:`rolora_plugin.RotationConfig`,
-:class:`rolora_plugin.training_config.MonitorConfig`, :class:`~rolora_plugin.training_config.QATConfig`), built
+:class:`rolora_plugin.lora.config.MonitorConfig`, :class:`~rolora_plugin.lora.config.QATConfig`), built
 with their ``from_dict`` so the checks and messages are the same as in Python. Example::
 
     plugins:
@@ -29,7 +29,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ...config import RotationConfig
-from ...training_config import ExportConfig, MonitorConfig, QATConfig, RoLoRAConfig
+from ...lora.config import ExportConfig, MonitorConfig, QATConfig, RoLoRAConfig
 
 __all__ = ["RoLoRAArgs", "RoLoRAOptions", "RoLoRAExportArgs", "MERGED_SUBDIR"]
 

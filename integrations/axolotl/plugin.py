@@ -17,7 +17,7 @@ Hook order (Axolotl 0.19 and 0.21) and what each hook does here:
   kernels (``lora_mlp_kernel``, ``lora_qkv_kernel``, ``lora_o_kernel``) to false, logging why: they compute the
   MLP / attention without calling the module forwards, so RoLoRA's online Hadamard before ``down_proj`` (R4) and
   on q/k (R3) would be skipped. Axolotl would otherwise switch them on when unset.
-* ``post_model_build(cfg, model)``: :func:`~rolora_plugin.rotation.ensure_rotated` on the bare model (before
+* ``post_model_build(cfg, model)``: :func:`~rolora_plugin.rotate.rotation.ensure_rotated` on the bare model (before
   LoRA; under ZeRO-3 the weights are gathered one layer at a time): rotates it unless it is rotated already
   (then ``rolora.rotation`` must match its record), and checks that every rank applied the same rotation.
 * ``pre_lora_load`` / ``post_lora_load``: maps ``lora_target_modules`` onto the family's rotated linears (e.g.
@@ -35,7 +35,7 @@ Hook order (Axolotl 0.19 and 0.21) and what each hook does here:
   after it saved its merge): Axolotl's default merge (``merge_method: memory_efficient``) adds the adapter to
   the *unrotated* base weights read shard by shard from ``base_model``, which is wrong for an adapter trained in
   the rotated basis, and neither merge method writes the rotation record or keeps the online rotations. So the
-  plugin replaces ``output_path`` with :func:`~rolora_plugin.export.merge_and_export` of the adapter (base
+  plugin replaces ``output_path`` with :func:`~rolora_plugin.io.export.merge_and_export` of the adapter (base
   re-rotated from the adapter's record, checksums verified; tokenizer kept) — load it with ``load_rotated``.
 """
 
@@ -51,9 +51,9 @@ from axolotl.integrations.base import BasePlugin
 
 from ..._peft import lora_layer_names
 from ...errors import RotationError
-from ...export import merge_and_export, read_rotation_record, write_rotation_record
-from ...lora import map_target_modules
-from ...rotation import check_online_rotations, ensure_rotated, get_rotation_record
+from ...io.export import merge_and_export, read_rotation_record, write_rotation_record
+from ...lora.adapters import map_target_modules
+from ...rotate.rotation import check_online_rotations, ensure_rotated, get_rotation_record
 from ..deepspeed import check_rank_agreement, zero3_init_disabled
 from .args import MERGED_SUBDIR, RoLoRAOptions
 
@@ -186,7 +186,7 @@ class RoLoRAPlugin(BasePlugin):
             # tokenizer: the adapter folder's (Axolotl saves it with the adapter), else the base model's
             merge_and_export(str(adapter), str(output_path), base_model=cfg.base_model, overwrite=True, dtype=self._dtype)
         LOG.info("rolora: replaced Axolotl's LoRA merge in %s by the merge in the rotated basis (rotation record "
-                 "written; load it with rolora_plugin.export.load_rotated)", output_path)
+                 "written; load it with rolora_plugin.io.export.load_rotated)", output_path)
 
     def _export_once(self, cfg) -> None:
         """Export when the final model has been saved in this run; a no-op before that and after the first export."""

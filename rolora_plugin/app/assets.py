@@ -33,7 +33,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ..publish import OutputExistsError, atomic_output_dir, atomic_write_text
+from ..io.publish import OutputExistsError, atomic_output_dir, atomic_write_text
 
 __all__ = [
     "AssetError",
@@ -141,11 +141,11 @@ def _is_complete(path: Path) -> bool:
 def build_once(target: str | os.PathLike, build: Callable[[Path], dict]) -> Path:
     """Create directory ``target`` with ``build(tmp_dir) -> info`` exactly once, atomically; return ``target``.
 
-    ``build`` fills a fresh staging folder next to ``target`` (:func:`rolora_plugin.publish.atomic_output_dir`:
+    ``build`` fills a fresh staging folder next to ``target`` (:func:`rolora_plugin.io.publish.atomic_output_dir`:
     marked, umask permissions, stale ones of killed runs removed); ``info`` (JSON-serialisable) is written to
     ``rolora_asset.json`` as the last file, then the folder is renamed onto ``target``, create-exclusively.
     Readers therefore only ever see a missing or a complete ``target``. When two processes race, the second
-    rename fails with :class:`~rolora_plugin.publish.OutputExistsError`: the loser discards its own copy and
+    rename fails with :class:`~rolora_plugin.io.publish.OutputExistsError`: the loser discards its own copy and
     uses the winner's. A failed build leaves nothing behind.
     """
     target = Path(target)

@@ -400,7 +400,7 @@ def check_output_parent(path: str | os.PathLike, flag: str = "output dir") -> Pa
     No component of ``path`` (nor ``path`` itself) may be a symbolic link loop or a dangling link: the publisher
     could not create the output there, and finding out only after the work would waste it.
     """
-    from ..publish import check_writable_parent
+    from ..io.publish import check_writable_parent
 
     p = Path(os.path.abspath(path))
     for candidate in (p, *p.parents):
@@ -473,7 +473,7 @@ def is_rotated_dir(model_dir: Path, config) -> bool:
 def check_record(folder: Path) -> None:
     """A ``rolora_rotation.json`` in ``folder`` must parse as a record (unknown keys, bad JSON: RotationError)."""
     from ..errors import RotationError
-    from ..export import read_rotation_record
+    from ..io.export import read_rotation_record
 
     try:
         read_rotation_record(folder)

@@ -12,7 +12,7 @@ Promises (tests/app/test_bad_inputs.py runs every subcommand over a table of bad
   weights-only unpickler on meta tensors (a payload is refused by name, never run); output paths under a symlink
   loop or dangling link are refused up front; values in messages are cut short (``short_repr``). A disk that
   fills up while writing is one line as well (the staging folder is gone by then).
-* **Outputs are atomic and create-exclusive.** Every output goes through :mod:`rolora_plugin.publish`: staged in
+* **Outputs are atomic and create-exclusive.** Every output goes through :mod:`rolora_plugin.io.publish`: staged in
   a marked hidden sibling folder, renamed into place only if nothing is there; an interrupted run leaves nothing
   behind and the next run removes staging folders of killed runs. SIGTERM is handled like Ctrl-C (exit 143/130).
 * **Offline.** The Hugging Face offline variables are set before anything imports transformers: local folders
@@ -63,7 +63,7 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
 def cmd_train(args) -> int:
-    from ..publish import OutputExistsError
+    from ..io.publish import OutputExistsError
     from .train import TrainConfig, TrainInputError, checkpoint_root, run_training
 
     path = Path(args.config)
@@ -162,7 +162,7 @@ def _check_lora_target_type(targets) -> None:
 
 
 def _check_lora_targets(targets, model_type: str) -> None:
-    from ..architectures import architecture_by_name, list_architectures
+    from ..model.architectures import architecture_by_name, list_architectures
 
     if isinstance(targets, str) or model_type not in list_architectures():
         return  # 'all-linear' / a regex, or a family without a spec: peft checks them when the adapter is attached
@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .. import QuantizationError, RotationError, UnsupportedArchitectureError
-    from ..publish import OutputExistsError
+    from ..io.publish import OutputExistsError
     from .assets import AssetError
 
     return (CLIError, UnsupportedArchitectureError, RotationError, QuantizationError, OutputExistsError, AssetError)

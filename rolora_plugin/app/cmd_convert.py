@@ -2,8 +2,8 @@
 
 Every check of :mod:`.checks` runs before the model is loaded (weights headers, tokenizer, record, output path),
 so a bad input costs a second and writes nothing. Outputs are written by the library
-(:func:`rolora_plugin.merge_and_export`, :func:`rolora_plugin.streaming.rotate_checkpoint`,
-:func:`rolora_plugin.export.quantize_and_export`), all through :mod:`rolora_plugin.publish`: atomic and
+(:func:`rolora_plugin.merge_and_export`, :func:`rolora_plugin.io.streaming.rotate_checkpoint`,
+:func:`rolora_plugin.io.export.quantize_and_export`), all through :mod:`rolora_plugin.io.publish`: atomic and
 create-exclusive.
 """
 
@@ -36,11 +36,11 @@ __all__ = ["cmd_export", "cmd_quantize", "cmd_rotate", "load_calibration", "load
 
 def load_model(model_dir: Path, dtype: str = "float32"):
     """The model of a checked dir (rotated checkpoints through ``load_rotated``), in eval mode. Every load goes
-    through :func:`rolora_plugin.loading.load_causal_lm`: a tensor missing, extra or of another shape than
+    through :func:`rolora_plugin.io.loading.load_causal_lm`: a tensor missing, extra or of another shape than
     config.json says is refused (one line, exit 2), never filled with random values."""
     import torch
 
-    from ..loading import load_causal_lm
+    from ..io.loading import load_causal_lm
 
     config = load_model_config(model_dir)
     try:
@@ -91,7 +91,7 @@ def _rotate_in_memory(src: Path, out: Path, rot, tok, args):
 def _rotate_streaming(src: Path, out: Path, rot, dtype: str):
     import torch
 
-    from ..streaming import rotate_checkpoint
+    from ..io.streaming import rotate_checkpoint
 
     if not any((src / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
         raise CLIError(f"--streaming reads safetensors checkpoints; {str(src)!r} has pytorch_model.bin: drop --streaming")
@@ -101,7 +101,7 @@ def _rotate_streaming(src: Path, out: Path, rot, dtype: str):
 def _report_exactness(src: Path, rotated, dtype: str) -> None:
     import torch
 
-    from ..loading import load_causal_lm
+    from ..io.loading import load_causal_lm
 
     ref = load_causal_lm(src, getattr(torch, dtype)).eval()
     g = torch.Generator().manual_seed(0)
@@ -121,7 +121,7 @@ def _report_exactness(src: Path, rotated, dtype: str) -> None:
 
 def save_rotated(model, tok, record, out: Path) -> None:
     """Safetensors + config + tokenizer + ``rolora_rotation.json`` (+ ``transform_config.json``), written atomically
-    and create-exclusively by :func:`rolora_plugin.export.merge_and_export` after it re-verifies the record."""
+    and create-exclusively by :func:`rolora_plugin.io.export.merge_and_export` after it re-verifies the record."""
     from .. import get_rotation_record, merge_and_export
 
     if get_rotation_record(model) != record:
@@ -205,7 +205,7 @@ def cmd_quantize(args) -> int:
     import torch
 
     from .. import QuantConfig, RotationConfig
-    from ..export import quantize_and_export
+    from ..io.export import quantize_and_export
 
     check_int(args.calib_chunks, "--calib-chunks", 1)
     check_int(args.seq_len, "--seq-len", 2)
@@ -239,14 +239,13 @@ def cmd_quantize(args) -> int:
 
 
 def _refuse_fused_experts(config_dir: Path) -> None:
-    """An MoE's fused experts have no compressed-tensors layout here (:func:`rolora_plugin.compressed.prepare_compressed`
+    """An MoE's fused experts have no compressed-tensors layout here (:func:`rolora_plugin.io.compressed.prepare_compressed`
     refuses them): say so from the config, on a meta-device model, before hours of rotating and quantizing."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..compressed import _refuse_fused_experts as refuse
-
-    from ..loading import check_layer_count
+    from ..io.compressed import _refuse_fused_experts as refuse
+    from ..io.loading import check_layer_count
 
     config = load_model_config(config_dir)
     check_layer_count(config_dir, config)  # before a skeleton of what config.json claims is built

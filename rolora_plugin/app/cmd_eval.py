@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..publish import atomic_write_text
+from ..io.publish import atomic_write_text
 from .checks import (
     EVAL_EXTRA_PIP,
     CLIError,
@@ -223,9 +223,9 @@ def format_eval_table(results: dict) -> str:
 
 
 def cmd_check(args) -> int:
-    """``rolora check EXPORT_DIR``: compressed-tensors' own forward of an export beside ``load_rotated`` (rolora_plugin.check)."""
-    from ..check import check_export
-    from ..compressed import is_compressed_export
+    """``rolora check EXPORT_DIR``: compressed-tensors' own forward of an export beside ``load_rotated`` (rolora_plugin.io.check)."""
+    from ..io.check import check_export
+    from ..io.compressed import is_compressed_export
     from .assets import text_chunks
     from .cmd_convert import EXPORT_EXTRA_PIP, load_calibration
 

@@ -5,7 +5,7 @@
 
 1. **Exactness**: the FP model vs its rotation (R1+R2+R4 by default): max logit difference and perplexity.
 2. **Outliers**: kurtosis and max-abs of every linear layer's input before/after rotation
-   (:mod:`rolora_plugin.kurtosis`), grouped by the family's input kinds.
+   (:mod:`rolora_plugin.lora.kurtosis`), grouped by the family's input kinds.
 3. **Quantization**: perplexity at W6A6 and W4A4 (RTN per-channel weights, per-token activations) with and
    without rotation; ``compare_recipes`` (``full``: GPTQ + clip search) adds other weight recipes at W4A4 on the
    rotated model.
@@ -16,7 +16,7 @@
    recipe people deploy.
 5. **Deploy**: the merged RoLoRA model quantized with each servable preset of ``servable`` (``w4a4-int``,
    ``nvfp4``: GPTQ + weight clip search on the calibration chunks; ``QuantConfig.preset``), exported with
-   ``merge_and_export(format="compressed-tensors")`` and re-loaded by :func:`rolora_plugin.check.check_export`:
+   ``merge_and_export(format="compressed-tensors")`` and re-loaded by :func:`rolora_plugin.io.check.check_export`:
    perplexity of our ``load_rotated`` and of compressed-tensors' own forward beside FP, the vLLM scheme and
    whether the consumer computed the same model. Exports go to a temporary folder (~280 MB each: embeddings and
    ``lm_head`` stay FP32) unless ``keep_exports`` (then ``exports/<preset>`` in the report folder).
@@ -45,10 +45,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import ConfigMixin, RotationConfig
-from ..quant.config import SERVABLE_PRESETS
-from ..kurtosis import activation_stats, input_kinds, summarize_by_kind
+from ..io.publish import atomic_write_text
+from ..lora.kurtosis import activation_stats, input_kinds, summarize_by_kind
 from ..metrics import batches_perplexity, perplexity
-from ..publish import atomic_write_text
+from ..quant.config import SERVABLE_PRESETS
 from .assets import pad_collate, tokenize_pairs
 from .plots import write_plots
 from .train import finetune, loss_curve, pad_id, smoothed_loss
@@ -294,12 +294,12 @@ def servable_recipe(qcfg, calib_tokens: tuple[int, int]) -> str:
 def _deploy(merged, tok, cfg: DemoConfig, chunks, calib, held_out: list, fp: dict, export_root: Path | None) -> dict:
     """The recipe people deploy, on the merged RoLoRA model: per servable preset, quantize (``QuantConfig.preset``
     with ``cfg.servable_overrides``) a copy, export it with ``format="compressed-tensors"`` (under ``export_root``,
-    else a temporary folder removed afterwards) and run :func:`rolora_plugin.check.check_export` on ``chunks``.
+    else a temporary folder removed afterwards) and run :func:`rolora_plugin.io.check.check_export` on ``chunks``.
     ``held_out``: the SciQ rows of the answer perplexity; ``fp``: the merged model's FP ``text_ppl`` / ``response_ppl``."""
     import tempfile
 
     from .. import QuantConfig, merge_and_export, quantize_model_
-    from ..check import check_export
+    from ..io.check import check_export
 
     rows = []
     for preset in cfg.servable:
@@ -535,7 +535,7 @@ def _deploy_lines(results: dict) -> list[str]:
     dep, tuned = results["deploy"], results["finetune"]["rolora"]
     fp = dep["fp"]
     lines = _wrap("Deploy: the fine-tuned RoLoRA model (merged) -> servable preset -> compressed-tensors export -> "
-                  "re-loaded by the consumer-side check (rolora_plugin.check.check_export)", indent="")  # fmt: skip
+                  "re-loaded by the consumer-side check (rolora_plugin.io.check.check_export)", indent="")  # fmt: skip
     lines += [_head("", "text ppl", "x FP", "consumer", "answer ppl", "logits rel.", "same model"),
               _head("", "(ours)", "", "text ppl", "", "vs ours", "computed")]  # fmt: skip
     lines.append(_row("FP (float32)", [fp["text_ppl"], "1.00x", "", fp["response_ppl"], "", ""]))

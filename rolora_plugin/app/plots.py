@@ -1,11 +1,11 @@
 """Every plot the application draws: kurtosis per layer, the per-token range a W4A4 quantizer faces, channel
 magnitudes, training loss, and W4A4 perplexity per model and recipe (ratio to FP, servable presets included).
 
-The statistics come from :func:`rolora_plugin.kurtosis.activation_stats` (``{module name: {"kurtosis", "max_abs",
+The statistics come from :func:`rolora_plugin.lora.kurtosis.activation_stats` (``{module name: {"kurtosis", "max_abs",
 "rms", "channel_max_abs", "token_peak_to_rms_hist", ...}}``); the loss curves from
 :func:`rolora_plugin.app.train.loss_curve`; the perplexities from :func:`rolora_plugin.app.demo.run_demo`'s
 results. matplotlib is imported on first use, on the non-interactive Agg backend; every PNG is written at
-:data:`DPI` through :func:`rolora_plugin.publish.atomic_write_bytes` (readers never see half a file).
+:data:`DPI` through :func:`rolora_plugin.io.publish.atomic_write_bytes` (readers never see half a file).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ..kurtosis import TOKEN_RATIO_EDGES, histogram_quantile, kinds_from_names, layer_index, leaf_name
-from ..publish import atomic_write_bytes
+from ..io.publish import atomic_write_bytes
+from ..lora.kurtosis import TOKEN_RATIO_EDGES, histogram_quantile, kinds_from_names, layer_index, leaf_name
 
 __all__ = [
     "DPI",
@@ -91,7 +91,7 @@ def kurtosis_figure(before: dict, after: dict, kinds: tuple[str, ...] | None = N
     """One panel per input kind (2 columns): kurtosis of its input per decoder layer, before vs after, on one
     shared log scale (so the panels compare: down_proj's outliers are orders of magnitude above q_proj's).
 
-    ``kinds`` default to :func:`rolora_plugin.kurtosis.kinds_from_names` of ``before``.
+    ``kinds`` default to :func:`rolora_plugin.lora.kurtosis.kinds_from_names` of ``before``.
     """
     kinds = tuple(kinds or kinds_from_names(before))
     fig, axes = _panels(len(kinds), sharey=True)

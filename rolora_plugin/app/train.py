@@ -16,7 +16,7 @@ Where things go (see :func:`run_training`):
   A ``checkpoint_dir`` equal to ``output_dir``, inside it, or containing it is refused up front (the clean-up
   would otherwise reach the published output).
 * **The output** (``adapter/``, ``merged/``, ``train_log.json``) is staged with
-  :func:`rolora_plugin.publish.atomic_output_dir` (create-exclusive): an interrupted or failed run leaves nothing
+  :func:`rolora_plugin.io.publish.atomic_output_dir` (create-exclusive): an interrupted or failed run leaves nothing
   at ``output_dir``, and a folder that appears there meanwhile is never replaced (the checkpoints stay: resume
   with another ``--output-dir`` and the same ``checkpoint_dir``).
 * Nothing is published from a run whose LoRA weights are not finite (training diverged).
@@ -44,7 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import ConfigMixin, RotationConfig
-from ..publish import OutputExistsError, atomic_output_dir, atomic_write_text
+from ..io.publish import OutputExistsError, atomic_output_dir, atomic_write_text
 from .assets import pad_collate, tokenize_pairs
 from .runtime import filtered_logs
 
@@ -259,7 +259,7 @@ def load_base_model(model: str, cache_dir: str | None = None, dtype=torch.float3
         from .assets import load_smollm2
 
         return load_smollm2(dtype, cache_dir=cache_dir)
-    from ..loading import load_causal_lm
+    from ..io.loading import load_causal_lm
 
     net = load_causal_lm(model, dtype, model_cls=AutoModelForCausalLM, what="base model")  # refuses missing/extra tensors
     return net, AutoTokenizer.from_pretrained(model, local_files_only=True)
@@ -573,7 +573,7 @@ def _check_finite(trainer, root: Path | None) -> None:
 @contextlib.contextmanager
 def _hide_staging_paths(tmp: Path):
     """Drop export log lines that name the staging folder (the published path is logged once it exists)."""
-    with filtered_logs((("rolora_plugin.export", rf".*{re.escape(str(tmp))}"),)):
+    with filtered_logs((("rolora_plugin.io.export", rf".*{re.escape(str(tmp))}"),)):
         yield
 
 

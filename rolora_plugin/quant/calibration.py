@@ -28,10 +28,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 from torch.nn import functional as F
-
-from ..errors import QuantizationError
 from tqdm.auto import tqdm
 
+from ..errors import QuantizationError
 from .primitives import TensorQuant, _check_ratio, fake_quant
 
 __all__ = ["DEFAULT_A_CLIP_CANDIDATES", "ClipErrorMeter", "check_calibration", "input_amax", "search_activation_clips"]

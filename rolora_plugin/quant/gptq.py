@@ -48,11 +48,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..architectures import get_architecture
 from ..errors import QuantizationError
+from ..model.architectures import get_architecture
 from .config import QuantConfig
 from .moe import expert_modules, quantize_expert_rows_, routed_inputs, rtn_expert_, set_routed_token_counts
-from .primitives import OFF_BITS, TensorQuant, clip_search as _clip_search, compute_qparams, nvfp4_global_scale, quant_range, quantize_with_params
+from .primitives import (
+    OFF_BITS,
+    TensorQuant,
+    compute_qparams,
+    nvfp4_global_scale,
+    quant_range,
+    quantize_with_params,
+)
+from .primitives import (
+    clip_search as _clip_search,
+)
 from .rtn import WeightQuantParams, replace_weight_, rtn_quantize_linear_, set_weight_quant_params_
 from .targets import quantizable_linears
 

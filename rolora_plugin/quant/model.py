@@ -4,9 +4,9 @@
 config names (a handler per method in :data:`WEIGHT_HANDLERS`: ``"rtn"`` → :mod:`.rtn`, ``"gptq"`` → :mod:`.gptq`),
 and adds a forward-pre-hook on every quantized ``nn.Linear`` that fake-quantizes its input per token. That hook
 is registered normally (not prepended), so it runs *after* rolora's online R4 Hadamard, which the MLP prepends to
-``down_proj``'s hooks on every call (see :mod:`rolora_plugin.online`): the quantizer sees the rotated activation,
+``down_proj``'s hooks on every call (see :mod:`rolora_plugin.model.online`): the quantizer sees the rotated activation,
 as the hardware would. KV-cache quantization fake-quantizes keys and values per head and token inside the
-attention function (after RoPE and after R3) through :func:`rolora_plugin.online.add_attention_transform`.
+attention function (after RoPE and after R3) through :func:`rolora_plugin.model.online.add_attention_transform`.
 
 Mixture-of-Experts experts (fused 3-D parameters, not ``nn.Linear``) are quantized per expert by :mod:`.moe`
 (weights per expert and output channel/group; their inputs per token, the down_proj input after the online R4).
@@ -27,10 +27,10 @@ from typing import Callable
 from torch import nn
 
 from .._peft import is_lora_layer
-from ..architectures import get_architecture, get_submodule
 from ..config import QUANT_RECORD_KEY
 from ..errors import QuantizationError
-from ..online import add_attention_transform, attention_transforms, remove_attention_transform
+from ..model.architectures import get_architecture, get_submodule
+from ..model.online import add_attention_transform, attention_transforms, remove_attention_transform
 from .calibration import check_calibration, input_amax, search_activation_clips
 from .config import QuantConfig
 from .gptq import gptq_quantize_model_

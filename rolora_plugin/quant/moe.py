@@ -6,7 +6,7 @@
   (:func:`routed_inputs`); an expert that gets no calibration token is RTN-quantized with a warning.
 * Activations, per token: the experts' input (what ``gate_up_proj`` reads) through a forward-pre-hook on the
   experts module, and every expert's ``down_proj`` input through the experts' gate transform table, after the
-  online R4 (:func:`rolora_plugin.online.add_expert_gate_transform`). The router and the shared-expert gate read
+  online R4 (:func:`rolora_plugin.model.online.add_expert_gate_transform`). The router and the shared-expert gate read
   the unquantized hidden state (the router stays in high precision).
 """
 
@@ -17,10 +17,10 @@ import logging
 import torch
 from torch import nn
 
-from ..architectures import get_architecture, get_submodule
+from .._peft import base_experts
 from ..errors import QuantizationError, UnsupportedArchitectureError
-from ..moe import EXPERT_PARAMS, base_experts
-from ..online import add_expert_gate_transform, expert_gate_transforms, remove_expert_gate_transform
+from ..model.architectures import EXPERT_PARAMS, get_architecture, get_submodule
+from ..model.online import add_expert_gate_transform, expert_gate_transforms, remove_expert_gate_transform
 from .config import QuantConfig
 from .primitives import OFF_BITS, clip_search, fake_quant
 from .targets import is_skipped

@@ -29,7 +29,7 @@ pack and decompress bit for bit (tests/quant/test_formats.py). :func:`round_e2m1
 ``ste=True`` makes the op differentiable with the straight-through estimator (STE, Bengio et al. 2013): rounding is
 the identity in the backward pass, the clamp keeps its true derivative (0 outside the clip range), scales are
 constants. ``scale_grad=True`` instead keeps the scale in the graph and only rounding is straight-through (LSQ /
-SpinQuant's quantizer; the learned-rotation objective needs it, :mod:`rolora_plugin.learned`). Same forward values.
+SpinQuant's quantizer; the learned-rotation objective needs it, :mod:`rolora_plugin.rotate.learned`). Same forward values.
 
 Nothing here touches an ``nn.Module``. Papers: RoLoRA (Huang et al., 2024), QuaRot (Ashkboos et al., 2024);
 OCP Microscaling Formats spec v1.0 (MXFP4); NVIDIA NVFP4 (Blackwell); MR-GPTQ (arXiv 2509.23202).

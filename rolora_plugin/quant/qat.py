@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._peft import active_adapters, base_layer, is_lora_layer, lora_dropouts, unwrap_peft, uses_dora
-from ..architectures import get_architecture
 from ..distributed import is_partitioned
+from ..model.architectures import get_architecture
 from .primitives import fake_quant
 
 __all__ = ["ALL_LINEAR", "FakeQuantHandle", "enable_fake_quant_", "fake_quant_active", "fake_quantized", "fused_expert_modules"]

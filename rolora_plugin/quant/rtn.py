@@ -6,7 +6,7 @@ per row/group ratio of :func:`~rolora_plugin.quant.mse_clip_search` when ``Quant
 Every weight quantizer (RTN here, GPTQ in :mod:`.gptq`) leaves the scales and zero points it actually used on the
 Linear as a :class:`WeightQuantParams` (:func:`weight_quant_params`), so an exporter can store the integer codes
 ``q = round(Ŵ / s) + z`` and the scales that reproduce ``Ŵ = (q − z) · s`` bit for bit
-(:mod:`rolora_plugin.compressed`). GPTQ scales and clipped scales cannot be recomputed from ``max|Ŵ|``.
+(:mod:`rolora_plugin.io.compressed`). GPTQ scales and clipped scales cannot be recomputed from ``max|Ŵ|``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Which linears a :class:`~rolora_plugin.quant.QuantConfig` quantizes (every ``nn.Linear`` not in ``skip``).
 
-For a vision-language model (a registered :class:`~rolora_plugin.architectures.VLMSpec`, e.g. LLaVA) only the
+For a vision-language model (a registered :class:`~rolora_plugin.model.architectures.VLMSpec`, e.g. LLaVA) only the
 language tower (and ``lm_head``, unless skipped) is quantized: the vision tower and the projector are listed as
 skipped, since W4A4 targets the rotated language model.
 
@@ -24,8 +24,8 @@ def is_skipped(name: str, skip) -> bool:
 
 def language_scope(model: nn.Module) -> tuple[str, ...] | None:
     """Module-name prefixes that may be quantized: ``(tower + ".", lm_head)`` for a VLM, None (everything) otherwise."""
-    from ..architectures import get_architecture
     from ..errors import UnsupportedArchitectureError
+    from ..model.architectures import get_architecture
 
     try:
         spec = get_architecture(model)

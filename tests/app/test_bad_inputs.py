@@ -59,7 +59,7 @@ def _adapters(root: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from rolora_plugin import RotationConfig, rotate_model_
-    from rolora_plugin.export import write_rotation_record
+    from rolora_plugin.io.export import write_rotation_record
 
     peft_model = lora(AutoModelForCausalLM.from_pretrained(root / "tiny"))
     record = rotate_model_(peft_model, RotationConfig(), progress=False)

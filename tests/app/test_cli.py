@@ -1,7 +1,7 @@
 """The ``rolora`` command on tiny saved models: --help everywhere, rotate/eval/export/train, and bad input.
 
 Bad input must end with exit status 2, one line on stderr, and nothing written next to the output path.
-Also the activation statistics helper the demo uses (:mod:`rolora_plugin.kurtosis`) and its plots (:mod:`rolora_plugin.app.plots`).
+Also the activation statistics helper the demo uses (:mod:`rolora_plugin.lora.kurtosis`) and its plots (:mod:`rolora_plugin.app.plots`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from rolora_plugin.app.cli import EXIT_BAD_INPUT, build_parser, main
-from rolora_plugin.kurtosis import activation_stats, kurtosis_from_power_sums, kurtosis_ref, layer_index
-from rolora_plugin.publish import atomic_output_dir
+from rolora_plugin.lora.kurtosis import activation_stats, kurtosis_from_power_sums, kurtosis_ref, layer_index
+from rolora_plugin.io.publish import atomic_output_dir
 from tests.app.fixtures import save_tiny
 from tests.helpers import logits, random_ids, rel_err, tiny_model
 
@@ -106,7 +106,7 @@ def test_missing_subcommand_is_an_error(capsys):
 def test_rotate_keeps_function_and_writes_record(tiny_dir, rotated_dir):
     from transformers import AutoModelForCausalLM
 
-    from rolora_plugin.export import load_rotated
+    from rolora_plugin.io.export import load_rotated
 
     assert {"config.json", "model.safetensors", "rolora_rotation.json", "tokenizer.json"} <= set(listing(rotated_dir))
     record = json.loads((rotated_dir / "rolora_rotation.json").read_text())
@@ -215,8 +215,8 @@ def adapter_dir(work, rotated_dir) -> tuple[Path, torch.Tensor]:
     """A LoRA adapter (non-zero B) on the rotated tiny model, saved with its rotation record; and its logits."""
     from peft import LoraConfig, get_peft_model
 
-    from rolora_plugin.export import load_rotated, write_rotation_record
-    from rolora_plugin.rotation import get_rotation_record
+    from rolora_plugin.io.export import load_rotated, write_rotation_record
+    from rolora_plugin.rotate.rotation import get_rotation_record
 
     base = load_rotated(rotated_dir)
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
@@ -232,7 +232,7 @@ def adapter_dir(work, rotated_dir) -> tuple[Path, torch.Tensor]:
 
 
 def test_export_merges_adapter(adapter_dir, rotated_dir, work):
-    from rolora_plugin.export import load_rotated
+    from rolora_plugin.io.export import load_rotated
 
     path, expected = adapter_dir
     out = work / "merged"
@@ -255,7 +255,7 @@ def test_export_refuses_mismatched_record(adapter_dir, tiny_dir, work, capsys):
 
 
 def test_train_from_yaml(tiny_dir, work, capsys):
-    from rolora_plugin.export import load_rotated
+    from rolora_plugin.io.export import load_rotated
 
     pairs = [{"prompt": f"What is {i} plus {i}?", "response": f"It is {2 * i}."} for i in range(8)]
     (work / "pairs.json").write_text(json.dumps(pairs))
@@ -461,7 +461,7 @@ def test_rotation_lowers_kurtosis_of_a_tiny_model_with_outliers():
 def test_summaries_and_plots_from_activation_stats(tmp_path):
     from rolora_plugin import RotationConfig, rotate_model_
     from rolora_plugin.app.plots import plot_channel_magnitudes, plot_kurtosis_per_layer
-    from rolora_plugin.kurtosis import summarize_by_kind
+    from rolora_plugin.lora.kurtosis import summarize_by_kind
 
     model = tiny_model("llama", layers=3)
     ids = random_ids(batch=2, seq=24)

@@ -2,7 +2,7 @@
 training, the offline environment before any Hugging Face import, missing extras, logs around progress bars.
 
 The races are made deterministic with two fault injections: the child process waits, right before the final
-rename into place (``rolora_plugin.publish.publish_path``), for a "go" file from the test; a killed training run
+rename into place (``rolora_plugin.io.publish.publish_path``), for a "go" file from the test; a killed training run
 waits right after its Trainer saved checkpoint-2 completely. Everything else is the unmodified command.
 """
 
@@ -30,7 +30,7 @@ _PAUSED_MAIN = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    import rolora_plugin.publish as publish
+    import rolora_plugin.io.publish as publish
     control, real = Path(sys.argv[1]), publish.publish_path
 
     def paused(staged, target, **kwargs):

@@ -15,7 +15,7 @@ import _finetune as ft  # noqa: E402
 import finetune_table  # noqa: E402
 
 from rolora_plugin import QuantConfig  # noqa: E402
-from rolora_plugin.training_config import fake_quant_preset  # noqa: E402
+from rolora_plugin.lora.config import fake_quant_preset  # noqa: E402
 
 
 def _args(*argv):

@@ -26,7 +26,7 @@ from rolora_plugin.app.plots import (
     w4a4_points,
     write_plots,
 )
-from rolora_plugin.kurtosis import (
+from rolora_plugin.lora.kurtosis import (
     TOKEN_RATIO_EDGES,
     ActivationMoments,
     activation_stats,
@@ -38,7 +38,7 @@ from rolora_plugin.kurtosis import (
     token_peak_to_rms,
     token_peak_to_rms_ref,
 )
-from rolora_plugin.publish import STAGING_MARKER
+from rolora_plugin.io.publish import STAGING_MARKER
 from tests.helpers import FAMILIES, lora, random_ids, tiny_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -7,7 +7,7 @@ import torch
 from tests.helpers import logits, random_ids, rel_err, tiny_model
 
 from rolora_plugin import RotationConfig, RotationError, get_rotation_record, rotate_model_
-from rolora_plugin.hadamard import build_block_transform, hadamard_transform_ref
+from rolora_plugin.hadamard.transform import build_block_transform, hadamard_transform_ref
 
 
 def _sylvester(b):

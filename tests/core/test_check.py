@@ -1,5 +1,5 @@
 """Issue 30 acceptance on tiny models: for every servable preset, compressed-tensors' own load + decompression +
-quantized forward + transforms (rolora_plugin.check.consumer_model, no rolora code in its forward) computes the logits
+quantized forward + transforms (rolora_plugin.io.check.consumer_model, no rolora code in its forward) computes the logits
 of load_rotated (fp32, rel ≤ 1e-4; bit for bit here), and a non-servable quantization is refused at export.
 NVFP4: compressed-tensors 0.20 decompresses FP4 weights to bf16 — equal to ours with bf16-rounded weights, and
 that difference is reported, not hidden."""
@@ -11,7 +11,7 @@ import torch
 from tests.helpers import FAMILIES, random_ids, tiny_model
 
 from rolora_plugin import QuantConfig, QuantizationError, RotationConfig, quantize_model_, rotate_model_
-from rolora_plugin.export import load_rotated, merge_and_export
+from rolora_plugin.io.export import load_rotated, merge_and_export
 
 pytest.importorskip("compressed_tensors")
 CT = "compressed-tensors"
@@ -31,7 +31,7 @@ def _chunks(vocab):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("preset", ["w4a4-int", "nvfp4", "mxfp4", "w4a8"])
 def test_compressed_tensors_forward_computes_the_exported_model(tmp_path, family, preset):
-    from rolora_plugin.check import check_export
+    from rolora_plugin.io.check import check_export
 
     model, out = _export(tmp_path, family, preset)
     r = check_export(out, _chunks(model.config.vocab_size))
@@ -88,7 +88,7 @@ def test_compressed_tensors_cuda_kernels_compute_the_exported_model(tmp_path, pr
     """On a GPU compressed-tensors quantizes activations with its Triton kernels (benchmarks/gpu_suite.sh runs this)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    from rolora_plugin.check import check_export
+    from rolora_plugin.io.check import check_export
 
     model, out = _export(tmp_path, "llama", preset)
     r = check_export(out, _chunks(model.config.vocab_size), device="cuda")
@@ -98,7 +98,7 @@ def test_compressed_tensors_cuda_kernels_compute_the_exported_model(tmp_path, pr
 
 @pytest.mark.parametrize("preset, block", [("nvfp4", 16), ("mxfp4", 32)])
 def test_block_diagonal_rotations_export_as_hadamard_head_dim_and_the_consumer_computes_them(tmp_path, preset, block):
-    from rolora_plugin.check import check_export
+    from rolora_plugin.io.check import check_export
 
     model = tiny_model("llama")
     ids = random_ids(model.config.vocab_size, seed=9)

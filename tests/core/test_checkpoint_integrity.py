@@ -22,9 +22,9 @@ from safetensors.torch import load_file, save_file
 
 from rolora_plugin import QuantizationError, RotationConfig, RotationError, rotate_model_
 from rolora_plugin.app.cli import EXIT_BAD_INPUT, main
-from rolora_plugin.export import RECORD_FILE, load_rotated, merge_and_export, write_rotation_record
-from rolora_plugin.loading import CheckpointError, load_causal_lm
-from rolora_plugin.streaming import rotate_checkpoint
+from rolora_plugin.io.export import RECORD_FILE, load_rotated, merge_and_export, write_rotation_record
+from rolora_plugin.io.loading import CheckpointError, load_causal_lm
+from rolora_plugin.io.streaming import rotate_checkpoint
 from tests.app.fixtures import save_tiny
 from tests.helpers import lora, tiny_model
 
@@ -369,7 +369,7 @@ def test_export_records_checksums_and_old_records_still_load_with_one_warning(go
     assert json.loads((good["rotated"] / RECORD_FILE).read_text())["integrity"] == sealed
     model = load_rotated(good["rotated"])
     assert "integrity" not in model.config.rolora  # a model in memory is no longer that folder
-    with caplog.at_level("WARNING", logger="rolora_plugin.export"):
+    with caplog.at_level("WARNING", logger="rolora_plugin.io.export"):
         load_rotated(good["rotated-unsealed"])
         load_rotated(good["rotated-unsealed"])
     warnings = [r for r in caplog.records if "older rolora-plugin" in r.getMessage()]
@@ -429,7 +429,7 @@ def _adapter(folder: Path, base: Path, *, drop_fingerprint: bool) -> Path:
 
 def test_adapter_record_without_base_fingerprint_exports_onto_its_own_base(good, tmp_path, caplog):
     adapter = _adapter(tmp_path / "adapter", good["base"], drop_fingerprint=True)
-    with caplog.at_level("WARNING", logger="rolora_plugin.export"):
+    with caplog.at_level("WARNING", logger="rolora_plugin.io.export"):
         merge_and_export(adapter, tmp_path / "merged", base_model=good["base"])
     assert any("cannot be checked" in r.getMessage() for r in caplog.records)
     assert load_rotated(tmp_path / "merged") is not None
@@ -463,13 +463,13 @@ def test_quantize_refuses_an_moe_before_loading_it(tmp_path, capsys, monkeypatch
 
     folder = tmp_path / "moe"
     tiny_moe().save_pretrained(folder)
-    import rolora_plugin.export
-    import rolora_plugin.loading
+    import rolora_plugin.io.export
+    import rolora_plugin.io.loading
 
     def never(*a, **k):
         raise AssertionError("the MoE was loaded before the refusal")
 
-    for module in (rolora_plugin.loading, rolora_plugin.export):
+    for module in (rolora_plugin.io.loading, rolora_plugin.io.export):
         monkeypatch.setattr(module, "load_causal_lm", never)
     capsys.readouterr()
     rc = main(["-q", "quantize", str(folder), str(tmp_path / "out"), "--recipe", "w8a8", "--rotation", "w4a4-hadamard"])

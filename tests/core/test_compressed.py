@@ -14,11 +14,11 @@ import torch
 from tests.helpers import FAMILIES, logits, random_ids, rel_err, tiny_model
 
 from rolora_plugin import QuantConfig, QuantizationError, RotationConfig, RotationError, quantize_model_, rotate_model_
-from rolora_plugin.compressed import QUANT_RECORD_FILE, tensor_digests
-from rolora_plugin.export import load_rotated, load_with_compressed_tensors, merge_and_export, quantize_and_export
+from rolora_plugin.io.compressed import QUANT_RECORD_FILE, tensor_digests
+from rolora_plugin.io.export import load_rotated, load_with_compressed_tensors, merge_and_export, quantize_and_export
 from rolora_plugin.quant import quantize_weight, quantize_with_scales
 from rolora_plugin.quant.rtn import weight_quant_params
-from rolora_plugin.transform_config import TRANSFORMS_FILE
+from rolora_plugin.io.transform_config import TRANSFORMS_FILE
 
 pytest.importorskip("compressed_tensors")
 
@@ -366,7 +366,7 @@ def test_weights_changed_after_quantization_are_refused(tmp_path):
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
-    from rolora_plugin import records
+    from rolora_plugin.io import records
 
     monkeypatch.setattr(records, "write_rotation_record", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):

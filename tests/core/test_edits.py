@@ -1,4 +1,4 @@
-"""The weight-edit engine (rolora_plugin.edits): the reference against dense float64 matrices, the fast path against
+"""The weight-edit engine (rolora_plugin.hadamard.edits): the reference against dense float64 matrices, the fast path against
 the reference (float32 results within 1 ulp) for every width of the Hadamard test list, chunked and pooled."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import rolora_plugin.edits as edits
-from rolora_plugin.edits import AxisOp, edit_, edit_reference, headwise, on_slice, shared_workspaces
-from rolora_plugin.hadamard import build_transform
+import rolora_plugin.hadamard.edits as edits
+from rolora_plugin.hadamard.edits import AxisOp, edit_, edit_reference, headwise, on_slice, shared_workspaces
+from rolora_plugin.hadamard.transform import build_transform
 from tests.core.test_hadamard import WIDTHS
 
 

@@ -11,7 +11,7 @@ import torch
 from tests.helpers import logits, lora, random_ids, rel_err, tiny_model
 
 from rolora_plugin import RotationConfig, RotationError, get_rotation_record, rotate_model_
-from rolora_plugin.export import (
+from rolora_plugin.io.export import (
     RECORD_FILE,
     TRANSFORM_CONFIG_FILE,
     load_rotated,
@@ -65,7 +65,7 @@ def test_second_process_loading_the_export_gets_the_samelogits(tmp_path):
     code = textwrap.dedent(
         f"""
         import torch
-        from rolora_plugin.export import load_rotated
+        from rolora_plugin.io.export import load_rotated
         model = load_rotated({str(out)!r})
         with torch.no_grad():
             torch.save(model(torch.load({str(tmp_path / 'ids.pt')!r})).logits, {str(tmp_path / 'logits.pt')!r})
@@ -196,7 +196,7 @@ def test_non_empty_out_dir_needs_overwrite(tmp_path):
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
-    from rolora_plugin import records
+    from rolora_plugin.io import records
 
     def boom(*a, **k):
         raise OSError("disk full")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rolora_plugin import RotationConfig, rotate_model_
-from rolora_plugin.export import load_rotated, merge_and_export
+from rolora_plugin.io.export import load_rotated, merge_and_export
 from tests.helpers import F64_NORM_RTOL, float64_norms, logits, lora, random_ids, rel_err, tiny_llava, tiny_model
 
 COMBOS = [c for c in itertools.product([False, True], repeat=4) if any(c)]

@@ -1,4 +1,4 @@
-"""rolora_plugin.fingerprint: the incremental Fingerprinter gives the value weights_fingerprint / fingerprint_tensors give.
+"""rolora_plugin.rotate.fingerprint: the incremental Fingerprinter gives the value weights_fingerprint / fingerprint_tensors give.
 
 The reference below is the fingerprint as it was computed before the Fingerprinter existed (sha256 over the sorted
 names, shapes and 64 sampled values rounded to bfloat16), so a change of the stored value — which would make every
@@ -14,7 +14,7 @@ import pytest
 import torch
 from tests.helpers import tiny_model
 
-from rolora_plugin.fingerprint import SAMPLES_PER_TENSOR, Fingerprinter, fingerprint_tensors, weights_fingerprint
+from rolora_plugin.rotate.fingerprint import SAMPLES_PER_TENSOR, Fingerprinter, fingerprint_tensors, weights_fingerprint
 
 
 def _reference(named_tensors) -> str:

@@ -3,16 +3,18 @@ import math
 
 import pytest
 import torch
-from rolora_plugin.hadamard import (
+from rolora_plugin.hadamard.constructions import (
     NoHadamardError,
+    hadamard_matrix,
+    paley,
+)
+from rolora_plugin.hadamard.transform import (
     build_transform,
     fwht,
-    hadamard_matrix,
     hadamard_transform,
     hadamard_transform_ref,
-    paley,
-    sylvester,
 )
+from rolora_plugin.hadamard.sylvester import sylvester
 from tests.helpers import TRANSFORM_RTOL, rel_err
 
 # widths from the issue (LLaMA/Mistral/Qwen/SmolLM hidden and intermediate sizes)
@@ -199,7 +201,7 @@ def test_fast_path_is_bit_reproducible(n, dtype):
 
 
 def test_stage_sizes_cover_the_width_and_follow_the_cost_model():
-    from rolora_plugin.hadamard import _stage_sizes
+    from rolora_plugin.hadamard.transform import _stage_sizes
 
     for n in WIDTHS + [2, 12, 24, 172, 2752, 8192]:
         t = build_transform(n)

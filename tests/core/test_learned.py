@@ -1,4 +1,4 @@
-"""Learned rotations (rolora_plugin.learned): exactness, orthogonality, objective, record round trip, refusals."""
+"""Learned rotations (rolora_plugin.rotate.learned): exactness, orthogonality, objective, record round trip, refusals."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from rolora_plugin import RotationConfig, RotationError, RotationRecord, get_rotation_record, rotate_model_
-from rolora_plugin.architectures import ModelDims, get_architecture
-from rolora_plugin.export import LEARNED_FILE, RECORD_FILE, load_rotated, merge_and_export, quantize_and_export
-from rolora_plugin.learned import ORTHOGONALITY_TOL, collect_sites, learn_rotations, load_learned, orthogonality_error, rotation_objective
+from rolora_plugin.model.architectures import ModelDims, get_architecture
+from rolora_plugin.io.export import LEARNED_FILE, RECORD_FILE, load_rotated, merge_and_export, quantize_and_export
+from rolora_plugin.rotate.learned import ORTHOGONALITY_TOL, collect_sites, learn_rotations, orthogonality_error, rotation_objective
+from rolora_plugin.io.records import load_learned
 from rolora_plugin.quant import QuantConfig
-from rolora_plugin.rotation import build_rotations
+from rolora_plugin.rotate.rotation import build_rotations
 from tests.helpers import F64_NORM_RTOL, float64_norms, logits, random_ids, rel_err, tiny_model
 
 FAST = dict(learn_steps=4, learn_tokens=32, learn_lr=3e-3)
@@ -189,7 +190,7 @@ def test_compressed_export_round_trip(tmp_path):
 
 
 def test_streaming_refuses_a_learning_config(tmp_path):
-    from rolora_plugin.streaming import rotate_checkpoint
+    from rolora_plugin.io.streaming import rotate_checkpoint
 
     with pytest.raises(RotationError, match="cannot learn"):
         rotate_checkpoint(tmp_path / "src", tmp_path / "out", RotationConfig(learn=("r1",)))
@@ -254,7 +255,7 @@ def test_hf_save_hook_writes_the_matrices_beside_the_record(tmp_path):
 def test_adapter_on_the_unrotated_base_merges_with_the_stored_matrix(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from rolora_plugin.export import write_rotation_record
+    from rolora_plugin.io.export import write_rotation_record
     from tests.helpers import lora
 
     ids = random_ids()

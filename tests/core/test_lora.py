@@ -5,14 +5,14 @@ import torch
 from tests.helpers import F64_NORM_RTOL, FAMILIES, float64_norms, random_ids, rel_err, tiny_model
 
 from rolora_plugin import RotationConfig, RotationError, get_rotation_record, install_online_rotations, rotate_model_
-from rolora_plugin.lora import (
+from rolora_plugin.lora.adapters import (
     check_online_rotations,
     get_rolora_peft_model,
     lora_layer_names,
     map_target_modules,
     rolora_lora_config,
 )
-from rolora_plugin.online import remove_online_rotations
+from rolora_plugin.model.online import remove_online_rotations
 
 FP32_MERGE_RTOL = 1e-5  # issue 4 acceptance: LoRA forward vs merged forward in float32
 ALL_ROTATIONS = RotationConfig(r2=True, r3=True)

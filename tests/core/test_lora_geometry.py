@@ -18,7 +18,7 @@ from tests.helpers import F64_NORM_RTOL, float64_norms, lora, random_ids, rel_er
 
 from rolora_plugin import RotationConfig, rotate_model_
 from rolora_plugin._peft import unwrap_peft
-from rolora_plugin.architectures import get_architecture, get_submodule
+from rolora_plugin.model.architectures import get_architecture, get_submodule
 
 pytest.importorskip("peft")
 F64 = torch.float64

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import pytest
 
-import rolora_plugin.publish as publish
-from rolora_plugin.publish import (
+import rolora_plugin.io.publish as publish
+from rolora_plugin.io.publish import (
     STAGING_MARKER,
     OutputExistsError,
     atomic_output_dir,
@@ -117,7 +117,7 @@ def journals(target: Path) -> list[Path]:
 # ---------------------------------------------------------------------------------------------- scenarios
 
 # Forking this test process (torch loaded) costs ~30 ms a kill; a small server process that loads only
-# rolora_plugin/publish.py (the same file, standard library imports only) forks the killed children in ~1 ms.
+# rolora_plugin/io/publish.py (the same file, standard library imports only) forks the killed children in ~1 ms.
 _SERVER = textwrap.dedent(
     """
     import importlib.util, json, logging, os, sys, traceback
@@ -278,7 +278,7 @@ def test_a_publish_killed_at_any_step_is_recovered_by_the_next_run(name, recover
         journaled, now = bool(journals(target)), snapshot(target)
         needs_work = journaled and (snapshot(target) != new or any(n for n in leftovers(target) if ".publish-" not in n))
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="rolora_plugin.publish"):
+        with caplog.at_level(logging.WARNING, logger="rolora_plugin.io.publish"):
             if recovery == "clean_stale_staging":
                 clean_stale_staging(target)
             elif recovery == "next overwrite":
@@ -372,7 +372,7 @@ def test_unjournaled_old_copy_from_an_older_version_is_reported_never_removed(tm
     old = tmp_path / ".out.old-0123abcd"  # what the older version left: target gone, old aside, no journal
     old.mkdir()
     write_tree(old, OLD_DIR)
-    with caplog.at_level(logging.WARNING, logger="rolora_plugin.publish"):
+    with caplog.at_level(logging.WARNING, logger="rolora_plugin.io.publish"):
         recover_interrupted(target)
     assert snapshot(old) == OLD_DIR and not target.exists()
     assert any(str(old) in r.getMessage() and "move it back" in r.getMessage() for r in caplog.records)
@@ -399,7 +399,7 @@ def test_a_failed_rollback_keeps_the_old_content_and_every_later_run_names_it(tm
     old = [tmp_path / n for n in leftovers(target) if ".old-" in n]
     assert len(old) == 1 and snapshot(old[0]) == OLD_DIR
     assert snapshot(target) == {"theirs.txt": "another run"}
-    with caplog.at_level(logging.WARNING, logger="rolora_plugin.publish"):
+    with caplog.at_level(logging.WARNING, logger="rolora_plugin.io.publish"):
         clean_stale_staging(target)
     assert any(str(old[0]) in r.getMessage() for r in caplog.records)
     for _ in range(2):  # named again by each later run (logged once per process), never removed
@@ -432,7 +432,7 @@ def test_merge_and_export_overwrite_killed_between_its_renames_is_completed_by_t
     assert in_child(export_killed_between_renames) == KILLED
     assert not target.exists() and journals(target)  # the reported state; now journaled
     assert OLD_DIR in [snapshot(tmp_path / n) for n in leftovers(target)]
-    with caplog.at_level(logging.WARNING, logger="rolora_plugin.publish"):
+    with caplog.at_level(logging.WARNING, logger="rolora_plugin.io.publish"):
         clean_stale_staging(target)  # what the next run for that target does first
     assert snapshot(target) == snapshot(reference) and leftovers(target) == []
     assert any("completed it" in r.getMessage() and str(target) in r.getMessage() for r in caplog.records)

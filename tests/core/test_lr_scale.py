@@ -8,8 +8,8 @@ import torch
 from tests.helpers import lora, random_ids, rel_err, tiny_model
 
 from rolora_plugin import RotationConfig, RotationError, RotationRecord, get_rotation_record, rotate_model_, scale_lora_lr_
-from rolora_plugin.architectures import get_architecture, get_submodule
-from rolora_plugin.training_config import RoLoRAConfig
+from rolora_plugin.model.architectures import get_architecture, get_submodule
+from rolora_plugin.lora.config import RoLoRAConfig
 
 F64 = torch.float64
 

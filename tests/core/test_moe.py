@@ -11,9 +11,9 @@ import torch
 
 from rolora_plugin import RotationConfig, rotate_model_
 from rolora_plugin.errors import RotationError
-from rolora_plugin.moe import base_experts
-from rolora_plugin.online import expert_gate_transforms, remove_online_rotations
-from rolora_plugin.rotation import missing_online_rotations
+from rolora_plugin._peft import base_experts
+from rolora_plugin.model.online import expert_gate_transforms, remove_online_rotations
+from rolora_plugin.rotate.rotation import missing_online_rotations
 from tests.core.moe_helpers import MOE_FAMILIES, tiny_moe
 from tests.helpers import F64_NORM_RTOL, TRANSFORM_RTOL, float64_norms, logits, random_ids, rel_err
 
@@ -62,7 +62,7 @@ def test_moe_rotation_stock_modules_and_every_weight_rotated(family):
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_online_expert_r4_is_needed_and_reinstalled(family):
-    from rolora_plugin.rotation import get_rotation_record, install_online_rotations
+    from rolora_plugin.rotate.rotation import get_rotation_record, install_online_rotations
 
     ids = random_ids()
     model = tiny_moe(family, dtype=torch.float64)
@@ -124,7 +124,7 @@ def test_olmoe_clip_qkv_refuses_r2_only():
 def _moe_lora(model, *, r=4):
     from peft import LoraConfig, get_peft_model
 
-    from rolora_plugin.lora import map_target_modules, map_target_parameters
+    from rolora_plugin.lora.adapters import map_target_modules, map_target_parameters
 
     cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=map_target_modules(model, "all-linear"),
                      target_parameters=map_target_parameters(model, "experts"), init_lora_weights=False)  # fmt: skip
@@ -145,7 +145,7 @@ def test_lora_on_experts_then_rotate_is_exact_float64(family):
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_rotated_moe_lora_forward_equals_merged_float32(family):
-    from rolora_plugin.lora import get_rolora_peft_model, rolora_lora_config
+    from rolora_plugin.lora.adapters import get_rolora_peft_model, rolora_lora_config
 
     ids = random_ids()
     model = tiny_moe(family)
@@ -160,7 +160,7 @@ def test_rotated_moe_lora_forward_equals_merged_float32(family):
 
 
 def test_lora_changes_the_experts_and_bad_target_parameters_are_refused():
-    from rolora_plugin.lora import map_target_parameters
+    from rolora_plugin.lora.adapters import map_target_parameters
 
     ids = random_ids()
     model = tiny_moe("olmoe")
@@ -181,8 +181,8 @@ def test_lora_changes_the_experts_and_bad_target_parameters_are_refused():
 def test_hf_trainer_callback_rotates_and_trains_a_moe_with_expert_lora(tmp_path):
     from transformers import Trainer, TrainingArguments
 
-    from rolora_plugin.callbacks import RoLoRACallback
-    from rolora_plugin.training_config import MonitorConfig, RoLoRAConfig
+    from rolora_plugin.integrations.hf_trainer import RoLoRACallback
+    from rolora_plugin.lora.config import MonitorConfig, RoLoRAConfig
 
     ids = random_ids()
     model = _moe_lora(tiny_moe("qwen2_moe"))
@@ -206,7 +206,7 @@ def test_hf_trainer_callback_rotates_and_trains_a_moe_with_expert_lora(tmp_path)
 def _moe_trainer(tmp_path, config, max_steps=2):
     from transformers import Trainer, TrainingArguments
 
-    from rolora_plugin.callbacks import RoLoRACallback
+    from rolora_plugin.integrations.hf_trainer import RoLoRACallback
 
     model = _moe_lora(tiny_moe("qwen2_moe"))
     data = [{"input_ids": row, "labels": row.clone()} for row in random_ids(batch=8, seed=3)]
@@ -218,7 +218,7 @@ def _moe_trainer(tmp_path, config, max_steps=2):
 def test_qat_on_a_moe_is_refused_before_training_and_the_monitor_leaves_out_the_w4a4_loss(tmp_path, caplog):
     """Fake quant reaches nn.Linear layers only: W4A4 QAT would leave the experts in full precision under a W4A4
     label (refused at train begin, before any step); the monitor logs no W4A4 eval loss for an MoE (warned)."""
-    from rolora_plugin.training_config import MonitorConfig, QATConfig, RoLoRAConfig
+    from rolora_plugin.lora.config import MonitorConfig, QATConfig, RoLoRAConfig
 
     model, trainer = _moe_trainer(tmp_path / "qat", RoLoRAConfig(qat=QATConfig(enabled=True), monitor=MonitorConfig(every_n_steps=0)))
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -228,7 +228,7 @@ def test_qat_on_a_moe_is_refused_before_training_and_the_monitor_leaves_out_the_
     assert trainer.state.global_step == 0
 
     _, trainer = _moe_trainer(tmp_path / "monitor", RoLoRAConfig(monitor=MonitorConfig(every_n_steps=1, num_batches=1)))
-    with caplog.at_level(logging.WARNING, logger="rolora_plugin.monitor"):
+    with caplog.at_level(logging.WARNING, logger="rolora_plugin.lora.monitor"):
         trainer.train()
     logged = {k for e in trainer.state.log_history for k in e}
     assert any(k.startswith("rolora/kurtosis/") for k in logged)  # activation statistics still logged
@@ -237,7 +237,7 @@ def test_qat_on_a_moe_is_refused_before_training_and_the_monitor_leaves_out_the_
 
 
 def test_merge_export_and_load_rotated_moe(tmp_path):
-    from rolora_plugin.export import load_rotated, merge_and_export
+    from rolora_plugin.io.export import load_rotated, merge_and_export
 
     ids = random_ids()
     model = _moe_lora(tiny_moe("mixtral"))

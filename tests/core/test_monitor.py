@@ -1,4 +1,4 @@
-"""rolora_plugin.monitor without a Trainer: per-kind activation summaries, fake-quant eval loss, batch capture."""
+"""rolora_plugin.lora.monitor without a Trainer: per-kind activation summaries, fake-quant eval loss, batch capture."""
 
 import pytest
 import torch
@@ -6,9 +6,9 @@ from tests.helpers import random_ids, tiny_model
 
 from rolora_plugin import RotationConfig, rotate_model_
 from rolora_plugin.metrics import mean_loss
-from rolora_plugin.monitor import BatchCapture, activation_metrics, measured_kinds, monitor_metrics
+from rolora_plugin.lora.monitor import BatchCapture, activation_metrics, measured_kinds, monitor_metrics
 from rolora_plugin.quant import enable_fake_quant_, fake_quant_active
-from rolora_plugin.training_config import MonitorConfig, fake_quant_config
+from rolora_plugin.lora.config import MonitorConfig, fake_quant_config
 
 
 @pytest.mark.parametrize(("family", "kinds"), [("llama", ("q_proj", "o_proj", "gate_proj", "down_proj")),

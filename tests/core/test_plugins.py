@@ -127,7 +127,7 @@ def test_hook_rolora_hadamard_matrix(fresh_plugins):
             calls.append(n)
             if n != 12:
                 return None
-            from rolora_plugin.hadamard import paley
+            from rolora_plugin.hadamard.constructions import paley
 
             return paley(12).flip(0)  # a different (row-permuted) Hadamard matrix of order 12
 

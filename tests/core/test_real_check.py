@@ -31,8 +31,8 @@ def smollm2():
 def test_smollm2_servable_export_is_computed_by_compressed_tensors_and_selected_by_vllm(tmp_path, smollm2, preset):
     from rolora_plugin import QuantConfig, RotationConfig, quantize_model_, rotate_model_
     from rolora_plugin.app.assets import load_smollm2
-    from rolora_plugin.check import check_export
-    from rolora_plugin.export import merge_and_export
+    from rolora_plugin.io.check import check_export
+    from rolora_plugin.io.export import merge_and_export
 
     tok, chunks, calib = smollm2
     model, _ = load_smollm2()

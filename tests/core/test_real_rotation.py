@@ -17,7 +17,7 @@ def _mean_excess_kurtosis(stats: dict) -> float:
 def test_smollm2_r1_r2_r4_keeps_perplexity_and_kills_outliers():
     from rolora_plugin.app.assets import load_smollm2, text_chunks
     from rolora_plugin.metrics import perplexity
-    from rolora_plugin.kurtosis import activation_stats
+    from rolora_plugin.lora.kurtosis import activation_stats
 
     model, tok = load_smollm2(torch.float32)
     chunks = text_chunks(tok, n_chunks=4, seq_len=512)
@@ -35,8 +35,8 @@ def test_smollm2_r1_r2_r4_keeps_perplexity_and_kills_outliers():
 def test_smollm2_fast_engine_equals_the_reference_bit_for_bit(monkeypatch):
     """On the real model (every width and chunking it has: 576, 1536, 64 per head, 49152-row embedding and lm_head,
     two-sided down_proj in chunks) the fast engine's float32 weights are the reference path's, bit for bit."""
-    import rolora_plugin.edits as edits
-    import rolora_plugin.rotation as rot
+    import rolora_plugin.hadamard.edits as edits
+    import rolora_plugin.rotate.rotation as rot
     from rolora_plugin.app.assets import load_smollm2
 
     def rotated(edit):

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from rolora_plugin import RotationConfig, RotationError, merge_and_export, rotate_model_
-from rolora_plugin.export import load_rotated, write_rotation_record
-from rolora_plugin.fingerprint import weights_fingerprint
-from rolora_plugin.publish import (
+from rolora_plugin.io.export import load_rotated, write_rotation_record
+from rolora_plugin.rotate.fingerprint import weights_fingerprint
+from rolora_plugin.io.publish import (
     STAGING_MARKER,
     OutputExistsError,
     atomic_output_dir,
@@ -28,7 +28,7 @@ from rolora_plugin.publish import (
     clean_stale_staging,
     publish_path,
 )
-from rolora_plugin.rotation import RotationRecord, get_rotation_record
+from rolora_plugin.rotate.rotation import RotationRecord, get_rotation_record
 from tests.helpers import logits, lora, random_ids, rel_err, tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,7 +74,7 @@ _RACER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from rolora_plugin.publish import atomic_output_dir, OutputExistsError
+    from rolora_plugin.io.publish import atomic_output_dir, OutputExistsError
     target, me, other = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
     try:
         with atomic_output_dir(target) as tmp:
@@ -120,7 +120,7 @@ def test_overwrite_replaces_and_leaves_no_old_copy(tmp_path, kind):
 
 
 def test_overwrite_restores_the_old_content_when_the_final_rename_fails(tmp_path, monkeypatch):
-    import rolora_plugin.publish as publish
+    import rolora_plugin.io.publish as publish
 
     out = tmp_path / "out"
     out.mkdir()
@@ -156,7 +156,7 @@ _HOLDER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from rolora_plugin.publish import atomic_output_dir
+    from rolora_plugin.io.publish import atomic_output_dir
     with atomic_output_dir(Path(sys.argv[1])) as tmp:
         (tmp / "big.bin").write_bytes(b"x" * 1000)
         print(tmp, flush=True)
@@ -289,7 +289,7 @@ def test_rotation_record_timestamps_nothing_volatile():
 
 def test_fingerprint_samples_tensors_beyond_float32_index_range():
     """Sample positions of a tensor with more than 2**24 elements (SmolLM2's embedding has 28M) stay in range."""
-    from rolora_plugin.fingerprint import fingerprint_tensors
+    from rolora_plugin.rotate.fingerprint import fingerprint_tensors
 
     big = torch.zeros(2**24 + 7, dtype=torch.bfloat16)
     big[-1] = 1.0  # the last element is sampled: the fingerprint must see it

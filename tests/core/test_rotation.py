@@ -14,7 +14,7 @@ from rolora_plugin import (
     get_rotation_record,
     rotate_model_,
 )
-from rolora_plugin.online import add_attention_transform
+from rolora_plugin.model.online import add_attention_transform
 
 COMBOS = [c for c in itertools.product([False, True], repeat=4) if any(c)]  # (r1, r2, r3, r4)
 STOCK_NORM_RTOL = 1e-6  # stock RMSNorm computes in float32 even for float64 inputs: floor ~1e-7
@@ -237,7 +237,7 @@ def test_dora_before_rotation_refused():
 def test_memory_is_not_a_full_float64_copy(monkeypatch):
     """Large matrices are edited in chunks: no float64 temporary bigger than the chunk budget (the fast engine's
     workspaces, and the reference path's temporaries when an op falls back to it)."""
-    import rolora_plugin.edits as edits
+    import rolora_plugin.hadamard.edits as edits
 
     monkeypatch.setattr(edits, "_CHUNK_ELEMENTS", 64 * 8)
     monkeypatch.setattr(edits, "_SINGLE_PASS_ELEMENTS", 64 * 8)

@@ -1,4 +1,4 @@
-"""rolora_plugin.streaming.rotate_checkpoint against the in-memory path (rotate_model_ on the loaded model).
+"""rolora_plugin.io.streaming.rotate_checkpoint against the in-memory path (rotate_model_ on the loaded model).
 
 Every output tensor must be *bit-identical* (torch.equal) to the in-memory model's state dict, the record equal
 (base_fingerprint included), config.json equal to what merge_and_export writes; refusals are the in-memory
@@ -29,9 +29,9 @@ from rolora_plugin import (
     merge_and_export,
     rotate_model_,
 )
-from rolora_plugin.export import load_rotated
-from rolora_plugin.publish import STAGING_MARKER, OutputExistsError
-from rolora_plugin.streaming import _header, all_finite, rotate_checkpoint
+from rolora_plugin.io.export import load_rotated
+from rolora_plugin.io.publish import STAGING_MARKER, OutputExistsError
+from rolora_plugin.io.streaming import _header, all_finite, rotate_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: fastest and polite on one thread
 COMBOS = [c for c in itertools.product([False, True], repeat=4) if any(c)]  # (r1, r2, r3, r4)
@@ -364,7 +364,7 @@ class _InterruptAfterFirstShard(logging.Handler):
 
 def test_interrupt_mid_write_leaves_nothing(tmp_path):
     src = _ckpt(tmp_path)
-    log = logging.getLogger("rolora_plugin.streaming")
+    log = logging.getLogger("rolora_plugin.io.streaming")
     handler, level = _InterruptAfterFirstShard(), log.level
     log.addHandler(handler)
     log.setLevel(logging.INFO)

@@ -13,9 +13,9 @@ import torch
 from tests.core.test_streaming import OUT_SHARD, _ckpt, _nothing_written, _reference, _rewrite_tensor, _staging
 
 from rolora_plugin import RotationConfig, RotationError
-from rolora_plugin.fingerprint import weights_fingerprint
-from rolora_plugin.safetensors_reader import _Checkpoint
-from rolora_plugin.streaming import rotate_checkpoint
+from rolora_plugin.rotate.fingerprint import weights_fingerprint
+from rolora_plugin.io.safetensors_reader import _Checkpoint
+from rolora_plugin.io.streaming import rotate_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -72,7 +72,7 @@ def test_a_bad_tensor_late_in_the_pass_publishes_nothing_and_keeps_the_output(tm
     if overwrite:
         out.mkdir()
         (out / "keep.txt").write_text("mine")
-    log = logging.getLogger("rolora_plugin.streaming")
+    log = logging.getLogger("rolora_plugin.io.streaming")
     handlers, level = list(log.handlers), log.level
     log.setLevel(logging.INFO)
     shards = _written_shards(log)
@@ -97,7 +97,7 @@ def test_prefetch_requests_cover_each_tensor_in_chunks_the_kernel_honours(tmp_pa
     """Linux caps one WILLNEED at the device's read-ahead size: one request per tensor would prefetch its start only."""
     import os
 
-    from rolora_plugin import safetensors_reader
+    from rolora_plugin.io import safetensors_reader
 
     if not hasattr(os, "posix_fadvise"):
         pytest.skip("no posix_fadvise on this platform")

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rolora_plugin.hadamard import build_transform, hadamard_transform_ref
-from rolora_plugin.kernels import dispatch_triton_hadamard, is_triton_available
+from rolora_plugin.hadamard.transform import build_transform, hadamard_transform_ref
+from rolora_plugin.hadamard.kernels import dispatch_triton_hadamard, is_triton_available
 from tests.core.test_hadamard import WIDTHS
 from tests.helpers import TRANSFORM_RTOL, rel_err
 
@@ -67,7 +67,7 @@ def _patch_interpreter_bf16_dot() -> bool:
 
 def _interpreter_errors() -> dict:
     """Run in the child (TRITON_INTERPRET=1): relative errors of the kernel for every width, dtype, direction."""
-    from rolora_plugin.kernels.triton_hadamard import hadamard_triton
+    from rolora_plugin.hadamard.kernels.triton_hadamard import hadamard_triton
 
     patched = _patch_interpreter_bf16_dot()
     errors = {}
@@ -105,7 +105,7 @@ def test_triton_kernel_matches_reference_in_interpreter(interpreter_results, n, 
 def test_kernel_covers_the_test_widths_and_declines_the_rest():
     if not is_triton_available():
         pytest.skip("triton is not installed")
-    from rolora_plugin.kernels.triton_hadamard import hadamard_triton, kernel_plan
+    from rolora_plugin.hadamard.kernels.triton_hadamard import hadamard_triton, kernel_plan
 
     for n in WIDTHS:
         plan = kernel_plan(build_transform(n))

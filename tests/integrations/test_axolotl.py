@@ -137,7 +137,7 @@ def test_plugin_hook_sequence_rotates_maps_targets_and_exports_once(plugin, tmp_
     from transformers import AutoModelForCausalLM
 
     from rolora_plugin.integrations.hf_trainer import RoLoRACallback
-    from rolora_plugin.export import load_rotated, read_rotation_record
+    from rolora_plugin.io.export import load_rotated, read_rotation_record
 
     p, module = plugin
     exports = []
@@ -218,7 +218,7 @@ def test_post_lora_merge_replaces_axolotls_merge_into_the_unrotated_base(plugin,
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from rolora_plugin.export import load_rotated, read_rotation_record
+    from rolora_plugin.io.export import load_rotated, read_rotation_record
     from rolora_plugin.integrations.hf_trainer import install_save_hook
 
     p, _ = plugin
@@ -253,7 +253,7 @@ def test_post_lora_merge_replaces_axolotls_merge_into_the_unrotated_base(plugin,
 
 
 def _real_export(*args, **kwargs):
-    from rolora_plugin.export import merge_and_export
+    from rolora_plugin.io.export import merge_and_export
 
     return merge_and_export(*args, **kwargs)
 
@@ -329,7 +329,7 @@ def test_axolotl_venv_runs_the_core_with_its_pins(axolotl_venv):
 def test_axolotl_train_rotates_trains_and_exports(axolotl_run):
     from safetensors.torch import load_file
 
-    from rolora_plugin.export import load_rotated, read_rotation_record
+    from rolora_plugin.io.export import load_rotated, read_rotation_record
 
     work, log = axolotl_run
     out = work / "outputs" / "rolora-tiny"

@@ -150,7 +150,7 @@ def test_trl_sft_test_passes_on_axolotl_021s_stack(venv):
 def test_entry_point_alone_turns_rolora_on_with_qat_and_exports(entry, work):
     from safetensors.torch import load_file
 
-    from rolora_plugin.export import load_rotated, read_rotation_record
+    from rolora_plugin.io.export import load_rotated, read_rotation_record
 
     out, log = entry
     assert "Plugin loaded successfully: rolora.plugin.RoLoRAPlugin" in log  # found through the entry point ...
@@ -175,7 +175,7 @@ def test_entry_point_alone_turns_rolora_on_with_qat_and_exports(entry, work):
 
 
 def test_explicit_plugin_line_with_entry_point_resumes_to_the_same_model(explicit, entry, work):
-    from rolora_plugin.export import load_rotated, read_rotation_record
+    from rolora_plugin.io.export import load_rotated, read_rotation_record
 
     out, log = explicit
     assert "Plugin loaded successfully: rolora.plugin.RoLoRAPlugin" in log and "Plugin loaded successfully: rolora.RoLoRAPlugin" in log
@@ -190,7 +190,7 @@ def test_explicit_plugin_line_with_entry_point_resumes_to_the_same_model(explici
 
 
 def test_without_a_rolora_section_the_entry_point_plugin_stays_inactive(venv, work):
-    from rolora_plugin.export import read_rotation_record
+    from rolora_plugin.io.export import read_rotation_record
 
     cfg = _config(work, "inactive", plugins=False, rolora=False, max_steps=2)
     log = _axolotl(venv, work, "train", str(cfg), name="inactive")
@@ -203,7 +203,7 @@ def test_without_a_rolora_section_the_entry_point_plugin_stays_inactive(venv, wo
 
 
 def test_merge_lora_cli_gives_the_rotated_merge(venv, work, entry):
-    from rolora_plugin.export import load_rotated, read_rotation_record
+    from rolora_plugin.io.export import load_rotated, read_rotation_record
 
     out = entry[0]
     cfg = _config(work, "entry", plugins=False, rolora=True)  # the training config, as a user would pass it

@@ -60,7 +60,7 @@ def _summary(out: Path) -> dict:
 
 
 def _logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
-    from rolora_plugin.export import load_rotated
+    from rolora_plugin.io.export import load_rotated
 
     with torch.no_grad():
         return load_rotated(str(model_dir), dtype=torch.float32)(ids).logits

@@ -10,9 +10,9 @@ import torch
 from tests.helpers import random_ids, rel_err, tiny_model
 
 from rolora_plugin import RotationConfig, RotationError, get_rotation_record, rotate_model_
-from rolora_plugin.export import RECORD_FILE, read_rotation_record
+from rolora_plugin.io.export import RECORD_FILE, read_rotation_record
 from rolora_plugin.quant import enable_fake_quant_, fake_quant_active
-from rolora_plugin.training_config import ExportConfig, MonitorConfig, QATConfig, RoLoRAConfig
+from rolora_plugin.lora.config import ExportConfig, MonitorConfig, QATConfig, RoLoRAConfig
 
 FP32_FUNCTION_RTOL = 1e-5
 NO_MONITOR = MonitorConfig(every_n_steps=0)
@@ -47,7 +47,7 @@ def _trainer(model, out_dir, callbacks, **kw):
 
 
 def _callback(**kw):
-    from rolora_plugin.callbacks import RoLoRACallback
+    from rolora_plugin.integrations.hf_trainer import RoLoRACallback
 
     kw.setdefault("monitor", NO_MONITOR)
     return RoLoRACallback(RoLoRAConfig(**kw))
@@ -95,8 +95,8 @@ def test_already_rotated_model_is_not_rotated_again(tmp_path):
 
 def test_import_does_not_pull_in_transformers_or_peft():
     code = (
-        "import sys, rolora_plugin.callbacks, rolora_plugin.export, rolora_plugin.lora, rolora_plugin.monitor\n"
-        "import rolora_plugin.training_config\n"
+        "import sys, rolora_plugin.integrations.hf_trainer, rolora_plugin.io.export, rolora_plugin.lora, rolora_plugin.lora.monitor\n"
+        "import rolora_plugin.lora.config\n"
         "bad = [m for m in ('transformers', 'peft', 'accelerate', 'deepspeed') if m in sys.modules]\n"
         "assert not bad, bad"
     )
@@ -278,7 +278,7 @@ def test_monitor_metrics_land_in_log_history(tmp_path):
 def test_monitor_uses_given_eval_batches_and_reaches_reporters_when_attached_first(tmp_path):
     from transformers import TrainerCallback
 
-    from rolora_plugin.callbacks import RoLoRACallback, add_rolora_callback
+    from rolora_plugin.integrations.hf_trainer import RoLoRACallback, add_rolora_callback
 
     received = []
 
@@ -326,7 +326,7 @@ def test_rolora_config_roundtrip_and_validation():
 
 
 def test_merged_export_at_train_end(tmp_path):
-    from rolora_plugin.export import load_rotated
+    from rolora_plugin.io.export import load_rotated
 
     ids = random_ids()
     peft_model = _peft(tiny_model("llama"))
@@ -339,7 +339,7 @@ def test_merged_export_at_train_end(tmp_path):
 def test_callback_is_picklable_and_lazy():
     import pickle
 
-    from rolora_plugin.callbacks import RoLoRACallback
+    from rolora_plugin.integrations.hf_trainer import RoLoRACallback
 
     cb = pickle.loads(pickle.dumps(_callback(qat=QATConfig(enabled=True))))
     assert isinstance(cb, RoLoRACallback) and cb.config.qat.enabled
@@ -360,7 +360,7 @@ def test_adapter_state_export_path_matches_the_live_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from rolora_plugin.integrations.deepspeed import export_adapter_state, gather_trainable
-    from rolora_plugin.export import load_rotated
+    from rolora_plugin.io.export import load_rotated
 
     tiny_model("llama").save_pretrained(tmp_path / "base")
     peft_model = _peft(AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32))
@@ -416,7 +416,7 @@ def test_lora_lr_scale_without_a_peft_model_is_refused(tmp_path):
 def test_learned_rotations_from_the_callback_with_calibration_and_resume(tmp_path):
     """RoLoRACallback(calibration=...) learns R1 in on_init_end (function unchanged), checkpoints carry the learned
     matrices, and a resume with the same calibration learns the same matrix, so the record check passes."""
-    from rolora_plugin.learned import LEARNED_FILE
+    from rolora_plugin.rotate.learned import LEARNED_FILE
 
     rot = RotationConfig(learn=("r1",), learn_steps=4, learn_tokens=32, learn_lr=3e-3)
     calib = [random_ids(seed=7), random_ids(seed=8)]
@@ -435,7 +435,7 @@ def test_learned_rotations_from_the_callback_with_calibration_and_resume(tmp_pat
     trainer.train()
     assert (tmp_path / "a" / "checkpoint-3" / LEARNED_FILE).is_file()
 
-    from rolora_plugin.callbacks import RoLoRACallback
+    from rolora_plugin.integrations.hf_trainer import RoLoRACallback
 
     again = RoLoRACallback(RoLoRAConfig(rotation=rot, monitor=NO_MONITOR), calibration=calib)
     resumed = _peft(tiny_model("llama"))

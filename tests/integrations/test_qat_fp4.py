@@ -17,7 +17,7 @@ from tests.helpers import logits, lora, random_ids, rel_err, tiny_model
 from rolora_plugin import MonitorConfig, QATConfig, QuantConfig, RoLoRAConfig, RotationConfig, rotate_model_
 from rolora_plugin.quant import fake_quant_active, fake_quantized, quantize_model_
 from rolora_plugin.quant.model import QuantizationRecord, install_activation_quantizers
-from rolora_plugin.training_config import fake_quant_config, fake_quant_preset
+from rolora_plugin.lora.config import fake_quant_config, fake_quant_preset
 
 FP4 = ("nvfp4", "mxfp4")
 FP32_MERGE_RTOL = 1e-5  # as tests/quant/test_qat.py: fake-quant LoRA forward vs merged + quantize_model_, float32

@@ -67,7 +67,7 @@ class Probe:
 
         class _CB(TrainerCallback):
             def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-                from rolora_plugin.online import OnlineHadamard
+                from rolora_plugin.model.online import OnlineHadamard
 
                 trainable = {id(p) for p in model.parameters() if p.requires_grad}
                 in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -146,7 +146,7 @@ def test_online_r4_runs_in_every_training_forward(sft_run):
 
 
 def test_lora_trained_and_merged_export_equals_the_live_model(sft_run):
-    from rolora_plugin.export import load_rotated, read_rotation_record
+    from rolora_plugin.io.export import load_rotated, read_rotation_record
 
     trainer, callback, out, ids = sft_run["trainer"], sft_run["callback"], sft_run["out"], sft_run["ids"]
     lora_b = {n: p for n, p in trainer.model.named_parameters() if "lora_B" in n}
@@ -166,7 +166,7 @@ def test_lora_trained_and_merged_export_equals_the_live_model(sft_run):
 
 @pytest.mark.slow
 def test_resume_equals_an_uninterrupted_run_and_refuses_another_rotation(sft, sft_run, tmp_path):
-    from rolora_plugin.export import load_rotated
+    from rolora_plugin.io.export import load_rotated
 
     out = tmp_path / "resumed"
     first = _args(sft, out, "--save-steps", "2")
@@ -198,7 +198,7 @@ def test_qat_on_lora_in_sft(sft, tmp_path):
     is on for every SFT step; it is removed at the end, so the merged export equals the live FP model."""
     from transformers import TrainerCallback
 
-    from rolora_plugin.export import load_rotated
+    from rolora_plugin.io.export import load_rotated
 
     seen = []
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from rolora_plugin import MonitorConfig, QATConfig, QuantConfig, RoLoRAConfig
-from rolora_plugin.training_config import fake_quant_config
+from rolora_plugin.lora.config import fake_quant_config
 
 QAT_FLAT = dict(w_bits=3, a_bits=8, w_group_size=16, w_sym=False, a_sym=False, a_clip_ratio=0.9)
 MONITOR_FLAT = dict(w_bits=6, a_bits=6, w_group_size=32)
@@ -92,7 +92,7 @@ def test_unknown_keys_list_the_fields_and_the_flat_aliases():
 @pytest.mark.parametrize("field, value", [("a_clip_search", True), ("a_bits_for", {"gate_proj": 8}), ("gptq_quantized_inputs", True)])
 def test_qat_refuses_settings_the_fake_quant_forward_ignores(field, value):
     from rolora_plugin.quant import QuantConfig
-    from rolora_plugin.training_config import MonitorConfig, QATConfig
+    from rolora_plugin.lora.config import MonitorConfig, QATConfig
 
     quant = QuantConfig(w_bits=4, a_bits=4, skip=(), **{field: value})
     for cls in (QATConfig, MonitorConfig):

@@ -10,8 +10,8 @@ import torch
 
 from rolora_plugin import rotate_model_
 from rolora_plugin.errors import QuantizationError
-from rolora_plugin.moe import base_experts
-from rolora_plugin.online import add_expert_gate_transform, expert_gate_transforms
+from rolora_plugin._peft import base_experts
+from rolora_plugin.model.online import add_expert_gate_transform, expert_gate_transforms
 from rolora_plugin.quant import QuantConfig, quantize_model_
 from rolora_plugin.quant.model import remove_activation_quantizers
 from rolora_plugin.quant.primitives import quantize_weight

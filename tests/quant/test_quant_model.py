@@ -8,7 +8,7 @@ import torch
 from tests.helpers import FAMILIES, random_ids, tiny_model
 
 from rolora_plugin import RotationConfig, rotate_model_
-from rolora_plugin.online import add_attention_transform
+from rolora_plugin.model.online import add_attention_transform
 from rolora_plugin.quant import (
     QuantConfig,
     QuantizationError,
@@ -146,7 +146,7 @@ def test_kv_quantization_runs_after_rope_and_r3():
 
 def test_reinstalling_online_rotations_keeps_r3_before_the_kv_quantizer():
     from rolora_plugin import get_rotation_record
-    from rolora_plugin.rotation import install_online_rotations
+    from rolora_plugin.rotate.rotation import install_online_rotations
 
     model = tiny_model("llama", dtype=torch.float64)
     rotate_model_(model, RotationConfig(r3=True), progress=False)

@@ -1,7 +1,7 @@
 """In-place edits of weight matrices, ``W ← Lᵀ · (W diag(s)) · R``, computed in a higher precision: the engine of
-the rotation pass (:mod:`rolora_plugin.rotation`, :mod:`rolora_plugin.streaming`, :mod:`rolora_plugin.moe`).
+the rotation pass (:mod:`rolora_plugin.rotate.rotation`, :mod:`rolora_plugin.io.streaming`, :mod:`rolora_plugin.rotate.moe`).
 
-An op is an :class:`AxisOp` (an :class:`~rolora_plugin.hadamard.OrthogonalTransform` on every block of its width
+An op is an :class:`AxisOp` (an :class:`~rolora_plugin.hadamard.transform.OrthogonalTransform` on every block of its width
 along an axis, optionally on a slice of it) or any callable ``x ↦ op(x)`` along the last dim. ``right`` acts on
 W's rows (``w ← w·R``), ``left`` on its columns (``W ← Lᵀ W``, i.e. ``left`` applied to Wᵀ).
 
@@ -14,7 +14,7 @@ Two paths compute the same thing:
   - the weight is cast into a reused workspace and scaled by ``s·signs`` in one in-place multiply (``(w·s)·σ =
     w·(s·σ)`` exactly, σ = ±1; a single mixed-dtype ``torch.mul(..., out=)`` measured 3-4× slower than the cast
     and a same-dtype multiply);
-  - the Kronecker stages of the transform (:func:`rolora_plugin.hadamard._kron_apply`'s GEMMs, same factors,
+  - the Kronecker stages of the transform (:func:`rolora_plugin.hadamard.transform._kron_apply`'s GEMMs, same factors,
     same order) run into two workspaces used in turn (``matmul(..., out=)``: no fresh allocation per stage);
   - ``left`` is applied on the row axis (``Lᵀ W = Kᵀ diag(σ) W``: factor ``M_i`` contracts row axis ``i`` as a
     GEMM from the left) instead of on a transposed copy, so no transposed copies are made.
@@ -38,7 +38,7 @@ from typing import Callable
 
 import torch
 
-from .hadamard import OrthogonalTransform
+from .transform import OrthogonalTransform
 
 __all__ = ["AxisOp", "edit_", "edit_reference", "headwise", "on_slice", "as_axis_op", "shared_workspaces"]
 

@@ -1,4 +1,4 @@
-"""Reading a (sharded) safetensors checkpoint one tensor at a time, for :mod:`rolora_plugin.streaming`.
+"""Reading a (sharded) safetensors checkpoint one tensor at a time, for :mod:`rolora_plugin.io.streaming`.
 
 Shapes, dtypes and byte ranges come from the safetensors headers; tensors are read with ``pread(2)`` where the
 installed safetensors supports it, so the input is never mapped as a whole and its pages do not accumulate in
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import RotationError
+from ..errors import RotationError
 
 __all__ = ["SINGLE_FILE", "INDEX_FILE", "weight_files", "header_shapes"]
 
@@ -28,11 +28,11 @@ def weight_files(folder: Path) -> Path | None:
     safetensors index if there is one, else ``model.safetensors``; None when the folder has no safetensors weights.
 
     A folder holding **both** ``model.safetensors`` and ``model.safetensors.index.json`` (+ shards) is refused
-    (:class:`rolora_plugin.loading.CheckpointError`): they are two sets of weights (one usually a stale copy of
+    (:class:`rolora_plugin.io.loading.CheckpointError`): they are two sets of weights (one usually a stale copy of
     an earlier save), transformers reads the single file and an index-first reader the shards, so the same folder
     would give two different models. The same holds for ``pytorch_model.bin`` beside its own index.
     """
-    from .errors import CheckpointError
+    from ..errors import CheckpointError
 
     folder = Path(folder)
     for single, index in ((SINGLE_FILE, INDEX_FILE), (_BIN_FILE, _BIN_INDEX)):
@@ -77,7 +77,7 @@ class _Checkpoint:
             header = _header(path)
             wrong = sorted(name for name, file in self.files.items() if file == path and name not in header)
             if wrong:
-                from .errors import CheckpointError
+                from ..errors import CheckpointError
 
                 raise CheckpointError(
                     f"{folder / INDEX_FILE} maps {len(wrong)} tensor(s) (e.g. {wrong[0]}) to {path.name}, whose header has "
@@ -169,7 +169,7 @@ def _header(path: Path) -> dict[str, tuple[tuple[int, int], tuple[int, ...], tor
                     raise ValueError(f"tensor {name}: shape {list(shape)} and byte range {start}..{stop} disagree or lie outside the file")
                 out[name] = ((base + start, base + stop), shape, dtype)
     except FileNotFoundError:
-        from .errors import CheckpointError
+        from ..errors import CheckpointError
 
         raise CheckpointError(f"{path} does not exist but the weight index names it; copy the complete model folder") from None
     except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError, RecursionError) as e:

@@ -6,7 +6,7 @@ export whose ``quantization_config`` was removed all load "fine" and give a sile
 :func:`load_causal_lm` is the one place rolora-plugin loads a user checkpoint (rotate, quantize, export,
 ``load_rotated``, eval, the consumer check, ``rolora train``). It:
 
-1. decides which weights the folder holds (:func:`rolora_plugin.safetensors_reader.weight_files`: one
+1. decides which weights the folder holds (:func:`rolora_plugin.io.safetensors_reader.weight_files`: one
    ``model.safetensors`` or one index + shards, never both; the streaming path applies the same rule);
 2. loads with ``output_loading_info=True`` and ``ignore_mismatched_sizes=True`` (so a shape mismatch is reported,
    not raised as transformers' multi-line ``RuntimeError``);
@@ -14,7 +14,7 @@ export whose ``quantization_config`` was removed all load "fine" and give a sile
    before the model is returned (so before any rotation or quantization runs). Legitimately absent tensors are
    allowed: a tied weight (``lm_head.weight`` with ``tie_word_embeddings``: it shares the embedding's storage) and
    what the model class declares optional; non-persistent buffers are never checkpoint tensors. Expected extra
-   tensors are named by the caller (``expected_unexpected``: e.g. :data:`rolora_plugin.compressed.EXPORT_SIDE_KEYS`).
+   tensors are named by the caller (``expected_unexpected``: e.g. :data:`rolora_plugin.io.compressed.EXPORT_SIDE_KEYS`).
 
 transformers' own "LOAD REPORT" (a multi-line warning) is not shown: the error says the same in one line.
 """
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CheckpointError  # re-exported: rolora_plugin.loading.CheckpointError
+from ..errors import CheckpointError  # re-exported: rolora_plugin.io.loading.CheckpointError
 
 __all__ = ["CheckpointError", "check_layer_count", "check_loading_info", "load_causal_lm"]
 
@@ -90,7 +90,7 @@ def load_causal_lm(
     Args:
         path: a local model folder (``config.json`` + safetensors or ``pytorch_model.bin`` weights).
         dtype: as ``from_pretrained(dtype=...)``; None keeps transformers' default.
-        model_cls: the class to load with (default :func:`rolora_plugin.compressed.model_class`: ``AutoModelForCausalLM``
+        model_cls: the class to load with (default :func:`rolora_plugin.io.compressed.model_class`: ``AutoModelForCausalLM``
             or the class named in ``config.architectures`` for configs it does not map).
         expected_unexpected: regexes (``re.search``) of checkpoint tensors that are expected though not model
             parameters (e.g. stored transform matrices loaded separately).
@@ -141,7 +141,7 @@ def load_causal_lm(
 def _check_float16_cast(model: nn.Module, path: Path, what: str) -> None:
     """A float32/bfloat16 checkpoint loaded in float16: a value beyond ±65504 became ±Inf in the cast. Say so (the
     checkpoint is fine; the dtype is not), rather than let a later check call the weights damaged."""
-    from .finite import all_finite
+    from ..finite import all_finite
 
     for name, p in model.named_parameters():
         if p.dtype == torch.float16 and not all_finite(p.detach()):
@@ -274,7 +274,7 @@ def _tied(model: nn.Module, key: str, missing: set) -> bool:
 class _DropLoadReport(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if "LOAD REPORT" in str(record.msg):
-            logger.debug("transformers' load report (checked by rolora_plugin.loading): %s", record.getMessage())
+            logger.debug("transformers' load report (checked by rolora_plugin.io.loading): %s", record.getMessage())
             return False
         return True
 

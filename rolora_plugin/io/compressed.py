@@ -1,7 +1,7 @@
 """``format="compressed-tensors"``: a quantized rotated model as a packed compressed-tensors checkpoint, and back.
 
-Written by :func:`rolora_plugin.export.merge_and_export` and read back by :func:`rolora_plugin.export.load_rotated`;
-the online rotations go into ``quantization_config.transform_config`` (:mod:`rolora_plugin.transform_config`).
+Written by :func:`rolora_plugin.io.export.merge_and_export` and read back by :func:`rolora_plugin.io.export.load_rotated`;
+the online rotations go into ``quantization_config.transform_config`` (:mod:`rolora_plugin.io.transform_config`).
 
 The weights use compressed-tensors' ``pack-quantized`` format, written with its own ``PackedQuantizationCompressor``.
 For every quantized linear ``NAME``:
@@ -22,7 +22,7 @@ checks both before anything is loaded.
 
 What a compressed-tensors consumer does **not** reproduce: its dynamic symmetric activation scale is
 ``max|x| / (2^(b−1) − ½)`` (7.5 for 4 bits), ours ``max|x| / (2^(b−1) − 1)`` (7); clip ratios below 1 have no field.
-The ``rolora_quant`` record is authoritative; :func:`rolora_plugin.export.load_rotated` re-installs our quantizers.
+The ``rolora_quant`` record is authoritative; :func:`rolora_plugin.io.export.load_rotated` re-installs our quantizers.
 """
 
 from __future__ import annotations
@@ -39,16 +39,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import QUANT_RECORD_KEY
-from .errors import QuantizationError, RotationError
-from .learned import LEGACY_LEARNED_FILE
-from .publish import atomic_write_text
-from .quant.model import QuantizationRecord
-from .quant.primitives import OFF_BITS, round_e4m3
-from .quant.qat import fused_expert_modules
-from .quant.rtn import WeightQuantParams, set_weight_quant_params_, weight_quant_params
+from ..config import QUANT_RECORD_KEY
+from ..errors import QuantizationError, RotationError
+from ..quant.model import QuantizationRecord
+from ..quant.primitives import OFF_BITS, round_e4m3
+from ..quant.qat import fused_expert_modules
+from ..quant.rtn import WeightQuantParams, set_weight_quant_params_, weight_quant_params
+from ..rotate.learned import LEGACY_LEARNED_FILE
+from ..rotate.rotation import RotationRecord
 from .loading import EXPORT_SIDE_KEYS, model_class, read_json_object  # noqa: F401  (re-exported for callers of compressed)
-from .rotation import RotationRecord
+from .publish import atomic_write_text
 from .transform_config import require_compressed_tensors, stored_transform_weights, transform_config_dict
 
 __all__ = [
@@ -343,7 +343,7 @@ def tensor_digests(directory: Path) -> dict[str, str]:
 
 
 def _read_json(path: Path, what: str) -> dict:
-    """:func:`rolora_plugin.loading.read_json_object` raising :class:`QuantizationError` (the export's own files)."""
+    """:func:`rolora_plugin.io.loading.read_json_object` raising :class:`QuantizationError` (the export's own files)."""
     return read_json_object(path, what, QuantizationError)
 
 

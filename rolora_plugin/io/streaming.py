@@ -3,14 +3,14 @@
 The in-memory path (:func:`rolora_plugin.rotate_model_`) needs the model in RAM, plus its float64 scratch space.
 This one reads ``config.json`` and ``model.safetensors`` (or ``model.safetensors.index.json`` + shards) and
 rotates one *unit* at a time — the embedding, one decoder layer, the final norm with ``lm_head`` — using the very
-edit functions of :mod:`rolora_plugin.rotation` (``_rotate_embedding``, ``_rotate_layer``, ``_rotate_linear``,
+edit functions of :mod:`rolora_plugin.rotate.rotation` (``_rotate_embedding``, ``_rotate_layer``, ``_rotate_linear``,
 ``_norm_gain``, ``_reset_norm``, chunked ``_edit``) on the modules of a *meta-device skeleton* of the model whose
 weights are loaded unit by unit (``load_state_dict(assign=True)``) and sent back to ``meta`` once written. The
 output is therefore **bit-identical** to ``rotate_model_`` on the model loaded in the same dtype followed by
 ``save_pretrained`` (``tests/core/test_streaming.py`` checks every tensor with ``torch.equal``, and the record).
 
 Memory: one unit (a 7B decoder layer is 0.4 GB in bf16) + the shard being assembled (``max_shard_bytes``) + the
-two float64 workspaces of :mod:`rolora_plugin.edits` (8 MiB each, one pair for the whole pass): about 2.1 GB peak for LLaMA-2-7B with 1 GiB shards
+two float64 workspaces of :mod:`rolora_plugin.hadamard.edits` (8 MiB each, one pair for the whole pass): about 2.1 GB peak for LLaMA-2-7B with 1 GiB shards
 (``benchmarks/rotate_checkpoint.py``). Input tensors are read with ``pread(2)``
 (``safe_open(..., backend="pread")``, safetensors ≥ 0.8) into anonymous memory that is freed after each unit,
 so no memory-mapped page of the input is ever resident beyond the tensor being read; with an older safetensors
@@ -23,25 +23,25 @@ Order of work (same error types as the in-memory path); nothing is published unl
    :class:`RotationError`; unsupported family: :class:`UnsupportedArchitectureError`; a width without a
    construction and ``allow_fallback=False``: :class:`rolora_plugin.NoHadamardError`;
 2. tensors, from the safetensors headers before any rotation is built: a folder holding both ``model.safetensors``
-   and an index + shards (:func:`rolora_plugin.safetensors_reader.weight_files`, the rule of the in-memory path
+   and an index + shards (:func:`rolora_plugin.io.safetensors_reader.weight_files`, the rule of the in-memory path
    too), an index naming a shard that lacks the tensor, a model tensor missing from the checkpoint or of another
    shape than config.json implies (so a huge ``hidden_size`` is refused before anything is allocated):
-   :class:`rolora_plugin.loading.CheckpointError` (a :class:`RotationError`);
+   :class:`rolora_plugin.io.loading.CheckpointError` (a :class:`RotationError`);
 3. dtypes, from the headers: non-float (integer, fp8) weights: :class:`RotationError` naming the tensor;
 4. one pass over the units, each input tensor **read once**: as it is read, before its unit is edited, it is
    checked (non-finite values, or values beyond the requested dtype's range: :class:`RotationError` naming the
-   tensor) and sampled for the base fingerprint (:class:`rolora_plugin.fingerprint.Fingerprinter`), and the
+   tensor) and sampled for the base fingerprint (:class:`rolora_plugin.rotate.fingerprint.Fingerprinter`), and the
    folded norms' rms is taken for the record; then the unit is rotated (every rotated tensor must stay finite:
-   float16 can overflow, :func:`rolora_plugin.rotation.check_finite_output`) and written into the staging folder
-   of :func:`rolora_plugin.publish.atomic_output_dir` (create-exclusive, marked staging, stale staging of killed
+   float16 can overflow, :func:`rolora_plugin.rotate.rotation.check_finite_output`) and written into the staging folder
+   of :func:`rolora_plugin.io.publish.atomic_output_dir` (create-exclusive, marked staging, stale staging of killed
    runs removed). A refusal midway deletes the staging folder: nothing is published and an existing ``out_dir``
    (``overwrite=True``) is left as it was. The pass writes shards + index, ``config.json`` with the record under
    ``config.rolora`` (``tie_word_embeddings`` false once R1 unties), ``generation_config.json`` and tokenizer
    files copied, ``rolora_rotation.json`` and, when the online rotations have one, ``transform_config.json``
    (like :func:`rolora_plugin.merge_and_export`), the record sealed with checksums of what was written
-   (:func:`rolora_plugin.records.seal_export`).
+   (:func:`rolora_plugin.io.records.seal_export`).
 
-The record's ``base_fingerprint`` equals :func:`rolora_plugin.fingerprint.fingerprint_tensors` over the checkpoint's
+The record's ``base_fingerprint`` equals :func:`rolora_plugin.rotate.fingerprint.fingerprint_tensors` over the checkpoint's
 tensors under the model's parameter names (a tied ``lm_head`` counted once), sampled in the read that feeds the
 rotation (only a tied ``lm_head`` folded by R1 reads the embedding a second time). Each unit's tensors are
 prefetched (``POSIX_FADV_WILLNEED``) while the unit before is rotated, so reads overlap the maths. After each unit, the heap pages it freed are handed back to the OS
@@ -50,7 +50,7 @@ prefetched (``POSIX_FADV_WILLNEED``) while the unit before is rotated, so reads 
 Example::
 
     >>> from rolora_plugin import RotationConfig
-    >>> from rolora_plugin.streaming import rotate_checkpoint
+    >>> from rolora_plugin.io.streaming import rotate_checkpoint
     >>> record = rotate_checkpoint("llama-2-7b/", "llama-2-7b-rotated/", RotationConfig(r2=True))  # doctest: +SKIP
 """
 
@@ -72,18 +72,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .architectures import ArchitectureSpec, ModelDims, get_architecture, get_submodule
-from .config import QUANT_RECORD_KEY, RECORD_KEY, RotationConfig
-from .edits import shared_workspaces
-from .errors import RotationError, UnsupportedArchitectureError
-from .records import RECORD_FILE, seal_export
-from .transform_config import TRANSFORM_CONFIG_FILE, transform_config_dict
-from .finite import all_finite, check_finite_output
-from .fingerprint import Fingerprinter
-from .errors import CheckpointError
-from .publish import OutputExistsError, atomic_output_dir, atomic_write_text, check_writable_parent
-from .safetensors_reader import INDEX_FILE, SINGLE_FILE, _Checkpoint, _header, _numel, _weight_map  # noqa: F401
-from .rotation import (
+from ..config import QUANT_RECORD_KEY, RECORD_KEY, RotationConfig
+from ..errors import CheckpointError, RotationError, UnsupportedArchitectureError
+from ..finite import all_finite, check_finite_output
+from ..hadamard.edits import shared_workspaces
+from ..model.architectures import ArchitectureSpec, ModelDims, get_architecture, get_submodule
+from ..rotate.fingerprint import Fingerprinter
+from ..rotate.rotation import (
     RotationRecord,
     _check_structure,
     _norm_gain,
@@ -95,6 +90,10 @@ from .rotation import (
     build_rotations,
     get_rotation_record,
 )
+from .publish import OutputExistsError, atomic_output_dir, atomic_write_text, check_writable_parent
+from .records import RECORD_FILE, seal_export
+from .safetensors_reader import INDEX_FILE, SINGLE_FILE, _Checkpoint, _header, _numel, _weight_map  # noqa: F401
+from .transform_config import TRANSFORM_CONFIG_FILE, transform_config_dict
 
 __all__ = ["rotate_checkpoint", "all_finite", "release_freed_memory", "DEFAULT_MAX_SHARD_BYTES", "COPIED_FILES"]
 
@@ -499,8 +498,8 @@ def rotate_checkpoint(
         progress: tqdm bars over the tensors checked and written.
 
     Returns:
-        The :class:`~rolora_plugin.rotation.RotationRecord`, also in ``out_dir/config.json`` (``rolora``) and
-        ``out_dir/rolora_rotation.json``. Load the result with :func:`rolora_plugin.export.load_rotated`.
+        The :class:`~rolora_plugin.rotate.rotation.RotationRecord`, also in ``out_dir/config.json`` (``rolora``) and
+        ``out_dir/rolora_rotation.json``. Load the result with :func:`rolora_plugin.io.export.load_rotated`.
 
     Raises:
         RotationError, UnsupportedArchitectureError, NoHadamardError, OutputExistsError: before anything is

@@ -2,7 +2,7 @@
 
 Why ordinary peft configs already work. After :func:`rolora_plugin.rotate_model_` every linear of a decoder
 layer is still a plain ``nn.Linear`` with its usual name, and the online R4 Hadamard is applied by the MLP to
-the input of whatever module ``mlp.down_proj`` is at call time (see :mod:`rolora_plugin.online`). So when peft
+the input of whatever module ``mlp.down_proj`` is at call time (see :mod:`rolora_plugin.model.online`). So when peft
 wraps ``down_proj`` in a ``lora.Linear``, the Hadamard precedes *both* the frozen base weight and the LoRA
 branch, and after ``merge_and_unload`` it precedes the merged Linear: with ``x`` the MLP activation and ``H`` the
 R4 factor, ``(xH)(W H)ᵀ + s (xH) Aᵀ Bᵀ = (xH)(W H + s B A)ᵀ``, exactly the merged layer. The merged weight
@@ -23,9 +23,9 @@ unfused names (``q_proj``, ``gate_proj``...) onto fused families (Phi-3 ``qkv_pr
 Mixture-of-Experts families keep their experts as fused 3-D parameters (``experts.gate_up_proj`` [E, 2I, H],
 ``experts.down_proj`` [E, H, I]), which peft adapts through ``LoraConfig(target_parameters=...)`` (its
 ``ParamWrapper``: one rank-r pair per expert, ``delta[e] = s B_e A_e``). :func:`map_target_parameters` names them
-(``"experts"`` → both); the online R4 acts inside the experts call (:mod:`rolora_plugin.online`), so it precedes the
+(``"experts"`` → both); the online R4 acts inside the experts call (:mod:`rolora_plugin.model.online`), so it precedes the
 adapted and the merged ``down_proj`` alike, and ``rotate_model_`` rotates ``A``/``B`` with the experts
-(:mod:`rolora_plugin.moe`). ``merge_and_unload`` folds every expert's delta exactly.
+(:mod:`rolora_plugin.rotate.moe`). ``merge_and_unload`` folds every expert's delta exactly.
 
 The fake-quantized forward used for quantization-aware training and W4A4 monitoring lives in
 :mod:`rolora_plugin.quant.qat`.
@@ -44,11 +44,11 @@ from typing import Iterable
 
 from torch import nn
 
-from .architectures import get_architecture, get_submodule
-from .config import RotationConfig, short_repr
-from ._peft import lora_layer_names, unwrap_peft
-from .training_config import LR_SCALES
-from .rotation import check_online_rotations, ensure_rotated, get_rotation_record, missing_online_rotations
+from .._peft import lora_layer_names, unwrap_peft
+from ..config import RotationConfig, short_repr
+from ..model.architectures import get_architecture, get_submodule
+from ..rotate.rotation import check_online_rotations, ensure_rotated, get_rotation_record, missing_online_rotations
+from .config import LR_SCALES
 
 __all__ = [
     "ALL_LINEAR",
@@ -129,7 +129,7 @@ def map_target_parameters(model: nn.Module, targets: str | Iterable[str]) -> lis
     Raises:
         ValueError: the family has no fused experts, or a name is not an expert parameter.
     """
-    from .moe import EXPERT_PARAMS
+    from ..model.architectures import EXPERT_PARAMS
 
     spec = get_architecture(unwrap_peft(model))
     if spec.experts is None:
@@ -203,7 +203,7 @@ def scale_lora_lr_(model: nn.Module, mode: str = "norm-rms") -> dict[str, float]
 
     Args:
         model: a peft ``PeftModel`` of a rotated dense model whose record holds ``norm_rms`` (written by
-            :func:`rolora_plugin.rotate_model_` or :func:`rolora_plugin.streaming.rotate_checkpoint` with R1).
+            :func:`rolora_plugin.rotate_model_` or :func:`rolora_plugin.io.streaming.rotate_checkpoint` with R1).
         mode: ``"norm-rms"`` (or ``"none"``: nothing is done).
 
     Returns:
@@ -217,9 +217,9 @@ def scale_lora_lr_(model: nn.Module, mode: str = "norm-rms") -> dict[str, float]
 
     import torch
 
-    from ._peft import is_lora_layer, uses_dora
-    from .distributed import gather_params
-    from .errors import RotationError
+    from .._peft import is_lora_layer, uses_dora
+    from ..distributed import gather_params
+    from ..errors import RotationError
 
     if mode not in LR_SCALES:
         raise ValueError(f"lora_lr_scale must be one of {LR_SCALES}, got {mode!r}")

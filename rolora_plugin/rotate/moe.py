@@ -12,7 +12,7 @@ the expert width, ``g`` the post-attention RMSNorm gain):
   every ``e``, the shared expert's gate/up and the shared-expert gate likewise. Top-k routing sees unchanged
   logits, so every token picks the same experts.
 * writers: ``down[e] ← R1ᵀ down[e] H`` and online ``act ← act · H`` before every expert's down projection
-  (:func:`rolora_plugin.online.add_expert_gate_transform`); the shared expert as a dense MLP with its own R4.
+  (:func:`rolora_plugin.model.online.add_expert_gate_transform`); the shared expert as a dense MLP with its own R4.
 * peft ``target_parameters`` LoRA on the experts (``ParamWrapper``, ``delta[e] = s B_e A_e``): input side
   ``A ← A R`` (A is [E·r, in], every row), output side ``B ← Rᵀ B`` (B is [out, r·E]), so LoRA and rotation commute.
 
@@ -26,11 +26,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ._peft import lora_parts
-from .architectures import ArchitectureSpec, ModelDims, check_rms_norm, get_submodule
-from .errors import RotationError
-from .hadamard import OrthogonalTransform, build_transform, derive_seed
-from .online import (
+from .._peft import base_experts, lora_parts, param_lora_parts
+from ..errors import RotationError
+from ..hadamard.constructions import derive_seed
+from ..hadamard.transform import OrthogonalTransform, build_transform
+from ..model.architectures import EXPERT_PARAMS, ArchitectureSpec, ModelDims, check_rms_norm, get_submodule
+from ..model.online import (
     add_expert_gate_transform,
     check_experts_implementation,
     expert_gate_transforms,
@@ -39,19 +40,13 @@ from .online import (
 )
 
 __all__ = [
-    "EXPERT_PARAMS",
     "moe_rotations",
-    "base_experts",
-    "param_lora_parts",
     "check_moe_layer",
     "check_attention_clip",
     "rotate_moe_mlp",
     "install_moe_online",
     "has_moe_online",
 ]
-
-EXPERT_PARAMS = ("gate_up_proj", "down_proj")
-
 
 def moe_rotations(config, dims: ModelDims) -> dict[str, OrthogonalTransform]:
     """The extra R4 transforms of an MoE model: ``r4_experts`` (expert width), ``r4_shared`` (shared expert)."""
@@ -62,26 +57,6 @@ def moe_rotations(config, dims: ModelDims) -> dict[str, OrthogonalTransform]:
         if width:
             out[key] = build_transform(width, seed=derive_seed(config.seed, key), allow_fallback=config.allow_fallback)
     return out
-
-
-def base_experts(module: nn.Module) -> nn.Module:
-    """The transformers experts module under any peft ``ParamWrapper``s (nested, one per targeted parameter)."""
-    while hasattr(module, "parameter_name") and hasattr(module, "base_layer"):
-        module = module.base_layer
-    return module
-
-
-def param_lora_parts(module: nn.Module, name: str) -> tuple[nn.Module, list[tuple[nn.Module, nn.Module]]]:
-    """``(owner of parameter name, [(lora_A, lora_B)] of every peft ParamWrapper adapting it)``.
-
-    ``module`` is the path's module as the model holds it now (the bare module, or peft's ParamWrapper chain).
-    """
-    parts = []
-    while hasattr(module, "parameter_name") and hasattr(module, "base_layer"):
-        if module.parameter_name == name:
-            parts += [(module.lora_A[k], module.lora_B[k]) for k in module.lora_A]
-        module = module.base_layer
-    return module, parts
 
 
 def _edit_3d(param: torch.Tensor, edit: Callable, cdtype, **ops) -> None:
@@ -178,7 +153,7 @@ def rotate_moe_mlp(layer: nn.Module, spec: ArchitectureSpec, transforms: dict, c
 
 def install_moe_online(layer: nn.Module, spec: ArchitectureSpec, transforms: dict) -> None:
     """Install the online R4s of one MoE layer: every expert's down_proj input, the shared expert's down_proj."""
-    from .online import OnlineHadamard
+    from ..model.online import OnlineHadamard
 
     if "r4_experts" in transforms:
         experts = base_experts(get_submodule(layer, spec.experts))

@@ -1,5 +1,5 @@
 """The Sylvester Hadamard matrix: the leaf construction both :mod:`rolora_plugin.hadamard` and the accelerator
-kernels (:mod:`rolora_plugin.kernels`) build on, kept in its own module so neither imports the other."""
+kernels (:mod:`rolora_plugin.hadamard.kernels`) build on, kept in its own module so neither imports the other."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ prepended), so a rotated model reports the statistics of what its linears actual
 
 Summaries group the linears by *input kind*: one leaf name per distinct tensor a decoder layer feeds into its
 linears (q/k/v read one input, gate/up another), taken from the family's
-:meth:`~rolora_plugin.architectures.ArchitectureSpec.input_kinds` (``q_proj, o_proj, gate_proj, down_proj`` for
+:meth:`~rolora_plugin.model.architectures.ArchitectureSpec.input_kinds` (``q_proj, o_proj, gate_proj, down_proj`` for
 Llama; ``qkv_proj, o_proj, gate_up_proj, down_proj`` for Phi-3). The plots of these statistics live in the
 application wing (:mod:`rolora_plugin.app.plots`).
 
@@ -246,8 +246,8 @@ def leaf_name(name: str) -> str:
 
 def input_kinds(model: nn.Module) -> tuple[str, ...]:
     """The input kinds of ``model``'s family (a bare model or a PeftModel): ``ArchitectureSpec.input_kinds()``."""
-    from ._peft import unwrap_peft
-    from .architectures import get_architecture
+    from .._peft import unwrap_peft
+    from ..model.architectures import get_architecture
 
     return get_architecture(unwrap_peft(model)).input_kinds()
 
@@ -259,7 +259,7 @@ def kinds_from_names(names: Iterable[str]) -> tuple[str, ...]:
     share their kinds. Raises ValueError when no family, or several with different kinds, match: pass the
     kinds explicitly then (e.g. :func:`input_kinds` of the model).
     """
-    from .architectures import ArchitectureSpec, list_architectures
+    from ..model.architectures import ArchitectureSpec, list_architectures
 
     leaves = {leaf_name(n) for n in names}
     specs = [s for s in list_architectures().values() if isinstance(s, ArchitectureSpec)]  # VLMs reuse text families

@@ -24,11 +24,11 @@ import json
 from collections.abc import Mapping
 from dataclasses import InitVar, dataclass, field, fields
 
-from .config import ConfigMixin, RotationConfig, short_repr, unknown_keys
-from .quant.config import QUANT_PRESETS, QuantConfig
-from .quant.primitives import OFF_BITS
+from ..config import ConfigMixin, RotationConfig, short_repr, unknown_keys
+from ..quant.config import QUANT_PRESETS, QuantConfig
+from ..quant.primitives import OFF_BITS
 
-LR_SCALES = ("none", "norm-rms")  # RoLoRAConfig.lora_lr_scale (rolora_plugin.lora.scale_lora_lr_)
+LR_SCALES = ("none", "norm-rms")  # RoLoRAConfig.lora_lr_scale (rolora_plugin.lora.adapters.scale_lora_lr_)
 
 __all__ = ["RoLoRAConfig", "MonitorConfig", "QATConfig", "ExportConfig", "fake_quant_config", "fake_quant_preset"]
 
@@ -319,7 +319,7 @@ class ExportConfig(ConfigMixin):
 
     Args:
         save_rotation_record: write ``rolora_rotation.json`` next to every checkpoint and saved model/adapter.
-        merged_output_dir: at the end of training, also :func:`rolora_plugin.export.merge_and_export` the model
+        merged_output_dir: at the end of training, also :func:`rolora_plugin.io.export.merge_and_export` the model
             there (None = don't).
         overwrite: allow ``merged_output_dir`` to replace a non-empty directory.
     """
@@ -349,7 +349,7 @@ class RoLoRAConfig:
             (dicts are accepted and converted).
         lora_lr_scale: ``"none"`` (default) or ``"norm-rms"``: after rotating, give each LoRA layer that reads a
             folded norm the step size it had before the fold, i.e. a per-layer learning rate ``rms(g) · lr`` under
-            Adam-type optimizers (:func:`rolora_plugin.lora.scale_lora_lr_`; needs a peft model, R1, a dense
+            Adam-type optimizers (:func:`rolora_plugin.lora.adapters.scale_lora_lr_`; needs a peft model, R1, a dense
             family). Closes most of RoLoRA's full-precision gap to LoRA on general text (benchmarks/RESULTS.md).
     """
 

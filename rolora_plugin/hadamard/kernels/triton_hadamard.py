@@ -1,6 +1,6 @@
-"""Online Hadamard ``y = x @ R`` as one Triton kernel (imports triton: load through :mod:`rolora_plugin.kernels`).
+"""Online Hadamard ``y = x @ R`` as one Triton kernel (imports triton: load through :mod:`rolora_plugin.hadamard.kernels`).
 
-``R = diag(s) · (D ⊗ H_p) / sqrt(p)`` (see :class:`rolora_plugin.hadamard.OrthogonalTransform`). Each row of x,
+``R = diag(s) · (D ⊗ H_p) / sqrt(p)`` (see :class:`rolora_plugin.hadamard.transform.OrthogonalTransform`). Each row of x,
 viewed as a ``(d, p)`` matrix X, maps to ``Y = L · X · H_p / sqrt(p)`` with ``L = Dᵀ`` (``apply``; signs on the
 input) or ``L = D`` (``apply_transposed``; signs on the output). One kernel does all of it:
 
@@ -18,7 +18,7 @@ input) or ``L = D`` (``apply_transposed``; signs on the output). One kernel does
 float32 inputs use ``input_precision="ieee"`` (TF32 would miss the float32 tolerance); 16-bit inputs run the
 dots in their own dtype with float32 accumulation. Shapes the kernel does not cover (p < 16, p > 16384, or a
 tile above 16384 elements) return None from :func:`kernel_plan`; the caller then uses the PyTorch path.
-Reference: :func:`rolora_plugin.hadamard.hadamard_transform_ref`. Tested on CPU through ``TRITON_INTERPRET=1``
+Reference: :func:`rolora_plugin.hadamard.transform.hadamard_transform_ref`. Tested on CPU through ``TRITON_INTERPRET=1``
 (tests/core/test_triton_hadamard.py); GPU speed is measured by benchmarks/gpu_suite.sh.
 """
 
@@ -178,7 +178,7 @@ def _operands(transform, plan: KernelPlan, device, dtype, transposed: bool):
 def hadamard_triton(x: torch.Tensor, transform, *, transposed: bool = False) -> torch.Tensor:
     """``x @ R`` (or ``x @ Rᵀ``) along the last dim with the Triton kernel; x: (..., n), float32/16-bit.
 
-    Raises ValueError when :func:`kernel_plan` returns None (use :func:`rolora_plugin.kernels.dispatch_triton_hadamard`
+    Raises ValueError when :func:`kernel_plan` returns None (use :func:`rolora_plugin.hadamard.kernels.dispatch_triton_hadamard`
     to fall back instead). Not differentiable by itself: ``OrthogonalTransform.apply`` wraps it in autograd.
     """
     plan = kernel_plan(transform)

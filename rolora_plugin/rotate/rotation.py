@@ -27,19 +27,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._peft import lora_parts as _lora_parts
-from ._peft import unwrap_peft
-from .architectures import ArchitectureSpec, ModelDims, check_rms_norm, get_architecture, get_submodule
-from .config import QUANT_RECORD_KEY, RECORD_KEY, RotationConfig
-from .distributed import gather_params
-from .edits import AxisOp, edit_, headwise, on_slice, shared_workspaces
-from .errors import RotationError
-from .finite import all_finite, check_finite_output, nonfinite_advice
-from .fingerprint import weights_fingerprint
-from .hadamard import OrthogonalTransform, build_block_transform, build_transform, derive_seed
-from .learned import attach_learned, held_learned, learn_rotations, learned_names, record_entries, resolve_learned
-from .moe import check_attention_clip, check_moe_layer, has_moe_online, install_moe_online, moe_rotations, rotate_moe_mlp
-from .online import (
+from .._peft import lora_parts as _lora_parts
+from .._peft import unwrap_peft
+from ..config import QUANT_RECORD_KEY, RECORD_KEY, RotationConfig
+from ..distributed import gather_params
+from ..errors import RotationError
+from ..finite import all_finite, check_finite_output, nonfinite_advice
+from ..hadamard.constructions import derive_seed
+from ..hadamard.edits import AxisOp, edit_, headwise, on_slice, shared_workspaces
+from ..hadamard.transform import OrthogonalTransform, build_block_transform, build_transform
+from ..model.architectures import ArchitectureSpec, ModelDims, check_rms_norm, get_architecture, get_submodule
+from ..model.online import (
     QKRotation,
     add_attention_transform,
     attention_transforms,
@@ -47,7 +45,10 @@ from .online import (
     install_down_proj_rotation,
     remove_online_rotations,
 )
-from .plugins import get_plugin_manager
+from ..plugins import get_plugin_manager
+from .fingerprint import weights_fingerprint
+from .learned import attach_learned, held_learned, learn_rotations, learned_names, record_entries, resolve_learned
+from .moe import check_attention_clip, check_moe_layer, has_moe_online, install_moe_online, moe_rotations, rotate_moe_mlp
 
 __all__ = [
     "rotate_model_",
@@ -83,13 +84,13 @@ class RotationRecord:
     dims: ModelDims
     rotations: dict = field(default_factory=dict)  # name -> {width, description, exact, checksum}
     format_version: int = FORMAT_VERSION
-    base_fingerprint: str | None = None  # rolora_plugin.fingerprint of the weights before rotation (None: older record)
+    base_fingerprint: str | None = None  # rolora_plugin.rotate.fingerprint of the weights before rotation (None: older record)
     # per decoder layer [rms(g_input_norm), rms(g_post_attention_norm)] of the norm gains R1 folded into their readers
     # (None: no R1 or an older record). Not part of the rotation's identity (compare=False): it
-    # only feeds rolora_plugin.lora.scale_lora_lr_, so records with and without it describe the same basis.
+    # only feeds rolora_plugin.lora.adapters.scale_lora_lr_, so records with and without it describe the same basis.
     norm_rms: list | None = field(default=None, compare=False)
     # of an exported checkpoint: {"weights": sampled fingerprint of the weight files, "config": digest of config.json
-    # less the fields that legitimately change} (rolora_plugin.fingerprint.checkpoint_integrity), verified by
+    # less the fields that legitimately change} (rolora_plugin.io.integrity.checkpoint_integrity), verified by
     # load_rotated. None: a live model, an adapter's record or an older export. Not part of the rotation's identity.
     integrity: dict | None = field(default=None, compare=False)
     # the learned matrices themselves ({name: OrthogonalTransform}) when any rotation was learned: not serialised (they
@@ -220,7 +221,7 @@ def build_rotations(config: RotationConfig, dims: ModelDims) -> dict[str, Orthog
 # ---------------------------------------------------------------------------------------------- weight edits
 
 
-_edit = edit_  # W ← Lᵀ·(W diag(s))·R in place, the fast engine (rolora_plugin.edits; edit_reference is its definition)
+_edit = edit_  # W ← Lᵀ·(W diag(s))·R in place, the fast engine (rolora_plugin.hadamard.edits; edit_reference is its definition)
 
 
 def _rotate_linear(module: nn.Module, cdtype, *, scale=None, right=None, left=None) -> None:
@@ -314,7 +315,7 @@ def rotate_model_(
         model: a causal LM of a registered family (``model.config.model_type``), possibly already wrapped by peft.
         config: which rotations; default ``RotationConfig()`` = R1 + R4.
         calibration: ``input_ids`` tensors or dicts; required when ``config.learn`` names rotations to learn
-            (:mod:`rolora_plugin.learned`), unused otherwise.
+            (:mod:`rolora_plugin.rotate.learned`), unused otherwise.
         learned: ``{name: OrthogonalTransform}`` already learned (e.g. from a record's file) to apply instead of learning.
         progress: show a tqdm bar over layers.
 
@@ -496,7 +497,7 @@ def check_online_rotations(model: nn.Module) -> None:
         raise RotationError(
             f"{type(unwrap_peft(model)).__name__} carries a rotation record but its online rotation(s) {missing} are "
             "not installed; call rolora_plugin.install_online_rotations(model, get_rotation_record(model)) or load it "
-            "with rolora_plugin.export.load_rotated(path)"
+            "with rolora_plugin.io.export.load_rotated(path)"
         )
 
 

@@ -6,7 +6,7 @@ every merge first verifies the rotation record (seed, sign vectors' checksums, w
 
 * a live model: ``model.config.rolora`` (written by :func:`rolora_plugin.rotate_model_`);
 * a peft adapter directory (``adapter_config.json``, also Trainer checkpoints of a ``PeftModel``): the
-  ``rolora_rotation.json`` written next to it by :class:`rolora_plugin.callbacks.RoLoRACallback`. Its base model
+  ``rolora_rotation.json`` written next to it by :class:`rolora_plugin.integrations.hf_trainer.RoLoRACallback`. Its base model
   (``base_model=`` or ``adapter_config.base_model_name_or_path``) is either a rotated checkpoint whose record
   must be identical, or the original model, which is rotated again from the record (bit-identical by seed) and
   then checked against it;
@@ -23,7 +23,7 @@ authenticity: whoever can write the folder can rewrite the record too.
 Output (written to a temporary directory next to ``out_dir`` and renamed into place, create-exclusive unless
 ``overwrite``), ``format="fp"`` (default): ``model.safetensors`` (+ shards), ``config.json`` carrying the record,
 ``generation_config.json``, the tokenizer when one is found, ``rolora_rotation.json`` and the online rotations as
-a compressed-tensors ``transform_config`` (``transform_config.json``; see :mod:`rolora_plugin.compressed`).
+a compressed-tensors ``transform_config`` (``transform_config.json``; see :mod:`rolora_plugin.io.compressed`).
 :func:`load_rotated` reloads it with plain ``AutoModelForCausalLM.from_pretrained`` and re-installs the online
 R4/R3 modules from the record. A quantized model is refused here (it would reload without its activation
 quantizers).
@@ -31,7 +31,7 @@ quantizers).
 ``format="compressed-tensors"``: a model quantized with :func:`rolora_plugin.quant.quantize_model_` written as a
 packed compressed-tensors checkpoint (int weights at their bit width + scales, ``quantization_config``,
 ``transform_config`` with exactly our R4/R3, ``rolora_quantization.json`` with checksums; layout in
-:mod:`rolora_plugin.compressed`). :func:`load_rotated` verifies it, loads the exact dequantized weights and
+:mod:`rolora_plugin.io.compressed`). :func:`load_rotated` verifies it, loads the exact dequantized weights and
 re-installs the activation / KV quantizers and the online rotations: the fake-quant model of before the export.
 :func:`quantize_and_export` does rotate (if needed) → quantize → export in one call.
 
@@ -55,7 +55,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._peft import unwrap_peft
+from .._peft import unwrap_peft
+from ..config import QUANT_RECORD_KEY
+from ..errors import QuantizationError
+from ..rotate.fingerprint import weights_fingerprint
+from ..rotate.learned import LEARNED_FILE, learned_names, resolve_learned
+from ..rotate.rotation import RECORD_KEY, RotationError, RotationRecord, get_rotation_record, install_online_rotations, rotate_model_
 from .compressed import (
     COMPRESSED_FORMAT,
     EXPORT_SIDE_KEYS,
@@ -67,14 +72,9 @@ from .compressed import (
     verify_compressed_export,
     write_compressed,
 )
-from .config import QUANT_RECORD_KEY
-from .errors import QuantizationError
-from .fingerprint import weights_fingerprint
 from .loading import load_causal_lm
-from .learned import LEARNED_FILE, learned_names, load_learned, resolve_learned
-from .records import RECORD_FILE, read_rotation_record, seal_export, verify_export_integrity, write_rotation_record
 from .publish import OutputExistsError, atomic_output_dir, atomic_write_text, check_writable_parent
-from .rotation import RECORD_KEY, RotationError, RotationRecord, get_rotation_record, install_online_rotations, rotate_model_
+from .records import RECORD_FILE, load_learned, read_rotation_record, seal_export, verify_export_integrity, write_rotation_record
 from .transform_config import TRANSFORM_CONFIG_FILE, embed_transform_config, load_with_compressed_tensors, transform_config_dict
 
 __all__ = [
@@ -125,19 +125,19 @@ def load_rotated(path: str | os.PathLike, dtype: torch.dtype | None = None, devi
 
     Before anything is loaded: the record's ``integrity`` (written at export: a sampled fingerprint of the weight
     files and a digest of config.json less the fields that legitimately change) must match the folder, else
-    :class:`rolora_plugin.loading.CheckpointError` (a replaced weight file, an edited ``rms_norm_eps``); a record
+    :class:`rolora_plugin.io.loading.CheckpointError` (a replaced weight file, an edited ``rms_norm_eps``); a record
     without it (an older export) loads with one warning. Every load goes through
-    :func:`rolora_plugin.loading.load_causal_lm` (no tensor missing, unexpected or of another shape).
+    :func:`rolora_plugin.io.loading.load_causal_lm` (no tensor missing, unexpected or of another shape).
 
     Full-precision export: ``AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)``, checked.
-    compressed-tensors export: first :func:`rolora_plugin.compressed.verify_compressed_export` (records, the
+    compressed-tensors export: first :func:`rolora_plugin.io.compressed.verify_compressed_export` (records, the
     ``quantization_config`` and every tensor's checksum; nothing is loaded if one disagrees), then the packed
     weights are dequantized exactly by compressed-tensors at load and the activation / KV quantizers of the
     ``rolora_quant`` record are re-installed. In both cases the record in the config is checked against
     ``rolora_rotation.json`` (when present) and :func:`rolora_plugin.install_online_rotations` re-creates the
     online R4/R3 modules (verifying the record's checksums). ``consumer_arithmetic=True``: the online rotations
-    compute ``(x @ √n·R) / √n`` in float32 as compressed-tensors and vLLM's dense transform do (:func:`rolora_plugin.online.use_consumer_arithmetic_`),
-    so 4-bit activation codes on a rounding tie round as the consumer's do (what :func:`rolora_plugin.check.check_export`
+    compute ``(x @ √n·R) / √n`` in float32 as compressed-tensors and vLLM's dense transform do (:func:`rolora_plugin.model.online.use_consumer_arithmetic_`),
+    so 4-bit activation codes on a rounding tie round as the consumer's do (what :func:`rolora_plugin.io.check.check_export`
     compares against). Returns the model in eval mode.
     """
     if dtype is not None:
@@ -173,11 +173,11 @@ def load_rotated(path: str | os.PathLike, dtype: torch.dtype | None = None, devi
         setattr(model.config, RECORD_KEY, record.to_dict())
     install_online_rotations(model, record)
     if consumer_arithmetic:
-        from .online import use_consumer_arithmetic_
+        from ..model.online import use_consumer_arithmetic_
 
         use_consumer_arithmetic_(model)
     if quant is not None:
-        from .quant import install_activation_quantizers
+        from ..quant import install_activation_quantizers
 
         install_activation_quantizers(model, quant)
     if device is not None:
@@ -318,7 +318,7 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 
 def _fake_quant_active(model: nn.Module) -> bool:
-    from .quant import fake_quant_active
+    from ..quant import fake_quant_active
 
     return fake_quant_active(model)
 
@@ -376,7 +376,7 @@ def merge_and_export(
             ``PeftModel`` included) or a rotated full checkpoint directory (FP or compressed-tensors export).
         out_dir: target directory; must not exist or be empty unless ``overwrite``.
         format: ``"fp"`` (standard safetensors; refuses a quantized model) or ``"compressed-tensors"`` (a model
-            quantized with ``quantize_model_``, packed; see the module doc and :mod:`rolora_plugin.compressed`).
+            quantized with ``quantize_model_``, packed; see the module doc and :mod:`rolora_plugin.io.compressed`).
         record: the expected :class:`RotationRecord`; required for an adapter directory without
             ``rolora_rotation.json``, otherwise checked against what is found.
         base_model: for adapters: the base model (directory or loaded module); default: the adapter config's
@@ -454,7 +454,7 @@ def _write_export(model, record: RotationRecord, out_dir: Path, tokenizer, ct: d
 
 def _quantized(model: nn.Module) -> tuple[nn.Module, object]:
     """``(model, QuantizationRecord)`` of a model ``format='compressed-tensors'`` can write, else a clear error."""
-    from .quant import get_quantization_record
+    from ..quant import get_quantization_record
 
     if _has_adapter(model) or _fake_quant_active(model):
         raise QuantizationError(
@@ -509,8 +509,8 @@ def quantize_and_export(
     Returns:
         ``Path(out_dir)``; ``load_rotated(out_dir)`` gives the quantized model back.
     """
-    from .quant import quantize_model_
-    from .rotation import ensure_rotated
+    from ..quant import quantize_model_
+    from ..rotate.rotation import ensure_rotated
 
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)

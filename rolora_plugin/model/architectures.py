@@ -14,11 +14,11 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from .errors import UnsupportedArchitectureError
-from .hookspecs import hookimpl
-from .plugins import add_reset_callback, get_plugin_manager
+from ..errors import UnsupportedArchitectureError
+from ..hookspecs import hookimpl
+from ..plugins import add_reset_callback, get_plugin_manager
 
-__all__ = ["ArchitectureSpec", "VLMSpec", "ModelDims", "architecture_by_name", "UnsupportedArchitectureError", "get_architecture", "list_architectures"]
+__all__ = ["EXPERT_PARAMS", "ArchitectureSpec", "VLMSpec", "ModelDims", "architecture_by_name", "UnsupportedArchitectureError", "get_architecture", "list_architectures"]
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class ArchitectureSpec:
     norm_offset: float = 0.0
     residual_writers: tuple[str, ...] = ()
     tower: str | None = None
-    # Mixture-of-Experts (transformers 5 fused experts, see rolora_plugin.moe); all None for dense families. A layer
+    # Mixture-of-Experts (transformers 5 fused experts, see rolora_plugin.rotate.moe); all None for dense families. A layer
     # whose ``experts`` path exists is an MoE layer (Qwen2/3-MoE may mix in dense layers, which use the paths above).
     router: str | None = None  # module whose ``weight`` [E, H] reads the normed residual stream (not an nn.Linear)
     experts: str | None = None  # module with gate_up_proj [E, 2I, H] and down_proj [E, H, I]
@@ -94,7 +94,7 @@ class ArchitectureSpec:
 
     def layer_linear_paths(self, layer: nn.Module) -> tuple[str, ...]:
         """:meth:`linear_paths` for a dense layer; attention, o_proj and :meth:`moe_linear_paths` for an MoE layer
-        (its experts are 3-D parameters, not linears: see :mod:`rolora_plugin.moe`)."""
+        (its experts are 3-D parameters, not linears: see :mod:`rolora_plugin.rotate.moe`)."""
         if not self.is_moe_layer(layer):
             return self.linear_paths()
         return self.attention_inputs() + (self.o_proj,) + self.moe_linear_paths()
@@ -245,7 +245,8 @@ PHI3 = ArchitectureSpec(
 )
 # Gemma (1): (1 + w) RMSNorm (norm_offset=1) and embeddings scaled by sqrt(hidden): a scalar, so it commutes with R1.
 GEMMA = ArchitectureSpec(name="gemma", model_types=("gemma",), norm_offset=1.0)
-# Mixture-of-Experts (rolora_plugin.moe): router and every expert get R1, every expert's down_proj input its own R4.
+# Mixture-of-Experts (rolora_plugin.rotate.moe): router and every expert get R1, every expert's down_proj input its own R4.
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # the 3-D parameters of transformers' fused experts modules
 _MOE = dict(router="mlp.gate", experts="mlp.experts")
 MIXTRAL = ArchitectureSpec(name="mixtral", model_types=("mixtral",), **_MOE)
 QWEN2_MOE = ArchitectureSpec(name="qwen2_moe", model_types=("qwen2_moe",), shared_expert="mlp.shared_expert",
@@ -286,7 +287,7 @@ def list_architectures() -> dict[str, ArchitectureSpec | VLMSpec]:
 
 
 def architecture_by_name(name: str) -> ArchitectureSpec:
-    """The spec a :class:`~rolora_plugin.rotation.RotationRecord` names in ``family`` (``"llama"``,
+    """The spec a :class:`~rolora_plugin.rotate.rotation.RotationRecord` names in ``family`` (``"llama"``,
     ``"llava/llama"``...)."""
     outer, _, inner = name.partition("/")
     by_name = {s.name: s for s in _registry().values()}

@@ -1,6 +1,6 @@
 """The online rotations of a rotated model as a compressed-tensors 0.20 ``transform_config``.
 
-Written with every export (:mod:`rolora_plugin.export`). R4 acts on
+Written with every export (:mod:`rolora_plugin.io.export`). R4 acts on
 ``down_proj``'s input (location ``input``), R3 on queries and keys after RoPE (``q_attn`` / ``k_cache``, per head).
 R1, R2 and R4's weight side are folded into the weights. compressed-tensors' ``hadamard`` type is the unsigned
 normalised Sylvester matrix (powers of two only), used only where our matrix is exactly that. Any other matrix
@@ -13,7 +13,7 @@ rotation), once per group under the first target's name (vLLM shares one tensor 
 **in the model's own weight files** and their index — where vLLM's weight loader looks: it reads a side file only
 when the checkpoint has no safetensors index (0.1 exports wrote ``transforms.safetensors``; still read). transformers
 5.23 ignores ``transform_config`` at load, so those keys are not model parameters there (rolora's loader expects
-them; :func:`load_with_compressed_tensors` / :func:`rolora_plugin.check.consumer_model` load them into the modules
+them; :func:`load_with_compressed_tensors` / :func:`rolora_plugin.io.check.consumer_model` load them into the modules
 ``apply_transform_config`` creates).
 
 * the full-precision export (``format="fp"``) keeps its older rule: a ``hadamard``-only config or none at all
@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .architectures import architecture_by_name, get_architecture
-from .errors import RotationError
+from ..errors import RotationError
+from ..model.architectures import architecture_by_name, get_architecture
+from ..rotate.rotation import RotationRecord
 from .publish import atomic_write_text
-from .rotation import RotationRecord
 
 __all__ = [
     "TRANSFORMS_FILE",
@@ -192,7 +192,7 @@ def load_with_compressed_tensors(path: str | os.PathLike, dtype: torch.dtype | N
     if not ct and (path / TRANSFORM_CONFIG_FILE).is_file():
         ct = json.loads((path / TRANSFORM_CONFIG_FILE).read_text())
     if not ct:
-        raise RotationError(f"{path} has no compressed-tensors transform_config (see rolora_plugin.compressed's module doc)")
+        raise RotationError(f"{path} has no compressed-tensors transform_config (see rolora_plugin.io.compressed's module doc)")
     kwargs = {"attn_implementation": "sdpa", **({"dtype": dtype} if dtype is not None else {})}
     if dequantize:
         from transformers import CompressedTensorsConfig

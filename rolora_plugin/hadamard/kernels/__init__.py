@@ -2,7 +2,7 @@
 
 * :func:`is_triton_available`: cached check that ``triton`` imports.
 * :func:`dispatch_triton_hadamard`: the online Hadamard (``x @ R`` of an
-  :class:`~rolora_plugin.hadamard.OrthogonalTransform`) as one Triton kernel for CUDA tensors, or None when it
+  :class:`~rolora_plugin.hadamard.transform.OrthogonalTransform`) as one Triton kernel for CUDA tensors, or None when it
   does not apply (CPU tensor, no triton, float64, a shape the kernel does not cover, or the kernel failed to
   compile or launch for that shape before), so the caller takes the PyTorch path. Each fallback reason is
   logged once (a kernel failure as a warning, with its error).
@@ -43,7 +43,7 @@ def dispatch_triton_hadamard(x: torch.Tensor, transform, transposed: bool) -> to
     """``transform.apply(x)`` (or ``apply_transposed``) through the Triton kernel, or None when it does not apply.
 
     Applies to CUDA tensors of float32/float16/bfloat16 when triton is importable and the transform's shape is
-    covered (:func:`rolora_plugin.kernels.triton_hadamard.kernel_plan`). CPU tensors always get None.
+    covered (:func:`rolora_plugin.hadamard.kernels.triton_hadamard.kernel_plan`). CPU tensors always get None.
     """
     if x.device.type != "cuda":
         return None

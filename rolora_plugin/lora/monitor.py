@@ -5,7 +5,7 @@ computed here from a model and a few batches, so any training loop can call it:
 
 * **activation statistics** of the linear inputs (kurtosis ``κ = E[(x-μ)⁴] / E[(x-μ)²]²``, Gaussian = 3, and
   ``max|x|``), one value per *input kind* (the family's
-  :meth:`~rolora_plugin.architectures.ArchitectureSpec.input_kinds`: linears reading the same tensor share one)
+  :meth:`~rolora_plugin.model.architectures.ArchitectureSpec.input_kinds`: linears reading the same tensor share one)
   summarised over the decoder layers: ``rolora/kurtosis/<kind>_in/{mean,max}``, ``rolora/max_abs/<kind>_in/max``,
   plus ``rolora/{kurtosis,max_abs}/layer<i>/<kind>_in`` for chosen layers. Always measured in full precision,
   also while QAT forwards are installed.
@@ -32,11 +32,11 @@ import math
 import torch
 from torch import nn
 
-from ._peft import unwrap_peft
-from .architectures import get_architecture
+from .._peft import unwrap_peft
+from ..metrics import as_batch, eval_mode, mean_loss
+from ..model.architectures import get_architecture
+from ..quant import fake_quantized, fused_expert_modules
 from .kurtosis import activation_stats, layer_index, leaf_name
-from .metrics import as_batch, eval_mode, mean_loss
-from .quant import fake_quantized, fused_expert_modules
 
 __all__ = ["BatchCapture", "activation_metrics", "fake_quant_eval_metrics", "measured_kinds", "monitor_metrics"]
 
@@ -97,7 +97,7 @@ def fake_quant_eval_metrics(model: nn.Module, batches: list, quant) -> dict[str,
 
 
 def monitor_metrics(model: nn.Module, batches: list, monitor) -> dict[str, float]:
-    """Everything ``monitor`` (a :class:`~rolora_plugin.training_config.MonitorConfig`) asks for, in eval mode
+    """Everything ``monitor`` (a :class:`~rolora_plugin.lora.config.MonitorConfig`) asks for, in eval mode
     without gradients (the previous train/eval mode is restored)."""
     out = {}
     with eval_mode(model):

@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import QuantizationError
-from .metrics import perplexity
+from ..errors import QuantizationError
+from ..metrics import perplexity
 
 __all__ = ["check_export", "consumer_model"]
 
@@ -54,9 +54,7 @@ def consumer_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, 
         raise QuantizationError(f"{path} is not a quantized compressed-tensors export (no quantization_config.config_groups)")
     transform = qc.pop("transform_config", None)
     qc.pop("sparsity_config", None)
-    from .compressed import export_side_keys_expected
-
-    from .compressed import EXPORT_SIDE_KEYS
+    from .compressed import EXPORT_SIDE_KEYS, export_side_keys_expected
     from .loading import load_causal_lm
 
     with export_side_keys_expected(path):  # stored transforms / input_global_scale are loaded below, by compressed-tensors' modules
@@ -105,10 +103,8 @@ def check_export(path: str | os.PathLike, chunks: torch.Tensor, *, progress: boo
     ``bf16``: also the perplexity of compressed-tensors' forward in bfloat16 (``ppl["consumer_bf16"]``), the dtype
     engines serve in (our numbers are fp32).
     """
-    from .compressed import QUANT_RECORD_FILE
+    from .compressed import QUANT_RECORD_FILE, _read_json
     from .export import load_rotated
-
-    from .compressed import _read_json
 
     body = _read_json(Path(path) / QUANT_RECORD_FILE, "quantization record")
     ours = load_rotated(path, consumer_arithmetic=True, attn_implementation="sdpa", device=device)

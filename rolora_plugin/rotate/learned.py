@@ -34,7 +34,7 @@ so every weight edit and checksum works unchanged. It travels with the model and
 (``model._rolora_learned_rotations``, read by :func:`rolora_plugin.get_rotation_record`) and held by the
 :class:`~rolora_plugin.RotationRecord` (its ``learned`` field, not serialised); on disk as
 ``rolora/learned_rotations.safetensors`` beside ``rolora_rotation.json`` (:func:`save_learned`), whose record entry
-holds the matrix's sha256; :func:`load_learned` (called by :func:`rolora_plugin.export.read_rotation_record`) fills the
+holds the matrix's sha256; :func:`load_learned` (called by :func:`rolora_plugin.io.export.read_rotation_record`) fills the
 record's ``learned`` and refuses a missing, altered or non-orthogonal file.
 
 Paper: SpinQuant (Liu et al., 2024) for learned rotations under quantization; DartQuant (2025) for learning them
@@ -45,18 +45,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._peft import lora_parts as _lora_parts
-from .architectures import ArchitectureSpec, ModelDims, get_submodule
-from .errors import RotationError
-from .hadamard import OrthogonalTransform, derive_seed
+from .._peft import lora_parts as _lora_parts
+from ..errors import RotationError
+from ..hadamard.constructions import derive_seed
+from ..hadamard.transform import OrthogonalTransform
+from ..model.architectures import ArchitectureSpec, ModelDims, get_submodule
 
 __all__ = [
     "LEARNED_FILE",
@@ -71,8 +70,6 @@ __all__ = [
     "attach_learned",
     "record_entries",
     "resolve_learned",
-    "save_learned",
-    "load_learned",
 ]
 
 logger = logging.getLogger(__name__)
@@ -144,7 +141,7 @@ def rotation_objective(sites, rotations: dict[str, torch.Tensor], quant, *, deta
     by ``rows_total / rows_kept``. Per-channel weight quantization keeps rows independent, so a random subset is an
     unbiased estimate of the full term at a fraction of the cost (the training steps use it).
     """
-    from .quant.primitives import fake_quant
+    from ..quant.primitives import fake_quant
 
     mode = {"ste": True} if detached_scales else {"scale_grad": True}
     a_spec, w_spec = quant.activation_spec(), quant.weight_spec()
@@ -211,7 +208,7 @@ def collect_sites(model: nn.Module, spec: ArchitectureSpec, config, calibration,
     R1 sites: per layer ``attn`` (x̂ before the attention readers, ``W' = [readers] diag(g_input_norm)``) and ``mlp``
     (the same for the MLP readers); R2 site: o_proj's input and weight. Each keeps ``config.learn_tokens`` tokens.
     """
-    from .quant.calibration import _batches
+    from ..quant.calibration import _batches
 
     batches = _batches(calibration, next(model.parameters()).device)
     sampler = _Sampler(-(-config.learn_tokens // len(batches)), generator)
@@ -257,8 +254,8 @@ def learn_rotations(
     """
     if given is not None:
         return _given(config, transforms, given)
-    from .quant.calibration import check_calibration
-    from .quant.config import QuantConfig
+    from ..quant.calibration import check_calibration
+    from ..quant.config import QuantConfig
 
     if calibration is None:
         raise RotationError(
@@ -350,13 +347,13 @@ def learned_names(record) -> list[str]:
     return sorted(n for n, r in record.rotations.items() if r.get("learned"))
 
 
-def _sha256(m: torch.Tensor) -> str:
+def matrix_sha256(m: torch.Tensor) -> str:
     return hashlib.sha256(m.detach().cpu().to(torch.float64).contiguous().numpy().tobytes()).hexdigest()
 
 
 def record_entries(transforms: dict, config) -> dict:
     """The extra record fields of every learned rotation: ``{name: {"learned": True, "sha256", "file"}}``."""
-    return {n: {"learned": True, "sha256": _sha256(transforms[n].dense), "file": LEARNED_FILE} for n in config.learn}
+    return {n: {"learned": True, "sha256": matrix_sha256(transforms[n].dense), "file": LEARNED_FILE} for n in config.learn}
 
 
 def attach_learned(model: nn.Module, transforms: dict, names) -> None:
@@ -378,72 +375,8 @@ def resolve_learned(record, transforms: dict) -> dict:
             raise RotationError(
                 f"the rotation record's {name} is a learned matrix (checksum {record.rotations[name]['checksum']}) that "
                 f"this record does not hold: load the model with rolora_plugin.load_rotated(<dir>), or read the record "
-                f"with rolora_plugin.export.read_rotation_record(<dir>) (both read {LEARNED_FILE}), or take it from the "
+                f"with rolora_plugin.io.export.read_rotation_record(<dir>) (both read {LEARNED_FILE}), or take it from the "
                 "model that learned it (rolora_plugin.get_rotation_record(model))"
             )
         out[name] = held
     return out
-
-
-def save_learned(directory: str | os.PathLike, record) -> Path | None:
-    """Write the learned matrices of ``record`` as ``<directory>/rolora/learned_rotations.safetensors`` (atomic).
-
-    Returns the path, or None when nothing in the record was learned (no file is written then).
-    """
-    from safetensors.torch import save
-
-    from .publish import atomic_write_bytes
-
-    names = learned_names(record)
-    if not names:
-        return None
-    tensors = {n: t.dense.contiguous() for n, t in resolve_learned(record, {}).items() if n in names}
-    path = Path(directory) / LEARNED_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_bytes(path, save(tensors, metadata={"format": "rolora-learned-rotations"}))
-
-
-def load_learned(directory: str | os.PathLike, record, model: nn.Module | None = None) -> dict:
-    """Read and verify ``<directory>/rolora/learned_rotations.safetensors`` (older exports: ``rolora_learned_rotations.safetensors``)
-    against ``record``; ``record.learned`` then holds them.
-
-    Refuses (:class:`RotationError`) a missing file, a matrix whose sha256 differs from the record (tampered), a
-    non-orthogonal matrix (``max|RᵀR − I| > 1e-10``) or one whose transform checksum differs. Returns
-    ``{name: OrthogonalTransform}`` (empty when nothing was learned) and attaches them to ``model`` when given.
-    """
-    names = learned_names(record)
-    if not names:
-        return {}
-    path = Path(directory) / LEARNED_FILE
-    if not path.is_file() and (Path(directory) / LEGACY_LEARNED_FILE).is_file():
-        path = Path(directory) / LEGACY_LEARNED_FILE
-    if not path.is_file():
-        raise RotationError(f"{path} is missing: the rotation record says {names} were learned and their matrices live in that file; copy it along with the checkpoint")
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    try:
-        tensors = load(path.read_bytes())
-    except SafetensorError as e:
-        raise RotationError(f"{path} is not a readable safetensors file ({e}); re-export the model") from None
-    out = {n: _verified(path, n, tensors.get(n), record.rotations[n]) for n in names}
-    record.learned.update(out)
-    if model is not None:
-        attach_learned(model, out, names)
-    return out
-
-
-def _verified(path: Path, name: str, m, entry: dict) -> OrthogonalTransform:
-    if m is None:
-        raise RotationError(f"{path} holds no matrix {name!r} but the rotation record says it was learned; re-export the model")
-    if m.dtype != torch.float64 or m.shape != (entry["width"], entry["width"]):
-        raise RotationError(f"{path}: {name} is {m.dtype} {tuple(m.shape)}, expected float64 ({entry['width']}, {entry['width']})")
-    if _sha256(m) != entry.get("sha256"):
-        raise RotationError(f"{path}: {name}'s sha256 differs from the rotation record's: the file was altered (tampered or corrupted); re-export the model")
-    err = orthogonality_error(m)
-    if err > ORTHOGONALITY_TOL:
-        raise RotationError(f"{path}: {name} is not orthogonal (max|RᵀR − I| = {err:.3g} > {ORTHOGONALITY_TOL:g}); re-export the model")
-    t = learned_transform(m, entry["description"])
-    if t.checksum() != entry["checksum"]:
-        raise RotationError(f"{path}: {name}'s checksum {t.checksum()} differs from the record's {entry['checksum']}; re-export the model")
-    return t

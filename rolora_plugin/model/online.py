@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .hadamard import OrthogonalTransform
+from ..hadamard.transform import OrthogonalTransform
 
 __all__ = [
     "OnlineHadamard",
