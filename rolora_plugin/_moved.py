@@ -13,6 +13,7 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
+import types
 import warnings
 
 MOVED = {
@@ -38,8 +39,9 @@ MOVED = {
     "rolora_plugin.transform_config": "rolora_plugin.io.transform_config",
     "rolora_plugin.streaming": "rolora_plugin.io.streaming",
     "rolora_plugin.check": "rolora_plugin.io.check",
-    "rolora_plugin.callbacks": "rolora_plugin.integrations.hf_trainer",
 }
+# old modules whose names resolve on first access, so importing them imports no host framework
+LAZY = {"rolora_plugin.callbacks": "rolora_plugin.integrations.hf_trainer"}
 
 
 class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -47,13 +49,15 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         self._specs = {}
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname not in MOVED:
+        if fullname not in MOVED and fullname not in LAZY:
             return None
         return importlib.util.spec_from_loader(fullname, self)
 
     def create_module(self, spec):
-        new = MOVED[spec.name]
+        new = MOVED.get(spec.name) or LAZY[spec.name]
         warnings.warn(f"{spec.name} moved to {new} (rolora-plugin 0.2); the old path goes in the next release", DeprecationWarning, stacklevel=2)
+        if spec.name in LAZY:
+            return _lazy(spec.name, new)
         module = importlib.import_module(new)
         self._specs[spec.name] = module.__spec__
         return module
@@ -61,7 +65,21 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def exec_module(self, module) -> None:
         """The module is the new one, already executed; the import system has just set its ``__spec__`` to the
         alias's, so give it back its own."""
-        module.__spec__ = self._specs.pop(module.__spec__.name)
+        if module.__spec__.name in self._specs:
+            module.__spec__ = self._specs.pop(module.__spec__.name)
+
+
+def _lazy(old: str, new: str) -> types.ModuleType:
+    """A module ``old`` whose attributes are ``new``'s, imported on first access."""
+    module = types.ModuleType(old, f"Deprecated alias of :mod:`{new}` (names resolve on first access).")
+
+    def __getattr__(name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(importlib.import_module(new), name)
+
+    module.__getattr__ = __getattr__
+    return module
 
 
 def install() -> None:

@@ -14,14 +14,21 @@ from .errors import RotationError
 
 __all__ = [
     "active_adapters",
+    "adapter_configs",
+    "adapter_names",
+    "bare_name",
     "base_experts",
     "base_layer",
     "lora_dropouts",
     "is_lora_layer",
     "is_peft_model",
     "lora_layer_names",
+    "embedding_lora_outputs",
+    "factor_weights",
+    "is_lora_factor_name",
     "lora_parts",
     "param_lora_parts",
+    "rescale_factors_",
     "unwrap_peft",
     "uses_dora",
 ]
@@ -113,3 +120,43 @@ def param_lora_parts(module: nn.Module, name: str) -> tuple[nn.Module, list[tupl
             parts += [(module.lora_A[k], module.lora_B[k]) for k in module.lora_A]
         module = module.base_layer
     return module, parts
+
+
+def embedding_lora_outputs(module: nn.Module) -> list:
+    """The hidden-side factors (``lora_embedding_B``) of a peft LoRA embedding; none for a bare embedding."""
+    return list(getattr(module, "lora_embedding_B", {}).values())
+
+
+def is_lora_factor_name(name: str) -> bool:
+    """True for a parameter or module name inside a LoRA adapter (``...lora_A.default.weight`` and the like)."""
+    return "lora_" in name
+
+
+def bare_name(name: str) -> str:
+    """A module or parameter name as the model without peft has it (peft's ``.base_layer`` hops removed)."""
+    return name.replace(".base_layer", "")
+
+
+def adapter_configs(model: nn.Module) -> dict:
+    """``{adapter name: LoraConfig}`` of a ``PeftModel`` (empty for anything else)."""
+    return getattr(model, "peft_config", None) or {}
+
+
+def adapter_names(module: nn.Module) -> list[str]:
+    """The adapters a LoRA layer holds."""
+    return list(module.lora_A)
+
+
+def factor_weights(module: nn.Module, adapters) -> list:
+    """The ``lora_A`` and ``lora_B`` weights of ``adapters`` in a LoRA layer."""
+    return [p for n in adapters for p in (module.lora_A[n].weight, module.lora_B[n].weight)]
+
+
+def rescale_factors_(module: nn.Module, adapter: str, k: float) -> float:
+    """``A ← A/k``, ``B ← B/k``, ``scaling`` and ``lora_alpha`` × k²: the delta ``scaling·B·A`` is unchanged while
+    Adam's step on the function is multiplied by k. Returns the adapter's new ``lora_alpha``."""
+    module.lora_A[adapter].weight.div_(k)
+    module.lora_B[adapter].weight.div_(k)
+    module.scaling[adapter] *= k * k
+    module.lora_alpha[adapter] *= k * k
+    return module.lora_alpha[adapter]

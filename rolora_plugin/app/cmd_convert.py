@@ -13,23 +13,8 @@ import json
 import os
 from pathlib import Path
 
-from .checks import (
-    CLIError,
-    check_family,
-    check_int,
-    check_model_dir,
-    check_new_output_dir,
-    check_record,
-    check_seed,
-    check_token_ids,
-    check_weights_file,
-    config_errors,
-    first_line,
-    is_rotated_dir,
-    load_model_config,
-    load_tokenizer,
-    require_modules,
-)
+from .checks import (CLIError, check_family, check_int, check_model_dir, check_new_output_dir, check_record, check_seed, check_token_ids, check_weights_file,
+    config_errors, first_line, is_rotated_dir, load_model_config, load_tokenizer, require_modules)
 
 __all__ = ["cmd_export", "cmd_quantize", "cmd_rotate", "load_calibration", "load_model", "save_rotated"]
 

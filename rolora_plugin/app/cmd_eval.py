@@ -12,21 +12,8 @@ import json
 from pathlib import Path
 
 from ..io.publish import atomic_write_text
-from .checks import (
-    EVAL_EXTRA_PIP,
-    CLIError,
-    check_int,
-    check_model_dir,
-    check_output_parent,
-    check_record,
-    check_token_ids,
-    config_errors,
-    first_line,
-    is_rotated_dir,
-    load_model_config,
-    load_tokenizer,
-    require_modules,
-)
+from .checks import (EVAL_EXTRA_PIP, CLIError, check_int, check_model_dir, check_output_parent, check_record, check_token_ids, config_errors, first_line,
+    is_rotated_dir, load_model_config, load_tokenizer, require_modules)
 from .cmd_convert import load_model
 
 __all__ = ["cmd_eval", "evaluate_dir", "format_eval_table"]

@@ -2,33 +2,11 @@
 norms (:mod:`.adapters`), the training config a host reads (:mod:`.config`: ``RoLoRAConfig`` and its sections),
 and what watches a run (:mod:`.monitor`, activation statistics in :mod:`.kurtosis`).
 
-``from rolora_plugin.lora import get_rolora_peft_model`` (the module's path before the regroup) keeps working.
+``from rolora_plugin.lora import get_rolora_peft_model`` (the module's path before the regroup) keeps working:
+this package hands on what :mod:`.adapters` exports.
 """
 
-from .adapters import (
-    ALL_LINEAR,
-    EXPERTS,
-    LR_SCALES,
-    check_online_rotations,
-    get_rolora_peft_model,
-    lora_layer_names,
-    map_target_modules,
-    map_target_parameters,
-    missing_online_rotations,
-    rolora_lora_config,
-    scale_lora_lr_,
-)
+from . import adapters as _adapters
+from .adapters import *  # noqa: F401,F403  (the names of rolora_plugin.lora before it became this package)
 
-__all__ = [
-    "ALL_LINEAR",
-    "EXPERTS",
-    "map_target_modules",
-    "map_target_parameters",
-    "rolora_lora_config",
-    "get_rolora_peft_model",
-    "lora_layer_names",
-    "check_online_rotations",
-    "missing_online_rotations",
-    "LR_SCALES",
-    "scale_lora_lr_",
-]
+__all__ = list(_adapters.__all__)

@@ -217,7 +217,7 @@ def scale_lora_lr_(model: nn.Module, mode: str = "norm-rms") -> dict[str, float]
 
     import torch
 
-    from .._peft import is_lora_layer, uses_dora
+    from .._peft import adapter_configs, adapter_names, factor_weights, is_lora_layer, rescale_factors_, uses_dora
     from ..distributed import gather_params
     from ..errors import RotationError
 
@@ -240,7 +240,7 @@ def scale_lora_lr_(model: nn.Module, mode: str = "norm-rms") -> dict[str, float]
     if len(record.norm_rms) != len(layers):
         raise RotationError(f"rotation record has norm_rms for {len(record.norm_rms)} layers but the model has {len(layers)}")
     names = {id(m): n for n, m in inner.named_modules()}
-    configs = getattr(model, "peft_config", None) or {}
+    configs = adapter_configs(model)
     scaled, patterns = {}, {}
     for layer, (k_in, k_mlp) in zip(layers, record.norm_rms):
         for k, readers in ((k_in, spec.attention_inputs()), (k_mlp, spec.mlp_inputs())):
@@ -252,15 +252,10 @@ def scale_lora_lr_(model: nn.Module, mode: str = "norm-rms") -> dict[str, float]
                     raise ValueError(f"{names[id(module)]}: lora_lr_scale does not support DoRA (its magnitude vector has its own step); use 'none'")
                 key = re.escape(names[id(module)])
                 # an adapter loaded from a saved, already scaled one carries our alpha_pattern key: not again
-                todo = [n for n in module.lora_A if key not in (getattr(configs.get(n), "alpha_pattern", None) or {})]
-                params = [p for n in todo for p in (module.lora_A[n].weight, module.lora_B[n].weight)]
-                with torch.no_grad(), gather_params(params):
+                todo = [n for n in adapter_names(module) if key not in (getattr(configs.get(n), "alpha_pattern", None) or {})]
+                with torch.no_grad(), gather_params(factor_weights(module, todo)):
                     for n in todo:
-                        module.lora_A[n].weight.div_(k)
-                        module.lora_B[n].weight.div_(k)
-                        module.scaling[n] *= k * k
-                        module.lora_alpha[n] *= k * k
-                        patterns.setdefault(n, {})[key] = module.lora_alpha[n]
+                        patterns.setdefault(n, {})[key] = rescale_factors_(module, n, k)
                 module._rolora_lr_scale = k
                 if todo:
                     scaled[names[id(module)]] = k

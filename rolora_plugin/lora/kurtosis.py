@@ -45,6 +45,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._peft import bare_name, unwrap_peft
+from ..model.architectures import ArchitectureSpec, get_architecture, list_architectures
+
 __all__ = [
     "TOKEN_RATIO_EDGES",
     "ActivationMoments",
@@ -179,7 +182,7 @@ def _linear_inputs(model: nn.Module, exclude: tuple[str, ...]) -> dict[str, nn.M
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or ".lora_" in name or any(e in name for e in exclude):
             continue
-        found[name.removesuffix(".base_layer")] = module
+        found[bare_name(name)] = module
     return found
 
 
@@ -246,9 +249,6 @@ def leaf_name(name: str) -> str:
 
 def input_kinds(model: nn.Module) -> tuple[str, ...]:
     """The input kinds of ``model``'s family (a bare model or a PeftModel): ``ArchitectureSpec.input_kinds()``."""
-    from .._peft import unwrap_peft
-    from ..model.architectures import get_architecture
-
     return get_architecture(unwrap_peft(model)).input_kinds()
 
 
@@ -259,8 +259,6 @@ def kinds_from_names(names: Iterable[str]) -> tuple[str, ...]:
     share their kinds. Raises ValueError when no family, or several with different kinds, match: pass the
     kinds explicitly then (e.g. :func:`input_kinds` of the model).
     """
-    from ..model.architectures import ArchitectureSpec, list_architectures
-
     leaves = {leaf_name(n) for n in names}
     specs = [s for s in list_architectures().values() if isinstance(s, ArchitectureSpec)]  # VLMs reuse text families
     matches = {spec.input_kinds() for spec in specs if set(spec.linear_names()) <= leaves}

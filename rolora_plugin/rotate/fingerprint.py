@@ -24,7 +24,7 @@ import hashlib
 import torch
 from torch import nn
 
-from .._peft import unwrap_peft
+from .._peft import bare_name, is_lora_factor_name, unwrap_peft
 from ..distributed import gather_params
 
 __all__ = ["weights_fingerprint", "fingerprint_tensors", "Fingerprinter", "SAMPLES_PER_TENSOR"]
@@ -33,9 +33,9 @@ SAMPLES_PER_TENSOR = 64
 
 
 def _canonical_name(name: str) -> str | None:
-    if "lora_" in name or ".rolora_" in name:
+    if is_lora_factor_name(name) or ".rolora_" in name:
         return None  # adapter factors and our own online modules are not part of the base
-    return name.replace(".base_layer", "")
+    return bare_name(name)
 
 
 def _sample(p: torch.Tensor) -> bytes:

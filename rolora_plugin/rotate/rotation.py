@@ -27,8 +27,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._peft import embedding_lora_outputs, unwrap_peft
 from .._peft import lora_parts as _lora_parts
-from .._peft import unwrap_peft
 from ..config import QUANT_RECORD_KEY, RECORD_KEY, RotationConfig
 from ..distributed import gather_params
 from ..errors import RotationError
@@ -246,7 +246,7 @@ def _rotate_embedding(embed: nn.Module, cdtype, right: Callable) -> None:
     """``E ← E R``; for a peft LoRA embedding also ``B ← Rᵀ B`` (its delta ``A[ids] Bᵀ`` lands in the hidden dim)."""
     base = _lora_parts(embed)[0]
     _edit(base.weight, cdtype, right=right)
-    for b in getattr(embed, "lora_embedding_B", {}).values():
+    for b in embedding_lora_outputs(embed):
         _edit(b, cdtype, left=right)
 
 

@@ -95,7 +95,7 @@ def test_already_rotated_model_is_not_rotated_again(tmp_path):
 
 def test_import_does_not_pull_in_transformers_or_peft():
     code = (
-        "import sys, rolora_plugin.integrations.hf_trainer, rolora_plugin.io.export, rolora_plugin.lora, rolora_plugin.lora.monitor\n"
+        "import sys, rolora_plugin.callbacks, rolora_plugin.io.export, rolora_plugin.lora, rolora_plugin.lora.monitor\n"
         "import rolora_plugin.lora.config\n"
         "bad = [m for m in ('transformers', 'peft', 'accelerate', 'deepspeed') if m in sys.modules]\n"
         "assert not bad, bad"
