@@ -15,7 +15,6 @@ Public API (one import point)::
 """
 
 from . import _moved
-from .config import RotationConfig
 from .hadamard.constructions import NoHadamardError
 from .hadamard.transform import OrthogonalTransform, build_transform, hadamard_transform, hadamard_transform_ref
 from .hookspecs import hookimpl
@@ -34,6 +33,7 @@ from .quant import (
     quantize_model_,
     quantize_weight,
 )
+from .rotate.config import RotationConfig
 from .rotate.rotation import RotationError, RotationRecord, ensure_rotated, get_rotation_record, install_online_rotations, rotate_model_
 
 __version__ = "0.1.0"

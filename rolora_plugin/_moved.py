@@ -1,7 +1,7 @@
-"""One-release aliases for the module paths the regroup into layer folders changed (0.2).
+"""One-release aliases for the module paths the regroup into layer folders changed.
 
 ``import rolora_plugin.rotation`` (and ``from rolora_plugin.export import load_rotated``, and
-``from rolora_plugin import rotation``) still work: a finder at the end of ``sys.meta_path`` answers the old name
+``from rolora_plugin import rotation``) still work: a finder at the front of ``sys.meta_path`` answers the old name
 with the new module itself — the same object, so a monkeypatch through the old path reaches the code — and warns
 once with the new path. ``rolora_plugin.hadamard`` and ``rolora_plugin.lora`` are packages now that re-export
 what the modules exported, so they need no alias. Remove this file in the release after next.
@@ -55,7 +55,7 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def create_module(self, spec):
         new = MOVED.get(spec.name) or LAZY[spec.name]
-        warnings.warn(f"{spec.name} moved to {new} (rolora-plugin 0.2); the old path goes in the next release", DeprecationWarning, stacklevel=2)
+        warnings.warn(f"{spec.name} moved to {new}; the old path is kept for one release, import the new one", DeprecationWarning, stacklevel=2)
         if spec.name in LAZY:
             return _lazy(spec.name, new)
         module = importlib.import_module(new)
@@ -84,4 +84,4 @@ def _lazy(old: str, new: str) -> types.ModuleType:
 
 def install() -> None:
     if not any(isinstance(f, _Alias) for f in sys.meta_path):
-        sys.meta_path.append(_Alias())
+        sys.meta_path.insert(0, _Alias())  # before the path finder: a submodule of an aliased package is ours too

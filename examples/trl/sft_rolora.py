@@ -130,7 +130,7 @@ def build_trainer(model, tokenizer, dataset, args, *, extra_callbacks=()):
     from trl import SFTConfig, SFTTrainer
 
     from rolora_plugin import RoLoRACallback
-    from rolora_plugin.rotate.rotation import RotationConfig
+    from rolora_plugin.rotate.config import RotationConfig
     from rolora_plugin.lora.config import ExportConfig, MonitorConfig, QATConfig, RoLoRAConfig
 
     out = Path(args.out)

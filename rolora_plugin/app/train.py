@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import RotationConfig
+from ..rotate.config import RotationConfig
 from ..io.publish import OutputExistsError, atomic_output_dir, atomic_write_text
 from .assets import pad_collate, tokenize_pairs
 from .runtime import filtered_logs

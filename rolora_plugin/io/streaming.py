@@ -72,11 +72,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import QUANT_RECORD_KEY, RECORD_KEY, RotationConfig
+from ..config import QUANT_RECORD_KEY, RECORD_KEY
 from ..errors import CheckpointError, RotationError, UnsupportedArchitectureError
 from ..finite import all_finite, check_finite_output
 from ..hadamard.edits import shared_workspaces
 from ..model.architectures import ArchitectureSpec, ModelDims, get_architecture, get_submodule
+from ..rotate.config import RotationConfig
 from ..rotate.fingerprint import Fingerprinter
 from ..rotate.rotation import (
     RotationRecord,

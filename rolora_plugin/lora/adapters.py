@@ -45,8 +45,9 @@ from typing import Iterable
 from torch import nn
 
 from .._peft import lora_layer_names, unwrap_peft
-from ..config import RotationConfig, short_repr
+from ..config import short_repr
 from ..model.architectures import get_architecture, get_submodule
+from ..rotate.config import RotationConfig
 from ..rotate.rotation import check_online_rotations, ensure_rotated, get_rotation_record, missing_online_rotations
 from .config import LR_SCALES
 

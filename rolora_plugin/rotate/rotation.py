@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .._peft import embedding_lora_outputs, unwrap_peft
 from .._peft import lora_parts as _lora_parts
-from ..config import QUANT_RECORD_KEY, RECORD_KEY, RotationConfig
+from ..config import QUANT_RECORD_KEY, RECORD_KEY
 from ..distributed import gather_params
 from ..errors import RotationError
 from ..finite import all_finite, check_finite_output, nonfinite_advice
@@ -46,6 +46,7 @@ from ..model.online import (
     remove_online_rotations,
 )
 from ..plugins import get_plugin_manager
+from .config import RotationConfig
 from .fingerprint import weights_fingerprint
 from .learned import attach_learned, held_learned, learn_rotations, learned_names, record_entries, resolve_learned
 from .moe import check_attention_clip, check_moe_layer, has_moe_online, install_moe_online, moe_rotations, rotate_moe_mlp
