@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from rolora_plugin.app.train import OPTIMIZERS, FinetuneSettings, cosine_warmup
 from rolora_plugin.io.publish import atomic_output_dir, atomic_write_text
 
 __all__ = [
@@ -85,7 +86,6 @@ FP4_SETTINGS = tuple(f"{fmt}-{m}" for fmt in FP4_FORMATS for m in ("rtn", "gptq"
 ALL_SETTINGS = EVAL_SETTINGS + FP4_SETTINGS
 CALIBRATED = ("gptq", "nvfp4-rtn", "nvfp4-gptq", "mxfp4-gptq")  # evaluations that read the calibration chunks
 LR_SCALES = ("none", "norm-rms")
-OPTIMIZERS = {"adamw": {}, "sgd": {"optim": "sgd", "optim_args": "momentum=0.9"}}  # TrainingArguments fields
 LORA_COORDS = ("rotated", "unfolded")  # how RoLoRA's A is parametrised (the FP-gap experiment, see _UnfoldGain)
 CACHE_VERSION = 1
 
@@ -148,6 +148,20 @@ class RunSettings:
         return _digest({"train": self.train_key(), "setting": setting, "ppl": [self.ppl_chunks, self.ppl_seq_len],
                         "calib": [self.calib_chunks, self.calib_seq_len] if setting in CALIBRATED else None,
                         "tasks": self.task_limit, **({"post_rotation": "R1+R4"} if self.method in POSTHOC else {})})  # fmt: skip
+
+    def finetune_settings(self) -> FinetuneSettings:
+        """The training of this run in the shared harness (:func:`rolora_plugin.app.train.finetune`): the LoRA
+        init and the data order from ``seed``, AdamW (or ``optimizer``) with cosine decay after the warm-up, loss
+        logged every step; RoLoRA rotates R1+R4 with ``seed``, QAT per :data:`METHODS`."""
+        from rolora_plugin import RotationConfig
+
+        rotate, qat = METHODS[self.method]
+        lora = {"r": self.rank, "lora_alpha": self.alpha, "target_modules": TARGETS[self.targets], "lora_dropout": 0.0}
+        return FinetuneSettings(steps=self.steps, lr=self.lr, batch_size=self.batch_size, seed=self.seed, lora=lora,
+                                rotation=RotationConfig(seed=self.seed) if rotate else None, data_seed=self.seed,
+                                qat={"enabled": True, "preset": qat} if isinstance(qat, str) else {"enabled": qat},
+                                lora_lr_scale=self.lr_scale, optimizer=self.optimizer, logging_steps=1,
+                                **cosine_warmup(self.steps))  # fmt: skip
 
     def label(self) -> str:
         scale = "" if self.lr_scale == "none" else f"/lr×{self.lr_scale}"
@@ -360,30 +374,6 @@ def _curve_callback(data: Data, every: int, sink: list, fp4: str | None = None):
     return Curves()
 
 
-def _plain_qat_callback():
-    """QAT for the unrotated LoRA runs: the same fake-quant forward RoLoRACallback installs (QATConfig defaults)."""
-    from transformers import TrainerCallback
-
-    from rolora_plugin.quant import enable_fake_quant_
-    from rolora_plugin.lora.config import QATConfig
-
-    qat = QATConfig(enabled=True)
-
-    class PlainQAT(TrainerCallback):
-        handle = None
-
-        def on_step_begin(self, args, state, control, model=None, **kwargs):
-            if self.handle is None:
-                self.handle = enable_fake_quant_(model, qat.quant, qat.targets)
-
-        def on_train_end(self, args, state, control, **kwargs):
-            if self.handle is not None:
-                self.handle.remove()
-                self.handle = None
-
-    return PlainQAT()
-
-
 class _RightFactor(torch.nn.Module):
     """``weight = Â @ M`` for a fixed M (torch parametrisation); ``right_inverse`` gives the initial ``Â``."""
 
@@ -444,44 +434,19 @@ def _unfold_gain_callback(s: RunSettings):
     return UnfoldGain()
 
 
-def _callbacks(s: RunSettings) -> list:
-    from rolora_plugin import RoLoRACallback, RotationConfig
-    from rolora_plugin.lora.config import RoLoRAConfig
-
-    rotate, qat = METHODS[s.method]
-    if rotate:
-        qat_cfg = {"enabled": True, "preset": qat} if isinstance(qat, str) else {"enabled": qat}  # FP4: QATConfig(preset=)
-        cfg = RoLoRAConfig(rotation=RotationConfig(seed=s.seed), monitor={"every_n_steps": 0}, qat=qat_cfg,
-                           lora_lr_scale=s.lr_scale)  # fmt: skip
-        return [RoLoRACallback(cfg)] + ([_unfold_gain_callback(s)] if s.lora_coords == "unfolded" else [])
-    return [_plain_qat_callback()] if qat else []
-
-
-def _train(s: RunSettings, data: Data, workdir: Path):
-    """The fine-tune; returns (trainer, curves). Optimizer as examples/hf_trainer_rolora.py (AdamW, cosine), or
-    ``optimizer="sgd"``: SGD with momentum 0.9 (the FP-gap control: under SGD the rotation drops out of the
-    trajectory and only the folded gain acts, tests/core/test_lora_geometry.py)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainingArguments, set_seed
-
-    from rolora_plugin.app.assets import load_smollm2, pad_collate
+def _train(s: RunSettings, data: Data):
+    """The fine-tune, in the shared harness (:meth:`RunSettings.finetune_settings`), with the curve measurements (and the
+    FP-gap experiment's re-parametrisation) as extra callbacks; returns (trainer, curves). ``optimizer="sgd"``:
+    SGD with momentum 0.9 (the FP-gap control: under SGD the rotation drops out of the trajectory and only the
+    folded gain acts, tests/core/test_lora_geometry.py)."""
+    from rolora_plugin.app.assets import load_smollm2
+    from rolora_plugin.app.train import finetune
 
     model, tok = load_smollm2(torch.float32)
-    set_seed(s.seed)  # the same LoRA init for the four methods at one seed
-    lora = LoraConfig(r=s.rank, lora_alpha=s.alpha, target_modules=TARGETS[s.targets], lora_dropout=0.0, task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, lora)
     curves: list = []
-    args = TrainingArguments(
-        output_dir=str(workdir), max_steps=s.steps, per_device_train_batch_size=s.batch_size, learning_rate=s.lr,
-        lr_scheduler_type="cosine", warmup_steps=min(10, s.steps // 10), logging_steps=1, save_strategy="no",
-        report_to=[], use_cpu=True, disable_tqdm=True, seed=s.seed, data_seed=s.seed, weight_decay=0.0,
-        dataloader_num_workers=0, **OPTIMIZERS[s.optimizer],
-    )  # fmt: skip
     fp4 = METHODS[s.method][1] if isinstance(METHODS[s.method][1], str) else None
-    callbacks = _callbacks(s) + [_curve_callback(data, s.eval_every, curves, fp4)]
-    trainer = Trainer(model=peft_model, args=args, train_dataset=data.train, callbacks=callbacks,
-                      data_collator=lambda feats: pad_collate(feats, tok.pad_token_id))  # fmt: skip
-    trainer.train()
+    extra = [_unfold_gain_callback(s)] if s.lora_coords == "unfolded" else []
+    trainer = finetune(model, tok, data.train, s.finetune_settings(), callbacks=[*extra, _curve_callback(data, s.eval_every, curves, fp4)])
     return trainer, curves
 
 
@@ -524,13 +489,10 @@ def _base_stage(s: RunSettings) -> dict:
 
 
 def _train_stage(s: RunSettings, data: Data) -> dict:
-    import tempfile
-
     if s.method == "base":
         return _base_stage(s)
     t0, c0 = time.perf_counter(), time.process_time()
-    with tempfile.TemporaryDirectory(prefix="ft-table-") as work:
-        trainer, curves = _train(s, data, Path(work))
+    trainer, curves = _train(s, data)
     losses = [(r["step"], r["loss"]) for r in trainer.state.log_history if "loss" in r]
     if not all(math.isfinite(v) for _, v in losses):
         raise RuntimeError(f"{s.label()}: training loss is not finite; lower the learning rate")

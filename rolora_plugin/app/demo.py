@@ -38,20 +38,21 @@ import math
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ..config import ConfigMixin, RotationConfig
+from ..config import Config, spec
 from ..io.publish import atomic_write_text
 from ..lora.kurtosis import activation_stats, input_kinds, summarize_by_kind
 from ..metrics import batches_perplexity, perplexity
-from ..quant.config import SERVABLE_PRESETS
+from ..quant.config import SERVABLE_PRESETS, QuantConfig
+from ..rotate.config import RotationConfig
 from .assets import pad_collate, tokenize_pairs
 from .plots import write_plots
-from .train import finetune, loss_curve, pad_id, smoothed_loss
+from .train import FinetuneSettings, finetune, loss_curve, pad_id, smoothed_loss
 
 __all__ = ["DemoConfig", "format_demo_table", "recipe_name", "response_perplexity", "run_demo"]
 
@@ -66,47 +67,49 @@ CONSUMER_REL = 1e-4  # relative logit error under which the consumer computed th
 # ---------------------------------------------------------------------------------------------- configs
 
 
+def _bits(bits) -> bool:
+    return all(isinstance(b, int) and not isinstance(b, bool) and 2 <= b <= 8 for b in bits)
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def _pos(default: int):
+    return spec(default, kind=int, min=1, what="a positive int")
+
+
 @dataclass
-class DemoConfig(ConfigMixin):
+class DemoConfig(Config):
     """Sizes of every stage of :func:`run_demo`. Use :meth:`for_size` for the presets."""
 
-    size: str = "small"
-    ppl_chunks: int = 4
-    seq_len: int = 256
-    stats_chunks: int = 1
-    quant_bits: list = field(default_factory=lambda: [6, 4])
-    method: str = "rtn"
-    clip_search: bool = False
-    calib_chunks: int = 16
-    rotation: dict = field(default_factory=lambda: {"r1": True, "r2": True, "r4": True})
-    train_steps: int = 30
-    train_examples: int = 300
-    eval_examples: int = 32
-    train_seq_len: int = 128
-    batch_size: int = 4
-    learning_rate: float = 3e-4
-    lora_r: int = 16
-    lora_alpha: int = 16
-    lora_targets: list = field(default_factory=lambda: ["q_proj", "v_proj"])
-    limit: int = 0
-    compare_recipes: list = field(default_factory=list)
-    servable: list = field(default_factory=lambda: ["w4a4-int", "nvfp4"])
-    servable_overrides: dict = field(default_factory=dict)
-    keep_exports: bool = False
-    seed: int = 0
-    cache_dir: str | None = None
+    size: str = spec("small", choices=SIZES, what=f"one of {SIZES}")
+    ppl_chunks: int = _pos(4)
+    seq_len: int = _pos(256)
+    stats_chunks: int = _pos(1)
+    quant_bits: list = spec(factory=lambda: [6, 4], kind=list, nonempty=True, check=_bits, must="list W=A bit-widths in 2..8")
+    method: str = spec("rtn", choices=("rtn", "gptq"))
+    clip_search: bool = spec(False, kind=bool)
+    calib_chunks: int = _pos(16)
+    rotation: dict = spec(factory=lambda: {"r1": True, "r2": True, "r4": True}, kind=dict)  # RotationConfig fields but seed
+    train_steps: int = _pos(30)
+    train_examples: int = _pos(300)
+    eval_examples: int = _pos(32)
+    train_seq_len: int = _pos(128)
+    batch_size: int = _pos(4)
+    learning_rate: float = spec(3e-4, kind=float, gt=0)
+    lora_r: int = _pos(16)
+    lora_alpha: int = spec(16, check=_positive, what="a number > 0")
+    lora_targets: list = spec(factory=lambda: ["q_proj", "v_proj"], kind=list, nonempty=True, items=str)
+    limit: int = spec(0, kind=int, min=0, what=">= 0 (0 skips the zero-shot tasks)")
+    compare_recipes: list = spec(factory=list, kind=list, items=str)
+    servable: list = spec(factory=lambda: ["w4a4-int", "nvfp4"], kind=list, items=str)
+    servable_overrides: dict = spec(factory=dict, kind=dict)
+    keep_exports: bool = spec(False, kind=bool)
+    seed: int = spec(0, kind=int, min=0)
+    cache_dir: str | None = spec(None, kind=str, optional=True)
 
-    def __post_init__(self):
-        if self.size not in SIZES:
-            raise ValueError(f"DemoConfig.size must be one of {SIZES}, got {self.size!r}")
-        for name in ("ppl_chunks", "seq_len", "stats_chunks", "train_steps", "train_examples", "eval_examples",
-                     "train_seq_len", "batch_size", "lora_r", "calib_chunks"):  # fmt: skip
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"DemoConfig.{name} must be a positive int, got {getattr(self, name)!r}")
-        if self.limit < 0:
-            raise ValueError(f"DemoConfig.limit must be >= 0 (0 skips the zero-shot tasks), got {self.limit}")
-        if self.method not in ("rtn", "gptq"):
-            raise ValueError(f"DemoConfig.method must be 'rtn' or 'gptq', got {self.method!r}")
+    def _check(self) -> None:
         unknown = [r for r in self.compare_recipes if r not in RECIPES]
         if unknown:
             raise ValueError(f"DemoConfig.compare_recipes: unknown recipe(s) {unknown}; choose among {sorted(RECIPES)}")
@@ -114,11 +117,7 @@ class DemoConfig(ConfigMixin):
         if unknown:
             raise ValueError(f"DemoConfig.servable: {unknown} are not servable presets; choose among {list(SERVABLE_PRESETS)}")
         if self.servable:
-            from ..quant.config import QuantConfig
-
             QuantConfig.preset(self.servable[0], **self.servable_overrides)  # validates the overrides
-        if not self.quant_bits or any(not 2 <= b <= 8 for b in self.quant_bits):
-            raise ValueError(f"DemoConfig.quant_bits must list W=A bit-widths in 2..8, got {self.quant_bits!r}")
         self.rotation_config()  # validates
 
     def needs_calibration(self) -> bool:
@@ -246,9 +245,10 @@ def _finetune_pair(base, tok, cfg: DemoConfig, chunks, calib, split: tuple[list,
     out = {"train_examples": len(train), "eval_examples": len(held_out),
            "base_fp_response_ppl": response_perplexity(base, tok, held_out)}  # before any fine-tune  # fmt: skip
     for name, rolora in (("lora", False), ("rolora", True)):
-        trainer = finetune(copy.deepcopy(base), tok, train, rolora=rolora, steps=cfg.train_steps, lr=cfg.learning_rate,
-                           batch_size=cfg.batch_size, seed=cfg.seed, lora=lora, warmup_steps=min(5, cfg.train_steps // 4),
-                           rotation=cfg.rotation_config() if rolora else None)  # fmt: skip
+        settings = FinetuneSettings(steps=cfg.train_steps, lr=cfg.learning_rate, batch_size=cfg.batch_size, seed=cfg.seed,
+                                    lora=lora, warmup_steps=min(5, cfg.train_steps // 4),
+                                    rotation=cfg.rotation_config() if rolora else None)  # fmt: skip
+        trainer = finetune(copy.deepcopy(base), tok, train, settings)
         merged = trainer.model.merge_and_unload().eval()
         if rolora and cfg.servable:
             kept = copy.deepcopy(merged)  # _evaluate_merged quantizes ``merged`` in place

@@ -1,5 +1,7 @@
 """``rolora train``: a small :class:`TrainConfig` (YAML/JSON) → LoRA or RoLoRA fine-tune → adapter, merged export
-and training log, published atomically; and :func:`finetune`, the Trainer run the demo shares.
+and training log, published atomically; and the one fine-tune harness: :class:`FinetuneSettings` → :func:`finetune`
+(:func:`build_trainer`: peft LoRA, ``TrainingArguments``, ``transformers.Trainer``), which ``rolora train``, the
+demo, ``benchmarks/finetune_table.py`` and ``examples/hf_trainer_rolora.py`` share.
 
 RoLoRA = the plain LoRA run plus :class:`rolora_plugin.RoLoRACallback`, which rotates the PeftModel (LoRA A/B with
 it) in ``on_init_end``, before the optimizer exists.
@@ -36,6 +38,8 @@ import math
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -48,11 +52,18 @@ from .runtime import filtered_logs
 from .train_config import SEED_LIMIT, TrainConfig, TrainInputError, _overlap, check_checkpoint_dir, checkpoint_root  # noqa: F401 (re-exported)
 
 __all__ = [
+    "OPTIMIZERS",
+    "FinetuneSettings",
     "TrainConfig",
     "TrainInputError",
+    "attach_lora",
+    "build_trainer",
     "check_checkpoint_dir",
     "checkpoint_root",
+    "cosine_warmup",
+    "data_collator",
     "finetune",
+    "finetune_settings",
     "latest_checkpoint",
     "load_base_model",
     "load_pairs",
@@ -60,7 +71,9 @@ __all__ = [
     "pad_id",
     "remove_checkpoints",
     "run_training",
+    "settings_callbacks",
     "smoothed_loss",
+    "training_arguments",
 ]
 
 logger = logging.getLogger(__name__)
@@ -139,53 +152,127 @@ def load_base_model(model: str, cache_dir: str | None = None, dtype=torch.float3
 # ---------------------------------------------------------------------------------------------- training
 
 
-def finetune(model, tok, train: list[dict], *, rolora: bool, steps: int, lr: float, batch_size: int, seed: int,
-             lora: dict, rotation: RotationConfig | None = None, qat: dict | None = None, grad_accum: int = 1,
-             warmup_steps: int = 0, logging_steps: int = 1, output_dir: str | None = None, save_steps: int = 0,
-             resume_from: str | None = None):  # fmt: skip
-    """LoRA (``rolora=False``) or RoLoRA fine-tune of ``model`` with ``transformers.Trainer``; returns the Trainer.
+OPTIMIZERS = {"adamw": {}, "sgd": {"optim": "sgd", "optim_args": "momentum=0.9"}}  # name -> TrainingArguments fields
 
-    ``train``: :func:`~.assets.tokenize_pairs` rows. ``lora``: r, lora_alpha, target_modules, lora_dropout. Both
-    runs draw the same LoRA initialisation (``set_seed(seed)`` before ``get_peft_model``). ``save_steps > 0``:
-    checkpoints every ``save_steps`` steps and at the last one into ``output_dir`` (two kept); ``resume_from``: a
-    checkpoint folder to continue from (optimizer, scheduler, RNG and data position restored by the Trainer).
+
+@dataclass
+class FinetuneSettings:
+    """What turns a model and tokenized rows into a trained PeftModel: the one fine-tune harness behind ``rolora
+    train``, ``rolora demo``, ``benchmarks/finetune_table.py`` and ``examples/hf_trainer_rolora.py``.
+
+    Args:
+        steps, lr, batch_size: optimizer steps, peak learning rate, rows per device step.
+        seed: ``set_seed(seed)`` right before ``get_peft_model`` (runs at one seed draw the same LoRA
+            initialisation, LoRA or RoLoRA) and the Trainer's seed.
+        lora: keyword arguments of :func:`rolora_plugin.rolora_lora_config` (r, lora_alpha, target_modules, ...).
+        rotation: None = plain LoRA; a :class:`RotationConfig` = RoLoRA: :func:`build_trainer` adds a
+            :class:`~rolora_plugin.RoLoRACallback` with it (monitor off), which rotates before the optimizer exists.
+        qat: a :class:`~rolora_plugin.QATConfig` or its fields. RoLoRA hands it to the callback; a plain LoRA run
+            with ``enabled`` gets the same fake-quant forward from its first step.
+        lora_lr_scale: ``RoLoRAConfig.lora_lr_scale`` of a RoLoRA run.
+        schedule: the Trainer's ``lr_scheduler_type`` after ``warmup_steps`` (:func:`cosine_warmup`: cosine).
+        optimizer: a key of :data:`OPTIMIZERS` (``"adamw"``: the Trainer's default AdamW; ``"sgd"``: momentum 0.9).
+        data_seed: the Trainer's ``data_seed`` (None: the data order follows ``seed``).
+        save_steps: checkpoint every n steps and at the last step (two kept); 0 = no checkpoints.
     """
+
+    steps: int
+    lr: float
+    batch_size: int
+    seed: int
+    lora: dict
+    rotation: RotationConfig | None = None
+    qat: object = None
+    lora_lr_scale: str = "none"
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    logging_steps: int = 1
+    schedule: str = "constant_with_warmup"
+    optimizer: str = "adamw"
+    data_seed: int | None = None
+    save_steps: int = 0
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {sorted(OPTIMIZERS)}")
+
+
+def cosine_warmup(steps: int) -> dict:
+    """The schedule of the example and the benchmark: cosine decay after ``min(10, steps // 10)`` warm-up steps
+    (``FinetuneSettings(..., **cosine_warmup(steps))``)."""
+    return {"schedule": "cosine", "warmup_steps": min(10, steps // 10)}
+
+
+def finetune_settings(cfg: TrainConfig) -> FinetuneSettings:
+    """The fine-tune of ``rolora train``: constant learning rate after the warm-up, data order from ``seed``."""
+    return FinetuneSettings(steps=cfg.max_steps, lr=cfg.learning_rate, batch_size=cfg.batch_size, seed=cfg.seed,
+                            lora=cfg.lora_kwargs(), rotation=cfg.rotation_config() if cfg.rotate else None, qat=cfg.qat,
+                            grad_accum=cfg.grad_accum, warmup_steps=cfg.warmup_steps, logging_steps=cfg.logging_steps,
+                            save_steps=cfg.save_steps)  # fmt: skip
+
+
+def finetune(model, tok, train: list[dict], settings: FinetuneSettings, *, callbacks=(), output_dir: str | None = None,
+             resume_from: str | None = None):  # fmt: skip
+    """LoRA or RoLoRA fine-tune of ``model`` per ``settings`` (:func:`build_trainer`, one tqdm bar showing the
+    loss); returns the trained Trainer. ``train``: :func:`~.assets.tokenize_pairs` rows. ``callbacks``: more
+    Trainer callbacks, after the settings' own. ``output_dir``: the Trainer's folder (checkpoints); None = a
+    temporary one. ``resume_from``: a checkpoint folder to continue from (optimizer, scheduler, RNG and data
+    position restored by the Trainer).
+    """
+    with contextlib.ExitStack() as stack:
+        if output_dir is None:
+            output_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="rolora-train-"))
+        trainer = build_trainer(model, tok, train, settings, output_dir, callbacks)
+        _quiet_progress(trainer, "LoRA fine-tune" if settings.rotation is None else "RoLoRA fine-tune")
+        trainer.train(resume_from_checkpoint=resume_from)
+    return trainer
+
+
+def build_trainer(model, tok, train: list[dict], settings: FinetuneSettings, output_dir: str, callbacks=()):
+    """The ``transformers.Trainer`` of a fine-tune, not yet trained: :func:`attach_lora`, :func:`training_arguments`,
+    :func:`data_collator`; callbacks: a RoLoRA run's :class:`~rolora_plugin.RoLoRACallback` (or a LoRA run's QAT),
+    then ``callbacks``, then (``save_steps``) one that checkpoints the last step too."""
+    from transformers import Trainer
+
+    peft_model = attach_lora(model, settings)
+    callbacks = [*settings_callbacks(settings), *callbacks, *([_save_last_step()] if settings.save_steps else [])]
+    return Trainer(model=peft_model, args=training_arguments(settings, output_dir), train_dataset=train,
+                   data_collator=data_collator(tok), callbacks=callbacks)  # fmt: skip
+
+
+def attach_lora(model, settings: FinetuneSettings):
+    """``get_peft_model(model, rolora_lora_config(model, **settings.lora))`` right after ``set_seed(settings.seed)``;
+    unusable LoRA settings raise :class:`TrainInputError`."""
     from peft import get_peft_model
     from transformers import set_seed
 
     from .. import rolora_lora_config
 
-    set_seed(seed)
+    set_seed(settings.seed)
     try:
-        peft_model = get_peft_model(model, rolora_lora_config(model, **lora))
+        return get_peft_model(model, rolora_lora_config(model, **settings.lora))
     except ValueError as e:  # unknown target names, invalid LoRA settings
         raise TrainInputError(f"LoRA settings (lora_targets, lora_r, lora_alpha, lora_dropout): {e}") from None
-    callbacks = [_rolora_callback(rotation, qat)] if rolora else []
-    with contextlib.ExitStack() as stack:
-        if output_dir is None:
-            output_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="rolora-train-"))
-        trainer = _trainer(peft_model, tok, train, callbacks, output_dir, steps=steps, lr=lr, batch_size=batch_size,
-                           grad_accum=grad_accum, warmup_steps=warmup_steps, logging_steps=logging_steps, seed=seed,
-                           save_steps=save_steps)  # fmt: skip
-        _quiet_progress(trainer, "RoLoRA fine-tune" if rolora else "LoRA fine-tune")
-        trainer.train(resume_from_checkpoint=resume_from)
-    return trainer
 
 
-def _trainer(peft_model, tok, train, callbacks, output_dir: str, *, steps, lr, batch_size, grad_accum, warmup_steps,
-             logging_steps, seed, save_steps):  # fmt: skip
-    from transformers import Trainer, TrainingArguments
+def training_arguments(settings: FinetuneSettings, output_dir: str):
+    """``TrainingArguments`` of a fine-tune on the CPU: no weight decay, no reporting, no tqdm (the Trainer
+    prints its logs; :func:`finetune` shows one bar instead)."""
+    from transformers import TrainingArguments
 
-    saving = {"save_strategy": "steps", "save_steps": save_steps, "save_total_limit": 2} if save_steps else {"save_strategy": "no"}
-    args = TrainingArguments(
-        output_dir=output_dir, max_steps=steps, learning_rate=lr, per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=grad_accum, warmup_steps=warmup_steps, logging_steps=logging_steps,
-        report_to="none", use_cpu=True, seed=seed, weight_decay=0.0, lr_scheduler_type="constant_with_warmup",
-        dataloader_num_workers=0, **saving,
+    s = settings
+    saving = {"save_strategy": "steps", "save_steps": s.save_steps, "save_total_limit": 2} if s.save_steps else {"save_strategy": "no"}
+    return TrainingArguments(
+        output_dir=output_dir, max_steps=s.steps, learning_rate=s.lr, per_device_train_batch_size=s.batch_size,
+        gradient_accumulation_steps=s.grad_accum, warmup_steps=s.warmup_steps, logging_steps=s.logging_steps,
+        lr_scheduler_type=s.schedule, weight_decay=0.0, seed=s.seed, data_seed=s.data_seed, report_to="none",
+        use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, **OPTIMIZERS[s.optimizer], **saving,
     )  # fmt: skip
-    callbacks = callbacks + ([_save_last_step()] if save_steps else [])
-    return Trainer(model=peft_model, args=args, train_dataset=train, callbacks=callbacks,
-                   data_collator=lambda feats: pad_collate(feats, pad_id(tok)))  # fmt: skip
+
+
+def data_collator(tok):
+    """:func:`~.assets.pad_collate` with the tokenizer's pad id (:func:`pad_id`)."""
+    return partial(pad_collate, pad_id=pad_id(tok))
 
 
 def _save_last_step():
@@ -225,10 +312,37 @@ def _quiet_progress(trainer, desc: str) -> None:
     trainer.add_callback(_LossBar())
 
 
-def _rolora_callback(rotation: RotationConfig | None, qat: dict | None):
-    from .. import RoLoRACallback, RoLoRAConfig
+def settings_callbacks(settings: FinetuneSettings) -> list:
+    """A RoLoRA run: its RoLoRACallback (monitor off). A LoRA run: the fake-quant forward if QAT is enabled."""
+    from .. import QATConfig, RoLoRACallback, RoLoRAConfig
 
-    return RoLoRACallback(RoLoRAConfig(rotation=rotation, monitor={"every_n_steps": 0}, qat=qat or {}))
+    if settings.rotation is not None:
+        config = RoLoRAConfig(rotation=settings.rotation, monitor={"every_n_steps": 0}, qat=settings.qat or {},
+                              lora_lr_scale=settings.lora_lr_scale)  # fmt: skip
+        return [RoLoRACallback(config)]
+    qat = settings.qat if isinstance(settings.qat, QATConfig) else QATConfig.from_dict(dict(settings.qat or {}))
+    return [_plain_qat(qat)] if qat.enabled else []
+
+
+def _plain_qat(qat):
+    """QAT of an unrotated LoRA run: the fake-quant forward RoLoRACallback installs, from the first step on."""
+    from transformers import TrainerCallback
+
+    from ..quant import enable_fake_quant_
+
+    class PlainQAT(TrainerCallback):
+        handle = None
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if self.handle is None:
+                self.handle = enable_fake_quant_(model, qat.quant, qat.targets)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.handle is not None:
+                self.handle.remove()
+                self.handle = None
+
+    return PlainQAT()
 
 
 def loss_curve(trainer) -> list[tuple[int, float]]:
@@ -384,11 +498,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     if cfg.save_steps:
         root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(root / RUN_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
-    trainer = finetune(model, tok, train, rolora=cfg.rotate, steps=cfg.max_steps, lr=cfg.learning_rate,
-                       batch_size=cfg.batch_size, seed=cfg.seed, lora=cfg.lora_kwargs(), grad_accum=cfg.grad_accum,
-                       rotation=cfg.rotation_config() if cfg.rotate else None, qat=cfg.qat,
-                       warmup_steps=cfg.warmup_steps, logging_steps=cfg.logging_steps,
-                       output_dir=str(root) if cfg.save_steps else None, save_steps=cfg.save_steps,
+    trainer = finetune(model, tok, train, finetune_settings(cfg), output_dir=str(root) if cfg.save_steps else None,
                        resume_from=str(start) if start else None)  # fmt: skip
     _check_finite(trainer, root if cfg.save_steps else None)
     with atomic_output_dir(out) as tmp, _hide_staging_paths(tmp):

@@ -15,6 +15,7 @@ import _finetune as ft  # noqa: E402
 import finetune_table  # noqa: E402
 
 from rolora_plugin import QuantConfig  # noqa: E402
+from rolora_plugin.app.train import settings_callbacks  # noqa: E402
 from rolora_plugin.lora.config import fake_quant_preset  # noqa: E402
 
 
@@ -36,9 +37,9 @@ def test_fp4_plans_lora_rolora_and_rolora_qat_nvfp4_with_the_nvfp4_evaluations()
 
 
 def test_fp4_method_trains_with_the_preset_and_evaluations_use_the_presets():
-    (callback,) = ft._callbacks(ft.RunSettings(method="rolora-qat-nvfp4", targets="qv", seed=0))
+    (callback,) = settings_callbacks(ft.RunSettings(method="rolora-qat-nvfp4", targets="qv", seed=0).finetune_settings())
     assert callback.config.qat.enabled and callback.config.qat.quant == fake_quant_preset("nvfp4")
-    assert ft._callbacks(ft.RunSettings(method="rolora-qat", targets="qv", seed=0))[0].config.qat.preset is None  # int W4A4
+    assert settings_callbacks(ft.RunSettings(method="rolora-qat", targets="qv", seed=0).finetune_settings())[0].config.qat.preset is None  # int W4A4
     assert ft.eval_quant("nvfp4-gptq") == QuantConfig.preset("nvfp4")
     assert ft.eval_quant("nvfp4-rtn") == QuantConfig.preset("nvfp4", method="rtn", w_clip_search=False)
     assert ft.eval_quant("mxfp4-rtn").w_format == "mxfp4" and ft.eval_quant("fp") is None
