@@ -1,24 +1,43 @@
-"""Configuration dataclasses. Each validates itself and round-trips through dict / JSON."""
+"""The one base of every config class: declarative field checks, typed nested sections, dict / JSON round trip.
+
+A config is a dataclass deriving from :class:`Config` whose fields are declared with :func:`spec`: the type, range,
+choices and whether None is allowed sit next to the field, and the base's ``__post_init__`` checks them in field
+order, with one message form ``<Class>.<field> must be <what>, got <value>``. Rules between fields stay in a small
+per-class ``_check`` method, run after the field checks. A field whose ``kind`` is another config class is a
+**section**: a mapping is built with that class's :meth:`~Config.from_dict`, :meth:`~Config.to_dict` writes it back
+as a mapping. ``from_dict`` refuses unknown keys and lists the valid ones. Example::
+
+    >>> from dataclasses import dataclass
+    >>> @dataclass
+    ... class Tiny(Config):
+    ...     steps: int = spec(10, kind=int, min=1)
+    ...     mode: str = spec("fast", choices=("fast", "exact"))
+    >>> Tiny.from_dict({"steps": 3}).to_dict()
+    {'steps': 3, 'mode': 'fast'}
+    >>> Tiny(steps=True)
+    Traceback (most recent call last):
+    ...
+    ValueError: Tiny.steps must be an int >= 1, got True
+
+This module is the foundation layer: it imports nothing from the rest of rolora_plugin. The configs live with their
+layer (``rotate.config.RotationConfig``, ``quant.config.QuantConfig``, ``lora.config``, ``app.train_config``).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import reprlib
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, ClassVar
 
-__all__ = ["RotationConfig", "ConfigMixin", "RECORD_KEY", "QUANT_RECORD_KEY", "ROTATION_PRESETS", "LEARNABLE", "short_repr"]
+__all__ = ["Config", "ConfigMixin", "FieldSpec", "spec", "RECORD_KEY", "QUANT_RECORD_KEY", "short_repr", "unknown_keys"]
 
 RECORD_KEY = "rolora"  # model.config.<RECORD_KEY>: the rotation record (rolora_plugin.rotate.rotation)
 QUANT_RECORD_KEY = "rolora_quant"  # model.config.<QUANT_RECORD_KEY>: the quantization record (rolora_plugin.quant)
-LEARNABLE = ("r1", "r2")  # rotations rolora_plugin.rotate.learned can optimise on calibration data
 
-# name -> RotationConfig fields; "w4a4" measured in benchmarks/learned_rotation.py and benchmarks/RESULTS.md
-ROTATION_PRESETS = {
-    "default": {},
-    "w4a4": dict(r2=True, learn=("r1", "r2")),  # needs calibration= in rotate_model_
-    "w4a4-hadamard": dict(r2=True),  # the same rotations without learning (no calibration data needed)
-}
+_SPEC = "rolora_spec"  # the dataclasses.field metadata key holding a FieldSpec
 
 
 _repr = reprlib.Repr()
@@ -41,20 +60,188 @@ def unknown_keys(data: dict, known: set) -> list[str]:
     return sorted(short_repr(k) if not isinstance(k, str) else k for k in data if k not in known)
 
 
-class ConfigMixin:
-    """``to_dict`` / ``from_dict`` / ``to_json`` / ``from_json`` for flat dataclass configs."""
+# ---------------------------------------------------------------------------------------------- field specs
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+
+def _is_config(kind) -> bool:
+    return isinstance(kind, type) and issubclass(kind, Config)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """What one field accepts (build it with :func:`spec`). Checked in this order: None (``optional``), ``parse``,
+    ``kind`` (bool is never an int or a float; a float field takes ints and stores a float; list / tuple fields take
+    either and store ``kind``; a config class takes an instance or a mapping), ``items``, ``choices``, the bounds
+    ``min <= v <= max`` and ``gt < v < lt``, then ``check(v)``. ``what`` overrides the generated description,
+    ``must`` the whole phrase after "must"."""
+
+    kind: Any = None
+    min: float | None = None
+    max: float | None = None
+    gt: float | None = None
+    lt: float | None = None
+    choices: tuple | None = None
+    optional: bool = False
+    items: Any = None  # a type or a FieldSpec every element of a list / tuple field must satisfy
+    nonempty: bool = False
+    check: Callable | None = None  # value -> bool, after the above
+    parse: Callable | None = None  # value -> value, before the above (e.g. numeric strings of a YAML file)
+    what: str | None = None
+    must: str | None = None  # the whole "must ..." phrase, where "be <what>" does not fit ("map names to bits")
+
+    def describe(self) -> str:
+        """The ``<what>`` of ``must be <what>``."""
+        if self.what is not None:
+            return self.what
+        kind = self.kind
+        if _is_config(kind):
+            text = f"a {kind.__name__} or a dict of its fields"
+        elif self.choices is not None:
+            shown = list(self.choices)
+            text = " or ".join(repr(c) for c in shown) if len(shown) == 2 else f"one of {shown}"
+        elif kind is bool:
+            text = "True or False"
+        elif kind in (int, float):
+            text = self._range("an int" if kind is int else "a number")
+        elif kind is str:
+            text = "a non-empty string" if self.nonempty else "a string"
+        elif kind in (list, tuple):
+            text = f"a {'non-empty ' if self.nonempty else ''}list"
+        elif isinstance(kind, type):
+            text = f"a {kind.__name__}"
+        else:
+            text = "valid"
+        return text + (" or None" if self.optional else "")
+
+    def _range(self, noun: str) -> str:
+        lo, hi = self.min if self.min is not None else self.gt, self.max if self.max is not None else self.lt
+        if lo is not None and hi is not None:
+            if self.min is not None and self.max is not None and noun == "an int":
+                return f"{noun} in {lo}..{hi}"
+            return f"{noun} in {'[' if self.min is not None else '('}{lo}, {hi}{']' if self.max is not None else ')'}"
+        if lo is not None:
+            return f"{noun} {'>=' if self.min is not None else '>'} {lo}"
+        if hi is not None:
+            return f"{noun} {'<=' if self.max is not None else '<'} {hi}"
+        return noun
+
+    def validate(self, owner: str, name: str, value):
+        """``value`` as stored (sections built, sequences and numbers normalised); ValueError naming ``owner.name``."""
+        if value is None and self.optional:
+            return None
+        if self.parse is not None:
+            value = self.parse(value)
+        ok, value = self._kind(owner, name, value)
+        if ok and self.items is not None:
+            item = self.items if isinstance(self.items, FieldSpec) else FieldSpec(kind=self.items)
+            value = type(value)(item.validate(owner, f"{name} entries", v) for v in value)
+        ok = ok and (not self.nonempty or len(value) > 0)
+        ok = ok and (self.choices is None or value in self.choices)
+        ok = ok and self._in_bounds(value) and (self.check is None or self.check(value))
+        if not ok:
+            raise ValueError(f"{owner}.{name} must {self.must or 'be ' + self.describe()}, got {short_repr(value)}")
+        return value
+
+    def _kind(self, owner: str, name: str, value) -> tuple[bool, Any]:
+        kind = self.kind
+        if kind is None:
+            return True, value
+        if _is_config(kind):
+            if isinstance(value, Mapping):
+                try:
+                    return True, kind.from_dict(value)
+                except ValueError as e:
+                    raise ValueError(f"{owner}.{name}: {e}") from None
+            return isinstance(value, kind), value
+        if kind is bool:
+            return isinstance(value, bool), value
+        if kind is int:
+            return isinstance(value, int) and not isinstance(value, bool), value
+        if kind is float:
+            return (True, float(value)) if _number(value) else (False, value)
+        if kind in (list, tuple):
+            return (True, kind(value)) if isinstance(value, (list, tuple)) else (False, value)
+        return isinstance(value, kind), value
+
+    def _in_bounds(self, value) -> bool:
+        if not any(b is not None for b in (self.min, self.max, self.gt, self.lt)):
+            return True
+        if not _number(value):
+            return False
+        return ((self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+                and (self.gt is None or value > self.gt) and (self.lt is None or value < self.lt))  # fmt: skip
+
+
+def spec(default=MISSING, *, factory=MISSING, compare: bool = True, repr: bool = True, **checks):  # noqa: A002
+    """A dataclass field with its checks: ``spec(0, kind=int, min=0)``, ``spec("rtn", choices=("rtn", "gptq"))``,
+    ``spec(None, kind=int, min=1, optional=True)``, ``spec(factory=list, kind=list, items=str)``,
+    ``spec(factory=QuantConfig, kind=QuantConfig)`` (a section). ``checks``: the :class:`FieldSpec` fields."""
+    kwargs = {"default": default} if factory is MISSING else {"default_factory": factory}
+    return field(**kwargs, compare=compare, repr=repr, metadata={_SPEC: FieldSpec(**checks)})
+
+
+# ---------------------------------------------------------------------------------------------- the base
+
+
+class _ConfigType(type):
+    """Lets a config take **flat keys** in its constructor: keyword arguments that are not fields but fill one
+    (``QATConfig(w_bits=4)`` fills the held ``quant``). A class lists them in ``FLAT_KEYS`` and folds them into its
+    real fields in ``_fold_flat_keys`` (called only when some are given); ``from_dict`` accepts them too."""
+
+    def __call__(cls, *args, **kwargs):
+        flat = {k: kwargs.pop(k) for k in cls.FLAT_KEYS if k in kwargs}
+        if flat:
+            kwargs = cls._fold_flat_keys(kwargs, flat)
+        return super().__call__(*args, **kwargs)
+
+
+class Config(metaclass=_ConfigType):
+    """Base of the config dataclasses: runs the :func:`spec` checks of every field, then ``_check`` (the rules
+    between fields); ``to_dict`` / ``from_dict`` / ``to_json`` / ``from_json``; sections nest."""
+
+    FLAT_KEYS: ClassVar[tuple] = ()
+    KEY_NAMES: ClassVar[tuple] = ("field", "fields")  # how from_dict's unknown-key message names the keys
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        for f in fields(self):
+            s = f.metadata.get(_SPEC)
+            if s is not None:
+                setattr(self, f.name, s.validate(owner, f.name, getattr(self, f.name)))
+        self._check()
+
+    def _check(self) -> None:
+        """Rules between fields (override); the fields have passed their own checks."""
 
     @classmethod
-    def from_dict(cls, data: dict):
+    def _fold_flat_keys(cls, kwargs: dict, flat: dict) -> dict:
+        raise NotImplementedError  # a class with FLAT_KEYS defines it
+
+    @classmethod
+    def default(cls, name: str):
+        """The default of field ``name`` (its factory called): what other hosts' args take as theirs."""
+        f = next((f for f in fields(cls) if f.name == name), None)
+        if f is None:
+            raise KeyError(f"{cls.__name__} has no field {name!r}")
+        return f.default_factory() if f.default_factory is not MISSING else f.default
+
+    def to_dict(self) -> dict:
+        """The fields as JSON-ready values: sections as mappings, tuples as lists (as they come back from JSON)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping):
         if not isinstance(data, Mapping):
-            raise ValueError(f"{cls.__name__} needs a mapping of its fields, got {type(data).__name__} {short_repr(data)}")
-        known = {f.name for f in fields(cls)}
+            raise ValueError(f"{cls.__name__} needs a mapping of its {cls.KEY_NAMES[1]}, got {type(data).__name__} {short_repr(data)}")
+        known = {f.name for f in fields(cls) if f.init} | set(cls.FLAT_KEYS)
         unknown = unknown_keys(data, known)
         if unknown:
-            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; valid fields are {sorted(known)}")
+            one, many = cls.KEY_NAMES
+            raise ValueError(f"{cls.__name__}: unknown {one}(s) {unknown}; valid {many} are {sorted(known)}")
         return cls(**data)
 
     def to_json(self) -> str:
@@ -65,110 +252,14 @@ class ConfigMixin:
         return cls.from_dict(json.loads(text))
 
 
-@dataclass
-class RotationConfig(ConfigMixin):
-    """Which rotations :func:`rolora_plugin.rotate_model_` applies (RoLoRA / QuaRot naming).
+ConfigMixin = Config  # the name before 0.2
 
-    Args:
-        seed: seeds R1's random signs, R2's signs and any orthogonal fallback factor (``torch.Generator``, never the
-            global RNG). Same seed → bit-identical rotated weights.
-        r1: random-sign Hadamard on the residual stream (merged into weights; no runtime cost).
-        r2: head-wise random-sign Hadamard on v_proj outputs / o_proj inputs (merged; GQA aware).
-        r3: online Hadamard on queries and keys after RoPE (exact in full precision; useful for KV-cache quantization).
-        r4: Hadamard on down_proj's input: merged into the weight plus an online transform of the activation.
-        allow_fallback: for widths with no Hadamard construction, use a seeded random orthogonal factor
-            (exact, still spreads outliers). False raises instead.
-        compute_dtype: dtype of the rotation maths ("float64" or "float32"); results are cast back.
-        untie_embeddings: untie tied input/output embeddings (required for an exact R1 with norm folding).
-        learn: rotations to *learn* on calibration data under fake quantization (:mod:`rolora_plugin.rotate.learned`), a
-            subset of ``("r1", "r2")``; each must also be enabled. Learning needs ``calibration=`` in
-            :func:`rolora_plugin.rotate_model_`; the Hadamard rotation is the starting point.
-        learn_steps: optimiser steps (Adam on the Cayley parameter).
-        learn_lr: Adam learning rate on the skew-symmetric Cayley parameter.
-        learn_tokens: calibration tokens kept per layer and input site (random subsample, seeded).
-        learn_layers_per_step: layers whose objective terms enter one step (random subset, seeded); 0: all.
-        learn_quant: name of the :meth:`rolora_plugin.QuantConfig.preset` whose bit widths / symmetry the
-            learning objective fake-quantizes with.
-        block_size: None (full-width Hadamards), or a power of two b: R1 and R4 become **block-diagonal**
-            Hadamards ``I ⊗ H_b`` (R1 with random signs), each block mixing b consecutive channels only — matched to
-            an FP4 format's group (16 NVFP4, 32 MXFP4) it flattens each quantization group without moving
-            magnitude between groups (MR-GPTQ, arXiv 2509.23202). The online R4 is then compressed-tensors'
-            ``hadamard`` with ``head_dim=b`` (vLLM routes NVFP4 + such a small input transform to fused kernels).
-    """
 
-    seed: int = 0
-    r1: bool = True
-    r2: bool = False
-    r3: bool = False
-    r4: bool = True
-    allow_fallback: bool = True
-    compute_dtype: str = "float64"
-    untie_embeddings: bool = True
-    learn: tuple = ()
-    learn_steps: int = 60
-    learn_lr: float = 3e-3
-    learn_tokens: int = 256
-    learn_layers_per_step: int = 8
-    learn_quant: str = "w4a4"
-    block_size: int | None = None
-
-    def __post_init__(self):
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"RotationConfig.seed must be a non-negative int, got {short_repr(self.seed)}")
-        for name in ("r1", "r2", "r3", "r4", "allow_fallback", "untie_embeddings"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"RotationConfig.{name} must be True or False, got {short_repr(getattr(self, name))}")
-        if self.compute_dtype not in ("float64", "float32"):
-            raise ValueError(f"RotationConfig.compute_dtype must be 'float64' or 'float32', got {short_repr(self.compute_dtype)}")
-        if not (self.r1 or self.r2 or self.r3 or self.r4):
-            raise ValueError("RotationConfig: every rotation is off (r1=r2=r3=r4=False); enable at least one")
-        b = self.block_size
-        if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 2 or b & (b - 1)):
-            raise ValueError(f"RotationConfig.block_size must be None or a power of two >= 2 (e.g. 16 for NVFP4, 32 for MXFP4), got {short_repr(b)}")
-        if b is not None and self.learn:
-            raise ValueError("RotationConfig.block_size: learned rotations are dense; use block_size=None with learn=..., or learn=()")
-        self._check_learning()
-
-    def to_dict(self) -> dict:
-        """The fields as JSON-ready values (``learn`` as a list, as it comes back from JSON)."""
-        return {**super().to_dict(), "learn": list(self.learn)}
-
-    def _check_learning(self):
-        if isinstance(self.learn, str) or not all(isinstance(n, str) for n in self.learn):
-            raise ValueError(f"RotationConfig.learn must be a list of rotation names from {list(LEARNABLE)}, e.g. ['r1'], got {short_repr(self.learn)}")
-        self.learn = tuple(dict.fromkeys(self.learn))
-        for name in self.learn:
-            if name not in LEARNABLE:
-                raise ValueError(f"RotationConfig.learn: {short_repr(name)} cannot be learned; choose from {list(LEARNABLE)}")
-            if not getattr(self, name):
-                raise ValueError(f"RotationConfig.learn asks to learn {name} but {name}=False; enable it ({name}=True) or drop it from learn")
-        for name in ("learn_steps", "learn_tokens", "learn_layers_per_step"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "learn_layers_per_step" else 1):
-                raise ValueError(f"RotationConfig.{name} must be a positive int (learn_layers_per_step: 0 = all layers), got {short_repr(v)}")
-        if isinstance(self.learn_lr, bool) or not isinstance(self.learn_lr, (int, float)) or not 0 < self.learn_lr < 1:
-            raise ValueError(f"RotationConfig.learn_lr must be a float in (0, 1), e.g. 3e-3, got {short_repr(self.learn_lr)}")
-        self.learn_lr = float(self.learn_lr)
-        if not isinstance(self.learn_quant, str) or not self.learn_quant:
-            # the name itself is checked against QuantConfig's presets when learning starts (quant.config imports this module)
-            raise ValueError(f"RotationConfig.learn_quant must name a QuantConfig preset, e.g. 'w4a4', got {short_repr(self.learn_quant)}")
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "RotationConfig":
-        """A named rotation recipe, optionally with some fields overridden (mirrors :meth:`QuantConfig.preset`).
-
-        * ``"default"``: ``RotationConfig()`` (R1 + R4, Hadamard).
-        * ``"w4a4"``: R1 + R2 + R4 with R1 and R2 **learned** (needs ``calibration=`` in ``rotate_model_``): with
-          ``QuantConfig.preset("w4a4")`` on SmolLM2 BoolQ 1.88× → 1.76× FP (the calibration text; ranges over two
-          calibration draws do not overlap), SciQ 1.90× → 1.91× (no change); learned R1 alone: 1.85× / 1.96×
-          (benchmarks/learned_rotation.py, benchmarks/RESULTS.md).
-        * ``"w4a4-hadamard"``: the same rotations, Hadamard, no calibration data needed.
-
-        Example::
-
-            >>> RotationConfig.preset("w4a4").r2
-            True
-        """
-        if name not in ROTATION_PRESETS:
-            raise ValueError(f"unknown RotationConfig preset {short_repr(name)}; choose one of {sorted(ROTATION_PRESETS)}")
-        return cls(**{**ROTATION_PRESETS[name], **overrides})
+def _plain(value):
+    if isinstance(value, Config):
+        return value.to_dict()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value

@@ -19,6 +19,9 @@ with their ``from_dict`` so the checks and messages are the same as in Python. E
 are post-training steps, run on the merged export: ``rolora quantize ... --recipe nvfp4``). A bad value fails the
 config validation with the library's message, e.g. ``rolora.qat: QATConfig.preset must be one of [...]``.
 
+The defaults are the library's (``ExportConfig.default("overwrite")``, ...), read from its config classes so they
+cannot drift; ``merge`` is the plugin's own switch (the library's ``ExportConfig`` names a folder instead).
+
 This module imports pydantic and rolora_plugin only (never axolotl).
 """
 
@@ -28,8 +31,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ...config import RotationConfig
-from ...lora.config import ExportConfig, MonitorConfig, QATConfig, RoLoRAConfig
+from ...lora.config import LR_SCALES, ExportConfig, MonitorConfig, QATConfig, RoLoRAConfig
+from ...rotate.config import RotationConfig
 
 __all__ = ["RoLoRAArgs", "RoLoRAOptions", "RoLoRAExportArgs", "MERGED_SUBDIR"]
 
@@ -43,9 +46,15 @@ class RoLoRAExportArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     merge: bool = Field(default=True, description="export the merged model (LoRA merged in the rotated basis) after training")
-    merged_output_dir: Optional[str] = Field(default=None, description=f"where; default <output_dir>/{MERGED_SUBDIR}")
-    overwrite: bool = Field(default=True, description="replace an existing merged_output_dir (e.g. from an earlier run)")
-    save_rotation_record: bool = Field(default=True, description="write rolora_rotation.json next to every checkpoint")
+    merged_output_dir: Optional[str] = Field(
+        default=ExportConfig.default("merged_output_dir"), description=f"where; default <output_dir>/{MERGED_SUBDIR}"
+    )
+    overwrite: bool = Field(
+        default=ExportConfig.default("overwrite"), description="replace an existing merged_output_dir (e.g. from an earlier run)"
+    )
+    save_rotation_record: bool = Field(
+        default=ExportConfig.default("save_rotation_record"), description="write rolora_rotation.json next to every checkpoint"
+    )
 
 
 class RoLoRAOptions(BaseModel):
@@ -59,8 +68,9 @@ class RoLoRAOptions(BaseModel):
         default_factory=QATConfig, description="fake-quant training (QATConfig; e.g. {enabled: true, preset: nvfp4})"
     )
     export: RoLoRAExportArgs = Field(default_factory=RoLoRAExportArgs)
-    lora_lr_scale: Literal["none", "norm-rms"] = Field(
-        default="none", description="'norm-rms': per-layer LoRA step matched to the folded norm (RoLoRAConfig.lora_lr_scale)"
+    lora_lr_scale: Literal[LR_SCALES] = Field(
+        default=RoLoRAConfig.default("lora_lr_scale"),
+        description="'norm-rms': per-layer LoRA step matched to the folded norm (RoLoRAConfig.lora_lr_scale)",
     )
 
     @field_validator("rotation", "monitor", "qat", mode="before")
@@ -81,7 +91,7 @@ class RoLoRAOptions(BaseModel):
 
     def to_rolora_config(self) -> RoLoRAConfig:
         """The :class:`RoLoRAConfig` of the callback (the merged export is done by the plugin, from disk)."""
-        export = ExportConfig(save_rotation_record=self.export.save_rotation_record, merged_output_dir=None)
+        export = ExportConfig(save_rotation_record=self.export.save_rotation_record, merged_output_dir=None, overwrite=self.export.overwrite)
         return RoLoRAConfig(rotation=self.rotation, monitor=self.monitor, qat=self.qat, export=export, lora_lr_scale=self.lora_lr_scale)
 
 

@@ -5,12 +5,14 @@ Split from :mod:`.train` (which runs the fine-tune) so that the config is read w
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import ConfigMixin, RotationConfig
+from ..config import Config, spec
+from ..lora.config import QATConfig
+from ..rotate.config import RotationConfig
 
 __all__ = ["SEED_LIMIT", "TrainConfig", "TrainInputError", "check_checkpoint_dir", "checkpoint_root"]
 
@@ -21,27 +23,22 @@ class TrainInputError(ValueError):
     """The training inputs (config values, dataset, model, checkpoints) cannot be used; the message says why."""
 
 
-def _as_number(value, name: str) -> float:
-    """An int/float, or a numeric string (YAML reads ``1e-4`` as a string), as float."""
+def _numeric_string(value):
+    """YAML reads ``1e-4`` as a string: a numeric string becomes its float (anything else is left to the checks)."""
     if isinstance(value, str):
         try:
-            value = float(value)
+            return float(value)
         except ValueError:
-            raise ValueError(f"TrainConfig.{name} must be a number, got the string {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"TrainConfig.{name} must be a finite number, got {value!r}")
-    return float(value)
+            return value
+    return value
 
 
-def _check_int(cfg, name: str, lo: int, hi: int | None = None) -> None:
-    value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-        span = f"an int in {lo}..{hi}" if hi is not None else ("a positive int" if lo == 1 else f"an int >= {lo}")
-        raise ValueError(f"TrainConfig.{name} must be {span}, got {value!r}")
+def _targets(value) -> bool:
+    return isinstance(value, (list, str)) and bool(value)
 
 
 @dataclass
-class TrainConfig(ConfigMixin):
+class TrainConfig(Config):
     """``rolora train``: a LoRA (``rotate: false``) or RoLoRA fine-tune with ``transformers.Trainer``.
 
     Args:
@@ -54,85 +51,57 @@ class TrainConfig(ConfigMixin):
         save_steps: checkpoint every n steps (and at the last step) into ``checkpoint_dir``; 0 = no checkpoints.
         checkpoint_dir: default ``<output_dir>.checkpoints``; removed once the output is published (only what the
             run wrote there). Must not equal, contain or lie inside ``output_dir``.
-        rotation: :class:`RotationConfig` fields (seed, r1..r4, ...); qat: :class:`~rolora_plugin.QATConfig` fields.
+        rotation: a :class:`RotationConfig` or a mapping of its fields (seed, r1..r4, ...); without ``seed`` the
+            rotation takes ``seed``. qat: a :class:`~rolora_plugin.QATConfig` or a mapping of its fields.
     """
 
-    model: str = "smollm2"
-    dataset: str = "sciq"
-    output_dir: str = "rolora-run"
-    n_examples: int | None = 400
-    seq_len: int = 256
-    max_steps: int = 100
-    learning_rate: float = 2e-4
-    batch_size: int = 4
-    grad_accum: int = 1
-    warmup_steps: int = 5
-    logging_steps: int = 5
-    seed: int = 0
-    lora_r: int = 16
-    lora_alpha: float = 16
-    lora_dropout: float = 0.0
-    lora_targets: list = field(default_factory=lambda: ["q_proj", "v_proj"])
-    rotate: bool = True
-    rotation: dict = field(default_factory=dict)
-    qat: dict = field(default_factory=dict)
-    save_merged: bool = True
-    cache_dir: str | None = None
-    save_steps: int = 50
-    checkpoint_dir: str | None = None
+    model: str = spec("smollm2", kind=str, nonempty=True)
+    dataset: str = spec("sciq", kind=str, nonempty=True)
+    output_dir: str = spec("rolora-run", kind=str, nonempty=True)
+    n_examples: int | None = spec(400, kind=int, min=1, optional=True)
+    seq_len: int = spec(256, kind=int, min=2)
+    max_steps: int = spec(100, kind=int, min=1)
+    learning_rate: float = spec(2e-4, kind=float, gt=0, parse=_numeric_string)
+    batch_size: int = spec(4, kind=int, min=1)
+    grad_accum: int = spec(1, kind=int, min=1)
+    warmup_steps: int = spec(5, kind=int, min=0)
+    logging_steps: int = spec(5, kind=int, min=1)
+    seed: int = spec(0, kind=int, min=0, max=SEED_LIMIT - 1)
+    lora_r: int = spec(16, kind=int, min=1)
+    lora_alpha: float = spec(16, kind=float, gt=0, parse=_numeric_string)
+    lora_dropout: float = spec(0.0, kind=float, min=0, lt=1, parse=_numeric_string, what="a probability in [0, 1)")
+    lora_targets: list = spec(factory=lambda: ["q_proj", "v_proj"], check=_targets, what="a list of module names or 'all-linear'")
+    rotate: bool = spec(True, kind=bool)
+    # a mapping (YAML) without "seed" takes the run's seed (__post_init__); the default {} is RotationConfig(seed=seed)
+    rotation: RotationConfig = spec(factory=dict, kind=RotationConfig)
+    qat: QATConfig = spec(factory=QATConfig, kind=QATConfig)
+    save_merged: bool = spec(True, kind=bool)
+    cache_dir: str | None = spec(None, kind=str, nonempty=True, optional=True)
+    save_steps: int = spec(50, kind=int, min=0)
+    checkpoint_dir: str | None = spec(None, kind=str, nonempty=True, optional=True, what="a non-empty path or null")
 
     def __post_init__(self):
-        for name in ("max_steps", "batch_size", "grad_accum", "logging_steps", "lora_r"):
-            _check_int(self, name, 1)
-        _check_int(self, "seq_len", 2)
-        _check_int(self, "warmup_steps", 0)
-        _check_int(self, "save_steps", 0)
-        _check_int(self, "seed", 0, SEED_LIMIT - 1)
-        if self.n_examples is not None:
-            _check_int(self, "n_examples", 1)
-        self._check_numbers()
-        for name in ("model", "dataset", "output_dir"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ValueError(f"TrainConfig.{name} must be a non-empty string, got {getattr(self, name)!r}")
-        if not isinstance(self.rotate, bool) or not isinstance(self.save_merged, bool):
-            raise ValueError("TrainConfig.rotate and TrainConfig.save_merged must be true or false")
-        if not isinstance(self.lora_targets, (list, str)) or not self.lora_targets:
-            raise ValueError(f"TrainConfig.lora_targets must be a list of module names or 'all-linear', got {self.lora_targets!r}")
-        if not isinstance(self.rotation, dict) or not isinstance(self.qat, dict):
-            raise ValueError("TrainConfig.rotation and TrainConfig.qat must be mappings of their config fields")
-        self.rotation_config()
-        self.qat_config()
-        if self.checkpoint_dir is not None and (not isinstance(self.checkpoint_dir, str) or not self.checkpoint_dir):
-            raise ValueError(f"TrainConfig.checkpoint_dir must be a non-empty path or null, got {self.checkpoint_dir!r}")
-        check_checkpoint_dir(self)
+        if isinstance(self.rotation, Mapping) and "seed" not in self.rotation:
+            self.rotation = {"seed": self.seed, **self.rotation}  # the seed is checked first (its field comes first)
+        super().__post_init__()
 
-    def _check_numbers(self) -> None:
-        self.learning_rate = _as_number(self.learning_rate, "learning_rate")
-        self.lora_dropout = _as_number(self.lora_dropout, "lora_dropout")
-        self.lora_alpha = _as_number(self.lora_alpha, "lora_alpha")
-        if not self.learning_rate > 0:
-            raise ValueError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate!r}")
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"TrainConfig.lora_dropout is a probability: it must be in [0, 1), got {self.lora_dropout!r}")
-        if not self.lora_alpha > 0:
-            raise ValueError(f"TrainConfig.lora_alpha must be > 0, got {self.lora_alpha!r}")
+    def _check(self) -> None:
         if self.lora_alpha.is_integer():
             self.lora_alpha = int(self.lora_alpha)
+        check_checkpoint_dir(self)
 
     def rotation_config(self) -> RotationConfig:
-        return RotationConfig.from_dict({"seed": self.seed, **self.rotation})
+        return self.rotation
 
-    def qat_config(self):
-        from .. import QATConfig
-
-        return QATConfig.from_dict(self.qat)
+    def qat_config(self) -> QATConfig:
+        return self.qat
 
     def lora_kwargs(self) -> dict:
         """Keyword arguments of :func:`rolora_plugin.rolora_lora_config` (besides the model)."""
         return {"r": self.lora_r, "lora_alpha": self.lora_alpha, "target_modules": self.lora_targets, "lora_dropout": self.lora_dropout}
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, overrides: dict | None = None) -> "TrainConfig":
+    def from_file(cls, path: str | os.PathLike, overrides: dict | None = None) -> TrainConfig:
         """Read a YAML or JSON mapping (JSON is YAML) with the CLI's bounded parser (no YAML aliases, size and depth
         limits: :func:`.checks.load_config_file`); unknown keys are an error that lists the valid ones."""
         from .checks import CLIError, load_config_file

@@ -20,21 +20,19 @@ fake-quant forward would silently skip its GPTQ).
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
-from dataclasses import InitVar, dataclass, field, fields
+from dataclasses import dataclass
+from typing import ClassVar
 
-from ..config import ConfigMixin, RotationConfig, short_repr, unknown_keys
+from ..config import Config, FieldSpec, short_repr, spec
 from ..quant.config import QUANT_PRESETS, QuantConfig
 from ..quant.primitives import OFF_BITS
+from ..rotate.config import RotationConfig
 
 LR_SCALES = ("none", "norm-rms")  # RoLoRAConfig.lora_lr_scale (rolora_plugin.lora.adapters.scale_lora_lr_)
 
 __all__ = ["RoLoRAConfig", "MonitorConfig", "QATConfig", "ExportConfig", "fake_quant_config", "fake_quant_preset"]
 
 _TARGETS = ("all-linear", "lora")
-_QAT_ALIASES = ("w_bits", "a_bits", "w_group_size", "w_sym", "a_sym", "a_clip_ratio")
-_MONITOR_ALIASES = ("w_bits", "a_bits", "w_group_size")
 
 
 def fake_quant_config(**fields_) -> QuantConfig:
@@ -71,26 +69,34 @@ def fake_quant_preset(name: str, **fields_) -> QuantConfig:
     return fake_quant_config(**{**{k: getattr(preset, k) for k in _FAKE_QUANT_FIELDS}, **fields_})
 
 
-def _check_int(owner: str, name: str, value, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{owner}.{name} must be an int >= {minimum}, got {short_repr(value)}")
-
-
-def _check_targets(owner: str, targets):
+def _valid_targets(targets) -> bool:
     if isinstance(targets, str):
-        if targets not in _TARGETS:
-            raise ValueError(f"{owner}.targets must be 'all-linear', 'lora' or a list of leaf names, got {short_repr(targets)}")
-        return targets
-    if not targets or not all(isinstance(t, str) for t in targets):
-        raise ValueError(f"{owner}.targets must be 'all-linear', 'lora' or a non-empty list of leaf names, got {short_repr(targets)}")
-    return list(targets)
+        return targets in _TARGETS
+    return isinstance(targets, list) and bool(targets) and all(isinstance(t, str) for t in targets)
 
 
-def _held_quant(owner: str, quant, aliases: dict, preset=None) -> QuantConfig:
-    """The section's QuantConfig: ``quant`` (a QuantConfig or its dict), or one built from ``preset``
-    (:func:`fake_quant_preset`) and / or the flat aliases (which override the preset's fields)."""
-    given = {k: v for k, v in aliases.items() if v is not None}
-    _check_aliases(owner, given)
+_BITS = FieldSpec(kind=int, min=2, max=OFF_BITS, what="an int in 2..16 (16 = off)")
+# the flat keys (QATConfig(w_bits=4), YAML qat: {w_bits: 4}): checked under the name the user wrote
+_FLAT_SPECS = {
+    "w_bits": _BITS,
+    "a_bits": _BITS,
+    "w_group_size": FieldSpec(kind=int, min=1),
+    "w_sym": FieldSpec(kind=bool),
+    "a_sym": FieldSpec(kind=bool),
+    "a_clip_ratio": FieldSpec(kind=float, gt=0, max=1, what="in (0, 1]"),
+    "preset": FieldSpec(choices=tuple(sorted(QUANT_PRESETS)), optional=True,
+                        what=f"one of {sorted(QUANT_PRESETS)} (QuantConfig.preset names)"),
+}  # fmt: skip
+
+
+def _held_quant(owner: str, quant, flat: dict) -> QuantConfig:
+    """The section's QuantConfig from its flat keys: ``quant`` (a QuantConfig or its dict), or one built from
+    ``preset`` (:func:`fake_quant_preset`) and / or the flat aliases (which override the preset's fields)."""
+    flat = {k: _FLAT_SPECS[k].validate(owner, k, v) for k, v in flat.items() if v is not None}
+    preset = flat.pop("preset", None)
+    given = flat
+    if given.get("w_bits") == given.get("a_bits") == OFF_BITS:
+        raise ValueError(f"{owner}: w_bits = a_bits = 16 quantizes nothing; lower the bits")
     if preset is not None and quant is not None:
         raise ValueError(f"{owner}: give either quant=QuantConfig(...) or preset={preset!r}, not both")
     try:
@@ -112,21 +118,6 @@ def _held_quant(owner: str, quant, aliases: dict, preset=None) -> QuantConfig:
         raise ValueError(f"{owner}: give either quant=QuantConfig(...) or the flat keys {conflicts}, not both")
     _check_fake_quant(owner, quant, preset)
     return quant
-
-
-def _check_aliases(owner: str, given: dict) -> None:
-    """Errors on the flat keys name the key the user wrote (``QATConfig.a_clip_ratio``), not the held config's."""
-    for name, value in given.items():
-        if name in ("w_bits", "a_bits") and (not isinstance(value, int) or isinstance(value, bool) or not 2 <= value <= OFF_BITS):
-            raise ValueError(f"{owner}.{name} must be an int in 2..16 (16 = off), got {short_repr(value)}")
-        if name == "w_group_size":
-            _check_int(owner, name, value, 1)
-        if name in ("w_sym", "a_sym") and not isinstance(value, bool):
-            raise ValueError(f"{owner}.{name} must be True or False, got {short_repr(value)}")
-        if name == "a_clip_ratio" and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0):
-            raise ValueError(f"{owner}.a_clip_ratio must be in (0, 1], got {short_repr(value)}")
-    if given.get("w_bits") == given.get("a_bits") == OFF_BITS:
-        raise ValueError(f"{owner}: w_bits = a_bits = 16 quantizes nothing; lower the bits")
 
 
 def _check_fake_quant(owner: str, quant: QuantConfig, preset=None) -> None:
@@ -165,26 +156,31 @@ def _preset_of(quant: QuantConfig) -> str | None:
     return None
 
 
-def _from_dict(cls, data: dict, aliases: tuple[str, ...]):
-    """``cls(**data)`` accepting the dataclass fields and the flat aliases; lists both on an unknown key."""
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{cls.__name__} needs a mapping of its fields, got {type(data).__name__} {short_repr(data)}")
-    known = {f.name for f in fields(cls)} | set(aliases)
-    unknown = unknown_keys(data, known)
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; valid fields are {sorted(known)}")
-    return cls(**data)
+class _HoldsQuant(Config):
+    """A section holding a fake-quant :class:`QuantConfig` (``quant``) that also takes the flat keys listed in
+    ``FLAT_KEYS`` (and ``preset``) as constructor and dict keys: they build ``quant``, and read back from it."""
 
+    def _check(self) -> None:
+        if self.quant is None:
+            self.quant = fake_quant_config()
+        _check_fake_quant(type(self).__name__, self.quant)
 
-def _alias_properties(cls, names: tuple[str, ...]):
-    """Read-only ``cls.<name>`` → ``self.quant.<name>`` (set after the dataclass is built: the names are InitVars)."""
-    for name in names:
-        setattr(cls, name, property(lambda self, n=name: getattr(self.quant, n), doc=f"``quant.{name}`` (read-only alias)"))
-    return cls
+    @classmethod
+    def _fold_flat_keys(cls, kwargs: dict, flat: dict) -> dict:
+        return {**kwargs, "quant": _held_quant(cls.__name__, kwargs.get("quant"), flat)}
+
+    @property
+    def preset(self) -> str | None:
+        """The preset whose fake-quant form ``quant`` is (read-only), or None."""
+        return _fake_preset_name(self.quant)
+
+    w_bits = property(lambda self: self.quant.w_bits, doc="``quant.w_bits`` (read-only)")
+    a_bits = property(lambda self: self.quant.a_bits, doc="``quant.a_bits`` (read-only)")
+    w_group_size = property(lambda self: self.quant.w_group_size, doc="``quant.w_group_size`` (read-only)")
 
 
 @dataclass
-class MonitorConfig(ConfigMixin):
+class MonitorConfig(_HoldsQuant):
     """Quantization-aware monitor, logged through the Trainer's own ``log`` (so every reporter gets it).
 
     Args:
@@ -203,29 +199,14 @@ class MonitorConfig(ConfigMixin):
             ``preset`` they override its fields).
     """
 
-    every_n_steps: int = 50
-    activation_stats: bool = True
-    layers: list = field(default_factory=list)
-    fake_quant_eval: bool = True
-    quant: QuantConfig | None = None
-    num_batches: int = 2
-    w_bits: InitVar[int | None] = None
-    a_bits: InitVar[int | None] = None
-    w_group_size: InitVar[int | None] = None
-    preset: InitVar[str | None] = None
+    FLAT_KEYS: ClassVar[tuple] = ("w_bits", "a_bits", "w_group_size", "preset")
 
-    def __post_init__(self, w_bits, a_bits, w_group_size, preset):
-        _check_int("MonitorConfig", "every_n_steps", self.every_n_steps, 0)
-        _check_int("MonitorConfig", "num_batches", self.num_batches, 1)
-        for i in self.layers:
-            _check_int("MonitorConfig", "layers[]", i, 0)
-        aliases = dict(w_bits=w_bits, a_bits=a_bits, w_group_size=w_group_size)
-        self.quant = _held_quant("MonitorConfig", self.quant, aliases, _checked_preset("MonitorConfig", preset))
-        self.layers = list(self.layers)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "MonitorConfig":
-        return _from_dict(cls, data, _MONITOR_ALIASES + ("preset",))
+    every_n_steps: int = spec(50, kind=int, min=0)
+    activation_stats: bool = spec(True, kind=bool)
+    layers: list = spec(factory=list, kind=list, items=FieldSpec(kind=int, min=0), what="a list of decoder-layer indices")
+    fake_quant_eval: bool = spec(True, kind=bool)
+    quant: QuantConfig | None = spec(None, kind=QuantConfig, optional=True)
+    num_batches: int = spec(2, kind=int, min=1)
 
     @property
     def enabled(self) -> bool:
@@ -233,7 +214,7 @@ class MonitorConfig(ConfigMixin):
 
 
 @dataclass
-class QATConfig(ConfigMixin):
+class QATConfig(_HoldsQuant):
     """Quantization-aware training: fake-quantized weights and activations in the forward (STE).
 
     Args:
@@ -260,38 +241,17 @@ class QATConfig(ConfigMixin):
         'NVFP4 W4A4'
     """
 
-    enabled: bool = False
-    start_step: int = 0
-    quant: QuantConfig | None = None
-    targets: str | list = "all-linear"
-    w_bits: InitVar[int | None] = None
-    a_bits: InitVar[int | None] = None
-    w_group_size: InitVar[int | None] = None
-    w_sym: InitVar[bool | None] = None
-    a_sym: InitVar[bool | None] = None
-    a_clip_ratio: InitVar[float | None] = None
-    preset: InitVar[str | None] = None
+    FLAT_KEYS: ClassVar[tuple] = ("w_bits", "a_bits", "w_group_size", "w_sym", "a_sym", "a_clip_ratio", "preset")
 
-    def __post_init__(self, w_bits, a_bits, w_group_size, w_sym, a_sym, a_clip_ratio, preset):
-        if not isinstance(self.enabled, bool):
-            raise ValueError(f"QATConfig.enabled must be True or False, got {short_repr(self.enabled)}")
-        _check_int("QATConfig", "start_step", self.start_step, 0)
-        aliases = dict(w_bits=w_bits, a_bits=a_bits, w_group_size=w_group_size, w_sym=w_sym, a_sym=a_sym, a_clip_ratio=a_clip_ratio)
-        self.quant = _held_quant("QATConfig", self.quant, aliases, _checked_preset("QATConfig", preset))
-        self.targets = _check_targets("QATConfig", self.targets)
+    enabled: bool = spec(False, kind=bool)
+    start_step: int = spec(0, kind=int, min=0)
+    quant: QuantConfig | None = spec(None, kind=QuantConfig, optional=True)
+    targets: str | list = spec("all-linear", parse=lambda t: list(t) if isinstance(t, tuple) else t, check=_valid_targets,
+                               what="'all-linear', 'lora' or a non-empty list of leaf names")  # fmt: skip
 
-    @classmethod
-    def from_dict(cls, data: dict) -> "QATConfig":
-        return _from_dict(cls, data, _QAT_ALIASES + ("preset",))
-
-
-def _checked_preset(owner: str, preset):
-    """``preset`` as given (None, or a preset name), with an error listing the names otherwise."""
-    if preset is None:
-        return None
-    if not isinstance(preset, str) or preset not in QUANT_PRESETS:
-        raise ValueError(f"{owner}.preset must be one of {sorted(QUANT_PRESETS)} (QuantConfig.preset names), got {short_repr(preset)}")
-    return preset
+    w_sym = property(lambda self: self.quant.w_sym, doc="``quant.w_sym`` (read-only)")
+    a_sym = property(lambda self: self.quant.a_sym, doc="``quant.a_sym`` (read-only)")
+    a_clip_ratio = property(lambda self: self.quant.a_clip_ratio, doc="``quant.a_clip_ratio`` (read-only)")
 
 
 def _fake_preset_name(quant: QuantConfig) -> str | None:
@@ -301,20 +261,8 @@ def _fake_preset_name(quant: QuantConfig) -> str | None:
     return None
 
 
-def _preset_property(cls):
-    """Read-only ``cls.preset``: the preset whose fake-quant form the held ``quant`` is, else None."""
-    cls.preset = property(lambda self: _fake_preset_name(self.quant), doc="the preset of ``quant`` (read-only), or None")
-    return cls
-
-
-_alias_properties(MonitorConfig, _MONITOR_ALIASES)
-_alias_properties(QATConfig, _QAT_ALIASES)
-_preset_property(MonitorConfig)
-_preset_property(QATConfig)
-
-
 @dataclass
-class ExportConfig(ConfigMixin):
+class ExportConfig(Config):
     """What the callback writes.
 
     Args:
@@ -324,21 +272,13 @@ class ExportConfig(ConfigMixin):
         overwrite: allow ``merged_output_dir`` to replace a non-empty directory.
     """
 
-    save_rotation_record: bool = True
-    merged_output_dir: str | None = None
-    overwrite: bool = False
-
-    def __post_init__(self):
-        for name in ("save_rotation_record", "overwrite"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"ExportConfig.{name} must be True or False, got {short_repr(getattr(self, name))}")
-
-
-_SECTIONS = {"monitor": MonitorConfig, "qat": QATConfig, "export": ExportConfig}
+    save_rotation_record: bool = spec(True, kind=bool)
+    merged_output_dir: str | None = spec(None, kind=str, optional=True)
+    overwrite: bool = spec(False, kind=bool)
 
 
 @dataclass
-class RoLoRAConfig:
+class RoLoRAConfig(Config):
     """Everything :class:`rolora_plugin.RoLoRACallback` does.
 
     Args:
@@ -353,45 +293,10 @@ class RoLoRAConfig:
             family). Closes most of RoLoRA's full-precision gap to LoRA on general text (benchmarks/RESULTS.md).
     """
 
-    rotation: RotationConfig | None = None
-    monitor: MonitorConfig = field(default_factory=MonitorConfig)
-    qat: QATConfig = field(default_factory=QATConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
-    lora_lr_scale: str = "none"
+    KEY_NAMES: ClassVar[tuple] = ("section", "sections")
 
-    def __post_init__(self):
-        if isinstance(self.rotation, dict):
-            self.rotation = RotationConfig.from_dict(self.rotation)
-        if self.rotation is not None and not isinstance(self.rotation, RotationConfig):
-            raise ValueError(f"RoLoRAConfig.rotation must be a RotationConfig, a dict or None, got {type(self.rotation).__name__}")
-        for name, cls in _SECTIONS.items():
-            value = getattr(self, name)
-            if isinstance(value, dict):
-                setattr(self, name, cls.from_dict(value))
-            elif not isinstance(value, cls):
-                raise ValueError(f"RoLoRAConfig.{name} must be a {cls.__name__} or a dict, got {type(value).__name__}")
-        if self.lora_lr_scale not in LR_SCALES:
-            raise ValueError(f"RoLoRAConfig.lora_lr_scale must be one of {LR_SCALES}, got {short_repr(self.lora_lr_scale)}")
-
-    def to_dict(self) -> dict:
-        out = {name: getattr(self, name).to_dict() for name in _SECTIONS}
-        out["rotation"] = self.rotation.to_dict() if self.rotation is not None else None
-        out["lora_lr_scale"] = self.lora_lr_scale
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "RoLoRAConfig":
-        if not isinstance(data, Mapping):
-            raise ValueError(f"RoLoRAConfig needs a mapping of its sections, got {type(data).__name__} {short_repr(data)}")
-        known = {f.name for f in fields(cls)}
-        unknown = unknown_keys(data, known)
-        if unknown:
-            raise ValueError(f"RoLoRAConfig: unknown section(s) {unknown}; valid sections are {sorted(known)}")
-        return cls(**data)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "RoLoRAConfig":
-        return cls.from_dict(json.loads(text))
+    rotation: RotationConfig | None = spec(None, kind=RotationConfig, optional=True)
+    monitor: MonitorConfig = spec(factory=MonitorConfig, kind=MonitorConfig)
+    qat: QATConfig = spec(factory=QATConfig, kind=QATConfig)
+    export: ExportConfig = spec(factory=ExportConfig, kind=ExportConfig)
+    lora_lr_scale: str = spec("none", choices=LR_SCALES)

@@ -6,11 +6,11 @@ The same config describes a fake-quant forward (QAT, the W4A4 monitor): :class:`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from ..config import ConfigMixin
+from ..config import Config, FieldSpec, short_repr, spec
 from .calibration import DEFAULT_A_CLIP_CANDIDATES
-from .primitives import FORMATS, FP4_GROUP, INT_GRIDS, OFF_BITS, TensorQuant, _check_bits, _check_ratio, _is_int
+from .primitives import FORMATS, FP4_GROUP, INT_GRIDS, OFF_BITS, TensorQuant, _check_bits
 
 __all__ = ["QuantConfig", "WEIGHT_METHODS", "QUANT_PRESETS", "SERVABLE_PRESETS"]
 
@@ -33,9 +33,20 @@ QUANT_PRESETS = {
 }
 SERVABLE_PRESETS = ("w4a4-int", "nvfp4", "mxfp4", "w4a8", "w8a8")
 
+_BITS = "an int in 2..16 (16 means no quantization)"
+_RATIO = dict(kind=float, gt=0, max=1, what="a number in (0, 1] (1 = no clipping)")
+
+
+def _all_str(names) -> bool:
+    return all(isinstance(n, str) for n in names)
+
+
+def _str_keys(mapping: dict) -> bool:
+    return _all_str(mapping)
+
 
 @dataclass
-class QuantConfig(ConfigMixin):
+class QuantConfig(Config):
     """What :func:`quantize_model_` does. 16 bits means "off" for that tensor kind.
 
     Args:
@@ -70,70 +81,45 @@ class QuantConfig(ConfigMixin):
         a_group_size: int activations per group of this many columns (None: per token); FP4: the format's group.
     """
 
-    w_bits: int = 4
-    a_bits: int = 4
-    kv_bits: int = OFF_BITS
-    w_group_size: int | None = None
-    w_sym: bool = True
-    a_sym: bool = True
-    kv_sym: bool = False
-    a_bits_for: dict = field(default_factory=dict)
-    a_clip_ratio: float = 1.0
-    kv_clip_ratio: float = 1.0
-    a_clip_search: bool = False
-    a_clip_candidates: tuple = DEFAULT_A_CLIP_CANDIDATES
-    w_clip_search: bool = False
-    w_clip_grid: int = 100
-    w_clip_max_shrink: float = 0.8
-    w_clip_norm: float = 2.4
-    method: str = "rtn"
-    gptq_damp: float = 0.01
-    gptq_act_order: bool = False
-    gptq_block_size: int = 128
-    gptq_true_sequential: bool = True
-    gptq_quantized_inputs: bool = False
-    skip: tuple = ("lm_head",)
-    w_format: str = "int"
-    a_format: str = "int"
-    int_grid: str = "narrow"
-    a_group_size: int | None = None
+    w_bits: int = spec(4, kind=int, min=2, max=OFF_BITS, what=_BITS)
+    a_bits: int = spec(4, kind=int, min=2, max=OFF_BITS, what=_BITS)
+    kv_bits: int = spec(OFF_BITS, kind=int, min=2, max=OFF_BITS, what=_BITS)
+    w_group_size: int | None = spec(None, kind=int, min=1, optional=True, what="a positive int or None (per channel)")
+    w_sym: bool = spec(True, kind=bool)
+    a_sym: bool = spec(True, kind=bool)
+    kv_sym: bool = spec(False, kind=bool)
+    a_bits_for: dict = spec(factory=dict, kind=dict, check=_str_keys, must="map linear names to bits, e.g. {'gate_proj': 8}")
+    a_clip_ratio: float = spec(1.0, **_RATIO)
+    kv_clip_ratio: float = spec(1.0, **_RATIO)
+    a_clip_search: bool = spec(False, kind=bool)
+    a_clip_candidates: tuple = spec(
+        DEFAULT_A_CLIP_CANDIDATES, kind=tuple, nonempty=True, items=FieldSpec(**_RATIO), what="a non-empty list of ratios in (0, 1]"
+    )
+    w_clip_search: bool = spec(False, kind=bool)
+    w_clip_grid: int = spec(100, kind=int, min=1, what="a positive int")
+    w_clip_max_shrink: float = spec(0.8, kind=float, min=0, lt=1, what="in [0, 1)")
+    w_clip_norm: float = spec(2.4, kind=float, gt=0, must="be > 0 (it is the p of the error norm)")
+    method: str = spec("rtn", choices=WEIGHT_METHODS)
+    gptq_damp: float = spec(0.01, kind=float, gt=0, what="> 0 (e.g. 0.01)")
+    gptq_act_order: bool = spec(False, kind=bool)
+    gptq_block_size: int = spec(128, kind=int, min=1, what="a positive int")
+    gptq_true_sequential: bool = spec(True, kind=bool)
+    gptq_quantized_inputs: bool = spec(False, kind=bool)
+    skip: tuple = spec(("lm_head",), kind=tuple, check=_all_str, what="a list of module names, e.g. ['lm_head']")
+    w_format: str = spec("int", choices=FORMATS)
+    a_format: str = spec("int", choices=FORMATS)
+    int_grid: str = spec("narrow", choices=INT_GRIDS, what="'full' (16 levels at 4 bits) or 'narrow' (15)")
+    a_group_size: int | None = spec(None, kind=int, min=1, optional=True, what="a positive int or None (per token)")
 
-    def __post_init__(self):
+    def _check(self) -> None:
         self._check_formats()
-        for name in ("w_bits", "a_bits", "kv_bits"):
-            _check_bits(getattr(self, name), f"QuantConfig.{name}")
-        if self.w_group_size is not None and (not _is_int(self.w_group_size) or self.w_group_size < 1):
-            raise ValueError(f"QuantConfig.w_group_size must be a positive int or None (per channel), got {self.w_group_size!r}")
-        for name in ("w_sym", "a_sym", "kv_sym", "w_clip_search", "a_clip_search", "gptq_act_order", "gptq_true_sequential", "gptq_quantized_inputs"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"QuantConfig.{name} must be True or False, got {getattr(self, name)!r}")
-        for name in ("a_clip_ratio", "kv_clip_ratio"):
-            _check_ratio(getattr(self, name), f"QuantConfig.{name}")
-        self._check_search_and_gptq()
-        if isinstance(self.a_clip_candidates, (str, bytes)) or not len(tuple(self.a_clip_candidates)):
-            raise ValueError(f"QuantConfig.a_clip_candidates must be a non-empty list of ratios in (0, 1], got {self.a_clip_candidates!r}")
-        self.a_clip_candidates = tuple(float(c) for c in self.a_clip_candidates)
-        for c in self.a_clip_candidates:
-            _check_ratio(c, "QuantConfig.a_clip_candidates entries")
-        if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
-            raise ValueError(f"QuantConfig.skip must be a list of module names, e.g. ['lm_head'], got {self.skip!r}")
-        self.skip = tuple(self.skip)
-        if not isinstance(self.a_bits_for, dict) or not all(isinstance(k, str) for k in self.a_bits_for):
-            raise ValueError(f"QuantConfig.a_bits_for must map linear names to bits, e.g. {{'gate_proj': 8}}, got {self.a_bits_for!r}")
         for k, b in self.a_bits_for.items():
             _check_bits(b, f"QuantConfig.a_bits_for[{k!r}]")
         if min(self.w_bits, self.a_bits, self.kv_bits) >= OFF_BITS:
             raise ValueError("QuantConfig: w_bits, a_bits and kv_bits are all 16 (off); set at least one below 16")
 
     def _check_formats(self):
-        for name in ("w_format", "a_format"):
-            fmt = getattr(self, name)
-            if fmt not in FORMATS:
-                raise ValueError(f"QuantConfig.{name} must be one of {FORMATS}, got {fmt!r}")
-        if self.int_grid not in INT_GRIDS:
-            raise ValueError(f"QuantConfig.int_grid must be 'full' (16 levels at 4 bits) or 'narrow' (15), got {self.int_grid!r}")
-        if self.a_group_size is not None and (not _is_int(self.a_group_size) or self.a_group_size < 1):
-            raise ValueError(f"QuantConfig.a_group_size must be a positive int or None (per token), got {self.a_group_size!r}")
+        """The FP4 formats fix bits, group size and symmetry."""
         for kind, fmt in (("w", self.w_format), ("a", self.a_format)):
             if fmt == "int":
                 continue
@@ -201,20 +187,6 @@ class QuantConfig(ConfigMixin):
             return "CompressedTensorsWNA8Int" if self.w_bits == 4 else "CompressedTensorsW8A8Int8"
         return "CompressedTensorsWNA16" if self.a_bits >= OFF_BITS else "none"
 
-    def _check_search_and_gptq(self):
-        if self.method not in WEIGHT_METHODS:
-            raise ValueError(f"QuantConfig.method must be 'rtn' or 'gptq', got {self.method!r}")
-        if not _is_int(self.w_clip_grid) or self.w_clip_grid < 1:
-            raise ValueError(f"QuantConfig.w_clip_grid must be a positive int, got {self.w_clip_grid!r}")
-        if not 0.0 <= self.w_clip_max_shrink < 1.0:
-            raise ValueError(f"QuantConfig.w_clip_max_shrink must be in [0, 1), got {self.w_clip_max_shrink!r}")
-        if not self.w_clip_norm > 0:
-            raise ValueError(f"QuantConfig.w_clip_norm (the p of the error norm) must be > 0, got {self.w_clip_norm!r}")
-        if not self.gptq_damp > 0:
-            raise ValueError(f"QuantConfig.gptq_damp must be > 0 (e.g. 0.01), got {self.gptq_damp!r}")
-        if not _is_int(self.gptq_block_size) or self.gptq_block_size < 1:
-            raise ValueError(f"QuantConfig.gptq_block_size must be a positive int, got {self.gptq_block_size!r}")
-
     def activation_bits(self, name: str) -> int:
         """Activation bits of linear ``name``: its ``a_bits_for`` entry (full name, dotted suffix or leaf), else ``a_bits``."""
         for key, bits in self.a_bits_for.items():
@@ -232,8 +204,8 @@ class QuantConfig(ConfigMixin):
         return text
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "QuantConfig":
-        """A named recipe (the best we measured), optionally with some fields overridden.
+    def preset(cls, name: str, **overrides) -> QuantConfig:
+        """A named recipe (the best we measured: benchmarks/RESULTS.md), optionally with some fields overridden.
 
         **Servable** presets (:data:`SERVABLE_PRESETS`; :meth:`engine_contract` names the vLLM scheme): the numerics
         are the compressed-tensors format's definition, so its reference forward and vLLM compute this model.
@@ -250,13 +222,11 @@ class QuantConfig(ConfigMixin):
         * ``"w4a4"``: every linear but lm_head at 4-bit weights (per channel, symmetric) and 4-bit per-token
           **asymmetric** activations (16 levels over ``[min, max]`` of each token); GPTQ with a per-row weight clip
           search (p = 2.4, ratios 1…0.52); a per-linear activation clip ratio searched on the calibration data
-          (:mod:`rolora_plugin.quant.calibration`). Measured on SmolLM2-135M after R1+R2+R4 (4×256 eval tokens,
-          8×256 calibration): symmetric activations 2.68× FP, asymmetric 2.06×, asymmetric + clip search 1.84×
-          (BoolQ passages; SciQ 2.55 / 2.04 / 1.93×); benchmarks/RESULTS.md has the side-by-side with llm-compressor.
-          Needs ``calibration=`` in :func:`~rolora_plugin.quant.quantize_model_` and a rotated model to be useful:
-          ``RotationConfig.preset("w4a4")`` (R1+R2 learned on calibration data + R4: 1.76× BoolQ / 1.91× SciQ over
-          two calibration draws) or ``RotationConfig.preset("w4a4-hadamard")`` (Hadamard R1+R2+R4, no calibration:
-          1.88× / 1.90×).
+          (:mod:`rolora_plugin.quant.calibration`). What each of these steps measured, with each rotation preset
+          and beside llm-compressor: benchmarks/RESULTS.md ("Numbers that lived in config docstrings" and the
+          sections it points to). Needs ``calibration=`` in :func:`~rolora_plugin.quant.quantize_model_` and a
+          rotated model to be useful: ``RotationConfig.preset("w4a4")`` (R1+R2 learned on calibration data + R4)
+          or ``RotationConfig.preset("w4a4-hadamard")`` (Hadamard R1+R2+R4, no calibration).
         * ``"w4a4kv4"``: the same and a 4-bit (asymmetric, per head and token) KV cache; rotate with R3 too.
         * ``"w4a4-gate-up-a8"``: a **mixed** setting, not W4A4: the w4a4 recipe with the MLP inputs (gate_proj,
           up_proj) at 8-bit activations, the kind that dominates the 4-bit activation error on SmolLM2.
@@ -268,7 +238,7 @@ class QuantConfig(ConfigMixin):
             'gptq'
         """
         if name not in QUANT_PRESETS:
-            raise ValueError(f"unknown QuantConfig preset {name!r}; choose one of {sorted(QUANT_PRESETS)}")
+            raise ValueError(f"unknown QuantConfig preset {short_repr(name)}; choose one of {sorted(QUANT_PRESETS)}")
         return cls(**{**QUANT_PRESETS[name], **overrides})
 
     def clip_search_kwargs(self) -> dict | None:
