@@ -86,7 +86,7 @@ def wanted_settings(args) -> list[tuple[int, list[int]]]:
 def evaluate(model, tok, chunks, args) -> dict:
     out = {"ppl": perplexity(model, chunks, progress=False)}
     if args.tasks:
-        from rolora_plugin.eval import evaluate_tasks
+        from rolora_plugin.app.evaluate import evaluate_tasks
 
         out["avg"] = evaluate_tasks(model, tok, limit=args.limit)["average"]
     return out
