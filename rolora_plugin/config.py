@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar
 
-__all__ = ["Config", "ConfigMixin", "FieldSpec", "spec", "RECORD_KEY", "QUANT_RECORD_KEY", "short_repr", "unknown_keys"]
+__all__ = ["Config", "ConfigMixin", "FieldSpec", "spec", "is_number", "RECORD_KEY", "QUANT_RECORD_KEY", "short_repr", "unknown_keys"]
 
 RECORD_KEY = "rolora"  # model.config.<RECORD_KEY>: the rotation record (rolora_plugin.rotate.rotation)
 QUANT_RECORD_KEY = "rolora_quant"  # model.config.<QUANT_RECORD_KEY>: the quantization record (rolora_plugin.quant)
@@ -67,7 +67,8 @@ def _is_config(kind) -> bool:
     return isinstance(kind, type) and issubclass(kind, Config)
 
 
-def _number(value) -> bool:
+def is_number(value) -> bool:
+    """A finite int or float, not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -162,7 +163,7 @@ class FieldSpec:
         if kind is int:
             return isinstance(value, int) and not isinstance(value, bool), value
         if kind is float:
-            return (True, float(value)) if _number(value) else (False, value)
+            return (True, float(value)) if is_number(value) else (False, value)
         if kind in (list, tuple):
             return (True, kind(value)) if isinstance(value, (list, tuple)) else (False, value)
         return isinstance(value, kind), value
@@ -170,7 +171,7 @@ class FieldSpec:
     def _in_bounds(self, value) -> bool:
         if not any(b is not None for b in (self.min, self.max, self.gt, self.lt)):
             return True
-        if not _number(value):
+        if not is_number(value):
             return False
         return ((self.min is None or value >= self.min) and (self.max is None or value <= self.max)
                 and (self.gt is None or value > self.gt) and (self.lt is None or value < self.lt))  # fmt: skip

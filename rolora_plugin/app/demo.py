@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import Config, spec
+from ..config import Config, FieldSpec, is_number, spec
 from ..io.publish import atomic_write_text
 from ..lora.kurtosis import activation_stats, input_kinds, summarize_by_kind
 from ..metrics import batches_perplexity, perplexity
@@ -67,12 +67,8 @@ CONSUMER_REL = 1e-4  # relative logit error under which the consumer computed th
 # ---------------------------------------------------------------------------------------------- configs
 
 
-def _bits(bits) -> bool:
-    return all(isinstance(b, int) and not isinstance(b, bool) and 2 <= b <= 8 for b in bits)
-
-
 def _positive(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    return is_number(value) and value > 0
 
 
 def _pos(default: int):
@@ -87,7 +83,8 @@ class DemoConfig(Config):
     ppl_chunks: int = _pos(4)
     seq_len: int = _pos(256)
     stats_chunks: int = _pos(1)
-    quant_bits: list = spec(factory=lambda: [6, 4], kind=list, nonempty=True, check=_bits, must="list W=A bit-widths in 2..8")
+    quant_bits: list = spec(factory=lambda: [6, 4], kind=list, nonempty=True, items=FieldSpec(kind=int, min=2, max=8),
+                            what="a non-empty list of W=A bit-widths in 2..8")  # fmt: skip
     method: str = spec("rtn", choices=("rtn", "gptq"))
     clip_search: bool = spec(False, kind=bool)
     calib_chunks: int = _pos(16)

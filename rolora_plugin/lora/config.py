@@ -1,13 +1,15 @@
 """Configuration of :class:`rolora_plugin.RoLoRACallback`: rotation, monitor, QAT and export options.
 
-Every config is a dataclass validated in ``__post_init__`` that round-trips through dict / JSON
-(``RoLoRAConfig.from_dict(cfg.to_dict()) == cfg``).
+Every config is a :class:`rolora_plugin.config.Config` dataclass: its fields are declared with their checks
+(:func:`~rolora_plugin.config.spec`), the sections are typed (``RoLoRAConfig(qat={...})`` builds a ``QATConfig``), and
+it round-trips through dict / JSON (``RoLoRAConfig.from_dict(cfg.to_dict()) == cfg``).
 
 The monitor's fake-quant evaluation and QAT *hold* a :class:`~rolora_plugin.quant.QuantConfig` (``quant=``, torchao
 style) instead of copying its fields. Their flat keys (``w_bits``, ``a_bits``, ``w_group_size``; for QAT also
 ``w_sym``, ``a_sym``, ``a_clip_ratio``) stay accepted as aliases, as keyword arguments and as dict / YAML keys
 (``qat: {w_bits: 4, a_bits: 8}``): they fill the held config, whose other fields keep the fake-quant defaults
-(RTN, per channel, symmetric, no clip search, nothing skipped). The same names read back as properties
+(RTN, per channel, symmetric, no clip search, nothing skipped). They are declared in each class's ``FLAT_KEYS``
+(the base folds them into ``quant`` before the dataclass is built) and read back as read-only properties
 (``qat.w_bits == qat.quant.w_bits``). ``to_dict`` writes the nested form.
 
 Both sections also take ``preset=`` (a :data:`~rolora_plugin.quant.QUANT_PRESETS` name; YAML ``qat: {enabled: true,
