@@ -25,6 +25,7 @@ layer (``rotate.config.RotationConfig``, ``quant.config.QuantConfig``, ``lora.co
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import reprlib
@@ -198,6 +199,13 @@ class _ConfigType(type):
         if flat:
             kwargs = cls._fold_flat_keys(kwargs, flat)
         return super().__call__(*args, **kwargs)
+
+    @property
+    def __signature__(cls) -> inspect.Signature:
+        """``help(QATConfig)`` / ``inspect.signature``: the dataclass fields, then the flat keys (keyword-only)."""
+        sig = inspect.signature(cls.__init__)
+        flat = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None) for k in cls.FLAT_KEYS]
+        return sig.replace(parameters=[*list(sig.parameters.values())[1:], *flat])
 
 
 class Config(metaclass=_ConfigType):

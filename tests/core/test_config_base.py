@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import inspect
 import re
 from pathlib import Path
 from typing import ClassVar
@@ -156,6 +157,8 @@ def test_qat_and_monitor_flat_keys_are_explicit():
     assert QATConfig(w_bits=4, a_bits=4) == QATConfig() and QATConfig(a_bits=8).quant == fake_quant_config(a_bits=8)
     assert QATConfig(preset="nvfp4").preset == "nvfp4" and QATConfig(preset=None) == QATConfig()
     assert "w_bits" not in QATConfig().to_dict() and QATConfig.from_dict({"a_bits": 8}).a_bits == 8
+    params = inspect.signature(QATConfig).parameters  # help() shows the fields, then the flat keys
+    assert list(params)[:4] == ["enabled", "start_step", "quant", "targets"] and params["w_bits"].kind is params["w_bits"].KEYWORD_ONLY
     with pytest.raises(AttributeError):
         QATConfig().a_bits = 8
     assert dataclasses.replace(QATConfig(a_bits=8), enabled=True).quant.a_bits == 8
