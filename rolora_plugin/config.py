@@ -152,30 +152,27 @@ class FieldSpec:
         kind = self.kind
         if kind is None:
             return True, value
-        if _is_config(kind):
-            if isinstance(value, Mapping):
-                try:
-                    return True, kind.from_dict(value)
-                except ValueError as e:
-                    raise ValueError(f"{owner}.{name}: {e}") from None
-            return isinstance(value, kind), value
         if kind is bool:
             return isinstance(value, bool), value
         if kind is int:
             return isinstance(value, int) and not isinstance(value, bool), value
         if kind is float:
             return (True, float(value)) if is_number(value) else (False, value)
-        if kind in (list, tuple):
+        if kind is list or kind is tuple:
             return (True, kind(value)) if isinstance(value, (list, tuple)) else (False, value)
+        if _is_config(kind) and isinstance(value, Mapping):
+            try:
+                return True, kind.from_dict(value)
+            except ValueError as e:
+                raise ValueError(f"{owner}.{name}: {e}") from None
         return isinstance(value, kind), value
 
     def _in_bounds(self, value) -> bool:
-        if not any(b is not None for b in (self.min, self.max, self.gt, self.lt)):
+        lo, hi, gt, lt = self.min, self.max, self.gt, self.lt
+        if lo is None and hi is None and gt is None and lt is None:
             return True
-        if not is_number(value):
-            return False
-        return ((self.min is None or value >= self.min) and (self.max is None or value <= self.max)
-                and (self.gt is None or value > self.gt) and (self.lt is None or value < self.lt))  # fmt: skip
+        return is_number(value) and ((lo is None or value >= lo) and (hi is None or value <= hi)
+                                     and (gt is None or value > gt) and (lt is None or value < lt))  # fmt: skip
 
 
 def spec(default=MISSING, *, factory=MISSING, compare: bool = True, repr: bool = True, **checks):  # noqa: A002
