@@ -68,6 +68,10 @@ def _is_config(kind) -> bool:
     return isinstance(kind, type) and issubclass(kind, Config)
 
 
+def _a(noun: str) -> str:
+    return ("an " if noun[:1] in "AEIOUaeiou" else "a ") + noun
+
+
 def is_number(value) -> bool:
     """A finite int or float, not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -101,7 +105,7 @@ class FieldSpec:
             return self.what
         kind = self.kind
         if _is_config(kind):
-            text = f"a {kind.__name__} or a dict of its fields"
+            text = f"{_a(kind.__name__)} or a dict of its fields"
         elif self.choices is not None:
             shown = list(self.choices)
             text = " or ".join(repr(c) for c in shown) if len(shown) == 2 else f"one of {shown}"
@@ -114,7 +118,7 @@ class FieldSpec:
         elif kind in (list, tuple):
             text = f"a {'non-empty ' if self.nonempty else ''}list"
         elif isinstance(kind, type):
-            text = f"a {kind.__name__}"
+            text = _a(kind.__name__)
         else:
             text = "valid"
         return text + (" or None" if self.optional else "")

@@ -63,7 +63,7 @@ class Outer(Config):
         (dict(ratio="1"), r"Outer.ratio must be a number in \(0, 1\]"),
         (dict(limit=0), r"Outer.limit must be an int >= 1 or None, got 0"),
         (dict(on=1), r"Outer.on must be True or False, got 1"),
-        (dict(inner=3), r"Outer.inner must be a Inner or a dict of its fields, got 3"),
+        (dict(inner=3), r"Outer.inner must be an Inner or a dict of its fields, got 3"),
         (dict(inner={"steps": 0}), r"Outer.inner: Inner.steps must be an int >= 1, got 0"),
         (dict(inner={"names": ["a", 2]}), r"Outer.inner: Inner.names entries must be a string, got 2"),
         (dict(tag=""), r"Outer.tag must be a short tag such as 'x', got ''"),
