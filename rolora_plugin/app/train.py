@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from ..rotate.config import RotationConfig
 from ..io.publish import OutputExistsError, atomic_output_dir, atomic_write_text
+from ..lora.config import QATConfig
 from .assets import pad_collate, tokenize_pairs
 from .runtime import filtered_logs
 from .train_config import SEED_LIMIT, TrainConfig, TrainInputError, _overlap, check_checkpoint_dir, checkpoint_root  # noqa: F401 (re-exported)
@@ -182,7 +183,7 @@ class FinetuneSettings:
     seed: int
     lora: dict
     rotation: RotationConfig | None = None
-    qat: object = None
+    qat: QATConfig | dict | None = None
     lora_lr_scale: str = "none"
     grad_accum: int = 1
     warmup_steps: int = 0
@@ -314,7 +315,7 @@ def _quiet_progress(trainer, desc: str) -> None:
 
 def settings_callbacks(settings: FinetuneSettings) -> list:
     """A RoLoRA run: its RoLoRACallback (monitor off). A LoRA run: the fake-quant forward if QAT is enabled."""
-    from .. import QATConfig, RoLoRACallback, RoLoRAConfig
+    from .. import RoLoRACallback, RoLoRAConfig
 
     if settings.rotation is not None:
         config = RoLoRAConfig(rotation=settings.rotation, monitor={"every_n_steps": 0}, qat=settings.qat or {},
