@@ -20,6 +20,7 @@ import torch
 
 from ..plugins import add_reset_callback
 from .constructions import NoHadamardError, _construct, _random_orthogonal, derive_seed, find_hadamard_order
+from .kernels import dispatch_triton_hadamard
 from .sylvester import sylvester
 
 __all__ = [
@@ -164,8 +165,6 @@ def _dispatch_kernel(x: torch.Tensor, t: OrthogonalTransform, transposed: bool) 
     """The Triton kernel's result for CUDA tensors when it applies, else None (PyTorch path)."""
     if x.device.type != "cuda":
         return None
-    from .kernels import dispatch_triton_hadamard
-
     return dispatch_triton_hadamard(x, t, transposed)
 
 

@@ -33,6 +33,10 @@ from torch import nn
 
 from ..errors import QuantizationError
 from ..metrics import perplexity
+from .compressed import EXPORT_SIDE_KEYS, QUANT_RECORD_FILE, _read_json, export_side_keys_expected
+from .export import load_rotated
+from .loading import load_causal_lm
+from .transform_config import _load_transform_weights
 
 __all__ = ["check_export", "consumer_model"]
 
@@ -47,16 +51,11 @@ def consumer_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, 
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     path = Path(path)
-    from .compressed import _read_json
-
     qc = dict(_read_json(path / "config.json", "model config").get("quantization_config") or {})
     if not qc.get("config_groups"):
         raise QuantizationError(f"{path} is not a quantized compressed-tensors export (no quantization_config.config_groups)")
     transform = qc.pop("transform_config", None)
     qc.pop("sparsity_config", None)
-    from .compressed import EXPORT_SIDE_KEYS, export_side_keys_expected
-    from .loading import load_causal_lm
-
     with export_side_keys_expected(path):  # stored transforms / input_global_scale are loaded below, by compressed-tensors' modules
         model = load_causal_lm(path, dtype, model_cls=AutoModelForCausalLM, expected_unexpected=EXPORT_SIDE_KEYS,
                                attn_implementation="sdpa", quantization_config=CompressedTensorsConfig(dequantize=True))  # fmt: skip
@@ -71,8 +70,6 @@ def consumer_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, 
             if f"{name}.input_global_scale" in static:
                 mod.input_global_scale.data.copy_(static[f"{name}.input_global_scale"])
     if transform:
-        from .transform_config import _load_transform_weights
-
         apply_transform_config(model, TransformConfig.model_validate(transform))
         _load_transform_weights(model, path)
     if device is not None:
@@ -103,9 +100,6 @@ def check_export(path: str | os.PathLike, chunks: torch.Tensor, *, progress: boo
     ``bf16``: also the perplexity of compressed-tensors' forward in bfloat16 (``ppl["consumer_bf16"]``), the dtype
     engines serve in (our numbers are fp32).
     """
-    from .compressed import QUANT_RECORD_FILE, _read_json
-    from .export import load_rotated
-
     body = _read_json(Path(path) / QUANT_RECORD_FILE, "quantization record")
     ours = load_rotated(path, consumer_arithmetic=True, attn_implementation="sdpa", device=device)
     theirs = consumer_model(path, device=device)

@@ -47,7 +47,7 @@ from ..quant.qat import fused_expert_modules
 from ..quant.rtn import WeightQuantParams, set_weight_quant_params_, weight_quant_params
 from ..rotate.learned import LEGACY_LEARNED_FILE
 from ..rotate.rotation import RotationRecord
-from .loading import EXPORT_SIDE_KEYS, model_class, read_json_object  # noqa: F401  (re-exported for callers of compressed)
+from .loading import EXPORT_SIDE_KEYS, load_causal_lm, model_class, read_json_object  # noqa: F401  (re-exported for callers of compressed)
 from .publish import atomic_write_text
 from .transform_config import require_compressed_tensors, stored_transform_weights, transform_config_dict
 
@@ -443,8 +443,6 @@ def load_compressed(path: str | os.PathLike, record: QuantizationRecord, **kwarg
     """Dense model with the exact dequantized weights (transformers + compressed-tensors' decompression at load),
     each quantized linear carrying its :class:`WeightQuantParams` again; no quantizer or rotation installed yet."""
     from transformers import CompressedTensorsConfig
-
-    from .loading import load_causal_lm
 
     require_compressed_tensors()
     with warnings.catch_warnings(), export_side_keys_expected(path) as cls:

@@ -58,13 +58,17 @@ from torch import nn
 from .._peft import unwrap_peft
 from ..config import QUANT_RECORD_KEY
 from ..errors import QuantizationError
+from ..model.online import use_consumer_arithmetic_
+from ..quant import fake_quant_active, get_quantization_record, install_activation_quantizers, quantize_model_
 from ..rotate.fingerprint import weights_fingerprint
 from ..rotate.learned import LEARNED_FILE, learned_names, resolve_learned
-from ..rotate.rotation import RECORD_KEY, RotationError, RotationRecord, get_rotation_record, install_online_rotations, rotate_model_
+from ..rotate.rotation import RECORD_KEY, RotationError, RotationRecord, ensure_rotated, get_rotation_record, install_online_rotations, rotate_model_
 from .compressed import (
     COMPRESSED_FORMAT,
     EXPORT_SIDE_KEYS,
     QUANT_RECORD_FILE,
+    _read_json,
+    _refuse_fused_experts,
     is_compressed_export,
     load_compressed,
     model_class,
@@ -173,12 +177,8 @@ def load_rotated(path: str | os.PathLike, dtype: torch.dtype | None = None, devi
         setattr(model.config, RECORD_KEY, record.to_dict())
     install_online_rotations(model, record)
     if consumer_arithmetic:
-        from ..model.online import use_consumer_arithmetic_
-
         use_consumer_arithmetic_(model)
     if quant is not None:
-        from ..quant import install_activation_quantizers
-
         install_activation_quantizers(model, quant)
     if device is not None:
         model.to(device)
@@ -200,8 +200,6 @@ def _load_base(base_model, dtype) -> nn.Module:
             f"the adapter's base model {base_model!r} is not a local directory; pass base_model=<rotated export or "
             "original model dir> (no hub downloads are attempted)"
         )
-    from .compressed import _read_json
-
     config = Path(base_model) / "config.json"
     data = _read_json(config, "model config") if config.is_file() else {}
     _refuse_quantized_base(data, f"base model {base_model}")
@@ -279,8 +277,6 @@ def _load_adapter_dir(path: Path, record, base_model, dtype) -> tuple[nn.Module,
 
 
 def _adapter_config(path: Path) -> dict:
-    from .compressed import _read_json
-
     config = _read_json(path / "adapter_config.json", "adapter config")
     if not isinstance(config, dict):
         raise RotationError(f"{path}/adapter_config.json holds a {type(config).__name__}, not an object; re-save the adapter")
@@ -318,8 +314,6 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 
 def _fake_quant_active(model: nn.Module) -> bool:
-    from ..quant import fake_quant_active
-
     return fake_quant_active(model)
 
 
@@ -454,8 +448,6 @@ def _write_export(model, record: RotationRecord, out_dir: Path, tokenizer, ct: d
 
 def _quantized(model: nn.Module) -> tuple[nn.Module, object]:
     """``(model, QuantizationRecord)`` of a model ``format='compressed-tensors'`` can write, else a clear error."""
-    from ..quant import get_quantization_record
-
     if _has_adapter(model) or _fake_quant_active(model):
         raise QuantizationError(
             "format='compressed-tensors' writes a post-training quantized model: merge the LoRA adapters and remove QAT "
@@ -509,14 +501,9 @@ def quantize_and_export(
     Returns:
         ``Path(out_dir)``; ``load_rotated(out_dir)`` gives the quantized model back.
     """
-    from ..quant import quantize_model_
-    from ..rotate.rotation import ensure_rotated
-
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
     model, src_dirs = _quantization_source(model_or_dir, dtype)
-    from .compressed import _refuse_fused_experts
-
     _refuse_fused_experts(unwrap_peft(model))  # before rotating and quantizing: the export could not be written
     ensure_rotated(model, rotation, calibration=calibration, progress=progress)
     quantize_model_(model, quant_config, calibration, progress=progress)
@@ -535,8 +522,6 @@ def _quantization_source(src, dtype) -> tuple[nn.Module, list]:
         return _merged(model, inplace=True), dirs
     if not (path / "config.json").is_file():
         raise RotationError(f"{path} is neither a model checkpoint (config.json) nor a peft adapter (adapter_config.json)")
-    from .compressed import _read_json
-
     if _read_json(path / "config.json", "model config").get(RECORD_KEY):
         return load_rotated(path, dtype), [path]
     return load_causal_lm(path, dtype), [path]

@@ -32,6 +32,8 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError  # re-exported: rolora_plugin.io.loading.CheckpointError
+from ..finite import all_finite
+from .safetensors_reader import _numel, header_shapes, weight_files
 
 __all__ = ["CheckpointError", "check_layer_count", "check_loading_info", "load_causal_lm"]
 
@@ -102,8 +104,6 @@ def load_causal_lm(
             or of another shape than ``config.json`` implies (nothing is returned; transformers' random fill never
             reaches the caller).
     """
-    from .safetensors_reader import weight_files
-
     path = Path(path)
     if path.is_dir():
         weight_files(path)  # refuses a folder holding both model.safetensors and an index + shards
@@ -141,8 +141,6 @@ def load_causal_lm(
 def _check_float16_cast(model: nn.Module, path: Path, what: str) -> None:
     """A float32/bfloat16 checkpoint loaded in float16: a value beyond ±65504 became ±Inf in the cast. Say so (the
     checkpoint is fine; the dtype is not), rather than let a later check call the weights damaged."""
-    from ..finite import all_finite
-
     for name, p in model.named_parameters():
         if p.dtype == torch.float16 and not all_finite(p.detach()):
             raise CheckpointError(
@@ -196,8 +194,6 @@ def check_layer_count(path: str | os.PathLike, config, what: str = "checkpoint",
     refused at once — call it before building any skeleton from the config (a meta model of 10**6 layers alone takes
     minutes). More stored layers than the config names is left to the loading info (unexpected tensors)."""
     if shapes is None:
-        from .safetensors_reader import header_shapes
-
         shapes = header_shapes(Path(path))
     n = getattr(config.get_text_config(), "num_hidden_layers", None)
     stored = {int(m.group(1)) for name in shapes for m in [_LAYER.search(name)] if m}
@@ -221,8 +217,6 @@ def check_dims_against_headers(path: Path, model_cls, what: str = "checkpoint") 
     differ (packed exports, per-expert MoE files, legacy prefixes) are left to the loading info of the real load.
     """
     from transformers import AutoConfig
-
-    from .safetensors_reader import _numel, header_shapes
 
     shapes = header_shapes(path)
     if not shapes:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import RotationError
+from ..errors import CheckpointError, RotationError
 
 __all__ = ["SINGLE_FILE", "INDEX_FILE", "weight_files", "header_shapes"]
 
@@ -32,8 +32,6 @@ def weight_files(folder: Path) -> Path | None:
     an earlier save), transformers reads the single file and an index-first reader the shards, so the same folder
     would give two different models. The same holds for ``pytorch_model.bin`` beside its own index.
     """
-    from ..errors import CheckpointError
-
     folder = Path(folder)
     for single, index in ((SINGLE_FILE, INDEX_FILE), (_BIN_FILE, _BIN_INDEX)):
         if (folder / single).is_file() and (folder / index).is_file():
@@ -77,8 +75,6 @@ class _Checkpoint:
             header = _header(path)
             wrong = sorted(name for name, file in self.files.items() if file == path and name not in header)
             if wrong:
-                from ..errors import CheckpointError
-
                 raise CheckpointError(
                     f"{folder / INDEX_FILE} maps {len(wrong)} tensor(s) (e.g. {wrong[0]}) to {path.name}, whose header has "
                     "no such tensor: the index does not describe the shards (stale or edited). Re-save the model, or "
@@ -169,8 +165,6 @@ def _header(path: Path) -> dict[str, tuple[tuple[int, int], tuple[int, ...], tor
                     raise ValueError(f"tensor {name}: shape {list(shape)} and byte range {start}..{stop} disagree or lie outside the file")
                 out[name] = ((base + start, base + stop), shape, dtype)
     except FileNotFoundError:
-        from ..errors import CheckpointError
-
         raise CheckpointError(f"{path} does not exist but the weight index names it; copy the complete model folder") from None
     except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise RotationError(f"{path} is not a safetensors file (unreadable header: {str(e)[:200]}); re-save or copy the model again") from None

@@ -91,6 +91,7 @@ from ..rotate.rotation import (
     build_rotations,
     get_rotation_record,
 )
+from .loading import check_layer_count
 from .publish import OutputExistsError, atomic_output_dir, atomic_write_text, check_writable_parent
 from .records import RECORD_FILE, seal_export
 from .safetensors_reader import INDEX_FILE, SINGLE_FILE, _Checkpoint, _header, _numel, _weight_map  # noqa: F401
@@ -428,8 +429,6 @@ def _prepare(src: Path, config: RotationConfig, dtype) -> _Job:
     _check_config(src, hf_config)
     spec = _spec_for(hf_config)
     dims = ModelDims.from_config(hf_config)
-    from .loading import check_layer_count
-
     check_layer_count(src, hf_config, "source checkpoint")  # a config of 10**6 layers: refused before its skeleton is built
     skeleton = _skeleton(hf_config)  # meta device: no memory, whatever config.json claims
     names, params = _model_tensors(skeleton)

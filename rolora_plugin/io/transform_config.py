@@ -35,6 +35,7 @@ from torch import nn
 from ..errors import RotationError
 from ..model.architectures import architecture_by_name, get_architecture
 from ..rotate.rotation import RotationRecord
+from .loading import EXPORT_SIDE_KEYS, load_causal_lm
 from .publish import atomic_write_text
 
 __all__ = [
@@ -198,8 +199,6 @@ def load_with_compressed_tensors(path: str | os.PathLike, dtype: torch.dtype | N
         from transformers import CompressedTensorsConfig
 
         kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
-    from .loading import EXPORT_SIDE_KEYS, load_causal_lm
-
     model = load_causal_lm(path, model_cls=AutoModelForCausalLM, expected_unexpected=EXPORT_SIDE_KEYS, **kwargs)
     get_architecture(model)  # clear error for a family we do not know
     apply_transform_config(model, TransformConfig.model_validate(ct))

@@ -44,9 +44,11 @@ from typing import Iterable
 
 from torch import nn
 
-from .._peft import lora_layer_names, unwrap_peft
+from .._peft import adapter_configs, adapter_names, factor_weights, is_lora_layer, lora_layer_names, rescale_factors_, unwrap_peft, uses_dora
 from ..config import short_repr
-from ..model.architectures import get_architecture, get_submodule
+from ..distributed import gather_params
+from ..errors import RotationError
+from ..model.architectures import EXPERT_PARAMS, get_architecture, get_submodule
 from ..rotate.config import RotationConfig
 from ..rotate.rotation import check_online_rotations, ensure_rotated, get_rotation_record, missing_online_rotations
 from .config import LR_SCALES
@@ -130,8 +132,6 @@ def map_target_parameters(model: nn.Module, targets: str | Iterable[str]) -> lis
     Raises:
         ValueError: the family has no fused experts, or a name is not an expert parameter.
     """
-    from ..model.architectures import EXPERT_PARAMS
-
     spec = get_architecture(unwrap_peft(model))
     if spec.experts is None:
         raise ValueError(f"{spec.name} has no fused experts; target_parameters applies to MoE families only")
@@ -217,10 +217,6 @@ def scale_lora_lr_(model: nn.Module, mode: str = "norm-rms") -> dict[str, float]
     import re
 
     import torch
-
-    from .._peft import adapter_configs, adapter_names, factor_weights, is_lora_layer, rescale_factors_, uses_dora
-    from ..distributed import gather_params
-    from ..errors import RotationError
 
     if mode not in LR_SCALES:
         raise ValueError(f"lora_lr_scale must be one of {LR_SCALES}, got {mode!r}")

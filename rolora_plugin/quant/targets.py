@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import UnsupportedArchitectureError
+from ..model.architectures import get_architecture
 from .config import QuantConfig
 
 __all__ = ["is_skipped", "language_scope", "quantizable_linears"]
@@ -24,9 +26,6 @@ def is_skipped(name: str, skip) -> bool:
 
 def language_scope(model: nn.Module) -> tuple[str, ...] | None:
     """Module-name prefixes that may be quantized: ``(tower + ".", lm_head)`` for a VLM, None (everything) otherwise."""
-    from ..errors import UnsupportedArchitectureError
-    from ..model.architectures import get_architecture
-
     try:
         spec = get_architecture(model)
     except UnsupportedArchitectureError:

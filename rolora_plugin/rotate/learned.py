@@ -56,6 +56,9 @@ from ..errors import RotationError
 from ..hadamard.constructions import derive_seed
 from ..hadamard.transform import OrthogonalTransform
 from ..model.architectures import ArchitectureSpec, ModelDims, get_submodule
+from ..quant.calibration import _batches, check_calibration
+from ..quant.config import QuantConfig
+from ..quant.primitives import fake_quant
 
 __all__ = [
     "LEARNED_FILE",
@@ -141,8 +144,6 @@ def rotation_objective(sites, rotations: dict[str, torch.Tensor], quant, *, deta
     by ``rows_total / rows_kept``. Per-channel weight quantization keeps rows independent, so a random subset is an
     unbiased estimate of the full term at a fraction of the cost (the training steps use it).
     """
-    from ..quant.primitives import fake_quant
-
     mode = {"ste": True} if detached_scales else {"scale_grad": True}
     a_spec, w_spec = quant.activation_spec(), quant.weight_spec()
     qa = lambda t: fake_quant(t, a_spec, **mode)  # noqa: E731
@@ -208,8 +209,6 @@ def collect_sites(model: nn.Module, spec: ArchitectureSpec, config, calibration,
     R1 sites: per layer ``attn`` (x̂ before the attention readers, ``W' = [readers] diag(g_input_norm)``) and ``mlp``
     (the same for the MLP readers); R2 site: o_proj's input and weight. Each keeps ``config.learn_tokens`` tokens.
     """
-    from ..quant.calibration import _batches
-
     batches = _batches(calibration, next(model.parameters()).device)
     sampler = _Sampler(-(-config.learn_tokens // len(batches)), generator)
     layers = spec.decoder_layers(model)
@@ -254,16 +253,13 @@ def learn_rotations(
     """
     if given is not None:
         return _given(config, transforms, given)
-    from ..quant.calibration import check_calibration
-    from ..quant.config import QuantConfig
-
     if calibration is None:
         raise RotationError(
             f"RotationConfig(learn={list(config.learn)}) learns rotations on calibration data: pass "
             "rotate_model_(model, config, calibration=[input_ids tensors or dicts]) or RoLoRACallback(config, "
             "calibration=[...]) (or drop learn for Hadamard rotations)"
         )
-    quant = quant or QuantConfig.preset(config.learn_quant)  # an unknown preset name fails here, before any edit
+    quant = quant or QuantConfig.preset(config.learn_quant)  # a known preset: RotationConfig checked the name
     _refuse_moe(model, spec, config)
     calibration = check_calibration(model, calibration)
     g = torch.Generator(device="cpu").manual_seed(derive_seed(config.seed, "learn"))

@@ -32,6 +32,7 @@ from ..hadamard.constructions import derive_seed
 from ..hadamard.transform import OrthogonalTransform, build_transform
 from ..model.architectures import EXPERT_PARAMS, ArchitectureSpec, ModelDims, check_rms_norm, get_submodule
 from ..model.online import (
+    OnlineHadamard,
     add_expert_gate_transform,
     check_experts_implementation,
     expert_gate_transforms,
@@ -153,8 +154,6 @@ def rotate_moe_mlp(layer: nn.Module, spec: ArchitectureSpec, transforms: dict, c
 
 def install_moe_online(layer: nn.Module, spec: ArchitectureSpec, transforms: dict) -> None:
     """Install the online R4s of one MoE layer: every expert's down_proj input, the shared expert's down_proj."""
-    from ..model.online import OnlineHadamard
-
     if "r4_experts" in transforms:
         experts = base_experts(get_submodule(layer, spec.experts))
         add_expert_gate_transform(experts, "r4", OnlineHadamard(transforms["r4_experts"], name="r4"), first=True)
