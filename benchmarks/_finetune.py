@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from rolora_plugin import RotationConfig
 from rolora_plugin.app.train import OPTIMIZERS, FinetuneSettings, cosine_warmup
 from rolora_plugin.io.publish import atomic_output_dir, atomic_write_text
 
@@ -153,8 +154,6 @@ class RunSettings:
         """The training of this run in the shared harness (:func:`rolora_plugin.app.train.finetune`): the LoRA
         init and the data order from ``seed``, AdamW (or ``optimizer``) with cosine decay after the warm-up, loss
         logged every step; RoLoRA rotates R1+R4 with ``seed``, QAT per :data:`METHODS`."""
-        from rolora_plugin import RotationConfig
-
         rotate, qat = METHODS[self.method]
         lora = {"r": self.rank, "lora_alpha": self.alpha, "target_modules": TARGETS[self.targets], "lora_dropout": 0.0}
         return FinetuneSettings(steps=self.steps, lr=self.lr, batch_size=self.batch_size, seed=self.seed, lora=lora,
@@ -398,7 +397,6 @@ def _unfold_gain_callback(s: RunSettings):
     from torch.nn.utils import parametrize
     from transformers import TrainerCallback
 
-    from rolora_plugin import RotationConfig
     from rolora_plugin._peft import is_lora_layer, unwrap_peft
     from rolora_plugin.app.assets import load_smollm2
     from rolora_plugin.model.architectures import ModelDims, get_architecture, get_submodule
@@ -435,10 +433,9 @@ def _unfold_gain_callback(s: RunSettings):
 
 
 def _train(s: RunSettings, data: Data):
-    """The fine-tune, in the shared harness (:meth:`RunSettings.finetune_settings`), with the curve measurements (and the
-    FP-gap experiment's re-parametrisation) as extra callbacks; returns (trainer, curves). ``optimizer="sgd"``:
-    SGD with momentum 0.9 (the FP-gap control: under SGD the rotation drops out of the trajectory and only the
-    folded gain acts, tests/core/test_lora_geometry.py)."""
+    """The fine-tune in the shared harness (:meth:`RunSettings.finetune_settings`), the FP-gap re-parametrisation and
+    the curve measurements as extra callbacks; returns (trainer, curves). ``optimizer="sgd"`` is the FP-gap control:
+    under SGD the rotation drops out of the trajectory, only the folded gain acts (tests/core/test_lora_geometry.py)."""
     from rolora_plugin.app.assets import load_smollm2
     from rolora_plugin.app.train import finetune
 
@@ -446,8 +443,8 @@ def _train(s: RunSettings, data: Data):
     curves: list = []
     fp4 = METHODS[s.method][1] if isinstance(METHODS[s.method][1], str) else None
     extra = [_unfold_gain_callback(s)] if s.lora_coords == "unfolded" else []
-    trainer = finetune(model, tok, data.train, s.finetune_settings(), callbacks=[*extra, _curve_callback(data, s.eval_every, curves, fp4)])
-    return trainer, curves
+    extra.append(_curve_callback(data, s.eval_every, curves, fp4))
+    return finetune(model, tok, data.train, s.finetune_settings(), callbacks=extra), curves
 
 
 def _merge(s: RunSettings, trainer, tok) -> None:
@@ -514,7 +511,7 @@ def _load_merged(s: RunSettings):
         return load_rotated(path, dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     if s.method in POSTHOC:
-        from rolora_plugin import RotationConfig, rotate_model_
+        from rolora_plugin import rotate_model_
 
         rotate_model_(model, RotationConfig(seed=s.seed))  # what RoLoRACallback applies before training, now after
     return model
