@@ -89,8 +89,8 @@ def train_one(method: str, targets: str, args, train_rows, heldout_batches) -> t
     from rolora_plugin.metrics import mean_loss
 
     model, tok = load_smollm2(torch.float32)
-    # the run's settings, turned into peft LoRA and TrainingArguments by the harness `rolora train` and the
-    # benchmarks use (rolora_plugin/app/train.py): AdamW, cosine decay after the warm-up, seed and data order from --seed
+    # the run's settings; the shared harness (rolora_plugin/app/train.py, also behind `rolora train` and the benchmark)
+    # turns them into peft LoRA and TrainingArguments: AdamW, cosine decay after the warm-up, seed and data order from --seed
     settings = FinetuneSettings(
         steps=args.steps, lr=args.rolora_lr if method == "rolora" and args.rolora_lr else args.lr,
         batch_size=args.batch_size, seed=args.seed, data_seed=args.seed, logging_steps=max(1, args.steps // 10),
