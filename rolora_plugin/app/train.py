@@ -476,6 +476,10 @@ def _saved_config(root: Path) -> dict:
 
 def _check_same_run(saved: dict, cfg: TrainConfig, root: Path) -> None:
     now = cfg.to_dict()
+    try:  # a run config written by an earlier version (rotation / qat as bare override mappings): as written today
+        saved = TrainConfig.from_dict(saved).to_dict()
+    except (ValueError, TypeError):
+        pass  # compared as stored: every difference is named below
     changed = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
     if changed:
         raise TrainInputError(f"the checkpoints in {root} were made with other settings ({', '.join(changed)}); resume with "

@@ -123,3 +123,19 @@ def test_finetune_trains_with_plain_qat_and_the_callers_callbacks_last(tiny):
     assert names.index("PlainQAT") < names.index("Probe")
     assert trainer.state.global_step == 3 and seen == [True, True, True] and not fake_quant_active(trainer.model)
     assert all(torch.isfinite(torch.tensor(row["loss"])) for row in trainer.state.log_history if "loss" in row)
+
+
+def test_resume_accepts_a_run_config_written_before_typed_sections(tmp_path):
+    """Checkpoints of an earlier version stored ``rotation`` / ``qat`` as bare override mappings (``{}``): the same
+    run, so --resume goes on; a setting that really changed is still refused by name."""
+    from rolora_plugin.app.train import TrainInputError, _check_same_run
+    from rolora_plugin.app.train_config import TrainConfig
+
+    cfg = TrainConfig(output_dir=str(tmp_path / "out"), seed=3)
+    earlier = {**cfg.to_dict(), "rotation": {}, "qat": {}}
+    _check_same_run(earlier, cfg, tmp_path)
+    _check_same_run({**earlier, "max_steps": 7}, cfg, tmp_path)  # may change on resume
+    with pytest.raises(TrainInputError, match=r"other settings \(learning_rate\)"):
+        _check_same_run({**earlier, "learning_rate": 1e-3}, cfg, tmp_path)
+    with pytest.raises(TrainInputError, match=r"other settings \(rotation\)"):
+        _check_same_run({**earlier, "rotation": {"r2": True}}, cfg, tmp_path)
