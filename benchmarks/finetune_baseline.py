@@ -11,19 +11,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from hf_trainer_rolora import heldout_loss  # noqa: E402
-
-from rolora_plugin import RotationConfig, rotate_model_  # noqa: E402
-from rolora_plugin.app.assets import instruction_pairs, load_smollm2, pad_collate, text_chunks, tokenize_pairs  # noqa: E402
-from rolora_plugin.app.evaluate import evaluate_tasks  # noqa: E402
-from rolora_plugin.metrics import perplexity  # noqa: E402
-from rolora_plugin.quant import QuantConfig, quantize_model_  # noqa: E402
+from rolora_plugin import RotationConfig, rotate_model_
+from rolora_plugin.app.assets import instruction_pairs, load_smollm2, pad_collate, text_chunks, tokenize_pairs
+from rolora_plugin.app.evaluate import evaluate_tasks
+from rolora_plugin.metrics import mean_loss, perplexity
+from rolora_plugin.quant import QuantConfig, quantize_model_
 
 
 def main(argv=None) -> None:
@@ -36,7 +31,7 @@ def main(argv=None) -> None:
     chunks = text_chunks(tok, 8, 256)
 
     def evaluate(m, name: str) -> None:
-        row = {"ppl": perplexity(m, chunks, progress=False), "heldout_loss": heldout_loss(m, batches)}
+        row = {"ppl": perplexity(m, chunks, progress=False), "heldout_loss": mean_loss(m, batches)}
         if args.task_limit:
             row["avg"] = evaluate_tasks(m, tok, limit=args.task_limit)["average"]
         print(name, json.dumps(row), flush=True)
