@@ -47,7 +47,8 @@ from tqdm.auto import tqdm
 
 from ..rotate.config import RotationConfig
 from ..io.publish import OutputExistsError, atomic_output_dir, atomic_write_text
-from ..lora.config import QATConfig
+from ..config import Config, spec
+from ..lora.config import LR_SCALES, QATConfig
 from .assets import pad_collate, tokenize_pairs
 from .runtime import filtered_logs
 from .train_config import SEED_LIMIT, TrainConfig, TrainInputError, _overlap, check_checkpoint_dir, checkpoint_root  # noqa: F401 (re-exported)
@@ -157,7 +158,7 @@ OPTIMIZERS = {"adamw": {}, "sgd": {"optim": "sgd", "optim_args": "momentum=0.9"}
 
 
 @dataclass
-class FinetuneSettings:
+class FinetuneSettings(Config):
     """What turns a model and tokenized rows into a trained PeftModel: the one fine-tune harness behind ``rolora
     train``, ``rolora demo``, ``benchmarks/finetune_table.py`` and ``examples/hf_trainer_rolora.py``.
 
@@ -168,8 +169,8 @@ class FinetuneSettings:
         lora: keyword arguments of :func:`rolora_plugin.rolora_lora_config` (r, lora_alpha, target_modules, ...).
         rotation: None = plain LoRA; a :class:`RotationConfig` = RoLoRA: :func:`build_trainer` adds a
             :class:`~rolora_plugin.RoLoRACallback` with it (monitor off), which rotates before the optimizer exists.
-        qat: a :class:`~rolora_plugin.QATConfig` or its fields. RoLoRA hands it to the callback; a plain LoRA run
-            with ``enabled`` gets the same fake-quant forward from its first step.
+        qat: a :class:`~rolora_plugin.QATConfig` (a mapping of its fields is built into one). RoLoRA hands it to the
+            callback; a plain LoRA run with ``enabled`` gets the same fake-quant forward from its first step.
         lora_lr_scale: ``RoLoRAConfig.lora_lr_scale`` of a RoLoRA run.
         schedule: the Trainer's ``lr_scheduler_type`` after ``warmup_steps`` (:func:`cosine_warmup`: cosine).
         optimizer: a key of :data:`OPTIMIZERS` (``"adamw"``: the Trainer's default AdamW; ``"sgd"``: momentum 0.9).
@@ -177,25 +178,21 @@ class FinetuneSettings:
         save_steps: checkpoint every n steps and at the last step (two kept); 0 = no checkpoints.
     """
 
-    steps: int
-    lr: float
-    batch_size: int
-    seed: int
-    lora: dict
-    rotation: RotationConfig | None = None
-    qat: QATConfig | dict | None = None
-    lora_lr_scale: str = "none"
-    grad_accum: int = 1
-    warmup_steps: int = 0
-    logging_steps: int = 1
-    schedule: str = "constant_with_warmup"
-    optimizer: str = "adamw"
-    data_seed: int | None = None
-    save_steps: int = 0
-
-    def __post_init__(self):
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {sorted(OPTIMIZERS)}")
+    steps: int = spec(kind=int, min=1)
+    lr: float = spec(kind=float, gt=0)
+    batch_size: int = spec(kind=int, min=1)
+    seed: int = spec(kind=int, min=0)
+    lora: dict = spec(kind=dict)
+    rotation: RotationConfig | None = spec(None, kind=RotationConfig, optional=True)
+    qat: QATConfig | None = spec(None, kind=QATConfig, optional=True)
+    lora_lr_scale: str = spec("none", choices=LR_SCALES)
+    grad_accum: int = spec(1, kind=int, min=1)
+    warmup_steps: int = spec(0, kind=int, min=0)
+    logging_steps: int = spec(1, kind=int, min=1)
+    schedule: str = spec("constant_with_warmup", kind=str, nonempty=True)
+    optimizer: str = spec("adamw", choices=tuple(OPTIMIZERS))
+    data_seed: int | None = spec(None, kind=int, min=0, optional=True)
+    save_steps: int = spec(0, kind=int, min=0)
 
 
 def cosine_warmup(steps: int) -> dict:

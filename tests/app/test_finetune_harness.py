@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from rolora_plugin import QATConfig
 import torch
 
 pytest.importorskip("peft")
@@ -64,7 +66,7 @@ def test_benchmark_runs_are_harness_settings(method):
     assert (s.schedule, s.warmup_steps, s.optimizer) == ("cosine", 5, "adamw")
     assert s.lora == {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "lora_dropout": 0.0}
     assert s.rotation == (RotationConfig(seed=3) if rotate else None)
-    assert s.qat == ({"enabled": True, "preset": qat} if isinstance(qat, str) else {"enabled": qat})
+    assert s.qat == QATConfig.from_dict({"enabled": True, "preset": qat} if isinstance(qat, str) else {"enabled": qat})
     assert ft.RunSettings(method="rolora", targets="qv", seed=0, steps=200).finetune_settings().warmup_steps == 10
 
 
@@ -79,7 +81,7 @@ def test_training_arguments_carry_the_settings(tmp_path):
     plain = training_arguments(FinetuneSettings(steps=1, lr=1e-3, batch_size=1, seed=0, lora=LORA), str(tmp_path))
     assert plain.save_strategy == "no" and plain.lr_scheduler_type == "constant_with_warmup"
     assert plain.data_seed is None and plain.use_cpu and plain.disable_tqdm
-    with pytest.raises(ValueError, match="unknown optimizer 'adam'"):
+    with pytest.raises(ValueError, match=r"FinetuneSettings.optimizer must be 'adamw' or 'sgd', got 'adam'"):
         FinetuneSettings(steps=1, lr=1e-3, batch_size=1, seed=0, lora=LORA, optimizer="adam")
 
 
