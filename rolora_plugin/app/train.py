@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from ..rotate.config import RotationConfig
 from ..io.publish import OutputExistsError, atomic_output_dir, atomic_write_text
-from ..config import Config, spec
+from ..config import Config, is_number, spec
 from ..lora.config import LR_SCALES, QATConfig
 from .assets import pad_collate, tokenize_pairs
 from .runtime import filtered_logs
@@ -354,16 +354,12 @@ def smoothed_loss(log_history: list[dict]) -> tuple[float | None, list[int] | No
 
     Returns ``(loss, [first step, last step])`` of the window, or ``(None, None)`` when nothing finite was logged.
     """
-    curve = [(row["step"], row["loss"]) for row in log_history if _finite(row.get("loss"))]
+    curve = [(row["step"], row["loss"]) for row in log_history if is_number(row.get("loss"))]
     if curve:
         window = curve[-max(1, len(curve) // 4) :]
         return sum(v for _, v in window) / len(window), [window[0][0], window[-1][0]]
-    end = next((row for row in reversed(log_history) if _finite(row.get("train_loss"))), None)
+    end = next((row for row in reversed(log_history) if is_number(row.get("train_loss"))), None)
     return (end["train_loss"], [1, end["step"]]) if end else (None, None)
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _strict_json(value):
