@@ -318,12 +318,11 @@ def settings_callbacks(settings: FinetuneSettings) -> list:
         config = RoLoRAConfig(rotation=settings.rotation, monitor={"every_n_steps": 0}, qat=settings.qat or {},
                               lora_lr_scale=settings.lora_lr_scale)  # fmt: skip
         return [RoLoRACallback(config)]
-    qat = settings.qat if isinstance(settings.qat, QATConfig) else QATConfig.from_dict(dict(settings.qat or {}))
-    return [_plain_qat(qat)] if qat.enabled else []
+    return [_plain_qat(settings.qat)] if settings.qat is not None and settings.qat.enabled else []
 
 
 def _plain_qat(qat):
-    """QAT of an unrotated LoRA run: the fake-quant forward RoLoRACallback installs, from the first step on."""
+    """QAT of an unrotated LoRA run: the fake-quant forward RoLoRACallback installs, from ``qat.start_step`` on."""
     from transformers import TrainerCallback
 
     from ..quant import enable_fake_quant_
@@ -332,7 +331,7 @@ def _plain_qat(qat):
         handle = None
 
         def on_step_begin(self, args, state, control, model=None, **kwargs):
-            if self.handle is None:
+            if self.handle is None and state.global_step >= qat.start_step:
                 self.handle = enable_fake_quant_(model, qat.quant, qat.targets)
 
         def on_train_end(self, args, state, control, **kwargs):

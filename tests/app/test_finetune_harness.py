@@ -141,3 +141,19 @@ def test_resume_accepts_a_run_config_written_before_typed_sections(tmp_path):
         _check_same_run({**earlier, "learning_rate": 1e-3}, cfg, tmp_path)
     with pytest.raises(TrainInputError, match=r"other settings \(rotation\)"):
         _check_same_run({**earlier, "rotation": {"r2": True}}, cfg, tmp_path)
+
+
+def test_plain_qat_starts_at_its_start_step(tiny):
+    """A LoRA run's QAT, like RoLoRACallback's, switches on at ``qat.start_step``, not before."""
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            seen.append(fake_quant_active(model))
+
+    model, tok = load_base_model(str(tiny[0]))
+    s = FinetuneSettings(steps=3, lr=1e-2, batch_size=2, seed=0, lora=LORA, qat={"enabled": True, "start_step": 2})
+    finetune(model, tok, tiny[1], s, callbacks=[Probe()])
+    assert seen == [False, False, True]
