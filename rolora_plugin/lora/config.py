@@ -94,9 +94,8 @@ _FLAT_SPECS = {
 def _held_quant(owner: str, quant, flat: dict) -> QuantConfig:
     """The section's QuantConfig from its flat keys: ``quant`` (a QuantConfig or its dict), or one built from
     ``preset`` (:func:`fake_quant_preset`) and / or the flat aliases (which override the preset's fields)."""
-    flat = {k: _FLAT_SPECS[k].validate(owner, k, v) for k, v in flat.items() if v is not None}
-    preset = flat.pop("preset", None)
-    given = flat
+    given = {k: _FLAT_SPECS[k].validate(owner, k, v) for k, v in flat.items() if v is not None}
+    preset = given.pop("preset", None)
     if given.get("w_bits") == given.get("a_bits") == OFF_BITS:
         raise ValueError(f"{owner}: w_bits = a_bits = 16 quantizes nothing; lower the bits")
     if preset is not None and quant is not None:
@@ -150,10 +149,11 @@ def _check_fake_quant(owner: str, quant: QuantConfig, preset=None) -> None:
 _QAT_PRESETS = ("nvfp4", "mxfp4", "w4a4-int", "w4a8")  # presets whose fake-quant form QAT runs (the servable W4A*)
 
 
-def _preset_of(quant: QuantConfig) -> str | None:
-    """The preset name ``quant`` is (``QuantConfig.preset(name)`` exactly, up to ``skip``), or None."""
+def _preset_of(quant: QuantConfig, build=QuantConfig.preset) -> str | None:
+    """The preset name ``quant`` is — ``build(name, skip=quant.skip)`` exactly: ``QuantConfig.preset`` (default) or
+    :func:`fake_quant_preset` (the fake-quant form) — or None."""
     for name in QUANT_PRESETS:
-        if quant == QuantConfig.preset(name, skip=quant.skip):
+        if quant == build(name, skip=quant.skip):
             return name
     return None
 
@@ -174,7 +174,7 @@ class _HoldsQuant(Config):
     @property
     def preset(self) -> str | None:
         """The preset whose fake-quant form ``quant`` is (read-only), or None."""
-        return _fake_preset_name(self.quant)
+        return _preset_of(self.quant, fake_quant_preset)
 
     w_bits = property(lambda self: self.quant.w_bits, doc="``quant.w_bits`` (read-only)")
     a_bits = property(lambda self: self.quant.a_bits, doc="``quant.a_bits`` (read-only)")
@@ -254,13 +254,6 @@ class QATConfig(_HoldsQuant):
     w_sym = property(lambda self: self.quant.w_sym, doc="``quant.w_sym`` (read-only)")
     a_sym = property(lambda self: self.quant.a_sym, doc="``quant.a_sym`` (read-only)")
     a_clip_ratio = property(lambda self: self.quant.a_clip_ratio, doc="``quant.a_clip_ratio`` (read-only)")
-
-
-def _fake_preset_name(quant: QuantConfig) -> str | None:
-    for name in QUANT_PRESETS:
-        if fake_quant_preset(name, skip=quant.skip) == quant:
-            return name
-    return None
 
 
 @dataclass
