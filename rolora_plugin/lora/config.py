@@ -176,9 +176,12 @@ class _HoldsQuant(Config):
         """The preset whose fake-quant form ``quant`` is (read-only), or None."""
         return _preset_of(self.quant, fake_quant_preset)
 
-    w_bits = property(lambda self: self.quant.w_bits, doc="``quant.w_bits`` (read-only)")
-    a_bits = property(lambda self: self.quant.a_bits, doc="``quant.a_bits`` (read-only)")
-    w_group_size = property(lambda self: self.quant.w_group_size, doc="``quant.w_group_size`` (read-only)")
+    def __init_subclass__(cls, **kwargs):
+        """Each flat key but ``preset`` reads back from the held config: ``qat.w_bits == qat.quant.w_bits``."""
+        super().__init_subclass__(**kwargs)
+        for key in cls.FLAT_KEYS:
+            if key != "preset":
+                setattr(cls, key, property(lambda self, k=key: getattr(self.quant, k), doc=f"``quant.{key}`` (read-only)"))
 
 
 @dataclass
@@ -250,10 +253,6 @@ class QATConfig(_HoldsQuant):
     quant: QuantConfig | None = spec(None, kind=QuantConfig, optional=True)
     targets: str | list = spec("all-linear", parse=lambda t: list(t) if isinstance(t, tuple) else t, check=_valid_targets,
                                what="'all-linear', 'lora' or a non-empty list of leaf names")  # fmt: skip
-
-    w_sym = property(lambda self: self.quant.w_sym, doc="``quant.w_sym`` (read-only)")
-    a_sym = property(lambda self: self.quant.a_sym, doc="``quant.a_sym`` (read-only)")
-    a_clip_ratio = property(lambda self: self.quant.a_clip_ratio, doc="``quant.a_clip_ratio`` (read-only)")
 
 
 @dataclass
